@@ -1,0 +1,14 @@
+"""anecy: train Llama-family transformers on one machine.
+
+On Apple Silicon the matrix work is meant for the Apple Neural Engine; everywhere
+else the same training loop runs on a portable CPU backend."""
+
+__version__ = "0.1.0"
+
+from .config import ModelConfig, step_flops  # noqa: E402
+from .errors import (AnecyError, BackendUnavailable, CheckpointError, ConfigError,  # noqa: E402
+                     DataError)
+from .model import Model  # noqa: E402
+
+__all__ = ["ModelConfig", "Model", "step_flops", "AnecyError", "BackendUnavailable",
+           "CheckpointError", "ConfigError", "DataError", "__version__"]

@@ -1,0 +1,568 @@
+# cython: language_level=3
+"""The training step: one forward and backward pass of a Llama-family model.
+
+The layer loop is written once, here, and runs without the GIL. Matrix work goes
+through a Kernels object (cpu here; sim and ane elsewhere); everything between the
+kernels (norms, residuals, SwiGLU and RoPE backward, GQA repeat/reduce, classifier,
+cross-entropy, embedding) is shared. Weight gradients are queued on a DWWorker.
+Every buffer is allocated once, in Engine.__init__."""
+
+import numpy as np
+
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset
+
+from ._ops cimport (sgemm, rmsnorm_fwd, rmsnorm_bwd, rope_fwd, rope_bwd, swiglu_fwd, swiglu_bwd,
+                    attention_fwd, attention_bwd1, attention_bwd2, gqa_repeat, gqa_reduce,
+                    softmax_xent, embedding_fwd, embedding_bwd, scale_copy, add_scaled)
+from ._runtime cimport DWWorker, GemmJob, now_ms
+from ._ops import rope_tables
+
+# Timer slots; names as reported by Engine.timings().
+cdef enum:
+    T_KERNELS = 0
+    T_RMS = 1
+    T_CLASSIFIER = 2
+    T_ELEMENTWISE = 3
+    T_DW_WAIT = 4
+    N_TIMERS = 5
+
+TIMER_NAMES = ("kernels", "rms", "classifier", "elementwise", "dw_wait")
+
+
+cdef float* _ptr(arr):
+    """Address of a C-contiguous float32 array (checked once, at set-up)."""
+    cdef float[::1] flat = arr.reshape(-1)
+    return &flat[0]
+
+
+cdef class Kernels:
+    def __init__(self):
+        if type(self) is Kernels:
+            raise TypeError("Kernels is an interface; use a backend's subclass")
+
+    def bind(self, Engine engine):
+        """Called once by the Engine: dimensions, weights and RoPE tables."""
+        self.d = engine.d
+        self.layers = engine.weights
+        self.rope_cos = _ptr(engine.rope_cos)
+        self.rope_sin = _ptr(engine.rope_sin)
+
+    cdef void stage_weights(self) noexcept nogil:
+        pass
+    cdef void sdpa_fwd(self, int l, const float* xnorm, float* attn, float* q, float* k, float* v,
+                       float* q_raw, float* k_raw) noexcept nogil:
+        pass
+    cdef void wo_fwd(self, int l, const float* attn, float* o) noexcept nogil:
+        pass
+    cdef void ffn_fused(self, int l, const float* x2norm, const float* x2, float* x_next,
+                        float* h1, float* h3, float* gate) noexcept nogil:
+        pass
+    cdef void ffn_bwd_w2t(self, int l, const float* dffn, float* dgate) noexcept nogil:
+        pass
+    cdef void ffn_bwd_w13t(self, int l, const float* dh1, const float* dh3,
+                           float* dx) noexcept nogil:
+        pass
+    cdef void wot_bwd(self, int l, const float* dy, float* da) noexcept nogil:
+        pass
+    cdef void sdpa_bwd1(self, const float* q, const float* k_rep, const float* v_rep,
+                        const float* da, float* dv_rep, float* probs,
+                        float* dprobs) noexcept nogil:
+        pass
+    cdef void sdpa_bwd2(self, const float* probs, const float* dprobs, const float* q,
+                        const float* k_rep, float* dq, float* dk_rep) noexcept nogil:
+        pass
+    cdef void q_bwd(self, int l, const float* dq, float* dx) noexcept nogil:
+        pass
+    cdef void kv_bwd(self, int l, const float* dk, const float* dv, float* dx) noexcept nogil:
+        pass
+
+
+cdef class CpuKernels(Kernels):
+    """fp32 kernels: BLAS sgemm plus the fused _ops loops."""
+    cdef float* scores           # [S, S]
+    cdef double* norm_scratch    # [S]
+    cdef object _buffers
+
+    def bind(self, Engine engine):
+        Kernels.bind(self, engine)
+        S = engine.d.S
+        self._buffers = (np.empty(S * S, np.float32), np.empty(2 * S, np.float64))
+        self.scores = _ptr(self._buffers[0])
+        cdef double[::1] ns = self._buffers[1]
+        self.norm_scratch = &ns[0]
+
+    cdef void sdpa_fwd(self, int l, const float* xnorm, float* attn, float* q, float* k, float* v,
+                       float* q_raw, float* k_raw) noexcept nogil:
+        cdef Dims d = self.d
+        cdef LayerParams* w = &self.layers[l]
+        cdef int h
+        cdef Py_ssize_t block = <Py_ssize_t>d.hd * d.S
+        # with QK-norm the raw projections are kept for its backward
+        sgemm(0, 0, d.Q, d.S, d.D, 1.0, w.wq, d.D, xnorm, d.S, 0.0, q_raw if d.qk_norm else q, d.S)
+        sgemm(0, 0, d.K, d.S, d.D, 1.0, w.wk, d.D, xnorm, d.S, 0.0, k_raw if d.qk_norm else k, d.S)
+        sgemm(0, 0, d.K, d.S, d.D, 1.0, w.wv, d.D, xnorm, d.S, 0.0, v, d.S)
+        if d.qk_norm:
+            for h in range(d.n_heads):
+                rmsnorm_fwd(q_raw + h * block, w.q_norm, q + h * block, d.hd, d.S, d.eps,
+                            self.norm_scratch)
+            for h in range(d.n_kv_heads):
+                rmsnorm_fwd(k_raw + h * block, w.k_norm, k + h * block, d.hd, d.S, d.eps,
+                            self.norm_scratch)
+        rope_fwd(q, d.n_heads, d.hd, d.S, self.rope_cos, self.rope_sin, d.rope_half)
+        rope_fwd(k, d.n_kv_heads, d.hd, d.S, self.rope_cos, self.rope_sin, d.rope_half)
+        attention_fwd(q, k, v, attn, d.n_heads, d.n_kv_heads, d.hd, d.S, self.scores)
+
+    cdef void wo_fwd(self, int l, const float* attn, float* o) noexcept nogil:
+        cdef Dims d = self.d
+        sgemm(0, 0, d.D, d.S, d.Q, 1.0, self.layers[l].wo, d.Q, attn, d.S, 0.0, o, d.S)
+
+    cdef void ffn_fused(self, int l, const float* x2norm, const float* x2, float* x_next,
+                        float* h1, float* h3, float* gate) noexcept nogil:
+        cdef Dims d = self.d
+        cdef LayerParams* w = &self.layers[l]
+        cdef Py_ssize_t n = <Py_ssize_t>d.D * d.S
+        sgemm(0, 0, d.H, d.S, d.D, 1.0, w.w1, d.D, x2norm, d.S, 0.0, h1, d.S)
+        sgemm(0, 0, d.H, d.S, d.D, 1.0, w.w3, d.D, x2norm, d.S, 0.0, h3, d.S)
+        swiglu_fwd(h1, h3, gate, <Py_ssize_t>d.H * d.S)
+        memcpy(x_next, x2, n * sizeof(float))
+        sgemm(0, 0, d.D, d.S, d.H, d.residual_scale, w.w2, d.H, gate, d.S, 1.0, x_next, d.S)
+
+    cdef void ffn_bwd_w2t(self, int l, const float* dffn, float* dgate) noexcept nogil:
+        cdef Dims d = self.d
+        sgemm(1, 0, d.H, d.S, d.D, 1.0, self.layers[l].w2, d.H, dffn, d.S, 0.0, dgate, d.S)
+
+    cdef void ffn_bwd_w13t(self, int l, const float* dh1, const float* dh3,
+                           float* dx) noexcept nogil:
+        cdef Dims d = self.d
+        sgemm(1, 0, d.D, d.S, d.H, 1.0, self.layers[l].w1, d.D, dh1, d.S, 0.0, dx, d.S)
+        sgemm(1, 0, d.D, d.S, d.H, 1.0, self.layers[l].w3, d.D, dh3, d.S, 1.0, dx, d.S)
+
+    cdef void wot_bwd(self, int l, const float* dy, float* da) noexcept nogil:
+        cdef Dims d = self.d
+        sgemm(1, 0, d.Q, d.S, d.D, 1.0, self.layers[l].wo, d.Q, dy, d.S, 0.0, da, d.S)
+
+    cdef void sdpa_bwd1(self, const float* q, const float* k_rep, const float* v_rep,
+                        const float* da, float* dv_rep, float* probs,
+                        float* dprobs) noexcept nogil:
+        attention_bwd1(q, k_rep, v_rep, da, dv_rep, probs, dprobs, self.d.n_heads, self.d.hd,
+                       self.d.S)
+
+    cdef void sdpa_bwd2(self, const float* probs, const float* dprobs, const float* q,
+                        const float* k_rep, float* dq, float* dk_rep) noexcept nogil:
+        attention_bwd2(probs, dprobs, q, k_rep, dq, dk_rep, self.d.n_heads, self.d.hd, self.d.S,
+                       self.scores)
+
+    cdef void q_bwd(self, int l, const float* dq, float* dx) noexcept nogil:
+        cdef Dims d = self.d
+        sgemm(1, 0, d.D, d.S, d.Q, 1.0, self.layers[l].wq, d.D, dq, d.S, 0.0, dx, d.S)
+
+    cdef void kv_bwd(self, int l, const float* dk, const float* dv, float* dx) noexcept nogil:
+        cdef Dims d = self.d
+        sgemm(1, 0, d.D, d.S, d.K, 1.0, self.layers[l].wk, d.D, dk, d.S, 0.0, dx, d.S)
+        sgemm(1, 0, d.D, d.S, d.K, 1.0, self.layers[l].wv, d.D, dv, d.S, 1.0, dx, d.S)
+
+
+cdef inline GemmJob dw_job(int M, int N, int S, const float* dy, const float* x,
+                           float* dW) noexcept nogil:
+    # dW[M, N] += dy[M, S] @ x[N, S]^T: the weight gradient of y = W x over S positions
+    cdef GemmJob j
+    j.trans_a = 0
+    j.trans_b = 1
+    j.M = M
+    j.N = N
+    j.K = S
+    j.alpha = 1.0
+    j.A = dy
+    j.lda = S
+    j.B = x
+    j.ldb = S
+    j.beta = 1.0
+    j.C = dW
+    j.ldc = N
+    return j
+
+
+cdef class Engine:
+    """Owns the activation and scratch buffers of one model and runs its steps.
+
+    params/grads are the model's flat fp32 buffers; `views` maps HF-style names to
+    numpy views into them (how the Model lays them out is its business)."""
+    cdef readonly object config
+    cdef Dims d
+    cdef LayerParams* weights
+    cdef LayerParams* grads
+    cdef LayerActs* acts
+    cdef GradSet sets[2]
+    cdef long set_ticket[2]
+    cdef readonly Kernels kernels
+    cdef readonly DWWorker worker
+    cdef readonly object rope_cos, rope_sin
+    cdef object _keep                # every numpy buffer the pointers point into
+
+    cdef float* embed
+    cdef float* dembed
+    cdef float* final_norm
+    cdef float* dfinal_norm
+    cdef float* cls_w                # classifier rows [V, D] (lm_head, embedding or a compact copy)
+    cdef float* cls_g
+    cdef int V
+    cdef int vocab_size
+
+    cdef float* x_final              # [D, S]
+    cdef float* xf_norm              # [D, S]
+    cdef float* logit_buf            # [S, V] -> dlogits in place
+    cdef float* g                    # [D, S] gradient of the residual stream
+    cdef float* o                    # [D, S]
+    cdef float* dgate                # [H, S]
+    cdef float* dx2norm              # [D, S]
+    cdef float* da                   # [Q, S]
+    cdef float* k_rep                # [Q, S]
+    cdef float* v_rep                # [Q, S]
+    cdef float* dk_rep               # [Q, S]
+    cdef float* dv_rep               # [Q, S]
+    cdef float* dq_rot               # [Q, S] gradient w.r.t. q after QK-norm
+    cdef float* dk_rot               # [K, S]
+    cdef float* probs                # [n_heads*S, S]
+    cdef float* dprobs               # [n_heads*S, S]
+    cdef float* dxnorm               # [D, S]
+    cdef float* dxnorm_kv            # [D, S]
+    cdef double* norm_scratch        # [2S]
+    cdef double timers[N_TIMERS]
+    cdef readonly long steps
+
+    def __cinit__(self):
+        self.weights = NULL
+        self.grads = NULL
+        self.acts = NULL
+
+    def __init__(self, config, views, grad_views, Kernels kernels, bint async_dw=True):
+        cfg = config
+        self.config = cfg
+        cdef Dims d
+        d.D, d.H, d.L = cfg.dim, cfg.hidden_dim, cfg.n_layers
+        d.n_heads, d.n_kv_heads, d.hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        d.Q, d.K, d.S = cfg.q_dim, cfg.kv_dim, cfg.seq_len
+        d.eps, d.residual_scale = cfg.norm_eps, cfg.residual_scale
+        d.qk_norm, d.rope_half = cfg.qk_norm, cfg.rope_style == "half"
+        self.d = d
+        self.vocab_size = cfg.vocab_size
+        keep = []
+        self._keep = keep
+
+        def buf(*shape, dtype=np.float32):
+            a = np.zeros(shape, dtype)
+            keep.append(a)
+            return a
+
+        L = d.L
+        self.weights = <LayerParams*>calloc(L, sizeof(LayerParams))
+        self.grads = <LayerParams*>calloc(L, sizeof(LayerParams))
+        self.acts = <LayerActs*>calloc(L, sizeof(LayerActs))
+        if self.weights == NULL or self.grads == NULL or self.acts == NULL:
+            raise MemoryError()
+        for l in range(L):
+            self._bind_layer(&self.weights[l], views, l)
+            self._bind_layer(&self.grads[l], grad_views, l)
+        keep.append((views, grad_views))
+        self.embed = _ptr(views["model.embed_tokens.weight"])
+        self.dembed = _ptr(grad_views["model.embed_tokens.weight"])
+        self.final_norm = _ptr(views["model.norm.weight"])
+        self.dfinal_norm = _ptr(grad_views["model.norm.weight"])
+        cls_name = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+        self.cls_w = _ptr(views[cls_name])
+        self.cls_g = _ptr(grad_views[cls_name])
+        self.V = cfg.vocab_size
+
+        D, H, Q, K, S = d.D, d.H, d.Q, d.K, d.S
+        for l in range(L):
+            a = &self.acts[l]
+            a.x_in = _ptr(buf(D, S)); a.xnorm = _ptr(buf(D, S))
+            if d.qk_norm:
+                a.q_raw = _ptr(buf(Q, S)); a.k_raw = _ptr(buf(K, S))
+            a.q = _ptr(buf(Q, S)); a.k = _ptr(buf(K, S)); a.v = _ptr(buf(K, S))
+            a.attn = _ptr(buf(Q, S)); a.x2 = _ptr(buf(D, S)); a.x2norm = _ptr(buf(D, S))
+            a.h1 = _ptr(buf(H, S)); a.h3 = _ptr(buf(H, S)); a.gate = _ptr(buf(H, S))
+        for i in range(2):
+            gs = &self.sets[i]
+            gs.dffn = _ptr(buf(D, S)); gs.dh1 = _ptr(buf(H, S)); gs.dh3 = _ptr(buf(H, S))
+            gs.do = _ptr(buf(D, S)); gs.dq = _ptr(buf(Q, S)); gs.dk = _ptr(buf(K, S))
+            gs.dv = _ptr(buf(K, S))
+            self.set_ticket[i] = 0
+        self.x_final = _ptr(buf(D, S)); self.xf_norm = _ptr(buf(D, S))
+        self.logit_buf = _ptr(buf(S, cfg.vocab_size))
+        self.g = _ptr(buf(D, S)); self.o = _ptr(buf(D, S)); self.dgate = _ptr(buf(H, S))
+        self.dx2norm = _ptr(buf(D, S)); self.da = _ptr(buf(Q, S))
+        self.k_rep = _ptr(buf(Q, S)); self.v_rep = _ptr(buf(Q, S))
+        self.dk_rep = _ptr(buf(Q, S)); self.dv_rep = _ptr(buf(Q, S))
+        self.dq_rot = _ptr(buf(Q, S)); self.dk_rot = _ptr(buf(K, S))
+        self.probs = _ptr(buf(d.n_heads * S, S)); self.dprobs = _ptr(buf(d.n_heads * S, S))
+        self.dxnorm = _ptr(buf(D, S)); self.dxnorm_kv = _ptr(buf(D, S))
+        cdef double[::1] ns = buf(2 * S, dtype=np.float64)
+        self.norm_scratch = &ns[0]
+        self.rope_cos, self.rope_sin = rope_tables(d.hd, S, cfg.rope_theta)
+        self.kernels = kernels
+        self.worker = DWWorker(async_dw)
+        kernels.bind(self)
+        self.reset_timers()
+
+    def __dealloc__(self):
+        free(self.weights)
+        free(self.grads)
+        free(self.acts)
+
+    cdef void _bind_layer(self, LayerParams* p, views, int l) except *:
+        pre = f"model.layers.{l}."
+        p.wq = _ptr(views[pre + "self_attn.q_proj.weight"])
+        p.wk = _ptr(views[pre + "self_attn.k_proj.weight"])
+        p.wv = _ptr(views[pre + "self_attn.v_proj.weight"])
+        p.wo = _ptr(views[pre + "self_attn.o_proj.weight"])
+        p.w1 = _ptr(views[pre + "mlp.gate_proj.weight"])
+        p.w2 = _ptr(views[pre + "mlp.down_proj.weight"])
+        p.w3 = _ptr(views[pre + "mlp.up_proj.weight"])
+        p.attn_norm = _ptr(views[pre + "input_layernorm.weight"])
+        p.ffn_norm = _ptr(views[pre + "post_attention_layernorm.weight"])
+        if self.d.qk_norm:
+            p.q_norm = _ptr(views[pre + "self_attn.q_norm.weight"])
+            p.k_norm = _ptr(views[pre + "self_attn.k_norm.weight"])
+
+    # -- classifier rows -----------------------------------------------------------------
+    def set_classifier(self, weight, grad):
+        """Point the classifier at rows [V', D] (vocab compaction) and their gradient buffer."""
+        if weight.shape != grad.shape or weight.ndim != 2 or weight.shape[1] != self.d.D \
+                or not 0 < weight.shape[0] <= self.vocab_size:
+            raise ValueError("classifier weight and grad must both be [V, dim] with V <= vocab_size")
+        self._keep.append((weight, grad))
+        self.cls_w = _ptr(weight)
+        self.cls_g = _ptr(grad)
+        self.V = weight.shape[0]
+
+    @property
+    def active_vocab(self):
+        return self.V
+
+    # -- timers --------------------------------------------------------------------------
+    def reset_timers(self):
+        memset(self.timers, 0, sizeof(self.timers))
+        self.kernels.io_ms = 0.0
+        self.steps = 0
+
+    def timings(self):
+        """Cumulative milliseconds per component since reset_timers()."""
+        out = {name: self.timers[i] for i, name in enumerate(TIMER_NAMES)}
+        out["io"] = self.kernels.io_ms
+        out["kernels"] -= self.kernels.io_ms  # kernel time net of its own I/O
+        return out
+
+    def stage_weights(self):
+        """Call after the weights change (optimizer update, load)."""
+        with nogil:
+            self.kernels.stage_weights()
+
+    # -- the step ------------------------------------------------------------------------
+    def _check_ids(self, ids, name, limit):
+        arr = np.ascontiguousarray(ids, dtype=np.int32)
+        if arr.ndim != 1 or arr.shape[0] != self.d.S:
+            raise ValueError(f"{name} must be a 1-D array of seq_len={self.d.S} ids, "
+                             f"got shape {np.shape(ids)}")
+        if arr.size and (arr.min() < 0 or arr.max() >= limit):
+            raise ValueError(f"{name} holds ids outside [0, {limit})")
+        return arr
+
+    def forward_backward(self, tokens, targets, float loss_scale=1.0):
+        """Mean cross-entropy of one sequence; gradients (times loss_scale) are added to grads.
+        Targets index the classifier rows (compact ids when compaction is on)."""
+        cdef int[::1] tok = self._check_ids(tokens, "tokens", self.vocab_size)
+        cdef int[::1] tgt = self._check_ids(targets, "targets", self.V)
+        cdef double loss
+        with nogil:
+            self._forward(&tok[0])
+            loss = self._backward(&tok[0], &tgt[0], loss_scale)
+        self.steps += 1
+        return loss / self.d.S
+
+    def logits(self, tokens):
+        """Logits [S, V] of one sequence (V = the classifier rows in use)."""
+        cdef int[::1] tok = self._check_ids(tokens, "tokens", self.vocab_size)
+        with nogil:
+            self._forward(&tok[0])
+        out = np.empty((self.d.S, self.V), np.float32)
+        cdef float[:, ::1] dst = out
+        memcpy(&dst[0, 0], self.logit_buf, <Py_ssize_t>self.d.S * self.V * sizeof(float))
+        return out
+
+    cdef void _forward(self, const int* tokens) noexcept nogil:
+        cdef Dims d = self.d
+        cdef Py_ssize_t nD = <Py_ssize_t>d.D * d.S
+        cdef LayerActs* a
+        cdef LayerParams* w
+        cdef float* x_next
+        cdef double t
+        cdef int l
+        t = now_ms()
+        embedding_fwd(self.embed, tokens, self.acts[0].x_in, d.S, d.D)
+        self.timers[T_ELEMENTWISE] += now_ms() - t
+        for l in range(d.L):
+            a = &self.acts[l]
+            w = &self.weights[l]
+            x_next = self.acts[l + 1].x_in if l + 1 < d.L else self.x_final
+            t = now_ms()
+            rmsnorm_fwd(a.x_in, w.attn_norm, a.xnorm, d.D, d.S, d.eps, self.norm_scratch)
+            self.timers[T_RMS] += now_ms() - t
+            t = now_ms()
+            self.kernels.sdpa_fwd(l, a.xnorm, a.attn, a.q, a.k, a.v, a.q_raw, a.k_raw)
+            self.kernels.wo_fwd(l, a.attn, self.o)
+            self.timers[T_KERNELS] += now_ms() - t
+            t = now_ms()
+            memcpy(a.x2, a.x_in, nD * sizeof(float))
+            add_scaled(a.x2, self.o, nD, d.residual_scale)
+            self.timers[T_ELEMENTWISE] += now_ms() - t
+            t = now_ms()
+            rmsnorm_fwd(a.x2, w.ffn_norm, a.x2norm, d.D, d.S, d.eps, self.norm_scratch)
+            self.timers[T_RMS] += now_ms() - t
+            t = now_ms()
+            self.kernels.ffn_fused(l, a.x2norm, a.x2, x_next, a.h1, a.h3, a.gate)
+            self.timers[T_KERNELS] += now_ms() - t
+        t = now_ms()
+        rmsnorm_fwd(self.x_final, self.final_norm, self.xf_norm, d.D, d.S, d.eps,
+                    self.norm_scratch)
+        self.timers[T_RMS] += now_ms() - t
+        t = now_ms()
+        # logits[S, V] = xf_norm^T @ cls_w^T
+        sgemm(1, 1, d.S, self.V, d.D, 1.0, self.xf_norm, d.S, self.cls_w, d.D, 0.0, self.logit_buf,
+              self.V)
+        self.timers[T_CLASSIFIER] += now_ms() - t
+
+    cdef double _backward(self, const int* tokens, const int* targets,
+                          float loss_scale) noexcept nogil:
+        cdef Dims d = self.d
+        cdef Py_ssize_t nD = <Py_ssize_t>d.D * d.S
+        cdef Py_ssize_t block = <Py_ssize_t>d.hd * d.S
+        cdef bint gqa = d.n_heads != d.n_kv_heads
+        cdef LayerActs* a
+        cdef LayerParams* w
+        cdef LayerParams* gw
+        cdef GradSet* gs
+        cdef float* dq_rot
+        cdef float* dk_rot
+        cdef float* dk_rep
+        cdef float* dv_rep
+        cdef const float* k_rep
+        cdef const float* v_rep
+        cdef double loss, t
+        cdef int l, h
+
+        t = now_ms()
+        loss = softmax_xent(self.logit_buf, targets, d.S, self.V, loss_scale / d.S)
+        # dxf_norm[D, S] = cls_w^T @ dlogits^T ; dcls[V, D] += dlogits^T @ xf_norm^T
+        sgemm(1, 1, d.D, d.S, self.V, 1.0, self.cls_w, d.D, self.logit_buf, self.V, 0.0, self.dxnorm,
+              d.S)
+        self.timers[T_CLASSIFIER] += now_ms() - t
+        cdef GemmJob cls_job
+        cls_job.trans_a = 1; cls_job.trans_b = 1
+        cls_job.M = self.V; cls_job.N = d.D; cls_job.K = d.S; cls_job.alpha = 1.0
+        cls_job.A = self.logit_buf; cls_job.lda = self.V; cls_job.B = self.xf_norm; cls_job.ldb = d.S
+        cls_job.beta = 1.0; cls_job.C = self.cls_g; cls_job.ldc = d.D
+        self.worker.submit(cls_job)
+        t = now_ms()
+        rmsnorm_bwd(self.x_final, self.final_norm, self.dxnorm, self.g, self.dfinal_norm, d.D, d.S,
+                    d.eps, 0, self.norm_scratch)
+        self.timers[T_RMS] += now_ms() - t
+
+        for l in range(d.L - 1, -1, -1):
+            a = &self.acts[l]
+            w = &self.weights[l]
+            gw = &self.grads[l]
+            gs = &self.sets[l & 1]
+            t = now_ms()
+            self.worker.wait_for(self.set_ticket[l & 1])
+            self.timers[T_DW_WAIT] += now_ms() - t
+
+            # -- FFN: x_next = x2 + rs * W2 @ (silu(W1 x2norm) * (W3 x2norm))
+            t = now_ms()
+            scale_copy(self.g, gs.dffn, nD, d.residual_scale)
+            self.timers[T_ELEMENTWISE] += now_ms() - t
+            self.worker.submit(dw_job(d.D, d.H, d.S, gs.dffn, a.gate, gw.w2))
+            t = now_ms()
+            self.kernels.ffn_bwd_w2t(l, gs.dffn, self.dgate)
+            self.timers[T_KERNELS] += now_ms() - t
+            t = now_ms()
+            swiglu_bwd(a.h1, a.h3, self.dgate, gs.dh1, gs.dh3, <Py_ssize_t>d.H * d.S)
+            self.timers[T_ELEMENTWISE] += now_ms() - t
+            self.worker.submit(dw_job(d.H, d.D, d.S, gs.dh1, a.x2norm, gw.w1))
+            self.worker.submit(dw_job(d.H, d.D, d.S, gs.dh3, a.x2norm, gw.w3))
+            t = now_ms()
+            self.kernels.ffn_bwd_w13t(l, gs.dh1, gs.dh3, self.dx2norm)
+            self.timers[T_KERNELS] += now_ms() - t
+            t = now_ms()
+            rmsnorm_bwd(a.x2, w.ffn_norm, self.dx2norm, self.g, gw.ffn_norm, d.D, d.S, d.eps, 1,
+                        self.norm_scratch)
+            self.timers[T_RMS] += now_ms() - t
+
+            # -- attention: x2 = x + rs * Wo @ attn(q, k, v)
+            t = now_ms()
+            scale_copy(self.g, gs.do, nD, d.residual_scale)
+            self.timers[T_ELEMENTWISE] += now_ms() - t
+            self.worker.submit(dw_job(d.D, d.Q, d.S, gs.do, a.attn, gw.wo))
+            t = now_ms()
+            self.kernels.wot_bwd(l, gs.do, self.da)
+            self.timers[T_KERNELS] += now_ms() - t
+
+            t = now_ms()
+            if gqa:
+                gqa_repeat(a.k, self.k_rep, d.n_heads, d.n_kv_heads, d.hd, d.S)
+                gqa_repeat(a.v, self.v_rep, d.n_heads, d.n_kv_heads, d.hd, d.S)
+                k_rep, v_rep = self.k_rep, self.v_rep
+            else:
+                k_rep, v_rep = a.k, a.v
+            # gradients land directly where they are needed when no reduction or norm follows
+            dq_rot = self.dq_rot if d.qk_norm else gs.dq
+            dk_rot = self.dk_rot if d.qk_norm else gs.dk
+            dk_rep = self.dk_rep if gqa else dk_rot
+            dv_rep = self.dv_rep if gqa else gs.dv
+            self.timers[T_ELEMENTWISE] += now_ms() - t
+            t = now_ms()
+            self.kernels.sdpa_bwd1(a.q, k_rep, v_rep, self.da, dv_rep, self.probs, self.dprobs)
+            self.kernels.sdpa_bwd2(self.probs, self.dprobs, a.q, k_rep, dq_rot, dk_rep)
+            self.timers[T_KERNELS] += now_ms() - t
+            t = now_ms()
+            if gqa:
+                gqa_reduce(dk_rep, dk_rot, d.n_heads, d.n_kv_heads, d.hd, d.S)
+                gqa_reduce(dv_rep, gs.dv, d.n_heads, d.n_kv_heads, d.hd, d.S)
+            rope_bwd(dq_rot, d.n_heads, d.hd, d.S, self.kernels.rope_cos, self.kernels.rope_sin, d.rope_half)
+            rope_bwd(dk_rot, d.n_kv_heads, d.hd, d.S, self.kernels.rope_cos, self.kernels.rope_sin, d.rope_half)
+            self.timers[T_ELEMENTWISE] += now_ms() - t
+            if d.qk_norm:
+                t = now_ms()
+                for h in range(d.n_heads):
+                    rmsnorm_bwd(a.q_raw + h * block, w.q_norm, dq_rot + h * block,
+                                gs.dq + h * block, gw.q_norm, d.hd, d.S, d.eps, 0,
+                                self.norm_scratch)
+                for h in range(d.n_kv_heads):
+                    rmsnorm_bwd(a.k_raw + h * block, w.k_norm, dk_rot + h * block,
+                                gs.dk + h * block, gw.k_norm, d.hd, d.S, d.eps, 0,
+                                self.norm_scratch)
+                self.timers[T_RMS] += now_ms() - t
+            self.worker.submit(dw_job(d.Q, d.D, d.S, gs.dq, a.xnorm, gw.wq))
+            self.worker.submit(dw_job(d.K, d.D, d.S, gs.dk, a.xnorm, gw.wk))
+            self.worker.submit(dw_job(d.K, d.D, d.S, gs.dv, a.xnorm, gw.wv))
+            t = now_ms()
+            self.kernels.q_bwd(l, gs.dq, self.dxnorm)
+            self.kernels.kv_bwd(l, gs.dk, gs.dv, self.dxnorm_kv)
+            self.timers[T_KERNELS] += now_ms() - t
+            t = now_ms()
+            add_scaled(self.dxnorm, self.dxnorm_kv, nD, 1.0)
+            self.timers[T_ELEMENTWISE] += now_ms() - t
+            t = now_ms()
+            rmsnorm_bwd(a.x_in, w.attn_norm, self.dxnorm, self.g, gw.attn_norm, d.D, d.S, d.eps,
+                        1, self.norm_scratch)
+            self.timers[T_RMS] += now_ms() - t
+            self.set_ticket[l & 1] = self.worker.ticket()
+
+        t = now_ms()
+        self.worker.wait_all()
+        self.timers[T_DW_WAIT] += now_ms() - t
+        t = now_ms()
+        embedding_bwd(self.dembed, tokens, self.g, d.S, d.D)
+        self.timers[T_ELEMENTWISE] += now_ms() - t
+        return loss

@@ -1,0 +1,591 @@
+# cython: language_level=3
+"""Numeric kernels of anecy (see _ops.pxd for the shapes).
+
+The cdef functions are what the engine calls in its nogil layer loop; the
+``py_*`` functions below are thin Python entry points used by the tests and by
+Python-level code that runs once (never per layer)."""
+
+import sys
+
+import numpy as np
+
+from libc.math cimport exp, expf, log, sqrt, sqrtf
+from libc.string cimport memcpy, memset
+from libc.stdint cimport uint16_t
+from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
+
+cdef extern from "_blas.h" nogil:
+    const char* ANECY_BLAS_NAME
+    void anecy_set_fortran_sgemm(void* fn)
+    int anecy_blas_ready()
+    void anecy_sgemm(int trans_a, int trans_b, int M, int N, int K, float alpha,
+                     const float* A, int lda, const float* B, int ldb, float beta,
+                     float* C, int ldc)
+
+cdef extern from "_fp16.h" nogil:
+    void anecy_f32_to_f16(const float* src, uint16_t* dst, size_t n)
+    void anecy_f16_to_f32(const uint16_t* src, float* dst, size_t n)
+    void anecy_f32_to_f16_scalar(const float* src, uint16_t* dst, size_t n)
+    void anecy_f16_to_f32_scalar(const uint16_t* src, float* dst, size_t n)
+    const char* anecy_fp16_path()
+
+
+def _bind_blas():
+    # Outside macOS the sgemm is SciPy's bundled OpenBLAS, reached through the
+    # function pointer that scipy.linalg.cython_blas exports for Cython users.
+    if anecy_blas_ready():
+        return
+    from scipy.linalg import cython_blas
+    capsule = cython_blas.__pyx_capi__["sgemm"]
+    anecy_set_fortran_sgemm(PyCapsule_GetPointer(capsule, PyCapsule_GetName(capsule)))
+
+
+_bind_blas()
+BLAS_NAME = ANECY_BLAS_NAME.decode()
+
+
+cdef void sgemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
+                const float* A, int lda, const float* B, int ldb, float beta,
+                float* C, int ldc) noexcept nogil:
+    anecy_sgemm(trans_a, trans_b, M, N, K, alpha, A, lda, B, ldb, beta, C, ldc)
+
+
+# ---------------------------------------------------------------------------------------
+# RMSNorm over the channel axis of [C, S]. Rows are walked in order so the inner loop
+# over positions is contiguous; per-position sums live in double scratch.
+
+cdef void _inv_rms(const float* x, int C, int S, float eps, double* inv) noexcept nogil:
+    cdef Py_ssize_t c, s
+    cdef const float* row
+    memset(inv, 0, S * sizeof(double))
+    for c in range(C):
+        row = x + c * S
+        for s in range(S):
+            inv[s] += <double>row[s] * row[s]
+    for s in range(S):
+        # float32 like the reference implementations (HF computes the variance in fp32)
+        inv[s] = 1.0 / sqrtf(<float>(inv[s] / C) + eps)
+
+
+cdef void rmsnorm_fwd(const float* x, const float* w, float* y, int C, int S, float eps,
+                      double* scratch) noexcept nogil:
+    cdef Py_ssize_t c, s
+    cdef float wc
+    _inv_rms(x, C, S, eps, scratch)
+    for c in range(C):
+        wc = w[c]
+        for s in range(S):
+            y[c * S + s] = (x[c * S + s] * <float>scratch[s]) * wc
+
+
+cdef void rmsnorm_bwd(const float* x, const float* w, const float* dy, float* dx, float* dw,
+                      int C, int S, float eps, bint accumulate, double* scratch) noexcept nogil:
+    cdef double* inv = scratch
+    cdef double* dot = scratch + S
+    cdef Py_ssize_t c, s, i
+    cdef double acc
+    cdef float wc
+    _inv_rms(x, C, S, eps, inv)
+    memset(dot, 0, S * sizeof(double))
+    for c in range(C):
+        wc = w[c]
+        acc = 0.0
+        for s in range(S):
+            i = c * S + s
+            dot[s] += <double>dy[i] * wc * x[i]
+            acc += <double>dy[i] * x[i] * inv[s]
+        dw[c] += <float>acc
+    for s in range(S):
+        # d/dx of x*inv: inv*g - x * inv^3 * (g.x) / C, with g = dy*w
+        dot[s] = dot[s] * inv[s] * inv[s] * inv[s] / C
+    for c in range(C):
+        wc = w[c]
+        for s in range(S):
+            i = c * S + s
+            if accumulate:
+                dx[i] += <float>(inv[s] * wc * dy[i] - x[i] * dot[s])
+            else:
+                dx[i] = <float>(inv[s] * wc * dy[i] - x[i] * dot[s])
+
+
+# ---------------------------------------------------------------------------------------
+# RoPE. "interleaved" rotates rows (2i, 2i+1) of each head, "half" rows (i, i + hd/2);
+# both use angle pos * theta^(-2i/hd), tabulated as cos/sin [hd/2, S].
+
+cdef inline void _rope_rows(float* x, int n_heads, int hd, int S, const float* cos_t,
+                            const float* sin_t, bint half, float sign) noexcept nogil:
+    cdef Py_ssize_t h, i, s
+    cdef float* r0
+    cdef float* r1
+    cdef const float* c
+    cdef const float* sn
+    cdef float a, b
+    for h in range(n_heads):
+        for i in range(hd // 2):
+            if half:
+                r0 = x + (h * hd + i) * S
+                r1 = x + (h * hd + i + hd // 2) * S
+            else:
+                r0 = x + (h * hd + 2 * i) * S
+                r1 = r0 + S
+            c = cos_t + i * S
+            sn = sin_t + i * S
+            for s in range(S):
+                a = r0[s]
+                b = r1[s]
+                r0[s] = a * c[s] - sign * b * sn[s]
+                r1[s] = sign * a * sn[s] + b * c[s]
+
+
+cdef void rope_fwd(float* x, int n_heads, int hd, int S, const float* cos_t, const float* sin_t,
+                   bint half) noexcept nogil:
+    _rope_rows(x, n_heads, hd, S, cos_t, sin_t, half, 1.0)
+
+
+cdef void rope_bwd(float* dx, int n_heads, int hd, int S, const float* cos_t, const float* sin_t,
+                   bint half) noexcept nogil:
+    # the transpose of a rotation is the rotation by the opposite angle
+    _rope_rows(dx, n_heads, hd, S, cos_t, sin_t, half, -1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# SwiGLU
+
+cdef void swiglu_fwd(const float* h1, const float* h3, float* gate, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        gate[i] = (h1[i] / (1.0 + expf(-h1[i]))) * h3[i]
+
+
+cdef void swiglu_bwd(const float* h1, const float* h3, const float* dgate, float* dh1, float* dh3,
+                     Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef float sig, x
+    for i in range(n):
+        x = h1[i]
+        sig = 1.0 / (1.0 + expf(-x))
+        dh1[i] = dgate[i] * h3[i] * sig * (1.0 + x * (1.0 - sig))
+        dh3[i] = dgate[i] * x * sig
+
+
+# ---------------------------------------------------------------------------------------
+# Causal softmax attention, one head at a time; scores go through sgemm.
+
+cdef void _causal_softmax(float* scores, int S) noexcept nogil:
+    # row i holds query i; keys j > i are masked to exactly zero
+    cdef Py_ssize_t i, j
+    cdef float* row
+    cdef float mx, inv
+    cdef double total
+    for i in range(S):
+        row = scores + i * S
+        mx = row[0]
+        for j in range(1, i + 1):
+            if row[j] > mx:
+                mx = row[j]
+        total = 0.0
+        for j in range(i + 1):
+            row[j] = expf(row[j] - mx)
+            total += row[j]
+        inv = <float>(1.0 / total)
+        for j in range(i + 1):
+            row[j] *= inv
+        for j in range(i + 1, S):
+            row[j] = 0.0
+
+
+cdef void _head_probs(const float* qh, const float* kh, float* probs, int hd,
+                      int S) noexcept nogil:
+    # probs[i, j] = softmax_j(q_i . k_j / sqrt(hd))
+    sgemm(1, 0, S, S, hd, <float>(1.0 / sqrt(hd)), qh, S, kh, S, 0.0, probs, S)
+    _causal_softmax(probs, S)
+
+
+cdef void attention_fwd(const float* q, const float* k, const float* v, float* out,
+                        int n_heads, int n_kv_heads, int hd, int S, float* scores) noexcept nogil:
+    cdef int h, g
+    cdef int ratio = n_heads // n_kv_heads
+    cdef Py_ssize_t block = <Py_ssize_t>hd * S
+    for h in range(n_heads):
+        g = h // ratio
+        _head_probs(q + h * block, k + g * block, scores, hd, S)
+        # out_h[c, i] = sum_j v_g[c, j] * probs[i, j]
+        sgemm(0, 1, hd, S, S, 1.0, v + g * block, S, scores, S, 0.0, out + h * block, S)
+
+
+cdef void attention_bwd1(const float* q, const float* k_rep, const float* v_rep, const float* da,
+                         float* dv_rep, float* probs, float* dprobs, int n_heads, int hd,
+                         int S) noexcept nogil:
+    cdef int h
+    cdef Py_ssize_t block = <Py_ssize_t>hd * S
+    cdef Py_ssize_t square = <Py_ssize_t>S * S
+    cdef float* ph
+    for h in range(n_heads):
+        ph = probs + h * square
+        _head_probs(q + h * block, k_rep + h * block, ph, hd, S)
+        # dprobs[i, j] = da_i . v_j
+        sgemm(1, 0, S, S, hd, 1.0, da + h * block, S, v_rep + h * block, S, 0.0,
+              dprobs + h * square, S)
+        # dv[c, j] = sum_i da[c, i] probs[i, j]
+        sgemm(0, 0, hd, S, S, 1.0, da + h * block, S, ph, S, 0.0, dv_rep + h * block, S)
+
+
+cdef void attention_bwd2(const float* probs, const float* dprobs, const float* q,
+                         const float* k_rep, float* dq, float* dk_rep, int n_heads, int hd,
+                         int S, float* scratch) noexcept nogil:
+    cdef int h
+    cdef Py_ssize_t i, j
+    cdef Py_ssize_t block = <Py_ssize_t>hd * S
+    cdef Py_ssize_t square = <Py_ssize_t>S * S
+    cdef const float* p
+    cdef const float* dp
+    cdef float* ds
+    cdef double rowdot
+    cdef float scale = <float>(1.0 / sqrt(hd))
+    for h in range(n_heads):
+        # softmax backward: dS = P * (dP - rowsum(P * dP)); masked entries stay zero
+        for i in range(S):
+            p = probs + h * square + i * S
+            dp = dprobs + h * square + i * S
+            ds = scratch + i * S
+            rowdot = 0.0
+            for j in range(i + 1):
+                rowdot += <double>p[j] * dp[j]
+            for j in range(i + 1):
+                ds[j] = p[j] * (dp[j] - <float>rowdot)
+            for j in range(i + 1, S):
+                ds[j] = 0.0
+        sgemm(0, 1, hd, S, S, scale, k_rep + h * block, S, scratch, S, 0.0, dq + h * block, S)
+        sgemm(0, 0, hd, S, S, scale, q + h * block, S, scratch, S, 0.0, dk_rep + h * block, S)
+
+
+cdef void gqa_repeat(const float* src, float* dst, int n_heads, int n_kv_heads, int hd,
+                     int S) noexcept nogil:
+    cdef int h
+    cdef int ratio = n_heads // n_kv_heads
+    cdef Py_ssize_t block = <Py_ssize_t>hd * S
+    for h in range(n_heads):
+        memcpy(dst + h * block, src + (h // ratio) * block, block * sizeof(float))
+
+
+cdef void gqa_reduce(const float* src, float* dst, int n_heads, int n_kv_heads, int hd,
+                     int S) noexcept nogil:
+    cdef int h, r
+    cdef int ratio = n_heads // n_kv_heads
+    cdef Py_ssize_t block = <Py_ssize_t>hd * S
+    cdef Py_ssize_t i
+    cdef float* d
+    for h in range(n_kv_heads):
+        d = dst + h * block
+        memcpy(d, src + (h * ratio) * block, block * sizeof(float))
+        for r in range(1, ratio):
+            add_scaled(d, src + (h * ratio + r) * block, block, 1.0)
+
+
+# ---------------------------------------------------------------------------------------
+# Classifier loss, embedding, optimizer
+
+cdef double softmax_xent(float* logits, const int* targets, int S, int V,
+                         float grad_scale) noexcept nogil:
+    cdef Py_ssize_t s, j
+    cdef float* row
+    cdef float mx, scale
+    cdef double total, loss = 0.0
+    for s in range(S):
+        row = logits + s * V
+        mx = row[0]
+        for j in range(1, V):
+            if row[j] > mx:
+                mx = row[j]
+        loss -= row[targets[s]] - mx
+        total = 0.0
+        for j in range(V):
+            row[j] = expf(row[j] - mx)
+            total += row[j]
+        loss += log(total)
+        scale = <float>(grad_scale / total)
+        for j in range(V):
+            row[j] *= scale
+        row[targets[s]] -= grad_scale
+    return loss
+
+
+cdef void embedding_fwd(const float* E, const int* tokens, float* x, int S, int D) noexcept nogil:
+    cdef Py_ssize_t s, d
+    cdef const float* row
+    for s in range(S):
+        row = E + <Py_ssize_t>tokens[s] * D
+        for d in range(D):
+            x[d * S + s] = row[d]
+
+
+cdef void embedding_bwd(float* dE, const int* tokens, const float* dx, int S, int D) noexcept nogil:
+    cdef Py_ssize_t s, d
+    cdef float* row
+    for s in range(S):
+        row = dE + <Py_ssize_t>tokens[s] * D
+        for d in range(D):
+            row[d] += dx[d * S + s]
+
+
+cdef void adamw(float* p, const float* g, float* m, float* v, Py_ssize_t n, float lr,
+                float beta1, float beta2, float eps, float weight_decay, int step,
+                float grad_scale) noexcept nogil:
+    # The order of operations follows torch.optim.AdamW (decoupled decay first, lerp
+    # for the first moment, bias corrections folded into the step size and denominator).
+    cdef Py_ssize_t i
+    cdef float gi
+    cdef float decay = 1.0 - lr * weight_decay
+    cdef float step_size = <float>(lr / (1.0 - beta1 ** step))
+    cdef float bc2_sqrt = <float>sqrt(1.0 - beta2 ** step)
+    for i in range(n):
+        gi = g[i] * grad_scale
+        p[i] *= decay
+        m[i] += (1.0 - beta1) * (gi - m[i])
+        v[i] = v[i] * beta2 + (1.0 - beta2) * gi * gi
+        p[i] -= step_size * m[i] / (sqrtf(v[i]) / bc2_sqrt + eps)
+
+
+cdef double sumsq(const float* x, Py_ssize_t n) noexcept nogil:
+    cdef Py_ssize_t i
+    cdef double acc = 0.0
+    for i in range(n):
+        acc += <double>x[i] * x[i]
+    return acc
+
+
+cdef void scale_copy(const float* src, float* dst, Py_ssize_t n, float alpha) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dst[i] = src[i] * alpha
+
+
+cdef void add_scaled(float* dst, const float* src, Py_ssize_t n, float alpha) noexcept nogil:
+    cdef Py_ssize_t i
+    for i in range(n):
+        dst[i] += src[i] * alpha
+
+
+# =======================================================================================
+# Python entry points (tests, one-off Python-level work). Arrays are checked here, so the
+# kernels above never see a wrong shape.
+
+def _same_len(a, b, what):
+    if a.shape[0] != b.shape[0]:
+        raise ValueError(f"{what}: source has {a.shape[0]} elements, destination {b.shape[0]}")
+
+
+def f32_to_f16(const float[::1] src, uint16_t[::1] dst, bint simd=True):
+    """Round float32 to float16 bits (round-to-nearest-even, as numpy.astype)."""
+    _same_len(src, dst, "f32_to_f16")
+    if src.shape[0] == 0:
+        return
+    with nogil:
+        if simd:
+            anecy_f32_to_f16(&src[0], &dst[0], src.shape[0])
+        else:
+            anecy_f32_to_f16_scalar(&src[0], &dst[0], src.shape[0])
+
+
+def f16_to_f32(const uint16_t[::1] src, float[::1] dst, bint simd=True):
+    """Widen float16 bits to float32 (exact)."""
+    _same_len(src, dst, "f16_to_f32")
+    if src.shape[0] == 0:
+        return
+    with nogil:
+        if simd:
+            anecy_f16_to_f32(&src[0], &dst[0], src.shape[0])
+        else:
+            anecy_f16_to_f32_scalar(&src[0], &dst[0], src.shape[0])
+
+
+def fp16_path():
+    """The conversion path this CPU uses: avx512, f16c, neon or scalar."""
+    return anecy_fp16_path().decode()
+
+
+def py_sgemm(bint trans_a, bint trans_b, const float[:, ::1] A, const float[:, ::1] B,
+             float alpha=1.0):
+    """op(A) @ op(B) through the sgemm the engine uses."""
+    cdef int M = A.shape[1] if trans_a else A.shape[0]
+    cdef int K = A.shape[0] if trans_a else A.shape[1]
+    cdef int KB = B.shape[1] if trans_b else B.shape[0]
+    cdef int N = B.shape[0] if trans_b else B.shape[1]
+    if K != KB:
+        raise ValueError(f"inner dimensions differ: {K} and {KB}")
+    out = np.zeros((M, N), np.float32)
+    cdef float[:, ::1] C = out
+    if M and N:
+        sgemm(trans_a, trans_b, M, N, K, alpha, &A[0, 0], A.shape[1], &B[0, 0], B.shape[1], 0.0,
+              &C[0, 0], N)
+    return out
+
+
+def py_rmsnorm_fwd(const float[:, ::1] x, const float[::1] w, float eps):
+    if w.shape[0] != x.shape[0]:
+        raise ValueError("weight length must equal the channel count")
+    out = np.empty_like(np.asarray(x))
+    cdef float[:, ::1] y = out
+    cdef double[::1] scratch = np.empty(x.shape[1], np.float64)
+    rmsnorm_fwd(&x[0, 0], &w[0], &y[0, 0], x.shape[0], x.shape[1], eps, &scratch[0])
+    return out
+
+
+def py_rmsnorm_bwd(const float[:, ::1] x, const float[::1] w, const float[:, ::1] dy, float eps):
+    """Returns (dx, dw)."""
+    dx_arr = np.empty_like(np.asarray(x))
+    dw_arr = np.zeros(x.shape[0], np.float32)
+    cdef float[:, ::1] dx = dx_arr
+    cdef float[::1] dw = dw_arr
+    cdef double[::1] scratch = np.empty(2 * x.shape[1], np.float64)
+    rmsnorm_bwd(&x[0, 0], &w[0], &dy[0, 0], &dx[0, 0], &dw[0], x.shape[0], x.shape[1], eps, 0,
+                &scratch[0])
+    return dx_arr, dw_arr
+
+
+def rope_tables(int head_dim, int seq_len, double theta):
+    """cos and sin tables [head_dim/2, seq_len], computed in float32 as HF does."""
+    exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    pos = np.arange(seq_len, dtype=np.float32)
+    angles = (inv_freq[:, None] * pos[None, :]).astype(np.float32)
+    return (np.ascontiguousarray(np.cos(angles), np.float32),
+            np.ascontiguousarray(np.sin(angles), np.float32))
+
+
+def py_rope(float[:, ::1] x, int n_heads, const float[:, ::1] cos_t, const float[:, ::1] sin_t,
+            bint half, bint backward=False):
+    """Rotate x [n_heads*hd, S] in place."""
+    cdef int hd = x.shape[0] // n_heads
+    if hd * n_heads != x.shape[0] or hd % 2 or cos_t.shape[0] != hd // 2 \
+            or cos_t.shape[1] != x.shape[1] or sin_t.shape[0] != cos_t.shape[0] \
+            or sin_t.shape[1] != cos_t.shape[1]:
+        raise ValueError("rope: shapes do not agree")
+    if backward:
+        rope_bwd(&x[0, 0], n_heads, hd, x.shape[1], &cos_t[0, 0], &sin_t[0, 0], half)
+    else:
+        rope_fwd(&x[0, 0], n_heads, hd, x.shape[1], &cos_t[0, 0], &sin_t[0, 0], half)
+
+
+def py_swiglu_fwd(const float[::1] h1, const float[::1] h3):
+    _same_len(h1, h3, "swiglu")
+    out = np.empty(h1.shape[0], np.float32)
+    cdef float[::1] g = out
+    if h1.shape[0]:
+        swiglu_fwd(&h1[0], &h3[0], &g[0], h1.shape[0])
+    return out
+
+
+def py_swiglu_bwd(const float[::1] h1, const float[::1] h3, const float[::1] dgate):
+    _same_len(h1, h3, "swiglu")
+    _same_len(h1, dgate, "swiglu")
+    a = np.empty(h1.shape[0], np.float32)
+    b = np.empty(h1.shape[0], np.float32)
+    cdef float[::1] dh1 = a
+    cdef float[::1] dh3 = b
+    if h1.shape[0]:
+        swiglu_bwd(&h1[0], &h3[0], &dgate[0], &dh1[0], &dh3[0], h1.shape[0])
+    return a, b
+
+
+def py_attention_fwd(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v,
+                     int n_heads, int n_kv_heads):
+    cdef int S = q.shape[1]
+    cdef int hd = q.shape[0] // n_heads
+    if n_heads % n_kv_heads or k.shape[0] != n_kv_heads * hd or v.shape[0] != k.shape[0] \
+            or k.shape[1] != S or v.shape[1] != S:
+        raise ValueError("attention: shapes do not agree")
+    out = np.empty_like(np.asarray(q))
+    cdef float[:, ::1] o = out
+    cdef float[::1] scores = np.empty(S * S, np.float32)
+    attention_fwd(&q[0, 0], &k[0, 0], &v[0, 0], &o[0, 0], n_heads, n_kv_heads, hd, S, &scores[0])
+    return out
+
+
+def py_attention_bwd(const float[:, ::1] q, const float[:, ::1] k_rep, const float[:, ::1] v_rep,
+                     const float[:, ::1] da, int n_heads):
+    """Returns (dq, dk_rep, dv_rep, probs, dprobs) for q, k_rep, v_rep, da of [n_heads*hd, S]."""
+    cdef int S = q.shape[1]
+    cdef int hd = q.shape[0] // n_heads
+    for shape in (k_rep.shape, v_rep.shape, da.shape):
+        if shape[0] != q.shape[0] or shape[1] != S:
+            raise ValueError("attention: shapes do not agree")
+    shape = (q.shape[0], S)
+    dq_a, dk_a, dv_a = (np.empty(shape, np.float32) for _ in range(3))
+    p_a = np.empty((n_heads * S, S), np.float32)
+    dp_a = np.empty((n_heads * S, S), np.float32)
+    cdef float[:, ::1] dq = dq_a, dk = dk_a, dv = dv_a, p = p_a, dp = dp_a
+    cdef float[::1] scratch = np.empty(S * S, np.float32)
+    attention_bwd1(&q[0, 0], &k_rep[0, 0], &v_rep[0, 0], &da[0, 0], &dv[0, 0], &p[0, 0],
+                   &dp[0, 0], n_heads, hd, S)
+    attention_bwd2(&p[0, 0], &dp[0, 0], &q[0, 0], &k_rep[0, 0], &dq[0, 0], &dk[0, 0], n_heads,
+                   hd, S, &scratch[0])
+    return dq_a, dk_a, dv_a, p_a, dp_a
+
+
+def py_gqa_repeat(const float[:, ::1] src, int n_heads, int n_kv_heads):
+    cdef int S = src.shape[1]
+    cdef int hd = src.shape[0] // n_kv_heads
+    out = np.empty((n_heads * hd, S), np.float32)
+    cdef float[:, ::1] dst = out
+    gqa_repeat(&src[0, 0], &dst[0, 0], n_heads, n_kv_heads, hd, S)
+    return out
+
+
+def py_gqa_reduce(const float[:, ::1] src, int n_heads, int n_kv_heads):
+    cdef int S = src.shape[1]
+    cdef int hd = src.shape[0] // n_heads
+    out = np.empty((n_kv_heads * hd, S), np.float32)
+    cdef float[:, ::1] dst = out
+    gqa_reduce(&src[0, 0], &dst[0, 0], n_heads, n_kv_heads, hd, S)
+    return out
+
+
+def py_softmax_xent(const float[:, ::1] logits, const int[::1] targets, float grad_scale=1.0):
+    """Returns (summed loss, dlogits) for logits [S, V]."""
+    cdef int S = logits.shape[0], V = logits.shape[1]
+    if targets.shape[0] != S:
+        raise ValueError("one target per row")
+    for t in np.asarray(targets):
+        if not 0 <= t < V:
+            raise ValueError(f"target {t} outside [0, {V})")
+    work = np.array(logits, np.float32, copy=True)
+    cdef float[:, ::1] w = work
+    cdef double loss = softmax_xent(&w[0, 0], &targets[0], S, V, grad_scale)
+    return loss, work
+
+
+def py_embedding_fwd(const float[:, ::1] E, const int[::1] tokens):
+    cdef int S = tokens.shape[0], D = E.shape[1]
+    if np.any(np.asarray(tokens) < 0) or np.any(np.asarray(tokens) >= E.shape[0]):
+        raise ValueError("token id outside the embedding table")
+    out = np.empty((D, S), np.float32)
+    cdef float[:, ::1] x = out
+    embedding_fwd(&E[0, 0], &tokens[0], &x[0, 0], S, D)
+    return out
+
+
+def py_embedding_bwd(float[:, ::1] dE, const int[::1] tokens, const float[:, ::1] dx):
+    if np.any(np.asarray(tokens) < 0) or np.any(np.asarray(tokens) >= dE.shape[0]) \
+            or dx.shape[0] != dE.shape[1] or dx.shape[1] != tokens.shape[0]:
+        raise ValueError("embedding_bwd: shapes or token ids do not agree")
+    embedding_bwd(&dE[0, 0], &tokens[0], &dx[0, 0], tokens.shape[0], dE.shape[1])
+
+
+def py_adamw(float[::1] p, const float[::1] g, float[::1] m, float[::1] v, float lr, float beta1,
+             float beta2, float eps, float weight_decay, int step, float grad_scale=1.0):
+    _same_len(p, g, "adamw")
+    _same_len(p, m, "adamw")
+    _same_len(p, v, "adamw")
+    if step < 1:
+        raise ValueError("step counts from 1")
+    if p.shape[0]:
+        with nogil:
+            adamw(&p[0], &g[0], &m[0], &v[0], p.shape[0], lr, beta1, beta2, eps, weight_decay,
+                  step, grad_scale)
+
+
+def py_sumsq(const float[::1] x):
+    if x.shape[0] == 0:
+        return 0.0
+    return sumsq(&x[0], x.shape[0])

@@ -1,0 +1,41 @@
+# Runtime services shared by the engine and the backends: a monotonic clock and the
+# background worker that runs weight-gradient (dW) sgemms while the layer loop goes on.
+
+from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
+
+
+cdef inline double now_ms() noexcept nogil:
+    cdef timespec ts
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6
+
+
+# C[M,N] = alpha * op(A) @ op(B) + beta * C, row-major (see _ops.sgemm)
+cdef struct GemmJob:
+    bint trans_a
+    bint trans_b
+    int M
+    int N
+    int K
+    float alpha
+    const float* A
+    int lda
+    const float* B
+    int ldb
+    float beta
+    float* C
+    int ldc
+
+
+cdef struct WorkerState
+
+
+cdef class DWWorker:
+    cdef WorkerState* state
+    cdef readonly bint threaded
+    # Queue a job (runs it at once when the worker is off). Blocks while the queue is full.
+    cdef void submit(self, GemmJob job) noexcept nogil
+    # Count of jobs submitted so far; wait_for(t) returns once the first t are done.
+    cdef long ticket(self) noexcept nogil
+    cdef void wait_for(self, long ticket) noexcept nogil
+    cdef void wait_all(self) noexcept nogil

@@ -1,0 +1,137 @@
+"""Model configuration: the shape of a Llama-family transformer, its presets and
+the one place where a configuration is validated. FLOP counts live here too, so
+reports and benchmarks count the same way (DESIGN.md section 8)."""
+
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+from .errors import ConfigError
+
+ROPE_STYLES = ("interleaved", "half")
+
+
+@dataclass
+class ModelConfig:
+    """Shape of a Llama-family model.
+
+    ``head_dim`` defaults to ``dim // n_heads`` and ``n_kv_heads`` to ``n_heads``.
+    ``rope_style`` is ``"interleaved"`` (pairs (2i, 2i+1), llama2.c checkpoints) or
+    ``"half"`` (pairs (i, i + head_dim/2), HF Llama and Qwen3).
+    """
+
+    dim: int
+    hidden_dim: int
+    n_layers: int
+    n_heads: int
+    vocab_size: int
+    seq_len: int
+    n_kv_heads: Optional[int] = None
+    head_dim: Optional[int] = None
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_style: str = "interleaved"
+    qk_norm: bool = False
+    tie_embeddings: bool = True
+    residual_scale: float = 1.0
+
+    def __post_init__(self):
+        if self.n_kv_heads is None:
+            self.n_kv_heads = self.n_heads
+        if self.head_dim is None and isinstance(self.dim, int) and isinstance(self.n_heads, int) \
+                and self.n_heads > 0:
+            self.head_dim = self.dim // self.n_heads
+        self.validate()
+
+    def validate(self):
+        """Raise ConfigError (a ValueError) naming the first field that cannot work."""
+        for name in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "vocab_size", "seq_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+            if value <= 0:
+                raise ConfigError(f"{name} must be positive, got {value}")
+        if self.n_heads % self.n_kv_heads != 0:
+            raise ConfigError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+        if self.head_dim % 2 != 0:
+            raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        if self.rope_style not in ROPE_STYLES:
+            raise ConfigError(f"rope_style must be one of {ROPE_STYLES}, got {self.rope_style!r}")
+        for name in ("norm_eps", "rope_theta", "residual_scale"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0 \
+                    or value == float("inf"):
+                raise ConfigError(f"{name} must be a positive finite number, got {value!r}")
+        if self.vocab_size > 2**31 - 1 or self.seq_len > 2**20:
+            raise ConfigError("vocab_size or seq_len is too large")
+
+    # -- derived sizes -------------------------------------------------------------------
+    @property
+    def q_dim(self) -> int:
+        """Channels of the query projection, n_heads * head_dim."""
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        """Channels of the key and value projections, n_kv_heads * head_dim."""
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def n_params(self) -> int:
+        per_layer = (self.q_dim * self.dim + 2 * self.kv_dim * self.dim + self.dim * self.q_dim
+                     + 3 * self.dim * self.hidden_dim + 2 * self.dim
+                     + (2 * self.head_dim if self.qk_norm else 0))
+        emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+        return emb + self.n_layers * per_layer + self.dim
+
+    # -- serialisation ---------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"unknown model config field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "ModelConfig":
+        """A named configuration; keyword arguments override its fields."""
+        if name not in PRESETS:
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(sorted(PRESETS))}")
+        d = dict(PRESETS[name])
+        d.update(overrides)
+        return cls(**d)
+
+
+_STORIES = dict(vocab_size=32000, seq_len=256, norm_eps=1e-5, rope_theta=10000.0,
+                rope_style="interleaved", qk_norm=False, tie_embeddings=True)
+
+PRESETS = {
+    # llama2.c's stories110M.bin
+    "stories110m": dict(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, **_STORIES),
+    # llama2.c's stories15M.bin
+    "stories15m": dict(dim=288, hidden_dim=768, n_layers=6, n_heads=6, **_STORIES),
+    # seconds-fast, same features as the stories models (Llama-2 vocabulary)
+    "tiny": dict(_STORIES, dim=64, hidden_dim=176, n_layers=2, n_heads=4, seq_len=64),
+}
+
+
+def layer_flops(cfg: ModelConfig, seq_len: Optional[int] = None) -> int:
+    """Forward FLOPs of one transformer layer over one sequence (attention unmasked)."""
+    S = cfg.seq_len if seq_len is None else seq_len
+    D, H, Q, K = cfg.dim, cfg.hidden_dim, cfg.q_dim, cfg.kv_dim
+    proj = 2 * S * (D * Q + 2 * D * K + Q * D + 3 * D * H)
+    attn = 4 * cfg.n_heads * S * S * cfg.head_dim
+    return proj + attn
+
+
+def step_flops(cfg: ModelConfig, active_vocab: Optional[int] = None,
+               seq_len: Optional[int] = None) -> int:
+    """Training FLOPs of one microstep (forward + backward = 3 x forward)."""
+    S = cfg.seq_len if seq_len is None else seq_len
+    V = cfg.vocab_size if active_vocab is None else active_vocab
+    forward = cfg.n_layers * layer_flops(cfg, S) + 2 * S * cfg.dim * V
+    return 3 * forward

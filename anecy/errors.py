@@ -1,0 +1,26 @@
+"""Exceptions anecy raises for bad input.
+
+Every error a user can cause (a bad flag, a corrupt file, a config that cannot
+exist) is one of these, with a one-line message; the CLIs print that line and
+exit with status 2 instead of showing a traceback.
+"""
+
+
+class AnecyError(Exception):
+    """Base class of all user-facing anecy errors."""
+
+
+class ConfigError(AnecyError, ValueError):
+    """A model or training configuration that cannot work."""
+
+
+class DataError(AnecyError, ValueError):
+    """A token file that is missing, short, corrupt or out of vocabulary."""
+
+
+class CheckpointError(AnecyError, ValueError):
+    """A checkpoint that is missing, truncated, corrupt or of another model."""
+
+
+class BackendUnavailable(AnecyError, RuntimeError):
+    """A backend that this machine (or this build) cannot run."""

@@ -1,0 +1,169 @@
+"""Model: the parameters of a Llama-family transformer and its training step.
+
+Parameters live in one contiguous fp32 buffer with named views (HF names and
+shapes); gradients mirror it. Matrices come first and norm weights last, so the
+optimizer decays one contiguous range and leaves the other alone."""
+
+import numpy as np
+
+from . import backends
+from ._engine import Engine
+from .config import ModelConfig
+from .errors import ConfigError
+
+
+def param_layout(cfg: ModelConfig):
+    """[(name, shape, decayed)] in buffer order: every matrix, then every norm weight."""
+    D, H, Q, K, hd = cfg.dim, cfg.hidden_dim, cfg.q_dim, cfg.kv_dim, cfg.head_dim
+    mats = [("model.embed_tokens.weight", (cfg.vocab_size, D))]
+    norms = []
+    for l in range(cfg.n_layers):
+        p = f"model.layers.{l}."
+        mats += [(p + "self_attn.q_proj.weight", (Q, D)), (p + "self_attn.k_proj.weight", (K, D)),
+                 (p + "self_attn.v_proj.weight", (K, D)), (p + "self_attn.o_proj.weight", (D, Q)),
+                 (p + "mlp.gate_proj.weight", (H, D)), (p + "mlp.up_proj.weight", (H, D)),
+                 (p + "mlp.down_proj.weight", (D, H))]
+        norms += [(p + "input_layernorm.weight", (D,)), (p + "post_attention_layernorm.weight", (D,))]
+        if cfg.qk_norm:
+            norms += [(p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,))]
+    if not cfg.tie_embeddings:
+        mats.append(("lm_head.weight", (cfg.vocab_size, D)))
+    norms.append(("model.norm.weight", (D,)))
+    return [(n, s, True) for n, s in mats] + [(n, s, False) for n, s in norms]
+
+
+def _rope_row_perm(head_dim):
+    """Rows of one head in interleaved order, as indices into HF's half-split order."""
+    half = head_dim // 2
+    perm = np.empty(head_dim, np.int64)
+    perm[0::2] = np.arange(half)
+    perm[1::2] = np.arange(half) + half
+    return perm
+
+
+def _is_rope_permuted(name):
+    return name.endswith(("q_proj.weight", "k_proj.weight", "q_norm.weight", "k_norm.weight"))
+
+
+class Model:
+    """A Llama-family transformer with exact gradients.
+
+    >>> m = Model(ModelConfig.preset("tiny"))
+    >>> loss = m.forward_backward(tokens, targets)   # gradients accumulate in m.grads
+    """
+
+    def __init__(self, config: ModelConfig, backend: str = "cpu", seed: int = 0,
+                 async_dw: bool = True):
+        if not isinstance(config, ModelConfig):
+            raise ConfigError("config must be an anecy.ModelConfig")
+        config.validate()
+        self.config = config
+        self.backend = backends.resolve(backend)
+        self.layout = param_layout(config)
+        n = sum(int(np.prod(s)) for _, s, _ in self.layout)
+        self.params = np.zeros(n, np.float32)
+        self.grads = np.zeros(n, np.float32)
+        self.views, self.grad_views, self.offsets = {}, {}, {}
+        off = 0
+        for name, shape, _ in self.layout:
+            size = int(np.prod(shape))
+            self.offsets[name] = (off, off + size)
+            self.views[name] = self.params[off:off + size].reshape(shape)
+            self.grad_views[name] = self.grads[off:off + size].reshape(shape)
+            off += size
+        # everything before the first norm weight is decayed by AdamW
+        self.n_decay = min(lo for name, (lo, _) in self.offsets.items()
+                           if not dict((n, d) for n, _, d in self.layout)[name])
+        self.init_weights(seed)
+        self.engine = Engine(config, self.views, self.grad_views,
+                             backends.make_kernels(self.backend), async_dw)
+        self.engine.stage_weights()
+
+    # -- initialisation --------------------------------------------------------------------
+    def init_weights(self, seed: int = 0):
+        """llama2.c's scheme: N(0, 0.02) for every matrix, norms at 1, and the output
+        projections of attention and FFN (o_proj, down_proj) at 0.02 / sqrt(2 n_layers)."""
+        rng = np.random.Generator(np.random.PCG64(seed))
+        out_std = 0.02 / np.sqrt(2 * self.config.n_layers)
+        for name, shape, decayed in self.layout:
+            view = self.views[name]
+            if not decayed:
+                view[...] = 1.0
+                continue
+            std = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
+            view[...] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
+        if hasattr(self, "engine"):
+            self.engine.stage_weights()
+
+    # -- the step --------------------------------------------------------------------------
+    def forward_backward(self, tokens, targets, loss_scale: float = 1.0) -> float:
+        """Mean token cross-entropy of one sequence of seq_len tokens; its gradient (times
+        loss_scale) is added to self.grads."""
+        return self.engine.forward_backward(tokens, targets, loss_scale)
+
+    def logits(self, tokens) -> np.ndarray:
+        """Logits [seq_len, vocab] of one sequence."""
+        return self.engine.logits(tokens)
+
+    def zero_grad(self):
+        self.grads.fill(0.0)
+
+    def timings(self) -> dict:
+        return self.engine.timings()
+
+    # -- HF names and shapes ---------------------------------------------------------------
+    def _hf_perm(self, name):
+        """Row index that maps HF's (half) order onto this config's order, or None."""
+        if self.config.rope_style == "half" or not _is_rope_permuted(name):
+            return None
+        hd = self.config.head_dim
+        rows = self.views[name].shape[0]
+        return (np.arange(rows // hd)[:, None] * hd + _rope_row_perm(hd)[None, :]).reshape(-1)
+
+    def load_hf_state_dict(self, state_dict):
+        """Copy weights given with HF names and shapes (numpy arrays or torch tensors)."""
+        expected = {name for name, _, _ in self.layout}
+        extra = set(state_dict) - expected
+        if self.config.tie_embeddings:
+            extra.discard("lm_head.weight")  # HF lists the tied head under its own name too
+        extra = {k for k in extra if not k.endswith("rotary_emb.inv_freq")}
+        missing = expected - set(state_dict)
+        if missing:
+            raise ConfigError(f"state dict lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
+        if extra:
+            raise ConfigError(f"state dict has {len(extra)} unexpected tensor(s), e.g. "
+                              f"{sorted(extra)[0]}")
+        for name, shape, _ in self.layout:
+            value = _to_numpy(state_dict[name])
+            if value.shape != tuple(shape):
+                raise ConfigError(f"{name}: expected shape {tuple(shape)}, got {value.shape}")
+            perm = self._hf_perm(name)
+            self.views[name][...] = value if perm is None else value[perm]
+        self.engine.stage_weights()
+
+    def _to_hf(self, views):
+        out = {}
+        for name, _, _ in self.layout:
+            perm = self._hf_perm(name)
+            value = views[name]
+            if perm is None:
+                out[name] = value.copy()
+            else:
+                hf = np.empty_like(value)
+                hf[perm] = value
+                out[name] = hf
+        return out
+
+    def hf_state_dict(self) -> dict:
+        """Weights as {HF name: numpy array in HF's shape and row order} (copies)."""
+        return self._to_hf(self.views)
+
+    def hf_grads(self) -> dict:
+        """Gradients, named and ordered as hf_state_dict()."""
+        return self._to_hf(self.grad_views)
+
+
+def _to_numpy(value):
+    if hasattr(value, "detach"):  # a torch tensor; torch itself is never imported here
+        value = value.detach().cpu().float().numpy()
+    return np.asarray(value, dtype=np.float32)

@@ -1,0 +1,53 @@
+"""Build of anecy's Cython core.
+
+The Objective-C shim in anecy/objc/ is compiled only on macOS; everywhere else the
+same package builds without it and runs the portable CPU backend.
+"""
+import glob
+import os
+import sys
+
+from Cython.Build import cythonize
+from setuptools import Extension, setup
+
+IS_MAC = sys.platform == "darwin"
+
+compile_args = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+link_args = []
+libraries = []
+if IS_MAC:
+    link_args += ["-framework", "Accelerate"]
+else:
+    libraries += ["pthread", "m"]
+if os.environ.get("ANECY_NATIVE") == "1":
+    # Opt-in for a local build tuned to this CPU (not portable to other machines).
+    compile_args.append("-march=native")
+
+
+def ext(name, extra_sources=(), extra_link=()):
+    return Extension(
+        f"anecy.{name}",
+        [f"anecy/{name}.pyx", *extra_sources],
+        include_dirs=["anecy", "anecy/objc"],
+        extra_compile_args=compile_args,
+        extra_link_args=link_args + list(extra_link),
+        libraries=libraries,
+    )
+
+
+objc_sources = sorted(glob.glob("anecy/objc/*.m")) if IS_MAC else []
+extensions = [
+    ext("_ops"),
+    ext("_runtime", objc_sources,
+        ["-framework", "Foundation", "-framework", "IOSurface", "-lobjc"] if objc_sources else []),
+    ext("_engine"),
+]
+
+setup(
+    ext_modules=cythonize(
+        extensions,
+        language_level=3,
+        compiler_directives={"boundscheck": False, "wraparound": False, "cdivision": True,
+                             "initializedcheck": False},
+    ),
+)
