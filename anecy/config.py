@@ -39,6 +39,9 @@ class ModelConfig:
             self.n_kv_heads = self.n_heads
         if self.head_dim is None and isinstance(self.dim, int) and isinstance(self.n_heads, int) \
                 and self.n_heads > 0:
+            if self.dim % self.n_heads:
+                raise ConfigError(f"n_heads ({self.n_heads}) must divide dim ({self.dim}) "
+                                  "unless head_dim is given")
             self.head_dim = self.dim // self.n_heads
         self.validate()
 
