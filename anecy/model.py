@@ -77,6 +77,7 @@ class Model:
         self.init_weights(seed)
         self.engine = Engine(config, self.views, self.grad_views,
                              backends.make_kernels(self.backend), async_dw)
+        self.active_ids = None   # vocabulary rows the classifier runs over (None: all)
         self.engine.stage_weights()
 
     # -- initialisation --------------------------------------------------------------------
@@ -93,16 +94,54 @@ class Model:
             std = out_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
             view[...] = rng.standard_normal(shape, dtype=np.float32) * np.float32(std)
         if hasattr(self, "engine"):
-            self.engine.stage_weights()
+            self.weights_changed()
+
+    @property
+    def _classifier_name(self):
+        return "model.embed_tokens.weight" if self.config.tie_embeddings else "lm_head.weight"
+
+    # -- vocabulary compaction -------------------------------------------------------------
+    def set_active_vocab(self, active_ids=None):
+        """Run the classifier and softmax over these vocabulary rows only (None: all rows).
+
+        Targets given to forward_backward are then indices into active_ids, and logits()
+        has one column per active id. The rows are a copy, refreshed by weights_changed()."""
+        name = self._classifier_name
+        if active_ids is None:
+            self.active_ids = None
+            self.engine.set_classifier(self.views[name], self.grad_views[name])
+            return
+        ids = np.asarray(active_ids, np.int64)
+        if ids.ndim != 1 or ids.size == 0 or np.any(np.diff(ids) <= 0) or ids[0] < 0 \
+                or ids[-1] >= self.config.vocab_size:
+            raise ConfigError("active_ids must be sorted, unique ids inside the vocabulary")
+        self.active_ids = ids
+        self._cls_weight = np.ascontiguousarray(self.views[name][ids])
+        self._cls_grad = np.zeros_like(self._cls_weight)
+        self.engine.set_classifier(self._cls_weight, self._cls_grad)
+
+    def weights_changed(self):
+        """Call after writing to params (optimizer update, load): refreshes the copies
+        the backends keep (compact classifier rows, staged kernel weights)."""
+        if self.active_ids is not None:
+            np.take(self.views[self._classifier_name], self.active_ids, axis=0,
+                    out=self._cls_weight)
+        self.engine.stage_weights()
 
     # -- the step --------------------------------------------------------------------------
     def forward_backward(self, tokens, targets, loss_scale: float = 1.0) -> float:
         """Mean token cross-entropy of one sequence of seq_len tokens; its gradient (times
         loss_scale) is added to self.grads."""
-        return self.engine.forward_backward(tokens, targets, loss_scale)
+        loss = self.engine.forward_backward(tokens, targets, loss_scale)
+        if self.active_ids is not None:
+            # fold the compact classifier gradient into the full one at once, so that
+            # self.grads is always the whole gradient
+            self.grad_views[self._classifier_name][self.active_ids] += self._cls_grad
+            self._cls_grad.fill(0.0)
+        return loss
 
     def logits(self, tokens) -> np.ndarray:
-        """Logits [seq_len, vocab] of one sequence."""
+        """Logits [seq_len, vocab] of one sequence (active columns only when compacted)."""
         return self.engine.logits(tokens)
 
     def zero_grad(self):
@@ -139,7 +178,7 @@ class Model:
                 raise ConfigError(f"{name}: expected shape {tuple(shape)}, got {value.shape}")
             perm = self._hf_perm(name)
             self.views[name][...] = value if perm is None else value[perm]
-        self.engine.stage_weights()
+        self.weights_changed()
 
     def _to_hf(self, views):
         out = {}

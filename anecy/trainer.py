@@ -1,0 +1,410 @@
+"""The training loop: microsteps, accumulation, clipping, AdamW, the LR schedule,
+checkpoints and metrics.
+
+Counting: ``steps`` are microsteps (one sequence each); every ``accum`` microsteps
+(and after the last one) the optimizer updates the weights. Warmup and the cosine
+decay are measured in microsteps too, so the schedule does not depend on ``accum``."""
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Optional, Tuple
+
+import numpy as np
+
+from . import backends
+from ._ops import py_adamw, py_sumsq
+from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
+from .config import ModelConfig, step_flops
+from .corpus import BUILTIN_NOTICE, builtin_tokens
+from .data import TokenSampler, VocabMap, default_data_path, open_tokens
+from .errors import AnecyError, CheckpointError, ConfigError, DataError
+from .model import Model
+
+CHECKPOINT_KIND = "anecy-train"
+
+
+class TrainingDiverged(AnecyError):
+    """The loss or the gradient became NaN or infinite."""
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and run settings (defaults follow the public reference)."""
+    steps: int = 10000              # microsteps
+    lr: float = 3e-4
+    min_lr_frac: float = 0.1        # cosine decays to min_lr_frac * lr
+    warmup: int = 100               # microsteps of linear warmup
+    accum: int = 10                 # microsteps per optimizer update
+    clip: float = 1.0               # global grad-norm clip; 0 turns it off
+    weight_decay: float = 0.1
+    betas: Tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8
+    loss_scale: float = 1.0         # static loss scale (fp16 backends); grads unscaled before clip
+    seed: int = 0
+    compact_vocab: bool = True
+    ckpt_path: Optional[str] = None
+    ckpt_every: int = 0             # microsteps between checkpoints; 0: only at the end
+    metrics_path: Optional[str] = None
+    eval_every: int = 0             # microsteps between validation losses; 0: never
+    eval_batches: int = 4
+    backend: str = "auto"
+    data_path: Optional[str] = None
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        self.validate()
+
+    def validate(self):
+        def need(ok, name, what):
+            if not ok:
+                raise ConfigError(f"{name} must be {what}, got {getattr(self, name)!r}")
+
+        def number(name):
+            v = getattr(self, name)
+            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
+
+        def integer(name):
+            v = getattr(self, name)
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        need(integer("steps") and self.steps >= 1, "steps", "a positive integer")
+        need(integer("accum") and self.accum >= 1, "accum", "a positive integer")
+        for name in ("warmup", "ckpt_every", "eval_every", "seed"):
+            need(integer(name) and getattr(self, name) >= 0, name, "a non-negative integer")
+        need(integer("eval_batches") and self.eval_batches >= 1, "eval_batches",
+             "a positive integer")
+        need(number("lr") and self.lr > 0, "lr", "a positive number")
+        need(number("min_lr_frac") and 0 <= self.min_lr_frac <= 1, "min_lr_frac",
+             "between 0 and 1")
+        need(number("clip") and self.clip >= 0, "clip", "a non-negative number")
+        need(number("weight_decay") and self.weight_decay >= 0, "weight_decay",
+             "a non-negative number")
+        need(number("eps") and self.eps > 0, "eps", "a positive number")
+        need(number("loss_scale") and self.loss_scale > 0, "loss_scale", "a positive number")
+        need(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
+                                          for b in self.betas), "betas", "two numbers in [0, 1)")
+        need(self.backend in ("auto",) + backends.BACKENDS, "backend",
+             "one of auto, " + ", ".join(backends.BACKENDS))
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate for an update made after `step` microsteps (1-based)."""
+        if self.warmup and step < self.warmup:
+            return self.lr * step / self.warmup
+        span = max(1, self.steps - self.warmup)
+        progress = min(1.0, (step - self.warmup) / span)
+        floor = self.min_lr_frac * self.lr
+        return floor + 0.5 * (self.lr - floor) * (1.0 + math.cos(math.pi * progress))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+@dataclass
+class StepRecord:
+    """What one microstep did. `grad_norm` is set on microsteps that updated the weights."""
+    step: int
+    loss: float
+    lr: float
+    ms: float
+    tokens_per_s: float
+    updated: bool
+    grad_norm: Optional[float] = None
+    val_loss: Optional[float] = None
+    timings: dict = field(default_factory=dict)   # ms of this microstep per component
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+def load_training_data(cfg: ModelConfig, data_path=None):
+    """(tokens, description, notice): the named file, else the default TinyStories file,
+    else the built-in corpus (with a notice saying how to get TinyStories)."""
+    if data_path is not None:
+        return open_tokens(data_path, cfg.vocab_size, cfg.seq_len), str(data_path), None
+    path = default_data_path()
+    if path.exists():
+        return open_tokens(path, cfg.vocab_size, cfg.seq_len), str(path), None
+    if cfg.vocab_size < 32000:
+        raise DataError(f"no token file at {path}, and the built-in corpus needs the Llama-2 "
+                        f"vocabulary (32000 tokens; this model has {cfg.vocab_size})")
+    return builtin_tokens(), "built-in corpus", BUILTIN_NOTICE
+
+
+class Trainer:
+    """Trains a Model on a token file.
+
+    >>> t = Trainer(ModelConfig.preset("tiny"), TrainConfig(steps=20))
+    >>> t.run()                 # or: rec = t.step() for one microstep
+    """
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, *,
+                 tokens=None, log=print, _resume_state=None):
+        if not isinstance(model_config, ModelConfig) or not isinstance(train_config, TrainConfig):
+            raise ConfigError("Trainer needs a ModelConfig and a TrainConfig")
+        model_config.validate()
+        train_config.validate()
+        self.mc, self.tc, self.log = model_config, train_config, log
+        self.backend = backends.resolve(train_config.backend)
+        t0 = time.perf_counter()
+        if tokens is None:
+            tokens, self.data_name, notice = load_training_data(model_config, train_config.data_path)
+            if notice:
+                log(notice)
+        else:
+            self.data_name, tokens = "given tokens", np.asarray(tokens)
+            if tokens.size and (tokens.min() < 0 or tokens.max() >= model_config.vocab_size):
+                raise DataError("given tokens hold ids outside the vocabulary")
+        self.tokens = tokens
+        self.sampler = TokenSampler(tokens, model_config.seq_len, train_config.seed)
+        self.vocab = (VocabMap.from_tokens(tokens, model_config.vocab_size)
+                      if train_config.compact_vocab else VocabMap.full(model_config.vocab_size))
+        self.model = Model(model_config, self.backend, seed=train_config.seed)
+        if not self.vocab.is_identity:
+            self.model.set_active_vocab(self.vocab.active_ids)
+        n = self.model.params.size
+        self.adam_m = np.zeros(n, np.float32)
+        self.adam_v = np.zeros(n, np.float32)
+        self.step_count = 0          # microsteps done
+        self.updates = 0             # optimizer updates done
+        self.pending = 0             # microsteps accumulated since the last update
+        self.totals = {}             # cumulative ms per component
+        self.train_ms = 0.0
+        self.last_val_loss = None
+        if _resume_state is not None:
+            self._restore(*_resume_state)
+        self.setup_ms = (time.perf_counter() - t0) * 1e3
+        self._stop_requested = False
+
+    # -- schedule and optimizer ------------------------------------------------------------
+    def _update(self):
+        """AdamW on the mean gradient of the pending microsteps; returns the grad norm."""
+        model, tc = self.model, self.tc
+        scale = 1.0 / (self.pending * tc.loss_scale)
+        norm = math.sqrt(py_sumsq(model.grads)) * scale
+        if not math.isfinite(norm):
+            raise TrainingDiverged(f"gradient norm is {norm} at step {self.step_count}")
+        if tc.clip and norm > tc.clip:
+            scale *= tc.clip / norm
+        self.updates += 1
+        lr = tc.lr_at(self.step_count)
+        b1, b2 = tc.betas
+        split = model.n_decay  # matrices and embeddings decay, norm weights do not
+        py_adamw(model.params[:split], model.grads[:split], self.adam_m[:split],
+                 self.adam_v[:split], lr, b1, b2, tc.eps, tc.weight_decay, self.updates, scale)
+        py_adamw(model.params[split:], model.grads[split:], self.adam_m[split:],
+                 self.adam_v[split:], lr, b1, b2, tc.eps, 0.0, self.updates, scale)
+        model.zero_grad()
+        model.weights_changed()
+        self.pending = 0
+        return norm
+
+    # -- one microstep -----------------------------------------------------------------------
+    def step(self) -> StepRecord:
+        """One microstep, plus the optimizer update when it completes an accumulation."""
+        tc, model = self.tc, self.model
+        t0 = time.perf_counter()
+        before = model.timings()
+        x, y = self.sampler.next_train()
+        loss = model.forward_backward(x, self.vocab.compact(y), tc.loss_scale)
+        if not math.isfinite(loss):
+            raise TrainingDiverged(f"loss is {loss} at step {self.step_count + 1}")
+        self.step_count += 1
+        self.pending += 1
+        lr = tc.lr_at(self.step_count)
+        grad_norm = None
+        t_opt = time.perf_counter()
+        updated = self.pending == tc.accum or self.step_count == tc.steps
+        if updated:
+            grad_norm = self._update()
+        opt_ms = (time.perf_counter() - t_opt) * 1e3
+        ms = (time.perf_counter() - t0) * 1e3
+        after = model.timings()
+        timings = {k: after[k] - before[k] for k in after}
+        timings["optimizer"] = opt_ms
+        for k, v in timings.items():
+            self.totals[k] = self.totals.get(k, 0.0) + v
+        self.train_ms += ms
+        val = None
+        if tc.eval_every and self.step_count % tc.eval_every == 0:
+            val = self.last_val_loss = self.evaluate()
+        return StepRecord(step=self.step_count, loss=loss, lr=lr, ms=ms,
+                          tokens_per_s=self.mc.seq_len / (ms / 1e3), updated=updated,
+                          grad_norm=grad_norm, val_loss=val, timings=timings)
+
+    def evaluate(self) -> float:
+        """Mean loss over the held-out windows (over the active vocabulary)."""
+        losses = []
+        for x, y in self.sampler.val_batches(self.tc.eval_batches):
+            logits = self.model.logits(x).astype(np.float64)
+            target = self.vocab.compact(y)
+            mx = logits.max(axis=1, keepdims=True)
+            lse = np.log(np.exp(logits - mx).sum(axis=1)) + mx[:, 0]
+            losses.append(float(np.mean(lse - logits[np.arange(len(target)), target])))
+        return float(np.mean(losses))
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def save(self, path=None):
+        """Write a checkpoint (atomically) and return its path."""
+        path = Path(path or self.tc.ckpt_path)
+        meta = {
+            "kind": CHECKPOINT_KIND,
+            "model_config": self.mc.to_dict(),
+            "train_config": self.tc.to_dict(),
+            "step": self.step_count, "updates": self.updates, "pending": self.pending,
+            "sampler": self.sampler.state_dict(),
+            "n_tokens": int(len(self.tokens)), "data": self.data_name,
+            "timings_ms": self.totals, "train_ms": self.train_ms,
+        }
+        arrays = {"params": self.model.params, "adam_m": self.adam_m, "adam_v": self.adam_v,
+                  "active_ids": self.vocab.active_ids.astype(np.int32)}
+        if self.pending:  # a checkpoint in the middle of an accumulation keeps its gradients
+            arrays["grads"] = self.model.grads
+        save_checkpoint(path, meta, arrays)
+        return path
+
+    @classmethod
+    def resume(cls, path, train_config: Optional[TrainConfig] = None, *,
+               model_config: Optional[ModelConfig] = None, tokens=None, log=print):
+        """A Trainer continuing from a checkpoint. `train_config` (default: the checkpoint's)
+        may change the run's length, output paths and logging; `model_config`, when given,
+        must equal the checkpoint's."""
+        head = read_checkpoint_meta(path)
+        meta = head["meta"]
+        if meta.get("kind") != CHECKPOINT_KIND:
+            raise CheckpointError(f"checkpoint {path}: not a training checkpoint")
+        saved_mc = ModelConfig.from_dict(meta["model_config"])
+        if model_config is not None and model_config != saved_mc:
+            diff = [f.name for f in fields(ModelConfig)
+                    if getattr(model_config, f.name) != getattr(saved_mc, f.name)]
+            raise CheckpointError(f"checkpoint {path} holds another model "
+                                  f"(differs in {', '.join(diff)})")
+        tc = train_config or TrainConfig.from_dict(meta["train_config"])
+        return cls(saved_mc, tc, tokens=tokens, log=log, _resume_state=(path, meta))
+
+    def _restore(self, path, meta):
+        shapes = {"params": self.model.params, "adam_m": self.adam_m, "adam_v": self.adam_v}
+        if meta.get("pending"):
+            shapes["grads"] = self.model.grads
+        _, arrays = load_checkpoint(path, into=shapes)
+        active = arrays["active_ids"]
+        if not np.array_equal(active, self.vocab.active_ids.astype(np.int32)):
+            raise CheckpointError(f"checkpoint {path} was trained on other data (its active "
+                                  f"vocabulary has {len(active)} tokens, this data "
+                                  f"{self.vocab.n_active}); pass the same --data")
+        if meta["n_tokens"] != len(self.tokens):
+            raise CheckpointError(f"checkpoint {path} was trained on {meta['n_tokens']} tokens "
+                                  f"of {meta['data']}, this data has {len(self.tokens)}")
+        self.sampler.load_state_dict(meta["sampler"])
+        self.step_count, self.updates, self.pending = meta["step"], meta["updates"], meta["pending"]
+        self.totals = dict(meta["timings_ms"])
+        self.train_ms = meta["train_ms"]
+        self.model.weights_changed()
+
+    # -- the whole run -----------------------------------------------------------------------
+    def request_stop(self, *_):
+        """Finish the current microstep, save, and return from run() (Ctrl-C, SIGTERM)."""
+        if self._stop_requested:  # a second Ctrl-C stops at once
+            raise KeyboardInterrupt
+        self._stop_requested = True
+
+    def run(self, progress: bool = True) -> dict:
+        """Train until `steps` microsteps are done or a stop is requested; returns a summary."""
+        from tqdm import tqdm
+
+        tc, mc = self.tc, self.mc
+        self.log(self.vocab.describe())
+        self.log(f"model: {mc.n_params / 1e6:.1f}M params, {mc.n_layers} layers, dim {mc.dim}, "
+                 f"seq {mc.seq_len}; backend {self.backend}; data: {self.data_name}")
+        if self.step_count:
+            self.log(f"resumed at step {self.step_count} ({self.updates} updates)")
+        old_handlers = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                old_handlers[sig] = signal.signal(sig, self.request_stop)
+            except ValueError:  # not the main thread: no signal handling
+                pass
+        metrics = open(tc.metrics_path, "a") if tc.metrics_path else None
+        first_step, run_start = self.step_count, time.perf_counter()
+        bar = tqdm(total=tc.steps, initial=self.step_count, disable=not progress,
+                   unit="step", dynamic_ncols=True)
+        window = []
+        try:
+            while self.step_count < tc.steps and not self._stop_requested:
+                rec = self.step()
+                window.append(rec)
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec.loss:.4f}", lr=f"{rec.lr:.2e}", ms=f"{rec.ms:.0f}",
+                                tok_s=f"{rec.tokens_per_s:.0f}")
+                if metrics:
+                    metrics.write(rec.to_json() + "\n")
+                    metrics.flush()
+                if rec.step % 10 == 0 or rec.step == tc.steps:
+                    bar.write(self._progress_line(window))
+                    window = []
+                if rec.val_loss is not None:
+                    bar.write(f"step {rec.step}: val loss {rec.val_loss:.4f}")
+                if tc.ckpt_path and tc.ckpt_every and rec.step % tc.ckpt_every == 0 \
+                        and rec.step < tc.steps:
+                    self.save()
+        finally:
+            bar.close()
+            if metrics:
+                metrics.close()
+            for sig, handler in old_handlers.items():
+                signal.signal(sig, handler)
+        saved = self.save() if tc.ckpt_path else None
+        interrupted = self.step_count < tc.steps
+        if interrupted:
+            where = f"; checkpoint {saved} (continue with --resume)" if saved else ""
+            self.log(f"stopped at step {self.step_count}{where}")
+        elif saved:
+            self.log(f"checkpoint: {saved}")
+        wall_ms = (time.perf_counter() - run_start) * 1e3
+        summary = self.report(self.step_count - first_step, wall_ms)
+        summary["interrupted"] = interrupted
+        return summary
+
+    def _progress_line(self, recs):
+        n = len(recs)
+        avg = {k: sum(r.timings.get(k, 0.0) for r in recs) / n for k in recs[-1].timings}
+        ms = sum(r.ms for r in recs) / n
+        parts = " ".join(f"{k}={avg[k]:.1f}" for k in _REPORT_ORDER if k in avg)
+        return f"step {recs[-1].step} loss {recs[-1].loss:.4f} | {parts} | {ms:.1f} ms/step"
+
+    def report(self, steps_this_run: int, wall_ms: float) -> dict:
+        """Print the Efficiency Report and return its figures."""
+        mc = self.mc
+        done = max(1, self.step_count)
+        ms_per_step = self.train_ms / done
+        flops = step_flops(mc, active_vocab=self.vocab.n_active)
+        gflops = flops / (ms_per_step * 1e6) if ms_per_step > 0 else 0.0
+        lines = ["=== Efficiency Report ===",
+                 f"steps:           {self.step_count} ({steps_this_run} this run, "
+                 f"{self.updates} optimizer updates)",
+                 f"wall time:       {wall_ms / 1e3:.1f} s",
+                 f"setup time:      {self.setup_ms:.0f} ms (data, model, backend)",
+                 f"train time:      {self.train_ms / 1e3:.1f} s",
+                 f"avg train:       {ms_per_step:.1f} ms/step",
+                 f"FLOPs/step:      {flops / 1e9:.2f} GFLOP (active vocab {self.vocab.n_active})",
+                 f"sustained:       {gflops:.1f} GFLOP/s",
+                 "per step:        " + " ".join(f"{k}={self.totals.get(k, 0.0) / done:.1f}"
+                                                for k in _REPORT_ORDER) + " ms"]
+        for line in lines:
+            self.log(line)
+        return {"steps": self.step_count, "ms_per_step": ms_per_step, "gflops": gflops,
+                "flops_per_step": flops, "breakdown_ms": {k: v / done for k, v in self.totals.items()}}
+
+
+_REPORT_ORDER = ("kernels", "io", "classifier", "elementwise", "rms", "dw_wait", "optimizer")
