@@ -53,9 +53,9 @@ cdef void embedding_fwd(const float* E, const int* tokens, float* x, int S, int 
 cdef void embedding_bwd(float* dE, const int* tokens, const float* dx, int S, int D) noexcept nogil
 
 # One AdamW update (PyTorch's formula) of n parameters; grads are multiplied by grad_scale.
-cdef void adamw(float* p, const float* g, float* m, float* v, Py_ssize_t n, float lr,
-                float beta1, float beta2, float eps, float weight_decay, int step,
-                float grad_scale) noexcept nogil
+cdef void adamw(float* p, const float* g, float* m, float* v, Py_ssize_t n, double lr,
+                double beta1, double beta2, double eps, double weight_decay, long step,
+                double grad_scale) noexcept nogil
 cdef double sumsq(const float* x, Py_ssize_t n) noexcept nogil
 cdef void scale_copy(const float* src, float* dst, Py_ssize_t n, float alpha) noexcept nogil
 cdef void add_scaled(float* dst, const float* src, Py_ssize_t n, float alpha) noexcept nogil

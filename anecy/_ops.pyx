@@ -328,22 +328,28 @@ cdef void embedding_bwd(float* dE, const int* tokens, const float* dx, int S, in
             row[d] += dx[d * S + s]
 
 
-cdef void adamw(float* p, const float* g, float* m, float* v, Py_ssize_t n, float lr,
-                float beta1, float beta2, float eps, float weight_decay, int step,
-                float grad_scale) noexcept nogil:
+cdef void adamw(float* p, const float* g, float* m, float* v, Py_ssize_t n, double lr,
+                double beta1, double beta2, double eps, double weight_decay, long step,
+                double grad_scale) noexcept nogil:
     # The order of operations follows torch.optim.AdamW (decoupled decay first, lerp
-    # for the first moment, bias corrections folded into the step size and denominator).
+    # for the first moment, bias corrections folded into the step size and denominator);
+    # its constants are formed in double from the double hyperparameters, as torch does.
     cdef Py_ssize_t i
     cdef float gi
-    cdef float decay = 1.0 - lr * weight_decay
+    cdef float gscale = <float>grad_scale
+    cdef float decay = <float>(1.0 - lr * weight_decay)
+    cdef float one_m_b1 = <float>(1.0 - beta1)
+    cdef float b2 = <float>beta2
+    cdef float one_m_b2 = <float>(1.0 - beta2)
     cdef float step_size = <float>(lr / (1.0 - beta1 ** step))
     cdef float bc2_sqrt = <float>sqrt(1.0 - beta2 ** step)
+    cdef float epsf = <float>eps
     for i in range(n):
-        gi = g[i] * grad_scale
+        gi = g[i] * gscale
         p[i] *= decay
-        m[i] += (1.0 - beta1) * (gi - m[i])
-        v[i] = v[i] * beta2 + (1.0 - beta2) * gi * gi
-        p[i] -= step_size * m[i] / (sqrtf(v[i]) / bc2_sqrt + eps)
+        m[i] += one_m_b1 * (gi - m[i])
+        v[i] = v[i] * b2 + one_m_b2 * gi * gi
+        p[i] -= step_size * m[i] / (sqrtf(v[i]) / bc2_sqrt + epsf)
 
 
 cdef double sumsq(const float* x, Py_ssize_t n) noexcept nogil:
@@ -433,6 +439,8 @@ def py_rmsnorm_fwd(const float[:, ::1] x, const float[::1] w, float eps):
 
 def py_rmsnorm_bwd(const float[:, ::1] x, const float[::1] w, const float[:, ::1] dy, float eps):
     """Returns (dx, dw)."""
+    if w.shape[0] != x.shape[0] or dy.shape[0] != x.shape[0] or dy.shape[1] != x.shape[1]:
+        raise ValueError("rmsnorm_bwd: x, w and dy do not agree")
     dx_arr = np.empty_like(np.asarray(x))
     dw_arr = np.zeros(x.shape[0], np.float32)
     cdef float[:, ::1] dx = dx_arr
@@ -490,9 +498,10 @@ def py_swiglu_bwd(const float[::1] h1, const float[::1] h3, const float[::1] dga
 
 def py_attention_fwd(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v,
                      int n_heads, int n_kv_heads):
+    _check_heads(q.shape[0], n_heads, n_kv_heads)
     cdef int S = q.shape[1]
     cdef int hd = q.shape[0] // n_heads
-    if n_heads % n_kv_heads or k.shape[0] != n_kv_heads * hd or v.shape[0] != k.shape[0] \
+    if k.shape[0] != n_kv_heads * hd or v.shape[0] != k.shape[0] \
             or k.shape[1] != S or v.shape[1] != S:
         raise ValueError("attention: shapes do not agree")
     out = np.empty_like(np.asarray(q))
@@ -505,6 +514,7 @@ def py_attention_fwd(const float[:, ::1] q, const float[:, ::1] k, const float[:
 def py_attention_bwd(const float[:, ::1] q, const float[:, ::1] k_rep, const float[:, ::1] v_rep,
                      const float[:, ::1] da, int n_heads):
     """Returns (dq, dk_rep, dv_rep, probs, dprobs) for q, k_rep, v_rep, da of [n_heads*hd, S]."""
+    _check_heads(q.shape[0], n_heads, n_heads)
     cdef int S = q.shape[1]
     cdef int hd = q.shape[0] // n_heads
     for shape in (k_rep.shape, v_rep.shape, da.shape):
@@ -523,7 +533,17 @@ def py_attention_bwd(const float[:, ::1] q, const float[:, ::1] k_rep, const flo
     return dq_a, dk_a, dv_a, p_a, dp_a
 
 
+def _check_heads(rows, n_heads, n_kv_heads):
+    if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads or rows % n_heads \
+            or rows // n_heads == 0:
+        raise ValueError(f"{rows} rows do not split into {n_heads} heads "
+                         f"({n_kv_heads} key/value heads)")
+
+
 def py_gqa_repeat(const float[:, ::1] src, int n_heads, int n_kv_heads):
+    _check_heads(src.shape[0] * (n_heads // max(n_kv_heads, 1)), n_heads, n_kv_heads)
+    if src.shape[0] % n_kv_heads:
+        raise ValueError(f"{src.shape[0]} rows do not split into {n_kv_heads} heads")
     cdef int S = src.shape[1]
     cdef int hd = src.shape[0] // n_kv_heads
     out = np.empty((n_heads * hd, S), np.float32)
@@ -533,6 +553,7 @@ def py_gqa_repeat(const float[:, ::1] src, int n_heads, int n_kv_heads):
 
 
 def py_gqa_reduce(const float[:, ::1] src, int n_heads, int n_kv_heads):
+    _check_heads(src.shape[0], n_heads, n_kv_heads)
     cdef int S = src.shape[1]
     cdef int hd = src.shape[0] // n_heads
     out = np.empty((n_kv_heads * hd, S), np.float32)
@@ -572,8 +593,9 @@ def py_embedding_bwd(float[:, ::1] dE, const int[::1] tokens, const float[:, ::1
     embedding_bwd(&dE[0, 0], &tokens[0], &dx[0, 0], tokens.shape[0], dE.shape[1])
 
 
-def py_adamw(float[::1] p, const float[::1] g, float[::1] m, float[::1] v, float lr, float beta1,
-             float beta2, float eps, float weight_decay, int step, float grad_scale=1.0):
+def py_adamw(float[::1] p, const float[::1] g, float[::1] m, float[::1] v, double lr,
+             double beta1, double beta2, double eps, double weight_decay, long step,
+             double grad_scale=1.0):
     _same_len(p, g, "adamw")
     _same_len(p, m, "adamw")
     _same_len(p, v, "adamw")

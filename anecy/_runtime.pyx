@@ -79,12 +79,14 @@ cdef class DWWorker:
         self.state = <WorkerState*>calloc(1, sizeof(WorkerState))
         if self.state == NULL:
             raise MemoryError()
-        self.threaded = threaded
+        self.threaded = False  # until a thread exists, so __dealloc__ joins nothing
         pthread_mutex_init(&self.state.lock, NULL)
         pthread_cond_init(&self.state.has_work, NULL)
         pthread_cond_init(&self.state.progress, NULL)
-        if threaded and pthread_create(&self.state.thread, NULL, worker_main, self.state) != 0:
-            raise RuntimeError("could not start the dW worker thread")
+        if threaded:
+            if pthread_create(&self.state.thread, NULL, worker_main, self.state) != 0:
+                raise RuntimeError("could not start the dW worker thread")
+            self.threaded = True
 
     def __dealloc__(self):
         if self.state == NULL:
