@@ -1,0 +1,130 @@
+"""train_stories.py as a user runs it: flags, errors, progress output, kill and resume."""
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anecy.checkpoint import load_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = str(ROOT / "train_stories.py")
+
+
+def run(args, cwd, **kw):
+    return subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def one_line_error(proc):
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "error" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--steps", "0"], "positive integer"),
+    (["--steps", "ten"], "positive integer"),
+    (["--lr", "nan"], "finite"),
+    (["--preset", "gpt5"], "invalid choice"),
+    (["--bogus"], "unrecognized"),
+    (["--clip", "-1", "--preset", "tiny"], "clip"),
+    (["--resume", "--scratch"], "contradict"),
+    (["--resume", "--ckpt", "nowhere.ckpt"], "no checkpoint"),
+    (["--data", "missing.bin", "--preset", "tiny"], "no such token file"),
+    (["--backend", "ane", "--preset", "tiny"], "ane backend"),
+])
+def test_bad_input_is_one_line_and_status_2(tmp_path, args, words):
+    assert words in one_line_error(run(args, tmp_path))
+
+
+def test_bad_data_files(tmp_path):
+    (tmp_path / "odd.bin").write_bytes(b"\x01\x00\x02")
+    assert "odd length" in one_line_error(run(["--data", "odd.bin", "--preset", "tiny"], tmp_path))
+    np.full(1000, 40000, np.uint16).tofile(tmp_path / "oov.bin")
+    assert "not below" in one_line_error(run(["--data", "oov.bin", "--preset", "tiny"], tmp_path))
+    np.arange(10, dtype=np.uint16).tofile(tmp_path / "short.bin")
+    assert "need at least" in one_line_error(run(["--data", "short.bin", "--preset", "tiny"],
+                                                 tmp_path))
+    (tmp_path / "bad.ckpt").write_bytes(b"garbage" * 100)
+    assert "checkpoint" in one_line_error(run(["--resume", "--ckpt", "bad.ckpt", "--preset",
+                                               "tiny"], tmp_path))
+
+
+def test_a_run_prints_progress_and_the_report(tmp_path):
+    proc = run(["--preset", "tiny", "--steps", "20", "--accum", "2", "--metrics", "m.jsonl"],
+               tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout + proc.stderr
+    assert "built-in corpus" in out and "vocab compaction: 32000 ->" in out
+    assert "step 10 loss" in out and "dw_wait=" in out and "ms/step" in out
+    assert "=== Efficiency Report ===" in out and "GFLOP/s" in out
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 20
+    assert (tmp_path / "stories.ckpt").exists()
+    # a finished run resumed with more steps continues from where it stopped
+    proc = run(["--preset", "tiny", "--resume", "--steps", "25", "--no-progress"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed at step 20" in proc.stdout
+
+
+def test_resume_of_another_preset_is_refused(tmp_path):
+    assert run(["--preset", "tiny", "--steps", "2", "--no-progress"], tmp_path).returncode == 0
+    line = one_line_error(run(["--preset", "stories15m", "--resume", "--no-progress"], tmp_path))
+    assert "another model" in line
+
+
+def final_params(path):
+    _, arrays = load_checkpoint(path)
+    return arrays["params"]
+
+
+def wait_for(path, proc, timeout=300):
+    start = time.time()
+    while not path.exists():
+        assert proc.poll() is None, "the run ended before its first checkpoint"
+        assert time.time() - start < timeout
+        time.sleep(0.05)
+
+
+def test_killed_and_resumed_ends_where_an_uninterrupted_run_ends(tmp_path):
+    # stories15m steps take long enough to kill the run between its two checkpoints
+    args = ["--preset", "stories15m", "--steps", "6", "--ckpt-every", "3", "--accum", "2",
+            "--no-progress"]
+    straight = tmp_path / "straight"
+    straight.mkdir()
+    assert run(args, straight).returncode == 0
+
+    killed = tmp_path / "killed"
+    killed.mkdir()
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=killed,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    wait_for(killed / "stories.ckpt", proc)
+    proc.kill()  # no chance to save: the resume starts from the step-3 checkpoint
+    proc.wait()
+    resumed = run(args + ["--resume"], killed)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed at step 3" in resumed.stdout
+    assert np.array_equal(final_params(killed / "stories.ckpt"),
+                          final_params(straight / "stories.ckpt"))
+
+
+def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
+    args = ["--preset", "stories15m", "--steps", "400", "--ckpt-every", "2", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "stories.ckpt", proc)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert "stopped at step" in out and "--resume" in out
+    step = int(out.split("stopped at step ")[1].split(";")[0])
+    assert 2 <= step < 400
+    meta, _ = load_checkpoint(tmp_path / "stories.ckpt")
+    assert meta["step"] == step
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
