@@ -41,6 +41,7 @@ extensions = [
     ext("_runtime", objc_sources,
         ["-framework", "Foundation", "-framework", "IOSurface", "-lobjc"] if objc_sources else []),
     ext("_engine"),
+    ext("_sim"),
 ]
 
 setup(

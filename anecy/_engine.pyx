@@ -41,6 +41,9 @@ cdef class Kernels:
         if type(self) is Kernels:
             raise TypeError("Kernels is an interface; use a backend's subclass")
 
+    def raise_pending(self):
+        """Re-raise an error a kernel met without the GIL (backends that can fail)."""
+
     def bind(self, Engine engine):
         """Called once by the Engine: dimensions, weights and RoPE tables."""
         self.d = engine.d
@@ -358,6 +361,7 @@ cdef class Engine:
         """Call after the weights change (optimizer update, load)."""
         with nogil:
             self.kernels.stage_weights()
+        self.kernels.raise_pending()
 
     # -- the step ------------------------------------------------------------------------
     def _check_ids(self, ids, name, limit):
@@ -378,6 +382,7 @@ cdef class Engine:
         with nogil:
             self._forward(&tok[0])
             loss = self._backward(&tok[0], &tgt[0], loss_scale)
+        self.kernels.raise_pending()
         self.steps += 1
         return loss / self.d.S
 
@@ -386,6 +391,7 @@ cdef class Engine:
         cdef int[::1] tok = self._check_ids(tokens, "tokens", self.vocab_size)
         with nogil:
             self._forward(&tok[0])
+        self.kernels.raise_pending()
         out = np.empty((self.d.S, self.V), np.float32)
         cdef float[:, ::1] dst = out
         memcpy(&dst[0, 0], self.logit_buf, <Py_ssize_t>self.d.S * self.V * sizeof(float))

@@ -15,6 +15,7 @@ from .trainer import TrainConfig, Trainer
 FAMILIES = {
     # family: (presets offered, default preset)
     "stories": (("stories110m", "stories15m", "tiny"), "stories110m"),
+    "qwen": (("qwen3-0.6b", "qwen3-tiny"), "qwen3-0.6b"),
 }
 
 
@@ -59,8 +60,8 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p = _Parser(prog=f"train_{family}.py",
                 description=f"Train a {family} model with anecy (CPU backend here; the Apple "
                             "Neural Engine on Apple Silicon).")
-    p.add_argument("--preset", choices=presets, default=default_preset,
-                   help=f"model shape (default {default_preset})")
+    p.add_argument("--preset", choices=presets,
+                   help=f"model shape (default {default_preset}; on --resume, the checkpoint's)")
     p.add_argument("--steps", type=_positive_int,
                    help=f"microsteps to train in all (default {d.steps})")
     p.add_argument("--lr", type=_number, help=f"peak learning rate (default {d.lr})")
@@ -70,6 +71,9 @@ def build_parser(family: str) -> argparse.ArgumentParser:
                    help=f"microsteps of linear warmup (default {d.warmup})")
     p.add_argument("--clip", type=_number,
                    help=f"gradient-norm clip, 0 for none (default {d.clip})")
+    p.add_argument("--loss-scale", type=_number, metavar="X",
+                   help="static loss scale (default: 1 on cpu, 4096 on the fp16 sim/ane "
+                        "backends)")
     p.add_argument("--seed", type=_non_negative_int,
                    help="seed of the initial weights and of data sampling (default 0)")
     p.add_argument("--data", metavar="PATH",
@@ -90,6 +94,10 @@ def build_parser(family: str) -> argparse.ArgumentParser:
     p.add_argument("--no-compact-vocab", action="store_true",
                    help="softmax over the full vocabulary instead of the tokens in the data")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    if family == "qwen":
+        p.add_argument("--init-from", metavar="HF_DIR",
+                       help="start from the weights of a local HF directory (config.json + "
+                            "model.safetensors), e.g. a download of Qwen/Qwen3-0.6B")
     return p
 
 
@@ -98,10 +106,13 @@ def _train_config(args, base: TrainConfig) -> TrainConfig:
     d = base.to_dict()
     given = dict(steps=args.steps, lr=args.lr, accum=args.accum, warmup=args.warmup,
                  clip=args.clip, seed=args.seed, data_path=args.data,
+                 loss_scale=args.loss_scale,
                  ckpt_every=args.ckpt_every, metrics_path=args.metrics,
                  eval_every=args.eval_every)
     d.update({k: v for k, v in given.items() if v is not None})
     d["ckpt_path"] = args.ckpt
+    if getattr(args, "init_from", None):
+        d["init_from"] = args.init_from
     d["backend"] = args.backend
     if args.no_compact_vocab:
         d["compact_vocab"] = False
@@ -115,17 +126,26 @@ def main(argv=None, family: str = "stories") -> int:
     try:
         if args.resume and args.scratch:
             raise AnecyError("--resume and --scratch contradict each other")
+        if getattr(args, "init_from", None) and (args.resume or args.scratch):
+            raise AnecyError("--init-from starts a new run; it cannot be combined with "
+                             "--resume or --scratch")
         backends.resolve(args.backend)
-        mc = ModelConfig.preset(args.preset)
+        preset = args.preset or FAMILIES[family][1]
         if args.resume:
             if not Path(args.ckpt).exists():
                 raise AnecyError(f"no checkpoint at {args.ckpt} to resume from (train without "
                                  "--resume first, or name one with --ckpt)")
             saved = read_checkpoint_meta(args.ckpt)["meta"].get("train_config", {})
             tc = _train_config(args, TrainConfig.from_dict(saved))
-            trainer = Trainer.resume(args.ckpt, tc, model_config=mc)
+            given = ModelConfig.preset(args.preset) if args.preset else None
+            trainer = Trainer.resume(args.ckpt, tc, model_config=given)
         else:
-            trainer = Trainer(mc, _train_config(args, TrainConfig(ckpt_every=100)))
+            trainer = Trainer(ModelConfig.preset(preset),
+                              _train_config(args, TrainConfig(ckpt_every=100)))
+        if family == "qwen" and trainer.data_name == "built-in corpus":
+            print("note: the built-in corpus is written in Llama-2 token ids; for a Qwen3 "
+                  "model that means something, pass data pretokenized with Qwen3's tokenizer "
+                  "(--data)")
         summary = trainer.run(progress=not args.no_progress)
     except AnecyError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)

@@ -44,7 +44,8 @@ class TrainConfig:
     weight_decay: float = 0.1
     betas: Tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
-    loss_scale: float = 1.0         # static loss scale (fp16 backends); grads unscaled before clip
+    loss_scale: Optional[float] = None  # static loss scale; None: the backend's default
+                                        # (1 on cpu, 4096 for fp16 backends); unscaled before clip
     seed: int = 0
     compact_vocab: bool = True
     ckpt_path: Optional[str] = None
@@ -54,6 +55,7 @@ class TrainConfig:
     eval_batches: int = 4
     backend: str = "auto"
     data_path: Optional[str] = None
+    init_from: Optional[str] = None  # HF model directory with the initial weights
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -85,7 +87,8 @@ class TrainConfig:
         need(number("weight_decay") and self.weight_decay >= 0, "weight_decay",
              "a non-negative number")
         need(number("eps") and self.eps > 0, "eps", "a positive number")
-        need(number("loss_scale") and self.loss_scale > 0, "loss_scale", "a positive number")
+        need(self.loss_scale is None or (number("loss_scale") and self.loss_scale > 0),
+             "loss_scale", "a positive number")
         need(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
                                           for b in self.betas), "betas", "two numbers in [0, 1)")
         need(self.backend in ("auto",) + backends.BACKENDS, "backend",
@@ -157,6 +160,8 @@ class Trainer:
         train_config.validate()
         self.mc, self.tc, self.log = model_config, train_config, log
         self.backend = backends.resolve(train_config.backend)
+        self.loss_scale = (train_config.loss_scale if train_config.loss_scale is not None
+                           else backends.DEFAULT_LOSS_SCALE[self.backend])
         t0 = time.perf_counter()
         if tokens is None:
             tokens, self.data_name, notice = load_training_data(model_config, train_config.data_path)
@@ -171,6 +176,10 @@ class Trainer:
         self.vocab = (VocabMap.from_tokens(tokens, model_config.vocab_size)
                       if train_config.compact_vocab else VocabMap.full(model_config.vocab_size))
         self.model = Model(model_config, self.backend, seed=train_config.seed)
+        if train_config.init_from and _resume_state is None:
+            from .hf import load_into
+            load_into(self.model, train_config.init_from)
+            log(f"initial weights: {train_config.init_from}")
         if not self.vocab.is_identity:
             self.model.set_active_vocab(self.vocab.active_ids)
         n = self.model.params.size
@@ -191,7 +200,7 @@ class Trainer:
     def _update(self):
         """AdamW on the mean gradient of the pending microsteps; returns the grad norm."""
         model, tc = self.model, self.tc
-        scale = 1.0 / (self.pending * tc.loss_scale)
+        scale = 1.0 / (self.pending * self.loss_scale)
         norm = math.sqrt(py_sumsq(model.grads)) * scale
         if not math.isfinite(norm):
             raise TrainingDiverged(f"gradient norm is {norm} at step {self.step_count}")
@@ -217,7 +226,7 @@ class Trainer:
         t0 = time.perf_counter()
         before = model.timings()
         x, y = self.sampler.next_train()
-        loss = model.forward_backward(x, self.vocab.compact(y), tc.loss_scale)
+        loss = model.forward_backward(x, self.vocab.compact(y), self.loss_scale)
         if not math.isfinite(loss):
             raise TrainingDiverged(f"loss is {loss} at step {self.step_count + 1}")
         self.step_count += 1
@@ -325,8 +334,9 @@ class Trainer:
 
         tc, mc = self.tc, self.mc
         self.log(self.vocab.describe())
+        scale = f" (loss scale {self.loss_scale:g})" if self.loss_scale != 1.0 else ""
         self.log(f"model: {mc.n_params / 1e6:.1f}M params, {mc.n_layers} layers, dim {mc.dim}, "
-                 f"seq {mc.seq_len}; backend {self.backend}; data: {self.data_name}")
+                 f"seq {mc.seq_len}; backend {self.backend}{scale}; data: {self.data_name}")
         if self.step_count:
             self.log(f"resumed at step {self.step_count} ({self.updates} updates)")
         old_handlers = {}
