@@ -112,6 +112,9 @@ class ModelConfig:
 _STORIES = dict(vocab_size=32000, seq_len=256, norm_eps=1e-5, rope_theta=10000.0,
                 rope_style="interleaved", qk_norm=False, tie_embeddings=True)
 
+_QWEN3 = dict(vocab_size=151936, seq_len=256, norm_eps=1e-6, rope_theta=1e6, rope_style="half",
+              qk_norm=True, tie_embeddings=True)
+
 PRESETS = {
     # llama2.c's stories110M.bin
     "stories110m": dict(dim=768, hidden_dim=2048, n_layers=12, n_heads=12, **_STORIES),
@@ -119,6 +122,12 @@ PRESETS = {
     "stories15m": dict(dim=288, hidden_dim=768, n_layers=6, n_heads=6, **_STORIES),
     # seconds-fast, same features as the stories models (Llama-2 vocabulary)
     "tiny": dict(_STORIES, dim=64, hidden_dim=176, n_layers=2, n_heads=4, seq_len=64),
+    # Qwen/Qwen3-0.6B, trained on sequences of 256
+    "qwen3-0.6b": dict(_QWEN3, dim=1024, hidden_dim=3072, n_layers=28, n_heads=16,
+                       n_kv_heads=8, head_dim=128),
+    # seconds-fast, same features as Qwen3-0.6B (GQA 2:1, head_dim != dim / n_heads)
+    "qwen3-tiny": dict(_QWEN3, dim=64, hidden_dim=192, n_layers=2, n_heads=4, n_kv_heads=2,
+                       head_dim=32, seq_len=64),
 }
 
 
