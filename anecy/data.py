@@ -29,9 +29,16 @@ def _check_ids(tokens, vocab_size, where):
                             f"vocab_size {vocab_size}")
 
 
+def token_dtype(vocab_size) -> np.dtype:
+    """Token files hold uint16 ids (llama2.c's format) when the vocabulary fits in 16 bits,
+    else uint32 (Qwen3's 151936 tokens)."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
 def open_tokens(path, vocab_size, seq_len) -> np.ndarray:
     """Map a token file read-only, after checking that it can train a model with
     ``vocab_size`` tokens on windows of ``seq_len + 1`` tokens."""
+    dtype = token_dtype(vocab_size)
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not a token file")
@@ -42,12 +49,14 @@ def open_tokens(path, vocab_size, seq_len) -> np.ndarray:
         raise DataError(f"{path}: no such token file") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read token file ({e.strerror or e})") from None
-    if size % 2:
-        raise DataError(f"{path}: odd length of {size} bytes, not a file of uint16 token ids")
-    n = size // 2
+    if size % dtype.itemsize:
+        what = "odd length" if dtype.itemsize == 2 else "length not a multiple of 4"
+        raise DataError(f"{path}: {what} of {size} bytes, not a file of "
+                        f"uint{8 * dtype.itemsize} token ids")
+    n = size // dtype.itemsize
     if n < seq_len + 1:
         raise DataError(f"{path}: {n} tokens, need at least seq_len + 1 = {seq_len + 1}")
-    tokens = np.memmap(path, dtype="<u2", mode="r")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
     _check_ids(tokens, vocab_size, path)
     return tokens
 

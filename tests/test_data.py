@@ -200,3 +200,18 @@ def test_vocab_map_compact_refuses_inactive_ids(bad):
 def test_vocab_map_from_tokens_out_of_vocab():
     with pytest.raises(DataError, match="token id 20 at position 1"):
         VocabMap.from_tokens(np.array([1, 20, 3], dtype=np.uint16), 16)
+
+
+def test_large_vocabularies_use_uint32_files(tmp_path):
+    from anecy.data import token_dtype
+    assert token_dtype(32000) == np.dtype("<u2") and token_dtype(151936) == np.dtype("<u4")
+    ids = np.array([0, 70000, 151935, 5] * 40, dtype="<u4")
+    ids.tofile(tmp_path / "q.bin")
+    tokens = open_tokens(tmp_path / "q.bin", 151936, 16)
+    assert tokens.dtype == np.dtype("<u4") and np.array_equal(tokens, ids)
+    (tmp_path / "bad.bin").write_bytes(ids.tobytes()[:-2])
+    with pytest.raises(DataError, match="multiple of 4"):
+        open_tokens(tmp_path / "bad.bin", 151936, 16)
+    np.array([151936] * 40, dtype="<u4").tofile(tmp_path / "oov.bin")
+    with pytest.raises(DataError, match="not below"):
+        open_tokens(tmp_path / "oov.bin", 151936, 16)
