@@ -16,6 +16,8 @@ compile_args = ["-O3", "-fno-math-errno", "-fno-trapping-math"]
 link_args = []
 libraries = []
 if IS_MAC:
+    # the Objective-C shim is ARC code; clang accepts the flag on C sources too
+    compile_args.append("-fobjc-arc")
     link_args += ["-framework", "Accelerate"]
 else:
     libraries += ["pthread", "m"]
