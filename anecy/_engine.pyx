@@ -82,18 +82,29 @@ cdef class Kernels:
 
 
 cdef class CpuKernels(Kernels):
-    """fp32 kernels: BLAS sgemm plus the fused _ops loops."""
+    """fp32 kernels: BLAS sgemm plus the fused _ops loops.
+
+    The forward keeps each layer's attention probabilities, so the backward does not
+    recompute them (the ANE programs recompute, having no such memory)."""
     cdef float* scores           # [S, S]
     cdef double* norm_scratch    # [S]
+    cdef float* probs_cache      # [L, n_heads*S, S]
+    cdef const float** probs_q   # [L] the q buffer whose probabilities the cache holds
     cdef object _buffers
 
     def bind(self, Engine engine):
         Kernels.bind(self, engine)
-        S = engine.d.S
-        self._buffers = (np.empty(S * S, np.float32), np.empty(2 * S, np.float64))
+        d = engine.d
+        S = d.S
+        self._buffers = (np.empty(S * S, np.float32), np.empty(2 * S, np.float64),
+                         np.empty((d.L, d.n_heads * S, S), np.float32),
+                         np.zeros(d.L, np.uintp))
         self.scores = _ptr(self._buffers[0])
         cdef double[::1] ns = self._buffers[1]
         self.norm_scratch = &ns[0]
+        self.probs_cache = _ptr(self._buffers[2])
+        cdef size_t[::1] qs = self._buffers[3]
+        self.probs_q = <const float**>&qs[0]
 
     cdef void sdpa_fwd(self, int l, const float* xnorm, float* attn, float* q, float* k, float* v,
                        float* q_raw, float* k_raw) noexcept nogil:
@@ -114,7 +125,9 @@ cdef class CpuKernels(Kernels):
                             self.norm_scratch)
         rope_fwd(q, d.n_heads, d.hd, d.S, self.rope_cos, self.rope_sin, d.rope_half)
         rope_fwd(k, d.n_kv_heads, d.hd, d.S, self.rope_cos, self.rope_sin, d.rope_half)
-        attention_fwd(q, k, v, attn, d.n_heads, d.n_kv_heads, d.hd, d.S, self.scores)
+        attention_fwd(q, k, v, attn, d.n_heads, d.n_kv_heads, d.hd, d.S,
+                      self.probs_cache + <Py_ssize_t>l * d.n_heads * d.S * d.S)
+        self.probs_q[l] = q
 
     cdef void wo_fwd(self, int l, const float* attn, float* o) noexcept nogil:
         cdef Dims d = self.d
@@ -148,8 +161,16 @@ cdef class CpuKernels(Kernels):
     cdef void sdpa_bwd1(self, const float* q, const float* k_rep, const float* v_rep,
                         const float* da, float* dv_rep, float* probs,
                         float* dprobs) noexcept nogil:
+        cdef Py_ssize_t size = <Py_ssize_t>self.d.n_heads * self.d.S * self.d.S
+        cdef bint cached = False
+        cdef int l
+        for l in range(self.d.L):
+            if self.probs_q[l] == q:  # the forward of layer l wrote this q
+                memcpy(probs, self.probs_cache + l * size, size * sizeof(float))
+                cached = True
+                break
         attention_bwd1(q, k_rep, v_rep, da, dv_rep, probs, dprobs, self.d.n_heads, self.d.hd,
-                       self.d.S)
+                       self.d.S, cached)
 
     cdef void sdpa_bwd2(self, const float* probs, const float* dprobs, const float* q,
                         const float* k_rep, float* dq, float* dk_rep) noexcept nogil:
@@ -348,12 +369,14 @@ cdef class Engine:
     def reset_timers(self):
         memset(self.timers, 0, sizeof(self.timers))
         self.kernels.io_ms = 0.0
+        self.worker.inline_ms = 0.0
         self.steps = 0
 
     def timings(self):
         """Cumulative milliseconds per component since reset_timers()."""
         out = {name: self.timers[i] for i, name in enumerate(TIMER_NAMES)}
         out["io"] = self.kernels.io_ms
+        out["dw"] = self.worker.inline_ms  # weight gradients run inline (worker off)
         out["kernels"] -= self.kernels.io_ms  # kernel time net of its own I/O
         return out
 

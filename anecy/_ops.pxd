@@ -25,14 +25,14 @@ cdef void swiglu_bwd(const float* h1, const float* h3, const float* dgate, float
                      Py_ssize_t n) noexcept nogil
 
 # Causal attention, head h of q[n_heads*hd, S] reads kv head h // (n_heads // n_kv_heads).
-# out[n_heads*hd, S].   scores: S*S floats
+# out[n_heads*hd, S]; probs[h*S + i, j] is left holding the attention probabilities.
 cdef void attention_fwd(const float* q, const float* k, const float* v, float* out,
-                        int n_heads, int n_kv_heads, int hd, int S, float* scores) noexcept nogil
+                        int n_heads, int n_kv_heads, int hd, int S, float* probs) noexcept nogil
 # probs[h*S + i, j] (query i, key j) and dprobs = da_h^T v_h; dv[Q,S] = da_h @ probs_h.
-# k and v are already repeated to n_heads heads.
+# k and v are already repeated to n_heads heads; probs_ready: probs already holds them.
 cdef void attention_bwd1(const float* q, const float* k_rep, const float* v_rep, const float* da,
                          float* dv_rep, float* probs, float* dprobs, int n_heads, int hd,
-                         int S) noexcept nogil
+                         int S, bint probs_ready) noexcept nogil
 # dq[Q,S], dk_rep[Q,S] from probs and dprobs.   scratch: S*S floats
 cdef void attention_bwd2(const float* probs, const float* dprobs, const float* q,
                          const float* k_rep, float* dq, float* dk_rep, int n_heads, int hd,
@@ -52,10 +52,12 @@ cdef double softmax_xent(float* logits, const int* targets, int S, int V,
 cdef void embedding_fwd(const float* E, const int* tokens, float* x, int S, int D) noexcept nogil
 cdef void embedding_bwd(float* dE, const int* tokens, const float* dx, int S, int D) noexcept nogil
 
-# One AdamW update (PyTorch's formula) of n parameters; grads are multiplied by grad_scale.
-cdef void adamw(float* p, const float* g, float* m, float* v, Py_ssize_t n, double lr,
+# One AdamW update (PyTorch's formula) of n parameters; grads are multiplied by grad_scale
+# and, with zero_grad, cleared as they are read.
+cdef void adamw(float* p, float* g, float* m, float* v, Py_ssize_t n, double lr,
                 double beta1, double beta2, double eps, double weight_decay, long step,
-                double grad_scale) noexcept nogil
+                double grad_scale, bint zero_grad) noexcept nogil
 cdef double sumsq(const float* x, Py_ssize_t n) noexcept nogil
+cdef double sum_f64(const float* x, Py_ssize_t n) noexcept nogil
 cdef void scale_copy(const float* src, float* dst, Py_ssize_t n, float alpha) noexcept nogil
 cdef void add_scaled(float* dst, const float* src, Py_ssize_t n, float alpha) noexcept nogil

@@ -22,6 +22,9 @@ cdef extern from "_blas.h" nogil:
                      const float* A, int lda, const float* B, int ldb, float beta,
                      float* C, int ldc)
 
+cdef extern from "_mathx.h" nogil:
+    float anecy_expf(float x)
+
 cdef extern from "_fp16.h" nogil:
     void anecy_f32_to_f16(const float* src, uint16_t* dst, size_t n)
     void anecy_f16_to_f32(const uint16_t* src, float* dst, size_t n)
@@ -154,7 +157,7 @@ cdef void rope_bwd(float* dx, int n_heads, int hd, int S, const float* cos_t, co
 cdef void swiglu_fwd(const float* h1, const float* h3, float* gate, Py_ssize_t n) noexcept nogil:
     cdef Py_ssize_t i
     for i in range(n):
-        gate[i] = (h1[i] / (1.0 + expf(-h1[i]))) * h3[i]
+        gate[i] = (h1[i] / (1.0 + anecy_expf(-h1[i]))) * h3[i]
 
 
 cdef void swiglu_bwd(const float* h1, const float* h3, const float* dgate, float* dh1, float* dh3,
@@ -163,7 +166,7 @@ cdef void swiglu_bwd(const float* h1, const float* h3, const float* dgate, float
     cdef float sig, x
     for i in range(n):
         x = h1[i]
-        sig = 1.0 / (1.0 + expf(-x))
+        sig = 1.0 / (1.0 + anecy_expf(-x))
         dh1[i] = dgate[i] * h3[i] * sig * (1.0 + x * (1.0 - sig))
         dh3[i] = dgate[i] * x * sig
 
@@ -171,23 +174,42 @@ cdef void swiglu_bwd(const float* h1, const float* h3, const float* dgate, float
 # ---------------------------------------------------------------------------------------
 # Causal softmax attention, one head at a time; scores go through sgemm.
 
+cdef double sum_f64(const float* x, Py_ssize_t n) noexcept nogil:
+    # four independent accumulators: the adds overlap instead of waiting on each other,
+    # and the order (hence the result) is fixed
+    cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        a0 += x[i]
+        a1 += x[i + 1]
+        a2 += x[i + 2]
+        a3 += x[i + 3]
+        i += 4
+    while i < n:
+        a0 += x[i]
+        i += 1
+    return (a0 + a1) + (a2 + a3)
+
+
+cdef float max_f32(const float* x, Py_ssize_t n) noexcept nogil:
+    cdef float mx = x[0]
+    cdef Py_ssize_t i
+    for i in range(1, n):
+        mx = x[i] if x[i] > mx else mx
+    return mx
+
+
 cdef void _causal_softmax(float* scores, int S) noexcept nogil:
     # row i holds query i; keys j > i are masked to exactly zero
     cdef Py_ssize_t i, j
     cdef float* row
     cdef float mx, inv
-    cdef double total
     for i in range(S):
         row = scores + i * S
-        mx = row[0]
-        for j in range(1, i + 1):
-            if row[j] > mx:
-                mx = row[j]
-        total = 0.0
+        mx = max_f32(row, i + 1)
         for j in range(i + 1):
-            row[j] = expf(row[j] - mx)
-            total += row[j]
-        inv = <float>(1.0 / total)
+            row[j] = anecy_expf(row[j] - mx)
+        inv = <float>(1.0 / sum_f64(row, i + 1))
         for j in range(i + 1):
             row[j] *= inv
         for j in range(i + 1, S):
@@ -202,27 +224,30 @@ cdef void _head_probs(const float* qh, const float* kh, float* probs, int hd,
 
 
 cdef void attention_fwd(const float* q, const float* k, const float* v, float* out,
-                        int n_heads, int n_kv_heads, int hd, int S, float* scores) noexcept nogil:
+                        int n_heads, int n_kv_heads, int hd, int S, float* probs) noexcept nogil:
     cdef int h, g
     cdef int ratio = n_heads // n_kv_heads
     cdef Py_ssize_t block = <Py_ssize_t>hd * S
+    cdef Py_ssize_t square = <Py_ssize_t>S * S
     for h in range(n_heads):
         g = h // ratio
-        _head_probs(q + h * block, k + g * block, scores, hd, S)
+        _head_probs(q + h * block, k + g * block, probs + h * square, hd, S)
         # out_h[c, i] = sum_j v_g[c, j] * probs[i, j]
-        sgemm(0, 1, hd, S, S, 1.0, v + g * block, S, scores, S, 0.0, out + h * block, S)
+        sgemm(0, 1, hd, S, S, 1.0, v + g * block, S, probs + h * square, S, 0.0,
+              out + h * block, S)
 
 
 cdef void attention_bwd1(const float* q, const float* k_rep, const float* v_rep, const float* da,
                          float* dv_rep, float* probs, float* dprobs, int n_heads, int hd,
-                         int S) noexcept nogil:
+                         int S, bint probs_ready) noexcept nogil:
     cdef int h
     cdef Py_ssize_t block = <Py_ssize_t>hd * S
     cdef Py_ssize_t square = <Py_ssize_t>S * S
     cdef float* ph
     for h in range(n_heads):
         ph = probs + h * square
-        _head_probs(q + h * block, k_rep + h * block, ph, hd, S)
+        if not probs_ready:
+            _head_probs(q + h * block, k_rep + h * block, ph, hd, S)
         # dprobs[i, j] = da_i . v_j
         sgemm(1, 0, S, S, hd, 1.0, da + h * block, S, v_rep + h * block, S, 0.0,
               dprobs + h * square, S)
@@ -293,15 +318,11 @@ cdef double softmax_xent(float* logits, const int* targets, int S, int V,
     cdef double total, loss = 0.0
     for s in range(S):
         row = logits + s * V
-        mx = row[0]
-        for j in range(1, V):
-            if row[j] > mx:
-                mx = row[j]
+        mx = max_f32(row, V)
         loss -= row[targets[s]] - mx
-        total = 0.0
         for j in range(V):
-            row[j] = expf(row[j] - mx)
-            total += row[j]
+            row[j] = anecy_expf(row[j] - mx)
+        total = sum_f64(row, V)
         loss += log(total)
         scale = <float>(grad_scale / total)
         for j in range(V):
@@ -328,9 +349,9 @@ cdef void embedding_bwd(float* dE, const int* tokens, const float* dx, int S, in
             row[d] += dx[d * S + s]
 
 
-cdef void adamw(float* p, const float* g, float* m, float* v, Py_ssize_t n, double lr,
+cdef void adamw(float* p, float* g, float* m, float* v, Py_ssize_t n, double lr,
                 double beta1, double beta2, double eps, double weight_decay, long step,
-                double grad_scale) noexcept nogil:
+                double grad_scale, bint zero_grad) noexcept nogil:
     # The order of operations follows torch.optim.AdamW (decoupled decay first, lerp
     # for the first moment, bias corrections folded into the step size and denominator);
     # its constants are formed in double from the double hyperparameters, as torch does.
@@ -350,14 +371,24 @@ cdef void adamw(float* p, const float* g, float* m, float* v, Py_ssize_t n, doub
         m[i] += one_m_b1 * (gi - m[i])
         v[i] = v[i] * b2 + one_m_b2 * gi * gi
         p[i] -= step_size * m[i] / (sqrtf(v[i]) / bc2_sqrt + epsf)
+        if zero_grad:  # saves the separate pass over the gradients
+            g[i] = 0.0
 
 
 cdef double sumsq(const float* x, Py_ssize_t n) noexcept nogil:
-    cdef Py_ssize_t i
-    cdef double acc = 0.0
-    for i in range(n):
-        acc += <double>x[i] * x[i]
-    return acc
+    # independent accumulators, as in sum_f64: a single chain is latency-bound
+    cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0
+    cdef Py_ssize_t i = 0
+    while i + 4 <= n:
+        a0 += <double>x[i] * x[i]
+        a1 += <double>x[i + 1] * x[i + 1]
+        a2 += <double>x[i + 2] * x[i + 2]
+        a3 += <double>x[i + 3] * x[i + 3]
+        i += 4
+    while i < n:
+        a0 += <double>x[i] * x[i]
+        i += 1
+    return (a0 + a1) + (a2 + a3)
 
 
 cdef void scale_copy(const float* src, float* dst, Py_ssize_t n, float alpha) noexcept nogil:
@@ -506,8 +537,8 @@ def py_attention_fwd(const float[:, ::1] q, const float[:, ::1] k, const float[:
         raise ValueError("attention: shapes do not agree")
     out = np.empty_like(np.asarray(q))
     cdef float[:, ::1] o = out
-    cdef float[::1] scores = np.empty(S * S, np.float32)
-    attention_fwd(&q[0, 0], &k[0, 0], &v[0, 0], &o[0, 0], n_heads, n_kv_heads, hd, S, &scores[0])
+    cdef float[::1] probs = np.empty(n_heads * S * S, np.float32)
+    attention_fwd(&q[0, 0], &k[0, 0], &v[0, 0], &o[0, 0], n_heads, n_kv_heads, hd, S, &probs[0])
     return out
 
 
@@ -527,7 +558,7 @@ def py_attention_bwd(const float[:, ::1] q, const float[:, ::1] k_rep, const flo
     cdef float[:, ::1] dq = dq_a, dk = dk_a, dv = dv_a, p = p_a, dp = dp_a
     cdef float[::1] scratch = np.empty(S * S, np.float32)
     attention_bwd1(&q[0, 0], &k_rep[0, 0], &v_rep[0, 0], &da[0, 0], &dv[0, 0], &p[0, 0],
-                   &dp[0, 0], n_heads, hd, S)
+                   &dp[0, 0], n_heads, hd, S, 0)
     attention_bwd2(&p[0, 0], &dp[0, 0], &q[0, 0], &k_rep[0, 0], &dq[0, 0], &dk[0, 0], n_heads,
                    hd, S, &scratch[0])
     return dq_a, dk_a, dv_a, p_a, dp_a
@@ -593,9 +624,10 @@ def py_embedding_bwd(float[:, ::1] dE, const int[::1] tokens, const float[:, ::1
     embedding_bwd(&dE[0, 0], &tokens[0], &dx[0, 0], tokens.shape[0], dE.shape[1])
 
 
-def py_adamw(float[::1] p, const float[::1] g, float[::1] m, float[::1] v, double lr,
+def py_adamw(float[::1] p, float[::1] g, float[::1] m, float[::1] v, double lr,
              double beta1, double beta2, double eps, double weight_decay, long step,
-             double grad_scale=1.0):
+             double grad_scale=1.0, bint zero_grad=False):
+    """One AdamW update in place; zero_grad=True also clears g on the way."""
     _same_len(p, g, "adamw")
     _same_len(p, m, "adamw")
     _same_len(p, v, "adamw")
@@ -604,7 +636,17 @@ def py_adamw(float[::1] p, const float[::1] g, float[::1] m, float[::1] v, doubl
     if p.shape[0]:
         with nogil:
             adamw(&p[0], &g[0], &m[0], &v[0], p.shape[0], lr, beta1, beta2, eps, weight_decay,
-                  step, grad_scale)
+                  step, grad_scale, zero_grad)
+
+
+def py_expf(const float[::1] x):
+    """anecy's vectorisable exp (as the softmax and SiLU loops use it)."""
+    out = np.empty(x.shape[0], np.float32)
+    cdef float[::1] y = out
+    cdef Py_ssize_t i
+    for i in range(x.shape[0]):
+        y[i] = anecy_expf(x[i])
+    return out
 
 
 def py_sumsq(const float[::1] x):

@@ -33,6 +33,7 @@ cdef struct WorkerState
 cdef class DWWorker:
     cdef WorkerState* state
     cdef readonly bint threaded
+    cdef public double inline_ms     # time spent running jobs inline (worker off)
     # Queue a job (runs it at once when the worker is off). Blocks while the queue is full.
     cdef void submit(self, GemmJob job) noexcept nogil
     # Count of jobs submitted so far; wait_for(t) returns once the first t are done.

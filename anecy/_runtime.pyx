@@ -106,8 +106,11 @@ cdef class DWWorker:
 
     cdef void submit(self, GemmJob job) noexcept nogil:
         cdef WorkerState* st = self.state
+        cdef double t
         if not self.threaded:
+            t = now_ms()
             run_job(&job)
+            self.inline_ms += now_ms() - t
             st.submitted += 1
             st.completed += 1
             return

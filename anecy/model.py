@@ -53,7 +53,7 @@ class Model:
     """
 
     def __init__(self, config: ModelConfig, backend: str = "cpu", seed: int = 0,
-                 async_dw: bool = True):
+                 async_dw=None):
         if not isinstance(config, ModelConfig):
             raise ConfigError("config must be an anecy.ModelConfig")
         config.validate()
@@ -75,8 +75,10 @@ class Model:
         self.n_decay = min(lo for name, (lo, _) in self.offsets.items()
                            if not dict((n, d) for n, _, d in self.layout)[name])
         self.init_weights(seed)
+        if async_dw is None:  # the backend's default (see backends.DEFAULT_ASYNC_DW)
+            async_dw = backends.DEFAULT_ASYNC_DW[self.backend]
         self.engine = Engine(config, self.views, self.grad_views,
-                             backends.make_kernels(self.backend), async_dw)
+                             backends.make_kernels(self.backend), bool(async_dw))
         self.active_ids = None   # vocabulary rows the classifier runs over (None: all)
         self.engine.stage_weights()
 

@@ -211,10 +211,11 @@ class Trainer:
         b1, b2 = tc.betas
         split = model.n_decay  # matrices and embeddings decay, norm weights do not
         py_adamw(model.params[:split], model.grads[:split], self.adam_m[:split],
-                 self.adam_v[:split], lr, b1, b2, tc.eps, tc.weight_decay, self.updates, scale)
+                 self.adam_v[:split], lr, b1, b2, tc.eps, tc.weight_decay, self.updates, scale,
+                 zero_grad=True)
         py_adamw(model.params[split:], model.grads[split:], self.adam_m[split:],
-                 self.adam_v[split:], lr, b1, b2, tc.eps, 0.0, self.updates, scale)
-        model.zero_grad()
+                 self.adam_v[split:], lr, b1, b2, tc.eps, 0.0, self.updates, scale,
+                 zero_grad=True)
         model.weights_changed()
         self.pending = 0
         return norm
@@ -417,4 +418,5 @@ class Trainer:
                 "flops_per_step": flops, "breakdown_ms": {k: v / done for k, v in self.totals.items()}}
 
 
-_REPORT_ORDER = ("kernels", "io", "classifier", "elementwise", "rms", "dw_wait", "optimizer")
+_REPORT_ORDER = ("kernels", "io", "classifier", "elementwise", "rms", "dw", "dw_wait",
+                 "optimizer")

@@ -980,3 +980,16 @@ def test_sumsq(n):
 def test_sumsq_large_values_do_not_overflow_float32():
     x = np.full(10, 3e30, np.float32)  # x*x overflows float32 but not double
     assert py_sumsq(x) == pytest.approx(10 * np.float64(np.float32(3e30)) ** 2, rel=1e-15)
+
+
+def test_vectorised_exp_is_within_2_ulp():
+    from anecy._ops import py_expf
+    x = np.concatenate([np.linspace(-87.3, 88.7, 2_000_001, dtype=np.float32),
+                        np.array([0.0, -0.0, 1e-30, -1e-30, 88.72, -87.33], np.float32)])
+    got = py_expf(x)
+    want = np.exp(x.astype(np.float64)).astype(np.float32)
+    ulps = np.abs(got.view(np.int32).astype(np.int64) - want.view(np.int32).astype(np.int64))
+    assert ulps.max() <= 2
+    assert np.isnan(py_expf(np.array([np.nan], np.float32))[0])
+    edge = py_expf(np.array([89.0, 1e30, -88.0, -1e30, -np.inf, np.inf], np.float32))
+    assert np.isinf(edge[0]) and np.isinf(edge[1]) and np.all(edge[2:5] == 0) and np.isinf(edge[5])
