@@ -14,7 +14,8 @@ from libc.string cimport memcpy, memset
 
 from ._ops cimport (sgemm, rmsnorm_fwd, rmsnorm_bwd, rope_fwd, rope_bwd, swiglu_fwd, swiglu_bwd,
                     attention_fwd, attention_bwd1, attention_bwd2, gqa_repeat, gqa_reduce,
-                    softmax_xent, embedding_fwd, embedding_bwd, scale_copy, add_scaled)
+                    softmax_xent, embedding_fwd, embedding_bwd, scale_copy, add_scaled,
+                    adamw, sumsq)
 from ._runtime cimport DWWorker, GemmJob, now_ms
 from ._ops import rope_tables
 
@@ -25,9 +26,10 @@ cdef enum:
     T_CLASSIFIER = 2
     T_ELEMENTWISE = 3
     T_DW_WAIT = 4
-    N_TIMERS = 5
+    T_DW = 5
+    N_TIMERS = 6
 
-TIMER_NAMES = ("kernels", "rms", "classifier", "elementwise", "dw_wait")
+TIMER_NAMES = ("kernels", "rms", "classifier", "elementwise", "dw_wait", "dw")
 
 
 cdef float* _ptr(arr):
@@ -191,6 +193,7 @@ cdef inline GemmJob dw_job(int M, int N, int S, const float* dy, const float* x,
                            float* dW) noexcept nogil:
     # dW[M, N] += dy[M, S] @ x[N, S]^T: the weight gradient of y = W x over S positions
     cdef GemmJob j
+    j.call = NULL
     j.trans_a = 0
     j.trans_b = 1
     j.M = M
@@ -207,6 +210,34 @@ cdef inline GemmJob dw_job(int M, int N, int S, const float* dy, const float* x,
     return j
 
 
+cdef struct SumSlice:
+    const float* x
+    Py_ssize_t n
+    double result
+
+
+cdef void _sumsq_call(void* arg) noexcept nogil:
+    cdef SumSlice* s = <SumSlice*>arg
+    s.result = sumsq(s.x, s.n)
+
+
+cdef struct AdamSlice:
+    float* p
+    float* g
+    float* m
+    float* v
+    Py_ssize_t n
+    double lr, beta1, beta2, eps, weight_decay, grad_scale
+    long step
+
+
+cdef void _adamw_call(void* arg) noexcept nogil:
+    cdef AdamSlice* a = <AdamSlice*>arg
+    if a.n:
+        adamw(a.p, a.g, a.m, a.v, a.n, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.step,
+              a.grad_scale, 1)
+
+
 cdef class Engine:
     """Owns the activation and scratch buffers of one model and runs its steps.
 
@@ -221,6 +252,7 @@ cdef class Engine:
     cdef long set_ticket[2]
     cdef readonly Kernels kernels
     cdef readonly DWWorker worker
+    cdef readonly bint async_dw      # dW sgemms on the worker (else inline, timed as "dw")
     cdef readonly object rope_cos, rope_sin
     cdef object _keep                # every numpy buffer the pointers point into
 
@@ -326,7 +358,9 @@ cdef class Engine:
         self.norm_scratch = &ns[0]
         self.rope_cos, self.rope_sin = rope_tables(d.hd, S, cfg.rope_theta)
         self.kernels = kernels
-        self.worker = DWWorker(async_dw)
+        # the worker thread always exists: it also runs the optimizer's second half
+        self.worker = DWWorker(True)
+        self.async_dw = async_dw
         kernels.bind(self)
         self.reset_timers()
 
@@ -369,14 +403,12 @@ cdef class Engine:
     def reset_timers(self):
         memset(self.timers, 0, sizeof(self.timers))
         self.kernels.io_ms = 0.0
-        self.worker.inline_ms = 0.0
         self.steps = 0
 
     def timings(self):
         """Cumulative milliseconds per component since reset_timers()."""
         out = {name: self.timers[i] for i, name in enumerate(TIMER_NAMES)}
         out["io"] = self.kernels.io_ms
-        out["dw"] = self.worker.inline_ms  # weight gradients run inline (worker off)
         out["kernels"] -= self.kernels.io_ms  # kernel time net of its own I/O
         return out
 
@@ -419,6 +451,58 @@ cdef class Engine:
         cdef float[:, ::1] dst = out
         memcpy(&dst[0, 0], self.logit_buf, <Py_ssize_t>self.d.S * self.V * sizeof(float))
         return out
+
+    cdef inline void _dw(self, GemmJob job) noexcept nogil:
+        cdef double t
+        if self.async_dw:
+            self.worker.submit(job)
+        else:
+            t = now_ms()
+            sgemm(job.trans_a, job.trans_b, job.M, job.N, job.K, job.alpha, job.A, job.lda,
+                  job.B, job.ldb, job.beta, job.C, job.ldc)
+            self.timers[T_DW] += now_ms() - t
+
+    # -- the optimizer's passes over the flat buffers, split between two threads ---------
+    def grad_sumsq(self, float[::1] grads):
+        """Sum of squares of a flat buffer (two halves on two threads; fixed order)."""
+        cdef Py_ssize_t n = grads.shape[0]
+        cdef SumSlice first
+        cdef double second
+        if n == 0:
+            return 0.0
+        first.x = &grads[0]
+        first.n = n // 2
+        with nogil:
+            self.worker.submit_call(_sumsq_call, &first)
+            second = sumsq(&grads[n // 2], n - n // 2)
+            self.worker.wait_all()
+        return first.result + second
+
+    def adamw(self, float[::1] params, float[::1] grads, float[::1] m, float[::1] v,
+              Py_ssize_t n_decay, double lr, double beta1, double beta2, double eps,
+              double weight_decay, long step, double grad_scale):
+        """AdamW over flat buffers (decay on [0, n_decay)), clearing grads as it goes.
+        Each element is updated exactly as by _ops.adamw, whichever thread runs it."""
+        cdef Py_ssize_t n = params.shape[0]
+        if grads.shape[0] != n or m.shape[0] != n or v.shape[0] != n or not 0 <= n_decay <= n:
+            raise ValueError("adamw: buffers of different lengths")
+        if step < 1:
+            raise ValueError("step counts from 1")
+        cdef AdamSlice first
+        cdef Py_ssize_t half = n_decay // 2
+        first.p, first.g, first.m, first.v = &params[0], &grads[0], &m[0], &v[0]
+        first.n = half
+        first.lr, first.beta1, first.beta2, first.eps = lr, beta1, beta2, eps
+        first.weight_decay, first.step, first.grad_scale = weight_decay, step, grad_scale
+        with nogil:
+            self.worker.submit_call(_adamw_call, &first)
+            if n_decay > half:
+                adamw(&params[half], &grads[half], &m[half], &v[half], n_decay - half, lr,
+                      beta1, beta2, eps, weight_decay, step, grad_scale, 1)
+            if n > n_decay:
+                adamw(&params[n_decay], &grads[n_decay], &m[n_decay], &v[n_decay],
+                      n - n_decay, lr, beta1, beta2, eps, 0.0, step, grad_scale, 1)
+            self.worker.wait_all()
 
     cdef void _forward(self, const int* tokens) noexcept nogil:
         cdef Dims d = self.d
@@ -488,11 +572,12 @@ cdef class Engine:
               d.S)
         self.timers[T_CLASSIFIER] += now_ms() - t
         cdef GemmJob cls_job
+        cls_job.call = NULL
         cls_job.trans_a = 1; cls_job.trans_b = 1
         cls_job.M = self.V; cls_job.N = d.D; cls_job.K = d.S; cls_job.alpha = 1.0
         cls_job.A = self.logit_buf; cls_job.lda = self.V; cls_job.B = self.xf_norm; cls_job.ldb = d.S
         cls_job.beta = 1.0; cls_job.C = self.cls_g; cls_job.ldc = d.D
-        self.worker.submit(cls_job)
+        self._dw(cls_job)
         t = now_ms()
         rmsnorm_bwd(self.x_final, self.final_norm, self.dxnorm, self.g, self.dfinal_norm, d.D, d.S,
                     d.eps, 0, self.norm_scratch)
@@ -511,15 +596,15 @@ cdef class Engine:
             t = now_ms()
             scale_copy(self.g, gs.dffn, nD, d.residual_scale)
             self.timers[T_ELEMENTWISE] += now_ms() - t
-            self.worker.submit(dw_job(d.D, d.H, d.S, gs.dffn, a.gate, gw.w2))
+            self._dw(dw_job(d.D, d.H, d.S, gs.dffn, a.gate, gw.w2))
             t = now_ms()
             self.kernels.ffn_bwd_w2t(l, gs.dffn, self.dgate)
             self.timers[T_KERNELS] += now_ms() - t
             t = now_ms()
             swiglu_bwd(a.h1, a.h3, self.dgate, gs.dh1, gs.dh3, <Py_ssize_t>d.H * d.S)
             self.timers[T_ELEMENTWISE] += now_ms() - t
-            self.worker.submit(dw_job(d.H, d.D, d.S, gs.dh1, a.x2norm, gw.w1))
-            self.worker.submit(dw_job(d.H, d.D, d.S, gs.dh3, a.x2norm, gw.w3))
+            self._dw(dw_job(d.H, d.D, d.S, gs.dh1, a.x2norm, gw.w1))
+            self._dw(dw_job(d.H, d.D, d.S, gs.dh3, a.x2norm, gw.w3))
             t = now_ms()
             self.kernels.ffn_bwd_w13t(l, gs.dh1, gs.dh3, self.dx2norm)
             self.timers[T_KERNELS] += now_ms() - t
@@ -532,7 +617,7 @@ cdef class Engine:
             t = now_ms()
             scale_copy(self.g, gs.do, nD, d.residual_scale)
             self.timers[T_ELEMENTWISE] += now_ms() - t
-            self.worker.submit(dw_job(d.D, d.Q, d.S, gs.do, a.attn, gw.wo))
+            self._dw(dw_job(d.D, d.Q, d.S, gs.do, a.attn, gw.wo))
             t = now_ms()
             self.kernels.wot_bwd(l, gs.do, self.da)
             self.timers[T_KERNELS] += now_ms() - t
@@ -572,9 +657,9 @@ cdef class Engine:
                                 gs.dk + h * block, gw.k_norm, d.hd, d.S, d.eps, 0,
                                 self.norm_scratch)
                 self.timers[T_RMS] += now_ms() - t
-            self.worker.submit(dw_job(d.Q, d.D, d.S, gs.dq, a.xnorm, gw.wq))
-            self.worker.submit(dw_job(d.K, d.D, d.S, gs.dk, a.xnorm, gw.wk))
-            self.worker.submit(dw_job(d.K, d.D, d.S, gs.dv, a.xnorm, gw.wv))
+            self._dw(dw_job(d.Q, d.D, d.S, gs.dq, a.xnorm, gw.wq))
+            self._dw(dw_job(d.K, d.D, d.S, gs.dk, a.xnorm, gw.wk))
+            self._dw(dw_job(d.K, d.D, d.S, gs.dv, a.xnorm, gw.wv))
             t = now_ms()
             self.kernels.q_bwd(l, gs.dq, self.dxnorm)
             self.kernels.kv_bwd(l, gs.dk, gs.dv, self.dxnorm_kv)

@@ -10,7 +10,8 @@ cdef inline double now_ms() noexcept nogil:
     return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6
 
 
-# C[M,N] = alpha * op(A) @ op(B) + beta * C, row-major (see _ops.sgemm)
+# C[M,N] = alpha * op(A) @ op(B) + beta * C, row-major (see _ops.sgemm);
+# or, when `call` is set, call(arg) instead.
 cdef struct GemmJob:
     bint trans_a
     bint trans_b
@@ -25,6 +26,8 @@ cdef struct GemmJob:
     float beta
     float* C
     int ldc
+    void (*call)(void*) noexcept nogil
+    void* arg
 
 
 cdef struct WorkerState
@@ -33,9 +36,10 @@ cdef struct WorkerState
 cdef class DWWorker:
     cdef WorkerState* state
     cdef readonly bint threaded
-    cdef public double inline_ms     # time spent running jobs inline (worker off)
     # Queue a job (runs it at once when the worker is off). Blocks while the queue is full.
     cdef void submit(self, GemmJob job) noexcept nogil
+    # Queue call(arg) (runs it at once when the worker is off).
+    cdef void submit_call(self, void (*call)(void*) noexcept nogil, void* arg) noexcept nogil
     # Count of jobs submitted so far; wait_for(t) returns once the first t are done.
     cdef long ticket(self) noexcept nogil
     cdef void wait_for(self, long ticket) noexcept nogil

@@ -48,6 +48,9 @@ cdef struct WorkerState:
 
 
 cdef inline void run_job(const GemmJob* j) noexcept nogil:
+    if j.call != NULL:
+        j.call(j.arg)
+        return
     sgemm(j.trans_a, j.trans_b, j.M, j.N, j.K, j.alpha, j.A, j.lda, j.B, j.ldb, j.beta, j.C,
           j.ldc)
 
@@ -106,11 +109,8 @@ cdef class DWWorker:
 
     cdef void submit(self, GemmJob job) noexcept nogil:
         cdef WorkerState* st = self.state
-        cdef double t
         if not self.threaded:
-            t = now_ms()
             run_job(&job)
-            self.inline_ms += now_ms() - t
             st.submitted += 1
             st.completed += 1
             return
@@ -121,6 +121,12 @@ cdef class DWWorker:
         st.submitted += 1
         pthread_cond_broadcast(&st.has_work)
         pthread_mutex_unlock(&st.lock)
+
+    cdef void submit_call(self, void (*call)(void*) noexcept nogil, void* arg) noexcept nogil:
+        cdef GemmJob job
+        job.call = call
+        job.arg = arg
+        self.submit(job)
 
     cdef long ticket(self) noexcept nogil:
         return self.state.submitted

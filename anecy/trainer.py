@@ -17,7 +17,6 @@ from typing import Optional, Tuple
 import numpy as np
 
 from . import backends
-from ._ops import py_adamw, py_sumsq
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .config import ModelConfig, step_flops
 from .corpus import BUILTIN_NOTICE, builtin_tokens
@@ -201,7 +200,8 @@ class Trainer:
         """AdamW on the mean gradient of the pending microsteps; returns the grad norm."""
         model, tc = self.model, self.tc
         scale = 1.0 / (self.pending * self.loss_scale)
-        norm = math.sqrt(py_sumsq(model.grads)) * scale
+        engine = model.engine
+        norm = math.sqrt(engine.grad_sumsq(model.grads)) * scale
         if not math.isfinite(norm):
             raise TrainingDiverged(f"gradient norm is {norm} at step {self.step_count}")
         if tc.clip and norm > tc.clip:
@@ -209,13 +209,9 @@ class Trainer:
         self.updates += 1
         lr = tc.lr_at(self.step_count)
         b1, b2 = tc.betas
-        split = model.n_decay  # matrices and embeddings decay, norm weights do not
-        py_adamw(model.params[:split], model.grads[:split], self.adam_m[:split],
-                 self.adam_v[:split], lr, b1, b2, tc.eps, tc.weight_decay, self.updates, scale,
-                 zero_grad=True)
-        py_adamw(model.params[split:], model.grads[split:], self.adam_m[split:],
-                 self.adam_v[split:], lr, b1, b2, tc.eps, 0.0, self.updates, scale,
-                 zero_grad=True)
+        # matrices and embeddings (before n_decay) decay, norm weights do not
+        engine.adamw(model.params, model.grads, self.adam_m, self.adam_v, model.n_decay, lr,
+                     b1, b2, tc.eps, tc.weight_decay, self.updates, scale)
         model.weights_changed()
         self.pending = 0
         return norm
