@@ -138,6 +138,36 @@ def rss_child(side, preset, steps, compact):
         runner.step(x, y)
 
 
+def run_side_child(side, preset, steps, warmup):
+    """Time one side in a fresh process: (ms per timed step, breakdowns, peak RSS GiB)."""
+    code = ("import sys, json; sys.argv=['x']; "
+            f"sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r}); "
+            "import bench_step as b; "
+            f"print(json.dumps(b.side_child({side!r}, {preset!r}, {steps}, {warmup})))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True).stdout.splitlines()[-1]
+    return json.loads(out)
+
+
+def side_child(side, preset, steps, warmup):
+    cfg = config_for(preset)
+    tokens, wins = windows(cfg, warmup + steps)
+    runner = AnecySide(cfg, tokens, False) if side == "anecy" else TorchSide(cfg)
+    times = [runner.step(x, y)[1] for x, y in wins][warmup:]
+    records = runner.records[warmup:] if side == "anecy" else []
+    return {"times": times, "records": records, "rss_gb": own_peak_rss_bytes() / 2 ** 30}
+
+
+def fits_together(cfg):
+    """Whether both sides' training state (weights, grads, two moments each) fits in half
+    of this machine's memory."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError):
+        return True
+    return 2 * 16 * cfg.n_params < total / 2
+
+
 def config_for(preset):
     if preset == "quick":
         return ModelConfig(dim=64, hidden_dim=176, n_layers=2, n_heads=4, vocab_size=512,
@@ -168,14 +198,29 @@ def main():
     peak = sgemm_peak(n)
     print(f"sgemm peak ({n}^3 through anecy's sgemm): {peak:.1f} GFLOP/s")
 
-    tokens, wins = windows(cfg, args.warmup + args.steps)
-    ours, theirs = AnecySide(cfg, tokens, compact=False), TorchSide(cfg)
-    times = {"anecy": [], "pytorch": []}
-    for i, (x, y) in enumerate(wins):
-        for name, side in (("anecy", ours), ("pytorch", theirs)):
-            _, ms = side.step(x, y)
-            if i >= args.warmup:
-                times[name].append(ms)
+    rss = {}
+    if fits_together(cfg):
+        tokens, wins = windows(cfg, args.warmup + args.steps)
+        ours, theirs = AnecySide(cfg, tokens, compact=False), TorchSide(cfg)
+        times = {"anecy": [], "pytorch": []}
+        for i, (x, y) in enumerate(wins):
+            for name, side in (("anecy", ours), ("pytorch", theirs)):
+                _, ms = side.step(x, y)
+                if i >= args.warmup:
+                    times[name].append(ms)
+        records = ours.records[args.warmup:]
+        if not args.no_rss:
+            rss = {name: peak_rss_gb(name, preset, 2, False) for name in times}
+    else:
+        # both models' training state does not fit in memory at once: each side runs in
+        # its own process, one after the other (peak RSS comes from the same processes)
+        print("both sides do not fit in memory together: timing each in its own process")
+        tokens = None
+        runs = {name: run_side_child(name, preset, args.steps, args.warmup)
+                for name in ("anecy", "pytorch")}
+        times = {name: r["times"] for name, r in runs.items()}
+        records = runs["anecy"]["records"]
+        rss = {name: r["rss_gb"] for name, r in runs.items()}
 
     flops = step_flops(cfg)
     result = {"preset": preset, "sgemm_peak_gflops": peak, "flops_per_step": flops}
@@ -184,15 +229,14 @@ def main():
     for name in ("anecy", "pytorch"):
         ms = statistics.median(times[name])
         gf = flops / (ms * 1e6)
-        rss = None if args.no_rss else peak_rss_gb(name, preset, 2, False)
-        result[name] = {"ms": ms, "gflops": gf, "peak_share": gf / peak, "rss_gb": rss}
-        rss_text = "-" if rss is None else f"{rss:.2f} GiB"
+        result[name] = {"ms": ms, "gflops": gf, "peak_share": gf / peak, "rss_gb": rss.get(name)}
+        rss_text = f"{rss[name]:.2f} GiB" if name in rss else "-"
         print(f"{name:<10}{ms:>16.1f}{gf:>10.1f}{100 * gf / peak:>10.1f}%{rss_text:>11}")
     ratio = result["anecy"]["ms"] / result["pytorch"]["ms"]
     result["ratio"] = ratio
     print(f"\nanecy / PyTorch ms/step: {ratio:.2f} ({1 / ratio:.2f}x faster)")
 
-    recs = ours.records[args.warmup:]
+    recs = records
     breakdown = {k: statistics.median(r[k] for r in recs) for k in recs[0]}
     result["breakdown_ms"] = breakdown
     total = sum(breakdown.values())
@@ -201,6 +245,8 @@ def main():
           f"{100 * breakdown['python'] / total:.2f}%")
 
     if args.compact:
+        if tokens is None:
+            tokens, wins = windows(cfg, args.warmup + args.steps)
         comp = AnecySide(cfg, tokens, compact=True)
         ctimes = [comp.step(x, y)[1] for x, y in wins][args.warmup:]
         ms = statistics.median(ctimes)
