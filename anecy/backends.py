@@ -1,9 +1,9 @@
 """Kernel executors behind one interface: ``cpu`` | ``sim`` | ``ane``.
 
 ``cpu`` runs everywhere. ``sim`` (the ANE's MIL programs run by a numpy interpreter)
-and ``ane`` (the Apple Neural Engine itself) plug in behind the same Kernels interface.
+and ``ane`` (the Apple Neural Engine itself, macOS on Apple Silicon) plug in behind the
+same Kernels interface and share all of their packing code (anecy._sim.PackedKernels).
 """
-import sys
 
 from .errors import BackendUnavailable, ConfigError
 
@@ -11,15 +11,27 @@ BACKENDS = ("cpu", "sim", "ane")
 
 
 def available():
-    """Backends this machine and this build can run, best first (``sim`` is never best:
-    it is the ANE's programs run by a slow numpy interpreter, for testing)."""
-    return ["cpu", "sim"]
+    """Backends this machine and this build can run: ``cpu`` and ``sim`` everywhere, then
+    ``ane`` where the Apple Neural Engine is usable (anecy._runtime.ane_available()).
+    ``resolve("auto")`` picks ``ane`` when it is listed, else ``cpu``; ``sim`` (the ANE's
+    programs run by a slow numpy interpreter, for testing) is never picked by ``auto``."""
+    names = ["cpu", "sim"]
+    if _ane_status()[0]:
+        names.append("ane")
+    return names
+
+
+def _ane_status():
+    """(usable, why not) for the Apple Neural Engine in this process."""
+    from ._runtime import ane_available
+    return ane_available()
 
 
 def _why_unavailable(name):
     if name == "ane":
-        if sys.platform != "darwin":
-            return "the ane backend needs macOS on Apple Silicon; this machine runs " + sys.platform
+        ok, why = _ane_status()
+        if not ok:
+            return f"the ane backend is unavailable: {why}"
         return "the ane backend is not part of this build"
     return f"the {name} backend is not part of this build"
 
@@ -27,7 +39,7 @@ def _why_unavailable(name):
 def resolve(name):
     """Turn a user's choice (``auto`` or a backend name) into a backend this machine runs."""
     if name == "auto":
-        return available()[0]
+        return "ane" if "ane" in available() else "cpu"
     if name not in BACKENDS:
         raise ConfigError(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
     if name not in available():
@@ -57,4 +69,7 @@ def make_kernels(name):
     if name == "sim":
         from ._sim import SimKernels
         return SimKernels()
+    if name == "ane":
+        from ._sim import AneKernels
+        return AneKernels()
     raise BackendUnavailable(_why_unavailable(name))
