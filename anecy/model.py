@@ -72,8 +72,8 @@ class Model:
             self.grad_views[name] = self.grads[off:off + size].reshape(shape)
             off += size
         # everything before the first norm weight is decayed by AdamW
-        self.n_decay = min(lo for name, (lo, _) in self.offsets.items()
-                           if not dict((n, d) for n, _, d in self.layout)[name])
+        self.n_decay = min(self.offsets[name][0] for name, _, decayed in self.layout
+                           if not decayed)
         self.init_weights(seed)
         if async_dw is None:  # the backend's default (see backends.DEFAULT_ASYNC_DW)
             async_dw = backends.DEFAULT_ASYNC_DW[self.backend]
