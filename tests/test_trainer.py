@@ -204,3 +204,9 @@ def test_nan_loss_is_a_clear_error():
 def test_bad_train_config(field, value):
     with pytest.raises(ConfigError, match=field):
         TrainConfig(**{field: value})
+
+
+def test_public_names():
+    import anecy
+    assert anecy.Trainer is Trainer and anecy.TrainConfig is TrainConfig
+    assert anecy.TrainingDiverged is TrainingDiverged
