@@ -371,7 +371,8 @@ class Trainer:
                 metrics.close()
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
-        saved = self.save() if tc.ckpt_path else None
+        # nothing new to keep when a resumed run had no steps left to do
+        saved = self.save() if tc.ckpt_path and self.step_count > first_step else None
         interrupted = self.step_count < tc.steps
         if interrupted:
             where = f"; checkpoint {saved} (continue with --resume)" if saved else ""
