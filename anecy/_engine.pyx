@@ -87,11 +87,14 @@ cdef class CpuKernels(Kernels):
     """fp32 kernels: BLAS sgemm plus the fused _ops loops.
 
     The forward keeps each layer's attention probabilities, so the backward does not
-    recompute them (the ANE programs recompute, having no such memory)."""
+    recompute them (the ANE programs recompute, having no such memory). The cache of
+    layer l is used only for the engine's own q buffer of layer l, which lives as long
+    as the engine: a caller's temporary array can never be mistaken for it."""
     cdef float* scores           # [S, S]
     cdef double* norm_scratch    # [S]
     cdef float* probs_cache      # [L, n_heads*S, S]
-    cdef const float** probs_q   # [L] the q buffer whose probabilities the cache holds
+    cdef const float** engine_q  # [L] the engine's q buffer of each layer
+    cdef unsigned char* probs_valid  # [L] the cache holds the probabilities of engine_q[l]
     cdef object _buffers
 
     def bind(self, Engine engine):
@@ -100,13 +103,17 @@ cdef class CpuKernels(Kernels):
         S = d.S
         self._buffers = (np.empty(S * S, np.float32), np.empty(2 * S, np.float64),
                          np.empty((d.L, d.n_heads * S, S), np.float32),
-                         np.zeros(d.L, np.uintp))
+                         np.zeros(d.L, np.uintp), np.zeros(d.L, np.uint8))
         self.scores = _ptr(self._buffers[0])
         cdef double[::1] ns = self._buffers[1]
         self.norm_scratch = &ns[0]
         self.probs_cache = _ptr(self._buffers[2])
         cdef size_t[::1] qs = self._buffers[3]
-        self.probs_q = <const float**>&qs[0]
+        self.engine_q = <const float**>&qs[0]
+        cdef unsigned char[::1] valid = self._buffers[4]
+        self.probs_valid = &valid[0]
+        for l in range(d.L):
+            self.engine_q[l] = engine.acts[l].q
 
     cdef void sdpa_fwd(self, int l, const float* xnorm, float* attn, float* q, float* k, float* v,
                        float* q_raw, float* k_raw) noexcept nogil:
@@ -129,7 +136,7 @@ cdef class CpuKernels(Kernels):
         rope_fwd(k, d.n_kv_heads, d.hd, d.S, self.rope_cos, self.rope_sin, d.rope_half)
         attention_fwd(q, k, v, attn, d.n_heads, d.n_kv_heads, d.hd, d.S,
                       self.probs_cache + <Py_ssize_t>l * d.n_heads * d.S * d.S)
-        self.probs_q[l] = q
+        self.probs_valid[l] = q == self.engine_q[l]
 
     cdef void wo_fwd(self, int l, const float* attn, float* o) noexcept nogil:
         cdef Dims d = self.d
@@ -167,7 +174,7 @@ cdef class CpuKernels(Kernels):
         cdef bint cached = False
         cdef int l
         for l in range(self.d.L):
-            if self.probs_q[l] == q:  # the forward of layer l wrote this q
+            if self.engine_q[l] == q and self.probs_valid[l]:  # layer l's forward wrote q
                 memcpy(probs, self.probs_cache + l * size, size * sizeof(float))
                 cached = True
                 break

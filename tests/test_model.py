@@ -216,3 +216,26 @@ def test_flops_counts():
     assert anecy.config.layer_flops(s) == per_layer
     assert anecy.step_flops(s) == 3 * (12 * per_layer + 2 * 256 * 768 * 32000)
     assert anecy.step_flops(s, active_vocab=100) < anecy.step_flops(s)
+
+
+def test_cached_attention_probabilities_serve_only_the_engines_own_buffers():
+    # the cpu backend keeps each layer's probabilities from the forward; a kernel called
+    # on other arrays (whatever their addresses) must compute its own
+    from anecy._ops import py_attention_bwd
+    from anecy._sim import run_kernel
+    cfg = ModelConfig(**CASES["mha-tied-half"])
+    m = Model(cfg)
+    tok = np.arange(cfg.seq_len, dtype=np.int32) % cfg.vocab_size
+    rng = np.random.default_rng(0)
+    for _ in range(20):  # temporaries are freed and their memory reused in between
+        m.forward_backward(tok, tok)
+        # a forward on temporary arrays, whose q output is freed at once
+        run_kernel(m.engine.kernels, "sdpa_fwd", 0,
+                   xnorm=rng.standard_normal((cfg.dim, cfg.seq_len)).astype(np.float32))
+        a = {n: rng.standard_normal((cfg.q_dim, cfg.seq_len)).astype(np.float32)
+             for n in ("q", "k_rep", "v_rep", "da")}
+        got = run_kernel(m.engine.kernels, "sdpa_bwd1", 0, **a)
+        _, _, dv, probs, dprobs = py_attention_bwd(a["q"], a["k_rep"], a["v_rep"], a["da"],
+                                                   cfg.n_heads)
+        np.testing.assert_array_equal(got["probs"], probs)
+        np.testing.assert_array_equal(got["dv_rep"], dv)
