@@ -366,7 +366,7 @@ cdef class Engine:
         self.rope_cos, self.rope_sin = rope_tables(d.hd, S, cfg.rope_theta)
         self.kernels = kernels
         # the worker thread always exists: it also runs the optimizer's second half
-        self.worker = DWWorker(True)
+        self.worker = DWWorker()
         self.async_dw = async_dw
         kernels.bind(self)
         self.reset_timers()

@@ -35,10 +35,10 @@ cdef struct WorkerState
 
 cdef class DWWorker:
     cdef WorkerState* state
-    cdef readonly bint threaded
-    # Queue a job (runs it at once when the worker is off). Blocks while the queue is full.
+    cdef readonly bint threaded      # the thread started (False only while failing to)
+    # Queue a job. Blocks while the queue is full.
     cdef void submit(self, GemmJob job) noexcept nogil
-    # Queue call(arg) (runs it at once when the worker is off).
+    # Queue call(arg).
     cdef void submit_call(self, void (*call)(void*) noexcept nogil, void* arg) noexcept nogil
     # Count of jobs submitted so far; wait_for(t) returns once the first t are done.
     cdef long ticket(self) noexcept nogil

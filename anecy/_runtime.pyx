@@ -82,9 +82,9 @@ cdef void* worker_main(void* arg) noexcept nogil:
 
 
 cdef class DWWorker:
-    """A FIFO of sgemm jobs run by one background thread (or inline when threaded=False)."""
+    """A FIFO of jobs (sgemms, or calls) run by one background thread."""
 
-    def __cinit__(self, bint threaded=True):
+    def __cinit__(self):
         self.state = <WorkerState*>calloc(1, sizeof(WorkerState))
         if self.state == NULL:
             raise MemoryError()
@@ -92,10 +92,9 @@ cdef class DWWorker:
         pthread_mutex_init(&self.state.lock, NULL)
         pthread_cond_init(&self.state.has_work, NULL)
         pthread_cond_init(&self.state.progress, NULL)
-        if threaded:
-            if pthread_create(&self.state.thread, NULL, worker_main, self.state) != 0:
-                raise RuntimeError("could not start the dW worker thread")
-            self.threaded = True
+        if pthread_create(&self.state.thread, NULL, worker_main, self.state) != 0:
+            raise RuntimeError("could not start the worker thread")
+        self.threaded = True
 
     def __dealloc__(self):
         if self.state == NULL:
@@ -115,11 +114,6 @@ cdef class DWWorker:
 
     cdef void submit(self, GemmJob job) noexcept nogil:
         cdef WorkerState* st = self.state
-        if not self.threaded:
-            run_job(&job)
-            st.submitted += 1
-            st.completed += 1
-            return
         pthread_mutex_lock(&st.lock)
         while st.submitted - st.completed >= QUEUE_CAPACITY:
             pthread_cond_wait(&st.progress, &st.lock)
@@ -139,8 +133,6 @@ cdef class DWWorker:
 
     cdef void wait_for(self, long ticket) noexcept nogil:
         cdef WorkerState* st = self.state
-        if not self.threaded:
-            return
         pthread_mutex_lock(&st.lock)
         while st.completed < ticket:
             pthread_cond_wait(&st.progress, &st.lock)
