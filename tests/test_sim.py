@@ -13,10 +13,11 @@ import pytest
 
 from anecy import Model, ModelConfig, backends
 from anecy._engine import CpuKernels
-from anecy._sim import SimKernels, kernel_io, run_kernel, stage
+from anecy._sim import METHODS, SimKernels, kernel_io, run_kernel, stage
 from anecy.corpus import builtin_tokens
 from anecy.data import VocabMap
 from anecy.trainer import TrainConfig, Trainer
+from fp16_bounds import TOLERANCE as MIL_TOLERANCE, U, max_rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,28 +39,11 @@ KERNELS = ("sdpa_fwd", "wo_fwd", "ffn_fused", "ffn_bwd_w2t", "ffn_bwd_w13t", "wo
 # The static loss scale recommended for fp16 backends (see test_loss_scale_sweep).
 RECOMMENDED_LOSS_SCALE = 4096.0
 
-U = 2.0 ** -11   # unit roundoff of fp16
-
 # Error = max |sim - cpu| / max |cpu| per output block. cpu is fp32, i.e. exact at this
-# resolution (its own error is ~1e-7, 1/5000 of U), so the bounds are those test_mil.py
-# derives and measures for every kernel against a float64 reference: the fp16 input and
-# output roundings give 1-2 U per weight product; each further rounded op on a kernel's
-# path adds about one U; attention adds the softmax's sensitivity to score rounding (a
-# score s stored with error U|s| moves its probability by p U |s|: ~10 U for |s| ~ 10) and
-# the backward the cancellation in dprobs - rowsum(probs * dprobs). A wrong layout,
-# orientation, head mapping, sign or staging errs by O(1), hundreds of U.
-TOLERANCE = {
-    "wo_fwd": 4 * U, "ffn_bwd_w2t": 4 * U, "wot_bwd": 4 * U, "q_bwd": 4 * U,
-    "ffn_bwd_w13t": 4 * U, "kv_bwd": 4 * U,      # two products and an add
-    "ffn_fused": 6 * U,                          # product, sigmoid, 2 muls, product, add
-    "sdpa_fwd": 16 * U,   # projections, QK-norm (7 ops), RoPE (3), scale, scores, softmax, PV
-    "sdpa_bwd1": 10 * U,  # scale, scores, softmax, then one product each
-    "sdpa_bwd2": 12 * U,  # mul, row sum, sub (cancellation), mul, scale, product
-}
+# resolution (its own error is ~1e-7, 1/5000 of U), so the bounds are those fp16_bounds.py
+# derives for every kernel against a float64 reference.
+TOLERANCE = {method: MIL_TOLERANCE[kernel] for method, kernel in METHODS.items()}
 
-
-def max_rel_err(got, ref):
-    return float(np.max(np.abs(got - ref)) / np.max(np.abs(ref)))
 
 
 def cosine(a, b):
