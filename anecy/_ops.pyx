@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 
-from libc.math cimport exp, expf, log, sqrt, sqrtf
+from libc.math cimport log, sqrt, sqrtf
 from libc.string cimport memcpy, memset
 from libc.stdint cimport uint16_t
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer

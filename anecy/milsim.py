@@ -181,6 +181,20 @@ class _Tokens:
             return Type(name, None)
         raise self.error(f"unknown type {name!r}")
 
+    def key_values(self, close, what):
+        """`key=value, ...` up to and including `close`, each key once."""
+        out = {}
+        while self.peek()[1] != close:
+            if out:
+                self.expect(",")
+            key = self.ident()
+            if key in out:
+                raise self.error(f"{what} {key!r} given twice")
+            self.expect("=")
+            out[key] = self.value()
+        self.expect(close)
+        return out
+
     def value(self):
         """An attribute value: ('string', s) | ('bool', b) | ('int32', i) | ('fp16', f) |
         ('uint64', i) | ('list', Type, [numbers]) | ('blob', Type, path, offset)."""
@@ -191,16 +205,7 @@ class _Tokens:
             if self.peek()[1] == "BLOBFILE":
                 self.next()
                 self.expect("(")
-                args = {}
-                while self.peek()[1] != ")":
-                    if args:
-                        self.expect(",")
-                    key = self.ident()
-                    if key in args:
-                        raise self.error(f"BLOBFILE repeats {key!r}")
-                    self.expect("=")
-                    args[key] = self.value()
-                self.expect(")")
+                args = self.key_values(")", "BLOBFILE argument")
                 self.expect(")")
                 if set(args) != {"path", "offset"}:
                     raise self.error(f"BLOBFILE takes path and offset, got {sorted(args)}")
@@ -270,16 +275,7 @@ def _parse_stmt(line: str, lineno: int) -> Stmt:
             args[key] = t.ident()
     t.expect(")")
     t.expect("[")
-    attrs: Dict[str, tuple] = {}
-    while t.peek()[1] != "]":
-        if attrs:
-            t.expect(",")
-        key = t.ident()
-        if key in attrs:
-            raise t.error(f"attribute {key!r} given twice")
-        t.expect("=")
-        attrs[key] = t.value()
-    t.expect("]")
+    attrs: Dict[str, tuple] = t.key_values("]", "attribute")
     t.expect(";")
     t.done()
     return Stmt(lineno, decl, var, op, args, attrs)
