@@ -9,7 +9,8 @@ from .config import ModelConfig, step_flops  # noqa: E402
 from .errors import (AnecyError, BackendUnavailable, CheckpointError, ConfigError,  # noqa: E402
                      DataError)
 from .model import Model  # noqa: E402
-from .trainer import StepRecord, TrainConfig, Trainer, TrainingDiverged  # noqa: E402
+from .config import TrainConfig  # noqa: E402
+from .trainer import StepRecord, Trainer, TrainingDiverged  # noqa: E402
 
 __all__ = ["ModelConfig", "Model", "TrainConfig", "Trainer", "StepRecord", "step_flops",
            "AnecyError", "BackendUnavailable", "CheckpointError", "ConfigError", "DataError",

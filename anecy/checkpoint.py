@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError
+from .fileio import atomic_write
 
 FORMAT_VERSION = 1
 MAGIC = b"ANECYCKP"
@@ -143,10 +144,9 @@ def save_checkpoint(path, meta: dict, arrays: dict[str, np.ndarray], *, fsync: b
     path = Path(path)
     header, placed, total = _build_header(path, meta, arrays)
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, zlib.crc32(header), len(header), total)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
+        with atomic_write(path, fsync=fsync) as f:
             crc = zlib.crc32(header, zlib.crc32(prefix))
             f.write(prefix)
             f.write(header)
@@ -157,36 +157,8 @@ def save_checkpoint(path, meta: dict, arrays: dict[str, np.ndarray], *, fsync: b
                 crc = _stream_array(f, a, zlib.crc32(pad, crc))
                 pos = offset + a.nbytes
             f.write(_TRAILER.pack(crc, END_MARKER))
-            f.flush()
-            if fsync:
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        # Whatever went wrong (disk full, Ctrl-C, a bug), never leave the temp behind.
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        if isinstance(e, OSError):
-            raise CheckpointError(f"checkpoint {path}: cannot write: {e.strerror or e}") from None
-        raise
-    if fsync:
-        _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make the rename itself durable. Some OSes/filesystems cannot open or
-    fsync a directory; the file is already in place then, so skip quietly."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path}: cannot write: {e.strerror or e}") from None
 
 
 # --------------------------------------------------------------------------- reading

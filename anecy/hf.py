@@ -7,13 +7,13 @@ A directory holds ``config.json`` and either ``model.safetensors`` or shards lis
 here directly, so bf16 checkpoints (numpy has no bf16) load without PyTorch."""
 
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
+from .fileio import atomic_write
 from .model import Model
 
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen3": "Qwen3ForCausalLM"}
@@ -126,19 +126,11 @@ def write_safetensors(path, tensors: dict):
     header["__metadata__"] = {"format": "pt"}
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned
-    tmp = Path(f"{path}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(len(blob).to_bytes(8, "little"))
-            f.write(blob)
-            for value in tensors.values():
-                f.write(np.ascontiguousarray(value, dtype="<f4").tobytes())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    with atomic_write(path) as f:
+        f.write(len(blob).to_bytes(8, "little"))
+        f.write(blob)
+        for value in tensors.values():
+            f.write(np.ascontiguousarray(value, dtype="<f4").tobytes())
 
 
 # -- directories ---------------------------------------------------------------------------
@@ -205,4 +197,5 @@ def save_pretrained(model: Model, path):
     path.mkdir(parents=True, exist_ok=True)
     config = config_to_hf(model.config)
     write_safetensors(path / "model.safetensors", model.hf_state_dict())
-    (path / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    with atomic_write(path / "config.json") as f:
+        f.write((json.dumps(config, indent=2) + "\n").encode())

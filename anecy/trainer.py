@@ -7,18 +7,17 @@ decay are measured in microsteps too, so the schedule does not depend on ``accum
 
 import json
 import math
-import os
 import signal
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Optional
 
 import numpy as np
 
 from . import backends
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
-from .config import ModelConfig, step_flops
+from .config import ModelConfig, TrainConfig, step_flops
 from .corpus import BUILTIN_NOTICE, builtin_tokens
 from .data import TokenSampler, VocabMap, default_data_path, open_tokens
 from .errors import AnecyError, CheckpointError, ConfigError, DataError
@@ -29,88 +28,6 @@ CHECKPOINT_KIND = "anecy-train"
 
 class TrainingDiverged(AnecyError):
     """The loss or the gradient became NaN or infinite."""
-
-
-@dataclass
-class TrainConfig:
-    """Optimisation and run settings (defaults follow the public reference)."""
-    steps: int = 10000              # microsteps
-    lr: float = 3e-4
-    min_lr_frac: float = 0.1        # cosine decays to min_lr_frac * lr
-    warmup: int = 100               # microsteps of linear warmup
-    accum: int = 10                 # microsteps per optimizer update
-    clip: float = 1.0               # global grad-norm clip; 0 turns it off
-    weight_decay: float = 0.1
-    betas: Tuple[float, float] = (0.9, 0.95)
-    eps: float = 1e-8
-    loss_scale: Optional[float] = None  # static loss scale; None: the backend's default
-                                        # (1 on cpu, 4096 for fp16 backends); unscaled before clip
-    seed: int = 0
-    compact_vocab: bool = True
-    ckpt_path: Optional[str] = None
-    ckpt_every: int = 0             # microsteps between checkpoints; 0: only at the end
-    metrics_path: Optional[str] = None
-    eval_every: int = 0             # microsteps between validation losses; 0: never
-    eval_batches: int = 4
-    backend: str = "auto"
-    data_path: Optional[str] = None
-    init_from: Optional[str] = None  # HF model directory with the initial weights
-
-    def __post_init__(self):
-        self.betas = tuple(self.betas)
-        self.validate()
-
-    def validate(self):
-        def need(ok, name, what):
-            if not ok:
-                raise ConfigError(f"{name} must be {what}, got {getattr(self, name)!r}")
-
-        def number(name):
-            v = getattr(self, name)
-            return not isinstance(v, bool) and isinstance(v, (int, float)) and math.isfinite(v)
-
-        def integer(name):
-            v = getattr(self, name)
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        need(integer("steps") and self.steps >= 1, "steps", "a positive integer")
-        need(integer("accum") and self.accum >= 1, "accum", "a positive integer")
-        for name in ("warmup", "ckpt_every", "eval_every", "seed"):
-            need(integer(name) and getattr(self, name) >= 0, name, "a non-negative integer")
-        need(integer("eval_batches") and self.eval_batches >= 1, "eval_batches",
-             "a positive integer")
-        need(number("lr") and self.lr > 0, "lr", "a positive number")
-        need(number("min_lr_frac") and 0 <= self.min_lr_frac <= 1, "min_lr_frac",
-             "between 0 and 1")
-        need(number("clip") and self.clip >= 0, "clip", "a non-negative number")
-        need(number("weight_decay") and self.weight_decay >= 0, "weight_decay",
-             "a non-negative number")
-        need(number("eps") and self.eps > 0, "eps", "a positive number")
-        need(self.loss_scale is None or (number("loss_scale") and self.loss_scale > 0),
-             "loss_scale", "a positive number")
-        need(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
-                                          for b in self.betas), "betas", "two numbers in [0, 1)")
-        need(self.backend in ("auto",) + backends.BACKENDS, "backend",
-             "one of auto, " + ", ".join(backends.BACKENDS))
-
-    def lr_at(self, step: int) -> float:
-        """Learning rate for an update made after `step` microsteps (1-based)."""
-        if self.warmup and step < self.warmup:
-            return self.lr * step / self.warmup
-        span = max(1, self.steps - self.warmup)
-        progress = min(1.0, (step - self.warmup) / span)
-        floor = self.min_lr_frac * self.lr
-        return floor + 0.5 * (self.lr - floor) * (1.0 + math.cos(math.pi * progress))
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        known = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in d.items() if k in known})
 
 
 @dataclass

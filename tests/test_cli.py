@@ -128,3 +128,35 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
     meta, _ = load_checkpoint(tmp_path / "stories.ckpt")
     assert meta["step"] == step
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def run_anecy(args, cwd, **kw):
+    return subprocess.run([sys.executable, "-m", "anecy", *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=600, **kw)
+
+
+def test_anecy_command_trains_and_lists_commands(tmp_path):
+    listed = run_anecy(["--help"], tmp_path)
+    assert listed.returncode == 0 and "train" in listed.stdout
+    bare = run_anecy([], tmp_path)
+    assert bare.returncode == 2 and "usage: anecy" in bare.stderr
+    # every preset is offered; the checkpoint is named after the preset's family
+    done = run_anecy(["train", "--preset", "qwen3-tiny", "--steps", "2", "--accum", "1",
+                      "--no-progress"], tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "qwen.ckpt").is_file() and not (tmp_path / "stories.ckpt").exists()
+    bad = run_anecy(["train", "--steps", "0"], tmp_path)
+    assert one_line_error(bad).startswith("anecy train: error:")
+
+
+def test_flag_defaults_come_from_train_config():
+    from anecy import TrainConfig
+    from anecy.cli import Parser
+    from anecy.commands import train
+    p = Parser()
+    train.add_arguments(p, family="stories")
+    helps = {a.dest: a.help for a in p._actions}
+    d = TrainConfig()
+    for dest, value in (("ckpt_every", d.ckpt_every), ("steps", d.steps), ("lr", d.lr),
+                        ("accum", d.accum), ("eval_every", d.eval_every)):
+        assert f"(default {value})" in helps[dest], (dest, helps[dest])

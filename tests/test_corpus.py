@@ -1,27 +1,22 @@
 import functools
-from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import require_module, require_shared
 
 from anecy import corpus
 from anecy.corpus import BUILTIN_NOTICE, builtin_stories, builtin_tokens
 
-TOKENIZER = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "llama2-tokenizer" \
-    / "tokenizer.model"
-
 
 @functools.lru_cache(maxsize=None)
 def load_tokenizer():
-    # Called inside the tests, not as a fixture, so that a missing tokenizer fails them:
-    # skipping would hide the check.
-    try:
-        import sentencepiece
-    except ImportError:
-        pytest.fail("sentencepiece is needed to check the corpus: pip install sentencepiece")
-    if not TOKENIZER.is_file():
-        pytest.fail(f"the Llama-2 tokenizer is needed to check the corpus, expected at {TOKENIZER}")
-    return sentencepiece.SentencePieceProcessor(model_file=str(TOKENIZER))
+    # Called inside the tests, not at import, so that only the tests that need the
+    # tokenizer skip (or, under CI, fail) without it.
+    sentencepiece = require_module("sentencepiece", 'pip install -e ".[test]"',
+                                   "the corpus is checked against SentencePiece")
+    path = require_shared("data", "llama2-tokenizer", "tokenizer.model",
+                          why="the corpus is checked against the Llama-2 tokenizer")
+    return sentencepiece.SentencePieceProcessor(model_file=str(path))
 
 
 def llama2c_pretokenize(sp, stories):

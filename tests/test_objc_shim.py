@@ -6,11 +6,11 @@ that it rejects real ARC and type errors (each next to a correct twin that it ac
 rejection is for the intended reason), and check that ane_shim.h is plain C and C++.
 """
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+from conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tools" / "objc_check" / "check.sh"
@@ -21,9 +21,7 @@ INSTALL_HINT = "apt-get update && apt-get install -y clang"
 
 
 def _require(tool, hint):
-    path = shutil.which(tool)
-    assert path, f"'{tool}' is not installed, so the Objective-C shim cannot be checked: run `{hint}`"
-    return path
+    return require_tool(tool, hint, "the Objective-C shim is type-checked with it")
 
 
 def _check(path):

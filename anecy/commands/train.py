@@ -1,0 +1,119 @@
+"""anecy train (and train_stories.py / train_qwen.py): train a model, or resume one."""
+
+from pathlib import Path
+
+from .. import backends
+from ..checkpoint import read_checkpoint_meta
+from ..cli import non_negative_int, number, positive_int
+from ..config import PRESETS, ModelConfig, TrainConfig
+from ..errors import AnecyError
+
+HELP = "train a model from scratch, from pretrained weights, or resume a checkpoint"
+
+FAMILIES = {
+    # family: (presets offered, default preset)
+    "stories": (("stories110m", "stories15m", "tiny"), "stories110m"),
+    "qwen": (("qwen3-0.6b", "qwen3-tiny"), "qwen3-0.6b"),
+}
+
+
+def family_of(preset: str) -> str:
+    for family, (presets, _) in FAMILIES.items():
+        if preset in presets:
+            return family
+    return "stories"
+
+
+def add_arguments(p, family=None):
+    """The training flags. ``family`` (stories | qwen) limits the presets and names the
+    default checkpoint (``<family>.ckpt``); None offers every preset."""
+    presets, default_preset = FAMILIES[family] if family else (tuple(PRESETS), "stories110m")
+    d = TrainConfig()
+    p.set_defaults(family=family)
+    p.add_argument("--preset", choices=presets,
+                   help=f"model shape (default {default_preset}; on --resume, the checkpoint's)")
+    p.add_argument("--steps", type=positive_int,
+                   help=f"microsteps to train in all (default {d.steps})")
+    p.add_argument("--lr", type=number, help=f"peak learning rate (default {d.lr})")
+    p.add_argument("--accum", type=positive_int,
+                   help=f"microsteps per optimizer update (default {d.accum})")
+    p.add_argument("--warmup", type=non_negative_int,
+                   help=f"microsteps of linear warmup (default {d.warmup})")
+    p.add_argument("--clip", type=number,
+                   help=f"gradient-norm clip, 0 for none (default {d.clip})")
+    p.add_argument("--loss-scale", type=number, metavar="X",
+                   help="static loss scale (default: 1 on cpu, 4096 on the fp16 sim/ane "
+                        "backends)")
+    p.add_argument("--seed", type=non_negative_int,
+                   help=f"seed of the initial weights and of data sampling (default {d.seed})")
+    p.add_argument("--data", metavar="PATH",
+                   help="pretokenized token file (default: $ANECY_DATA or "
+                        "./tinystories_data00.bin, else a built-in corpus)")
+    ckpt_default = f"{family}.ckpt" if family else "<family>.ckpt: stories.ckpt or qwen.ckpt"
+    p.add_argument("--ckpt", metavar="PATH",
+                   help=f"checkpoint file (default {ckpt_default})")
+    p.add_argument("--ckpt-every", type=non_negative_int, metavar="N",
+                   help="microsteps between checkpoints, 0 for only at the end "
+                        f"(default {d.ckpt_every})")
+    p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    p.add_argument("--scratch", action="store_true",
+                   help="start from random weights (the default when not resuming)")
+    p.add_argument("--init-from", metavar="PATH",
+                   help="start from pretrained weights: a local HF directory (config.json + "
+                        "model.safetensors), e.g. a download of Qwen/Qwen3-0.6B")
+    p.add_argument("--backend", choices=("auto",) + backends.BACKENDS, default="auto",
+                   help="kernel backend (default auto: ane on Apple Silicon, else cpu)")
+    p.add_argument("--metrics", metavar="PATH", help="append one JSON line per microstep")
+    p.add_argument("--eval-every", type=non_negative_int, metavar="N",
+                   help=f"microsteps between held-out losses, 0 for never (default {d.eval_every})")
+    p.add_argument("--no-compact-vocab", action="store_true",
+                   help="softmax over the full vocabulary instead of the tokens in the data")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _train_config(args, base: TrainConfig, ckpt: str) -> TrainConfig:
+    """`base` (the defaults, or a resumed checkpoint's settings) with the flags given."""
+    d = base.to_dict()
+    given = dict(steps=args.steps, lr=args.lr, accum=args.accum, warmup=args.warmup,
+                 clip=args.clip, seed=args.seed, data_path=args.data,
+                 loss_scale=args.loss_scale,
+                 ckpt_every=args.ckpt_every, metrics_path=args.metrics,
+                 eval_every=args.eval_every)
+    d.update({k: v for k, v in given.items() if v is not None})
+    d["ckpt_path"] = ckpt
+    if args.init_from:
+        d["init_from"] = args.init_from
+    d["backend"] = args.backend
+    if args.no_compact_vocab:
+        d["compact_vocab"] = False
+    return TrainConfig.from_dict(d)
+
+
+def run(args) -> int:
+    from ..trainer import Trainer
+    family = args.family
+    default_preset = FAMILIES[family][1] if family else "stories110m"
+    preset = args.preset or default_preset
+    ckpt = args.ckpt or f"{family or family_of(preset)}.ckpt"
+    if args.resume and args.scratch:
+        raise AnecyError("--resume and --scratch contradict each other")
+    if args.init_from and (args.resume or args.scratch):
+        raise AnecyError("--init-from starts a new run; it cannot be combined with "
+                         "--resume or --scratch")
+    backends.resolve(args.backend)
+    if args.resume:
+        if not Path(ckpt).exists():
+            raise AnecyError(f"no checkpoint at {ckpt} to resume from (train without "
+                             "--resume first, or name one with --ckpt)")
+        saved = read_checkpoint_meta(ckpt)["meta"].get("train_config", {})
+        tc = _train_config(args, TrainConfig.from_dict(saved), ckpt)
+        given = ModelConfig.preset(args.preset) if args.preset else None
+        trainer = Trainer.resume(ckpt, tc, model_config=given)
+    else:
+        trainer = Trainer(ModelConfig.preset(preset), _train_config(args, TrainConfig(), ckpt))
+    if trainer.model.config.vocab_size > 32000 and trainer.data_name == "built-in corpus":
+        print("note: the built-in corpus is written in Llama-2 token ids; for a Qwen3 "
+              "model that means something, pass data pretokenized with Qwen3's tokenizer "
+              "(--data)")
+    summary = trainer.run(progress=not args.no_progress)
+    return 130 if summary["interrupted"] else 0
