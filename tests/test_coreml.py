@@ -1,0 +1,333 @@
+"""Apple's coremltools as a second oracle of the ten MIL programs (anecy.coreml_check).
+
+Every program of the presets is rebuilt op by op with coremltools' MIL builder (iOS18
+opset): coremltools validates each op, parameter and dtype and infers each type (which
+must equal the declared one), reads each BLOBFILE with its own blob reader, const-folds
+the program on a random input to values compared with milsim's, and serializes it to an
+.mlpackage whose weights must read back bit for bit. The two full-size models get the
+type, blob and package checks only (const-folding them in numpy's fp16 would take
+minutes). The mutation tests show that each check fails when it should.
+
+The value bound, VALUE_ULPS = 2 fp16 ulps of each output block's largest value: milsim and
+coremltools both keep every intermediate in fp16, and every op that numpy evaluates
+elementwise (add, mul, sub, pow) is computed in fp32 and rounded once by both, so it
+gives the same bits from the same inputs. They differ where an op rounds differently:
+numpy's fp16 matmul and reduce_sum sum in their own order, and coremltools evaluates
+sigmoid as 1/(1+exp(-x)) and softmax step by step with an fp16 rounding after each step,
+where milsim rounds once. Each such op moves its result by about one rounding, one ulp
+of the values it produces. An output element then differs by (a) its own last rounding,
+which can fall on either side of a rounding boundary: 1 ulp of the element, at most 1 ulp
+of the block's largest value; plus (b) what the upstream differences carry to it: the
+products and contractions downstream carry a relative difference at its size, not above
+it, and the independent differences of the many terms of a contraction have random signs,
+so they average rather than add: about 1 ulp of the block's scale. Hence 2. The bound is
+per block and relative to the block's largest value because an element's error is set by
+the operands it was computed from, not by its own size (sdpaBwd2's dprobs - rowsum
+cancels; probs and dprobs blocks differ in scale). Measured over 40 seeds of tiny and
+qwen3-tiny, the worst is exactly 2 (ffnFused's gate and x_next, sdpaFwd's q_rope: sigmoid
+and QK-norm's pow of a reduce_sum), 1 elsewhere; a wrong op, parameter, axis or layout
+errs by O(1) of the scale, i.e. hundreds of ulps (test_value_check_sees_a_small_error).
+"""
+
+import argparse
+import dataclasses
+import io
+import time
+from pathlib import Path
+from typing import ClassVar
+
+import numpy as np
+import pytest
+
+from anecy import coreml_check as cc
+from anecy import mil, milsim
+from anecy.commands import selftest
+from anecy.config import ModelConfig
+
+VALUE_PRESETS = ("tiny", "qwen3-tiny", "stories15m")
+SHAPE_PRESETS = ("stories110m", "qwen3-0.6b")
+# not among the presets: a residual scale (ffnFused's extra mul), head_dim != dim / heads,
+# GQA 3:1 with QK-norm and interleaved RoPE at an odd, short sequence length
+EXTRA = {
+    "gqa-scaled": dict(dim=64, hidden_dim=96, n_layers=1, n_heads=8, n_kv_heads=2,
+                       head_dim=24, vocab_size=32, seq_len=32, residual_scale=0.5),
+    "odd": dict(dim=20, hidden_dim=40, n_layers=1, n_heads=3, n_kv_heads=1, head_dim=6,
+                vocab_size=8, seq_len=5, qk_norm=True, rope_style="interleaved",
+                residual_scale=0.3),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def coremltools():
+    return cc.load_coremltools()
+
+
+def _config(name):
+    return ModelConfig(**EXTRA[name]) if name in EXTRA else ModelConfig.preset(name)
+
+
+def _assert_checked(res, prog, cfg, values):
+    n_stmts = sum(1 for line in prog.text.split("\n") if "= " in line and "[name=" in line)
+    assert res.kernel == prog.kernel and res.ops == n_stmts
+    assert res.blobs == prog.text.count("BLOBFILE") == len(prog.blobs)
+    # every blob constant is stored in the package's weight file and read back bit for bit
+    assert res.package is not None and (res.package / "Manifest.json").is_file()
+    assert res.package_weights == res.blobs
+    if values:
+        blocks = [name for name, _, _ in mil.layout(prog.kernel, cfg).outputs]
+        assert sorted(res.value_ulps) == sorted(blocks)
+        worst = max(res.value_ulps.values())
+        assert worst <= cc.VALUE_ULPS, (prog.kernel, res.value_ulps)
+    else:
+        assert res.value_ulps is None
+
+
+@pytest.mark.parametrize("name", VALUE_PRESETS + tuple(EXTRA))
+def test_every_program_passes_coremltools_with_milsims_values(name, tmp_path):
+    cfg = _config(name)
+    for kernel in mil.KERNEL_NAMES:
+        prog = mil.generate(kernel, cfg)
+        x = cc.random_input(kernel, cfg, seed=0)
+        res = cc.check_program(prog, cfg, x, tmp_path / kernel)
+        _assert_checked(res, prog, cfg, values=True)
+
+
+@pytest.mark.parametrize("name", SHAPE_PRESETS)
+def test_full_size_programs_pass_coremltools_types(name, tmp_path):
+    cfg = ModelConfig.preset(name)
+    for kernel in mil.KERNEL_NAMES:
+        res = cc.check_kernel(kernel, cfg, seed=None, workdir=tmp_path / kernel)
+        _assert_checked(res, mil.generate(kernel, cfg), cfg, values=False)
+
+
+def test_blobs_read_the_same_through_coremltools(tmp_path):
+    from coremltools.libmilstoragepython import _BlobStorageReader
+    cfg = ModelConfig.preset("qwen3-tiny")
+    prog = mil.generate("sdpaFwd", cfg)
+    files = cc.write_blobs(prog, tmp_path)
+    assert sorted(files) == sorted(prog.blobs)
+    cos, _ = mil.rope_tables(cfg)
+    f = files["@model_path/weights/rope_cos.bin"]
+    assert f == tmp_path / "weights" / "rope_cos.bin"
+    got = np.asarray(_BlobStorageReader(str(f)).read_fp16_data(mil.BLOB_DESCRIPTOR_OFFSET))
+    assert got.view(np.float16).tobytes() == cos.tobytes()
+
+
+def test_random_input_keeps_outputs_of_order_one():
+    cfg = ModelConfig.preset("stories15m")
+    for kernel in ("ffnFused", "sdpaFwd"):
+        x = cc.random_input(kernel, cfg, seed=3)
+        assert x.shape == mil.input_shape(kernel, cfg) and x.dtype == np.float16
+        y = milsim.run(mil.generate(kernel, cfg), x)
+        assert np.all(np.isfinite(y)) and 0.5 < np.max(np.abs(y)) < 200
+    assert not np.array_equal(cc.random_input("woFwd", cfg, 0), cc.random_input("woFwd", cfg, 1))
+
+
+# -----------------------------------------------------------------------------------------
+# the checks can fail
+# -----------------------------------------------------------------------------------------
+
+TINY = ModelConfig.preset("tiny")
+
+
+def _mutant(kernel, old, new):
+    prog = mil.generate(kernel, TINY)
+    assert prog.text.count(old) == 1, old
+    return dataclasses.replace(prog, text=prog.text.replace(old, new))
+
+
+def _fails(prog, stage, *words, x=True):
+    milsim.parse(prog.text)      # syntax is fine: coremltools, not the parser, must object
+    with pytest.raises(cc.CheckFailure) as info:
+        cc.check_program(prog, TINY, cc.random_input(prog.kernel, TINY, 0) if x else None)
+    e = info.value
+    assert e.kernel == prog.kernel and e.stage == stage, str(e)
+    msg = str(e)
+    assert "\n" not in msg and all(w in msg for w in words), msg
+    return msg
+
+
+def test_unmutated_programs_pass():
+    for kernel in ("woFwd", "sdpaFwd", "ffnFused"):
+        cc.check_program(mil.generate(kernel, TINY), TINY,
+                         cc.random_input(kernel, TINY, 0), package=False)
+
+
+def test_a_renamed_parameter_is_reported():
+    prog = _mutant("woFwd", "transpose_y=", "transpose_b=")
+    _fails(prog, "opset", "p_mm = matmul", "transpose_b")
+
+
+def test_a_wrong_dtype_is_reported():
+    # the attention scale as an int32: coremltools' mul wants both operands fp16
+    prog = _mutant("sdpaFwd", 'fp16 scale = const()[name=string("scale"), val=fp16(0.25)]',
+                   'int32 scale = const()[name=string("scale"), val=int32(1)]')
+    _fails(prog, "opset", "q_scaled = mul", "int32")
+
+
+def test_a_wrong_declared_shape_is_reported():
+    prog = _mutant("woFwd", "tensor<fp16, [1,1,64,64]> a_t = ", "tensor<fp16, [1,1,64,32]> a_t = ")
+    _fails(prog, "types", "a_t = transpose", "declared tensor<fp16, [1, 1, 64, 32]>",
+           "infers tensor<fp16, [1, 1, 64, 64]>", x=False)
+
+
+def test_a_bad_reshape_is_reported():
+    # half the values the reshape needs
+    prog = _mutant("woFwd", "([1,1,64,64])", "([1,1,64,32])")
+    _fails(prog, "opset", "a_r = reshape")
+
+
+@pytest.mark.parametrize("byte", [64, 68, 72, 80])
+def test_a_corrupt_blob_is_reported(byte):
+    # the DEADBEEF sentinel, the data type, the payload size, the payload offset
+    prog = mil.generate("sdpaFwd", TINY)
+    path = "@model_path/weights/mask.bin"
+    data = bytearray(prog.blobs[path])
+    data[byte] ^= 0x10
+    blobs = dict(prog.blobs, **{path: bytes(data)})
+    _fails(dataclasses.replace(prog, blobs=blobs), "blobs", "mask.bin")
+
+
+def test_a_package_weight_that_does_not_round_trip_is_reported(tmp_path):
+    prog = mil.generate("sdpaFwd", TINY)
+    res = cc.check_program(prog, TINY, None, tmp_path)
+    assert cc.check_package_weights(prog, res.package) == 3
+    weights = res.package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    data = bytearray(weights.read_bytes())
+    data[-2] ^= 0x01                  # the last fp16 value of the last stored weight
+    weights.write_bytes(bytes(data))
+    with pytest.raises(cc.CheckFailure, match="package: stored weight .* bit for bit"):
+        cc.check_package_weights(prog, res.package)
+
+
+def test_value_check_sees_a_small_error(monkeypatch):
+    """A 1% error in milsim's sigmoid (an oracle bug, not a program bug) is caught."""
+    inner = milsim._compute
+
+    def biased(op, p):
+        r = inner(op, p)
+        return r * np.float32(1 + 2 ** -7) if op == "sigmoid" else r
+    monkeypatch.setattr(milsim, "_compute", biased)
+    prog = mil.generate("ffnFused", TINY)
+    msg = _fails(prog, "values", "output block", "bound 2")
+    assert "block gate" in msg or "block x_next" in msg, msg
+
+
+# -----------------------------------------------------------------------------------------
+# anecy selftest
+# -----------------------------------------------------------------------------------------
+
+def _run_selftest(argv):
+    parser = argparse.ArgumentParser(prog="anecy selftest")
+    selftest.add_arguments(parser)
+    return selftest.run(parser.parse_args(argv))
+
+
+def test_selftest_reports_here(capsys):
+    assert isinstance(selftest.HELP, str) and "\n" not in selftest.HELP
+    t0 = time.perf_counter()
+    assert _run_selftest(["--preset", "qwen3-tiny"]) == 0
+    report = capsys.readouterr().out
+    lines = report.splitlines()
+    assert lines[0].startswith("anecy selftest: preset qwen3-tiny (dim 64")
+    assert any(s.startswith("  ane ") and "unavailable" in s and "Linux" in s for s in lines)
+    assert any(s.startswith("  coreml ") and "unavailable: Core ML runs only on macOS" in s
+               for s in lines)
+    for kernel in mil.KERNEL_NAMES:
+        row = next(s.split() for s in lines if s.split()[:1] == [kernel])
+        # kernel, ops, coremltools ok, ulp <= 2, ane n/a, coreml n/a
+        assert row[2] == "ok" and float(row[3]) <= cc.VALUE_ULPS and row[4:] == ["n/a", "n/a"]
+    assert lines[-1].startswith("result: OK: all 10 kernels agree on milsim, coremltools")
+    assert "the ANE paths need macOS on Apple Silicon" in lines[-1]
+    assert time.perf_counter() - t0 < 60
+
+
+def test_selftest_fails_on_a_broken_program(monkeypatch):
+    real = mil.generate
+
+    def generate(kernel, cfg):
+        prog = real(kernel, cfg)
+        if kernel == "kvBwd":
+            prog = dataclasses.replace(prog, text=prog.text.replace("transpose_y=",
+                                                                    "transpose_b=", 1))
+        return prog
+    monkeypatch.setattr(mil, "generate", generate)
+    out = io.StringIO()
+    assert selftest.selftest(TINY, "tiny", out=out) == 1
+    report = out.getvalue()
+    assert "kvBwd: milsim rejects it: line" in report
+    assert "kvBwd: coremltools: opset:" in report and "transpose_b" in report
+    assert report.splitlines()[-1].startswith("result: FAIL: 1 of 10 kernels (kvBwd)")
+    qrow = next(s.split() for s in report.splitlines() if s.split()[:1] == ["qBwd"])
+    assert qrow[2] == "ok"
+
+
+class MilsimAne:
+    """Stands in for the private-API AneKernel: runs the program with milsim on the bound
+    Surfaces' memory (as tests/test_ane.py's stand-in), recording what it was given."""
+    seen: ClassVar[dict] = {}
+    scale = 1.0
+
+    def __init__(self, text, blobs, name):
+        self.name, self.program = name, milsim.Interpreter(text, blobs)
+
+    def bind(self, inp, out):
+        return (inp, out)
+
+    def evaluate(self, request):
+        inp, out = request
+        x = inp.array(np.float16, self.program.input_type.shape).copy()
+        type(self).seen[self.name] = x
+        y = self.program.run(x).astype(np.float32) * np.float32(type(self).scale)
+        out.array(np.float16, self.program.output_type.shape)[...] = y.astype(np.float16)
+
+
+def _predict_with_milsim(cfg, calls):
+    def predict(package, x):
+        kernel = Path(package).stem
+        assert Path(package).is_dir()
+        calls.append(kernel)
+        return milsim.run(mil.generate(kernel, cfg), x)
+    return predict
+
+
+@pytest.fixture
+def stand_in_ane():
+    from anecy import _sim
+    _sim.clear_compiled_programs()
+    cls = type("Ane", (MilsimAne,), {"seen": {}, "scale": 1.0})
+    yield cls
+    _sim.clear_compiled_programs()
+
+
+def test_selftest_three_ways_with_stand_ins(stand_in_ane):
+    """The Mac paths' own code (inputs into the AneKernels Surfaces, execute, outputs
+    back; the package handed to the predictor), with milsim standing in for the ANE and
+    for Core ML: everything agrees exactly, on the very input the other paths got."""
+    calls = []
+    out = io.StringIO()
+    rc = selftest.selftest(TINY, "tiny", seed=4, out=out, ane_factory=stand_in_ane,
+                           predict=_predict_with_milsim(TINY, calls))
+    report = out.getvalue()
+    assert rc == 0, report
+    assert calls == list(mil.KERNEL_NAMES)
+    for i, kernel in enumerate(mil.KERNEL_NAMES):
+        assert np.array_equal(stand_in_ane.seen[kernel].reshape(mil.input_shape(kernel, TINY)),
+                              cc.random_input(kernel, TINY, 4 + i))
+        row = next(s.split() for s in report.splitlines() if s.split()[:1] == [kernel])
+        assert row[2] == "ok" and row[4:] == ["0", "0", "0"], row
+    assert "ane~coreml" in report and "unavailable" not in report
+    assert report.splitlines()[-1].startswith(
+        "result: OK: all 10 kernels agree on milsim, coremltools, ane, coreml")
+
+
+def test_selftest_reports_a_disagreeing_ane(stand_in_ane):
+    stand_in_ane.scale = 1.05      # a device 5% off
+    out = io.StringIO()
+    rc = selftest.selftest(TINY, "tiny", out=out, ane_factory=stand_in_ane,
+                           predict=_predict_with_milsim(TINY, []))
+    report = out.getvalue()
+    assert rc == 1
+    assert "woFwd: ane differs from milsim by" in report
+    assert "ane and coreml differ" in report
+    assert report.splitlines()[-1].startswith("result: FAIL: 10 of 10 kernels")
