@@ -47,7 +47,7 @@ from .errors import BackendUnavailable
 
 __all__ = ["CheckFailure", "ProgramCheck", "VALUE_ULPS", "DEVICE_ULPS", "load_coremltools",
            "check_program", "check_kernel", "block_ulps", "random_input", "write_blobs",
-           "check_package_weights", "coreml_prediction_status", "coreml_predictor",
+           "check_package", "coreml_prediction_status", "coreml_predictor",
            "ane_kernels_class", "ane_status", "ane_runner"]
 
 # coremltools' const-folded values against milsim's, in fp16 ulps of each output block's
@@ -139,8 +139,6 @@ def _quiet():
             yield
     finally:
         root.setLevel(level)
-        for name in ("coremltools",):
-            logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def _fix_reduce_keepdims():
@@ -397,19 +395,40 @@ def _write_package(kernel, prog, path: Path) -> Path:
     return path
 
 
-def check_package_weights(program, package) -> int:
-    """Read every weight that the .mlpackage ``package`` (written from ``program``) stores
-    in its blob file back through coremltools' reader, and compare it bit for bit with the
-    BLOBFILE constant of ``program`` it came from; returns how many were compared."""
+# Core ML specification version of the iOS18 / macOS 15 model format
+_SPEC_VERSION = 9
+
+
+def check_package(program, package) -> int:
+    """Check the .mlpackage ``package`` written from ``program``: an iOS18 model whose one
+    input and one output are fp16 arrays of the program's shapes, and whose stored weights
+    read back through coremltools' reader bit for bit equal to the BLOBFILE constants they
+    came from. Returns how many weights were compared."""
     ct = load_coremltools()
+    from coremltools.proto import FeatureTypes_pb2
     kernel = program.kernel
+    parsed = milsim.parse(program.text)
     want = {}
-    for st in milsim.parse(program.text).stmts:
+    for st in parsed.stmts:
         v = st.attrs.get("val")
         if st.op == "const" and v is not None and v[0] == "blob":
             want[st.var] = mil.read_blob(program.blobs[v[2]], v[3])
     package = Path(package)
     spec = ct.utils.load_spec(str(package))
+    if spec.specificationVersion != _SPEC_VERSION:
+        raise CheckFailure(kernel, "package", f"specification version "
+                                              f"{spec.specificationVersion}, not "
+                                              f"{_SPEC_VERSION} (iOS18)")
+    fp16 = FeatureTypes_pb2.ArrayFeatureType.FLOAT16
+    for what, feats, name, shape in (("input", spec.description.input, parsed.input_name,
+                                      program.input_shape),
+                                     ("output", spec.description.output, parsed.output,
+                                      program.output_shape)):
+        got = [(f.name, f.type.multiArrayType.dataType == fp16,
+                tuple(f.type.multiArrayType.shape)) for f in feats]
+        if got != [(name, True, tuple(shape))]:
+            raise CheckFailure(kernel, "package", f"the model's {what}s are {got}, not one "
+                                                  f"fp16 {name} {list(shape)}")
     weights_dir = package / "Data" / "com.apple.CoreML" / "weights"
     seen = set()
     for block in spec.mlProgram.functions["main"].block_specializations.values():
@@ -482,7 +501,7 @@ def check_program(program, cfg=None, x=None, workdir=None, package: bool = True,
                                                  f"{VALUE_ULPS:g})")
     if package:
         res.package = _write_package(kernel, prog, workdir / f"{kernel}.mlpackage")
-        res.package_weights = check_package_weights(program, res.package)
+        res.package_weights = check_package(program, res.package)
     return res
 
 

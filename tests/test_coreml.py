@@ -188,16 +188,21 @@ def test_a_corrupt_blob_is_reported(byte):
     _fails(dataclasses.replace(prog, blobs=blobs), "blobs", "mask.bin")
 
 
-def test_a_package_weight_that_does_not_round_trip_is_reported(tmp_path):
+def test_a_package_that_does_not_match_its_program_is_reported(tmp_path):
     prog = mil.generate("sdpaFwd", TINY)
     res = cc.check_program(prog, TINY, None, tmp_path)
-    assert cc.check_package_weights(prog, res.package) == 3
+    assert cc.check_package(prog, res.package) == 3
+    # the package's input and output are what the program (and the ANE) take and give
+    other = dataclasses.replace(prog, output_shape=(1, 1, 1, 1))
+    with pytest.raises(cc.CheckFailure, match="package: the model's outputs are .* not one "
+                                              r"fp16 out \[1, 1, 1, 1\]"):
+        cc.check_package(other, res.package)
     weights = res.package / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
     data = bytearray(weights.read_bytes())
     data[-2] ^= 0x01                  # the last fp16 value of the last stored weight
     weights.write_bytes(bytes(data))
     with pytest.raises(cc.CheckFailure, match="package: stored weight .* bit for bit"):
-        cc.check_package_weights(prog, res.package)
+        cc.check_package(prog, res.package)
 
 
 def test_value_check_sees_a_small_error(monkeypatch):

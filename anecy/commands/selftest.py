@@ -80,8 +80,8 @@ def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=
     mac = "; the ANE paths need macOS on Apple Silicon"
     say("paths:")
     say("  milsim       anecy's fp16 MIL interpreter (the reference): runs")
-    say(f"  coremltools  Apple's iOS18 opset, type and value inference, blob reader, "
-        f".mlpackage writer: runs (values within {cc.VALUE_ULPS:g} ulp of milsim)")
+    say(f"  coremltools  Apple's iOS18 opset: types, values, blobs, .mlpackage: runs "
+        f"(within {cc.VALUE_ULPS:g} ulp of milsim)")
     run_ane = None
     setup_failures = []
     if ane_ok:
@@ -93,13 +93,13 @@ def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=
             say(f"  ane          the ane backend (private API): FAILED: {cc._one_line(e)}")
             setup_failures.append("ane")
     else:
-        say(f"  ane          the ane backend (private API): unavailable: {ane_why}{mac}")
+        say(f"  ane          the ane backend (private API): unavailable: {ane_why}")
     if cm_ok:
         predict = predict or cc.coreml_predictor("CPU_AND_NE")
         say(f"  coreml       Core ML's public API (CPU_AND_NE): runs (within "
             f"{cc.DEVICE_ULPS:g} ulp of milsim)")
     else:
-        say(f"  coreml       Core ML's public API (CPU_AND_NE): unavailable: {cm_why}{mac}")
+        say(f"  coreml       Core ML's public API (CPU_AND_NE): unavailable: {cm_why}")
 
     cols = ["kernel", "ops", "coremltools", "ulp", "ane", "coreml"]
     if run_ane is not None and cm_ok:
