@@ -350,3 +350,21 @@ def test_selftest_reports_a_disagreeing_ane(stand_in_ane):
     assert "woFwd: ane differs from milsim by" in report
     assert "ane and coreml differ" in report
     assert report.splitlines()[-1].startswith("result: FAIL: 10 of 10 kernels")
+
+
+def test_selftest_reports_an_ane_that_does_not_compile(stand_in_ane):
+    class Refuses(stand_in_ane):
+        def __init__(self, text, blobs, name):
+            raise RuntimeError(f"compiling {name} for the ANE failed: (stand-in) "
+                               f"Error Code=1\nsecond line")
+    out = io.StringIO()
+    rc = selftest.selftest(TINY, "tiny", out=out, ane_factory=Refuses,
+                           predict=_predict_with_milsim(TINY, []))
+    report = out.getvalue()
+    assert rc == 1
+    assert ("  ane          the ane backend (private API): FAILED: compiling sdpaFwd for the "
+            "ANE failed: (stand-in) Error Code=1 second line") in report
+    rows = [s.split() for s in report.splitlines() if s.split()[:1] == ["woFwd"]]
+    assert rows[0][4:] == ["n/a", "0"]          # coreml still ran and agreed
+    assert report.splitlines()[-1].startswith("result: FAIL: the ane path did not start; "
+                                              "paths run: milsim, coremltools, coreml")

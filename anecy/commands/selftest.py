@@ -43,18 +43,103 @@ def run(args) -> int:
 
 
 def _fmt(u):
-    if u is None:
-        return "-"
-    if u == float("inf"):
-        return "inf"
-    return f"{u:.2g}"
+    return "inf" if u == float("inf") else f"{u:.2g}"
+
+
+def _table_line(cells):
+    return "  ".join(f"{c:<12}" if j == 0 else f"{c:>11}" for j, c in enumerate(cells))
+
+
+class _Paths:
+    """The two Mac paths: set up once, each either a runner or the reason it is missing."""
+
+    def __init__(self, cfg, ane_factory, predict, say):
+        self.ane = self.predict = None
+        self.unavailable, self.failed = [], []
+        ok, why = (True, "") if ane_factory is not None else cc.ane_status()
+        label = "  ane          the ane backend (private API)"
+        if not ok:
+            say(f"{label}: unavailable: {why}")
+            self.unavailable.append("ane")
+        else:
+            try:
+                self.ane = cc.ane_runner(cfg, ane_factory)
+                say(f"{label}: runs (within {cc.DEVICE_ULPS:g} ulp of milsim)")
+            except Exception as e:   # noqa: BLE001 - a compile failure is a result to report
+                say(f"{label}: FAILED: {cc._one_line(e)}")
+                self.failed.append("ane")
+        ok, why = (True, "") if predict is not None else cc.coreml_prediction_status()
+        label = "  coreml       Core ML's public API (CPU_AND_NE)"
+        if not ok:
+            say(f"{label}: unavailable: {why}")
+            self.unavailable.append("coreml")
+        else:
+            self.predict = predict or cc.coreml_predictor("CPU_AND_NE")
+            say(f"{label}: runs (within {cc.DEVICE_ULPS:g} ulp of milsim)")
+
+    def run(self, path, kernel, x, package):
+        if path == "ane":
+            return self.ane(kernel, x)
+        return self.predict(package, x)
+
+
+def _check(kernel, cfg, x, workdir, paths, cols):
+    """One kernel every way: (table row, problems, {path: ulp})."""
+    row = dict.fromkeys(cols, "-")
+    row["kernel"] = kernel
+    problems, ulps = [], {}
+    prog = mil.generate(kernel, cfg)
+    try:
+        ref = milsim.run(prog, x)
+    except milsim.MilError as e:
+        ref = None
+        problems.append(f"milsim rejects it: {e}")
+    package = None
+    try:
+        res = cc.check_program(prog, cfg, None if ref is None else x, workdir, ref=ref)
+        row["ops"], row["coremltools"], package = str(res.ops), "ok", res.package
+        if res.value_ulps:
+            ulps["coremltools"] = max(res.value_ulps.values())
+            row["ulp"] = _fmt(ulps["coremltools"])
+    except cc.CheckFailure as e:
+        row["coremltools"] = "FAIL"
+        problems.append(f"coremltools: {e.stage}: {e.detail}")
+    out = {}
+    for path in ("ane", "coreml"):
+        if path in paths.unavailable or path in paths.failed:
+            row[path] = "n/a"
+            continue
+        if path == "coreml" and package is None:
+            continue
+        try:
+            out[path] = y = paths.run(path, kernel, x, package)
+        except Exception as e:       # noqa: BLE001 - the device's error is the result
+            row[path] = "FAIL"
+            problems.append(f"{path}: {cc._one_line(e)}")
+            continue
+        if ref is None:
+            row[path] = "ran"
+            continue
+        ulps[path] = max(cc.block_ulps(kernel, cfg, y, ref).values())
+        row[path] = _fmt(ulps[path])
+        if not ulps[path] <= cc.DEVICE_ULPS:
+            row[path] += "!"
+            problems.append(f"{path} differs from milsim by {_fmt(ulps[path])} ulp")
+    if "ane~coreml" in cols and len(out) == 2:
+        u = max(cc.block_ulps(kernel, cfg, out["ane"], out["coreml"]).values())
+        row["ane~coreml"] = _fmt(u)
+        if not u <= 2 * cc.DEVICE_ULPS:
+            row["ane~coreml"] += "!"
+            problems.append(f"ane and coreml differ by {_fmt(u)} ulp")
+    return [row[c] for c in cols], problems, ulps
 
 
 def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=None) -> int:
     """Print the report for ``cfg`` to ``out`` (stdout) and return the exit status.
 
-    ``ane_factory`` and ``predict`` stand in for the private-API ANE kernel and Core ML's
-    prediction (tests); with them the two Mac paths run anywhere."""
+    ``ane_factory`` (for ``AneKernels``) and ``predict`` (package, input -> output) stand
+    in for the private-API ANE kernel and Core ML's prediction (tests); with them the two
+    Mac paths run anywhere."""
     out = out or sys.stdout
 
     def say(line=""):
@@ -68,122 +153,48 @@ def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=
     say(f"  anecy {__version__}, Python {platform.python_version()}, numpy {np.__version__}, "
         f"coremltools {ct.__version__}, {platform.system()} {platform.release()} "
         f"{platform.machine()}")
-
-    if ane_factory is not None:
-        ane_ok, ane_why = True, ""
-    else:
-        ane_ok, ane_why = cc.ane_status()
-    if predict is not None:
-        cm_ok, cm_why = True, ""
-    else:
-        cm_ok, cm_why = cc.coreml_prediction_status()
-    mac = "; the ANE paths need macOS on Apple Silicon"
     say("paths:")
     say("  milsim       anecy's fp16 MIL interpreter (the reference): runs")
     say(f"  coremltools  Apple's iOS18 opset: types, values, blobs, .mlpackage: runs "
         f"(within {cc.VALUE_ULPS:g} ulp of milsim)")
-    run_ane = None
-    setup_failures = []
-    if ane_ok:
-        try:
-            run_ane = cc.ane_runner(cfg, ane_factory)
-            say(f"  ane          the ane backend (private API): runs (within "
-                f"{cc.DEVICE_ULPS:g} ulp of milsim)")
-        except Exception as e:      # a compile failure is a result, not a crash
-            say(f"  ane          the ane backend (private API): FAILED: {cc._one_line(e)}")
-            setup_failures.append("ane")
-    else:
-        say(f"  ane          the ane backend (private API): unavailable: {ane_why}")
-    if cm_ok:
-        predict = predict or cc.coreml_predictor("CPU_AND_NE")
-        say(f"  coreml       Core ML's public API (CPU_AND_NE): runs (within "
-            f"{cc.DEVICE_ULPS:g} ulp of milsim)")
-    else:
-        say(f"  coreml       Core ML's public API (CPU_AND_NE): unavailable: {cm_why}")
-
+    paths = _Paths(cfg, ane_factory, predict, say)
+    ran = ["milsim", "coremltools"] + [p for p in ("ane", "coreml")
+                                       if p not in paths.unavailable + paths.failed]
     cols = ["kernel", "ops", "coremltools", "ulp", "ane", "coreml"]
-    if run_ane is not None and cm_ok:
+    if "ane" in ran and "coreml" in ran:
         cols.append("ane~coreml")
     say("")
-    say("  ".join(f"{c:<12}" if i == 0 else f"{c:>11}" for i, c in enumerate(cols)))
-    failed = []
-    worst = {"coremltools": 0.0, "ane": 0.0, "coreml": 0.0}
+    say(_table_line(cols))
+    failed, worst = [], dict.fromkeys(ran[1:], 0.0)
     with tempfile.TemporaryDirectory(prefix="anecy-selftest-") as tmp:
         for i, kernel in enumerate(mil.KERNEL_NAMES):
-            problems = []
-            row = {c: "-" for c in cols}
-            row["kernel"] = kernel
             x = cc.random_input(kernel, cfg, seed + i)
-            prog = mil.generate(kernel, cfg)
-            try:
-                ref = milsim.run(prog, x)
-            except milsim.MilError as e:
-                ref = None
-                problems.append(f"milsim rejects it: {e}")
-            try:
-                res = cc.check_program(prog, cfg, x if ref is not None else None,
-                                       Path(tmp) / kernel, ref=ref)
-                row["ops"] = str(res.ops)
-                row["coremltools"] = "ok"
-                if res.value_ulps:
-                    u = max(res.value_ulps.values())
-                    worst["coremltools"] = max(worst["coremltools"], u)
-                    row["ulp"] = _fmt(u)
-                package = res.package
-            except cc.CheckFailure as e:
-                row["coremltools"] = "FAIL"
-                problems.append(f"coremltools: {e.stage}: {e.detail}")
-                package = None
-            dev = {}
-            for path, ok, go in (("ane", run_ane is not None, run_ane),
-                                 ("coreml", cm_ok and package is not None,
-                                  lambda k, v, p=package: predict(p, v))):
-                if not ok:
-                    row[path] = "n/a" if path == "ane" or not cm_ok else "-"
-                    continue
-                try:
-                    dev[path] = y = go(kernel, x)
-                except Exception as e:
-                    row[path] = "FAIL"
-                    problems.append(f"{path}: {cc._one_line(e)}")
-                    continue
-                if ref is None:
-                    row[path] = "ran"
-                    continue
-                u = max(cc.block_ulps(kernel, cfg, y, ref).values())
-                worst[path] = max(worst[path], u)
-                row[path] = _fmt(u)
-                if not u <= cc.DEVICE_ULPS:
-                    row[path] += "!"
-                    problems.append(f"{path} differs from milsim by {_fmt(u)} ulp")
-            if "ane~coreml" in cols and len(dev) == 2:
-                u = max(cc.block_ulps(kernel, cfg, dev["ane"], dev["coreml"]).values())
-                row["ane~coreml"] = _fmt(u)
-                if not u <= 2 * cc.DEVICE_ULPS:
-                    row["ane~coreml"] += "!"
-                    problems.append(f"ane and coreml differ by {_fmt(u)} ulp")
-            say("  ".join(f"{row[c]:<12}" if j == 0 else f"{row[c]:>11}"
-                          for j, c in enumerate(cols)))
+            row, problems, ulps = _check(kernel, cfg, x, Path(tmp) / kernel, paths, cols)
+            say(_table_line(row))
             for p in problems:
                 say(f"    {kernel}: {p}")
             if problems:
                 failed.append(kernel)
-
-    ran = ["milsim", "coremltools"] + (["ane"] if run_ane is not None else []) + \
-        (["coreml"] if cm_ok else [])
+            for p, u in ulps.items():
+                worst[p] = max(worst[p], u)
     say("")
     say("ulp: the largest difference from milsim over the kernel's output blocks, in fp16 "
         "ulps of each block's largest value")
+    if not paths.unavailable:
+        note = ""
+    elif sys.platform != "darwin":
+        note = "; the ANE paths need macOS on Apple Silicon"
+    else:
+        note = f"; not available here: {', '.join(paths.unavailable)}"
     secs = time.perf_counter() - t0
-    missing = "" if len(ran) == 4 else mac
-    if failed or setup_failures:
+    if failed or paths.failed:
         what = [f"{len(failed)} of {len(mil.KERNEL_NAMES)} kernels ({', '.join(failed)})"] \
             if failed else []
-        what += [f"the {p} path did not start" for p in setup_failures]
-        say(f"result: FAIL: {'; '.join(what)}; paths run: {', '.join(ran)}{missing} "
+        what += [f"the {p} path did not start" for p in paths.failed]
+        say(f"result: FAIL: {'; '.join(what)}; paths run: {', '.join(ran)}{note} "
             f"({secs:.1f} s)")
         return 1
-    worst_s = ", ".join(f"{p} {_fmt(worst[p])}" for p in ran[1:])
+    worst_s = ", ".join(f"{p} {_fmt(u)}" for p, u in worst.items())
     say(f"result: OK: all {len(mil.KERNEL_NAMES)} kernels agree on {', '.join(ran)} "
-        f"(worst ulp: {worst_s}){missing} ({secs:.1f} s)")
+        f"(worst ulp: {worst_s}){note} ({secs:.1f} s)")
     return 0
