@@ -36,7 +36,7 @@ import io
 import logging
 import sys
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -51,13 +51,11 @@ __all__ = ["CheckFailure", "ProgramCheck", "VALUE_ULPS", "DEVICE_ULPS", "load_co
            "ane_kernels_class", "ane_status", "ane_runner"]
 
 # coremltools' const-folded values against milsim's, in fp16 ulps of each output block's
-# largest value. Both keep every intermediate in fp16 and differ only in how an op
-# computes before it rounds (numpy's fp16 matmul and reductions sum in their own order;
-# coremltools' sigmoid and softmax round after each elementary step where milsim rounds
-# once), so an element's result differs by about one rounding of the block's scale,
-# carried forward through the later ops; 1 ulp is the worst seen on the presets
-# (tests/test_coreml.py). A wrong op, parameter or layout errs by O(1), i.e. by hundreds
-# of ulps.
+# largest value: one for the output's own rounding, one for what the ops before it that
+# round differently in the two (matmul and reduce_sum summation order, coremltools' stepwise
+# sigmoid and softmax) carry to it; tests/test_coreml.py gives the argument and the
+# measurements (2 is reached, never exceeded). A wrong op, parameter or layout errs by
+# hundreds of ulps.
 VALUE_ULPS = 2.0
 # A device (the ANE, or Core ML's prediction) against milsim. The sim backend's fp16 error
 # against exact arithmetic is bounded by up to 16 U = 2^-7 of a block's largest value, i.e.
@@ -85,7 +83,6 @@ class ProgramCheck:
     value_ulps: Optional[Dict[str, float]] = None   # output block -> ulps vs milsim
     package: Optional[Path] = None            # the .mlpackage written
     package_weights: int = 0                  # stored weights that read back bit for bit
-    notes: list = field(default_factory=list)
 
 
 # =========================================================================================
@@ -173,9 +170,9 @@ def _types():
 # =========================================================================================
 
 def random_input(kernel: str, cfg, seed: int = 0) -> np.ndarray:
-    """A packed fp16 input [1, C, 1, W] for ``kernel`` whose values keep every output of
-    order one, as in training: activations N(0, 1), weight matrices N(0, 1/C) (C: the rows
-    they are contracted over), norm weights near 1."""
+    """A packed fp16 input [1, C, 1, W] for ``kernel`` whose values keep its outputs of
+    order one, as in training: activations N(0, 1), weight matrices N(0, 1/C) (C: the
+    kernel's input channels), norm weights near 1."""
     lay = mil.layout(kernel, cfg)
     rng = np.random.default_rng(seed)
     buf = mil.new_input_buffer(kernel, cfg)
