@@ -45,6 +45,15 @@ def test_selftest_reports_here(capsys):
     assert "the ANE paths need macOS on Apple Silicon" in lines[-1]
 
 
+@pytest.mark.parametrize("argv", [["--seed", "-1"], ["--seed", "x"], ["--preset", "qwen3-0.6b"]])
+def test_selftest_refuses_bad_flags(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        _run_selftest(argv)
+    assert info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("anecy selftest: error: argument")
+
+
 def test_selftest_without_coremltools_is_a_one_line_user_error(monkeypatch):
     monkeypatch.setattr(cc, "_CT", None)
     for name in [m for m in sys.modules if m == "coremltools" or m.startswith("coremltools.")]:

@@ -12,6 +12,7 @@ saying why. Exit status 0 when every way that ran agrees, 1 otherwise.
 
 from __future__ import annotations
 
+import argparse
 import platform
 import sys
 import tempfile
@@ -33,8 +34,18 @@ PRESETS = ("tiny", "qwen3-tiny", "stories15m")
 def add_arguments(parser):
     parser.add_argument("--preset", choices=PRESETS, default="tiny",
                         help="model shape whose programs are checked (default tiny)")
-    parser.add_argument("--seed", type=int, default=0,
+    parser.add_argument("--seed", type=_seed, default=0,
                         help="seed of the random inputs (default 0)")
+
+
+def _seed(text):
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
 
 
 def run(args) -> int:
