@@ -140,8 +140,10 @@ def _quiet():
 
 def _fix_reduce_keepdims():
     """coremltools 9.0 passes its keep_dims constant (a numpy bool) straight to np.sum,
-    which numpy >= 2.4 refuses; wrap reduce_sum's operator so it receives a Python bool.
-    Only value inference uses it, and only where this numpy needs it."""
+    which numpy >= 2.4 refuses (one of several numpy 2.4 incompatibilities of coremltools
+    9.0; apple/coremltools#2633 reports another). Wrap reduce_sum's operator, for the
+    process, so that it receives a Python bool; only value inference uses it, and only
+    where this numpy needs it."""
     try:
         np.sum(np.zeros(1, np.float16), axis=0, keepdims=np.True_)
         return
