@@ -6,7 +6,8 @@ must equal the declared one), reads each BLOBFILE with its own blob reader, cons
 the program on a random input to values compared with milsim's, and serializes it to an
 .mlpackage whose weights must read back bit for bit. The two full-size models get the
 type, blob and package checks only (numpy's fp16 matmul has no fast path, and their
-products are 7 to 14 times stories15m's, which already takes seconds). The mutation tests show that each check fails when it should.
+products are 7 to 14 times stories15m's, which already takes seconds). The mutation tests
+show that each check fails when it should.
 
 The value bound, VALUE_ULPS = 2 fp16 ulps of each output block's largest value: milsim and
 coremltools both keep every intermediate in fp16, and the elementwise ops (add, mul, sub,
@@ -36,10 +37,12 @@ import dataclasses
 
 import numpy as np
 import pytest
+from conftest import require
 
 from anecy import coreml_check as cc
 from anecy import mil, milsim
 from anecy.config import ModelConfig
+from anecy.errors import BackendUnavailable
 
 VALUE_PRESETS = ("tiny", "qwen3-tiny", "stories15m")
 SHAPE_PRESETS = ("stories110m", "qwen3-0.6b")
@@ -56,7 +59,11 @@ EXTRA = {
 
 @pytest.fixture(scope="module", autouse=True)
 def coremltools():
-    return cc.load_coremltools()
+    try:
+        return cc.load_coremltools()
+    except BackendUnavailable:
+        require(False, "the Python package 'coremltools' (Apple's MIL toolchain, the oracle "
+                       "of these tests)", 'run `pip install -e ".[test]"`')
 
 
 def _config(name):

@@ -12,7 +12,6 @@ saying why. Exit status 0 when every way that ran agrees, 1 otherwise.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import sys
 import tempfile
@@ -23,6 +22,7 @@ import numpy as np
 
 from .. import __version__, mil, milsim
 from .. import coreml_check as cc
+from ..cli import non_negative_int
 from ..config import ModelConfig
 
 HELP = "check the ten ANE programs with milsim, coremltools and (on a Mac) the ANE and Core ML"
@@ -34,18 +34,8 @@ PRESETS = ("tiny", "qwen3-tiny", "stories15m")
 def add_arguments(parser):
     parser.add_argument("--preset", choices=PRESETS, default="tiny",
                         help="model shape whose programs are checked (default tiny)")
-    parser.add_argument("--seed", type=_seed, default=0,
+    parser.add_argument("--seed", type=non_negative_int, default=0,
                         help="seed of the random inputs (default 0)")
-
-
-def _seed(text):
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
 
 
 def run(args) -> int:
