@@ -131,8 +131,10 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
 
 
 def run_anecy(args, cwd, **kw):
+    # the checkout's anecy, whether it is installed or built in place
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run([sys.executable, "-m", "anecy", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, **kw)
+                          text=True, timeout=600, env=env, **kw)
 
 
 def test_anecy_command_trains_and_lists_commands(tmp_path):
