@@ -10,8 +10,8 @@ def add_arguments(p):
                             VALID_FILE)
     p.add_argument("dataset", choices=("tinystories",), help="the data set")
     p.add_argument("--shards", type=positive_int, default=1, metavar="N",
-                   help=f"training shards to prepare, of {SHARDS} (default 1; each is about "
-                        "9M tokens; the whole text is downloaded either way)")
+                   help=f"training shards to prepare, of {SHARDS} (default 1; the whole "
+                        "text is downloaded either way)")
     p.add_argument("--dir", default=".", metavar="D",
                    help="where the token files, their sidecars and tokenizer.model go "
                         "(default: the working directory); files already there are used "
