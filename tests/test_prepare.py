@@ -246,3 +246,13 @@ def test_prepare_command_end_to_end(tmp_path, corpus):
     assert meta["documents"] + meta["val"]["documents"] == len(docs)
     r = run_anecy("prepare", "--help")
     assert r.returncode == 0 and "--val-frac" in r.stdout
+
+
+def test_prepare_benchmark_quick():
+    tok = llama2_model().parent
+    require_shared("data", "llama2-tokenizer", "tokenizer.bin", why=WHY)
+    r = subprocess.run([sys.executable, "bench/bench_prepare.py", "--tokenizer", str(tok),
+                        "--mb", "0.3", "--repeat", "1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "the same token file from all: True" in r.stdout and "speedup of" in r.stdout
