@@ -17,6 +17,7 @@ the result does not depend on the number of workers.
 
 import json
 import os
+import signal
 import sys
 from collections import deque
 from contextlib import ExitStack
@@ -133,7 +134,9 @@ def documents(paths, separator=None):
 _worker_state = {}
 
 
-def _init_worker(tokenizer_path, separator, dtype):
+def _init_worker(tokenizer_path, separator, dtype, worker=False):
+    if worker:   # Ctrl-C is the parent's to handle: it stops the pool and removes the output
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_state["tok"] = tokenizers.load(tokenizer_path)
     _worker_state["sep"] = separator
     _worker_state["dtype"] = np.dtype(dtype)
@@ -268,7 +271,7 @@ def prepare(inputs, tokenizer, out, val_frac=0.0, separator=None, workers=None,
             # macOS, where forking a process that has loaded system frameworks is not
             method = "fork" if sys.platform.startswith("linux") else "spawn"
             pool = mp.get_context(method).Pool(workers, initializer=_init_worker,
-                                               initargs=(tok.path, sep, dtype.str))
+                                               initargs=(tok.path, sep, dtype.str, True))
             stack.callback(pool.join)
             stack.callback(pool.terminate)
             submit = lambda texts: pool.apply_async(_encode_chunk, (texts,))  # noqa: E731

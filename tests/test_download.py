@@ -219,6 +219,17 @@ def test_not_the_llama2_tokenizer(tmp_path, hub):
     assert not (tmp_path / "d" / "tinystories_data00.bin").exists()
 
 
+def test_help_and_bad_flags(tmp_path):
+    r = run_download(tmp_path, "--help")
+    assert r.returncode == 0 and "--shards" in r.stdout and "--tokenizer-repo" in r.stdout
+    r = run_download(tmp_path, "--shards", "51", "--dir", tmp_path / "d")
+    assert r.returncode == 2 and "--shards must be between 1 and 50" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    (tmp_path / "file").write_text("")
+    r = run_download(tmp_path, "--dir", tmp_path / "file" / "d")
+    assert r.returncode == 2 and "cannot create the directory" in r.stderr
+
+
 def test_shard_bounds_cut_after_separators(tmp_path):
     p = tmp_path / "t.txt"
     _, text = tiny_tinystories(120, seed=3)

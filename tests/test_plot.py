@@ -125,3 +125,5 @@ def test_plot_command(tmp_path, runs):
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
         assert needle in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "q.png").exists()
+    r = anecy("--help")
+    assert r.returncode == 0 and "--tokens" in r.stdout

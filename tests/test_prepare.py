@@ -256,3 +256,26 @@ def test_prepare_benchmark_quick():
                        text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
     assert r.returncode == 0, r.stdout + r.stderr
     assert "the same token file from all: True" in r.stdout and "speedup of" in r.stdout
+
+
+def test_ctrl_c_leaves_nothing_behind(tmp_path):
+    # Ctrl-C reaches the whole process group: the workers leave it to the parent, which
+    # stops the pool, removes the temporary and exits with 130 and one line
+    import signal
+    import time
+    binary = require_shared("data", "llama2-tokenizer", "tokenizer.bin", why=WHY)
+    (tmp_path / "in.txt").write_text("\n\n".join(stories(4000)))
+    out = tmp_path / "t.bin"
+    p = subprocess.Popen([sys.executable, "-m", "anecy", "prepare", str(tmp_path / "in.txt"),
+                          "--tokenizer", str(binary), "--out", str(out), "--workers", "2",
+                          "--no-progress"], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("t.bin.tmp-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, "prepare ended before it could be interrupted"
+    time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130 and err.strip() == "anecy prepare: interrupted", err
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["in.txt"]
