@@ -24,13 +24,7 @@ def read_metrics(path) -> list:
     path = Path(path)
     by_step = {}
     try:
-        f = open(path, encoding="utf-8")
-    except FileNotFoundError:
-        raise AnecyError(f"{path}: no such metrics file") from None
-    except OSError as e:
-        raise AnecyError(f"{path}: cannot read ({e.strerror or e})") from None
-    with f:
-        try:
+        with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
                 if not line.strip():
                     continue
@@ -43,8 +37,12 @@ def read_metrics(path) -> list:
                                      f"{', '.join(_REQUIRED)}; written by anecy train "
                                      "--metrics)")
                 by_step[rec["step"]] = rec
-        except UnicodeDecodeError:
-            raise AnecyError(f"{path}: not a text file") from None
+    except FileNotFoundError:
+        raise AnecyError(f"{path}: no such metrics file") from None
+    except UnicodeDecodeError:
+        raise AnecyError(f"{path}: not a text file") from None
+    except OSError as e:
+        raise AnecyError(f"{path}: cannot read ({e.strerror or e})") from None
     if not by_step:
         raise AnecyError(f"{path}: no metrics records (empty file)")
     return [by_step[s] for s in sorted(by_step)]

@@ -274,10 +274,15 @@ def prepare(inputs, tokenizer, out, val_frac=0.0, separator=None, workers=None,
                                                initargs=(tok.path, sep, dtype.str, True))
             stack.callback(pool.join)
             stack.callback(pool.terminate)
-            submit = lambda texts: pool.apply_async(_encode_chunk, (texts,))  # noqa: E731
         else:
+            pool = None
             _init_worker(tok.path, sep, dtype.str)
-            submit = lambda texts: _Done(_encode_chunk(texts))  # noqa: E731
+
+        def submit(texts):
+            if pool is None:
+                return _Done(_encode_chunk(texts))
+            return pool.apply_async(_encode_chunk, (texts,))
+
         bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
                    desc="prepare", dynamic_ncols=True)
         stack.push(lambda *exc: _close_bar(bar, failed=exc[0] is not None))

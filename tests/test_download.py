@@ -60,7 +60,7 @@ class FakeHub:
                 else:
                     self.send_response(200)
                 self.send_header("X-Repo-Commit", COMMIT)
-                self.send_header("ETag", '"%s"' % hashlib.sha1(data).hexdigest())
+                self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
