@@ -12,6 +12,7 @@ from conftest import require_module, require_shared
 from anecy.config import ModelConfig, TrainConfig
 from anecy.corpus import builtin_stories
 from anecy.data import open_tokens, read_sidecar
+from anecy.errors import AnecyError
 from anecy.prepare import documents, prepare, val_path_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +180,12 @@ def test_jsonl_detected_by_content(tmp_path):
     p = tmp_path / "data.txt"
     p.write_text('\n{"text": "a b"}\n{"text": "c"}\n')
     assert [t for t, _ in documents([p])] == ["a b", "c"]
+    j = tmp_path / "array.json"
+    j.write_text('[{"text": "a"}]')
+    with pytest.raises(AnecyError, match="array.json: a .json file that is not JSON lines"):
+        list(documents([j]))
+    j.write_text('{"text": "a"}\n')
+    assert [t for t, _ in documents([j])] == ["a"]
     q = tmp_path / "braces.txt"
     q.write_text("{not json}\n\nsecond\n")
     assert [t for t, _ in documents([q])] == ["{not json}", "second"]
