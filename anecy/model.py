@@ -11,6 +11,8 @@ from ._engine import Engine
 from .config import ModelConfig
 from .errors import ConfigError
 
+_FLT_MAX = float(np.finfo(np.float32).max)  # the engine takes the loss scale as a float
+
 
 def param_layout(cfg: ModelConfig):
     """[(name, shape, decayed)] in buffer order: every matrix, then every norm weight."""
@@ -134,7 +136,10 @@ class Model:
     def forward_backward(self, tokens, targets, loss_scale: float = 1.0) -> float:
         """Mean token cross-entropy of one sequence of seq_len tokens; its gradient (times
         loss_scale) is added to self.grads."""
-        loss = self.engine.forward_backward(tokens, targets, loss_scale)
+        if not 0.0 < loss_scale <= _FLT_MAX:  # NaN fails too: it would poison every grad
+            raise ConfigError(f"loss_scale must be a positive finite number, got {loss_scale!r}")
+        loss = self.engine.forward_backward(_ids(tokens, "tokens"), _ids(targets, "targets"),
+                                            loss_scale)
         if self.active_ids is not None:
             # fold the compact classifier gradient into the full one at once, so that
             # self.grads is always the whole gradient
@@ -144,7 +149,7 @@ class Model:
 
     def logits(self, tokens) -> np.ndarray:
         """Logits [seq_len, vocab] of one sequence (active columns only when compacted)."""
-        return self.engine.logits(tokens)
+        return self.engine.logits(_ids(tokens, "tokens"))
 
     def zero_grad(self):
         self.grads.fill(0.0)
@@ -202,6 +207,14 @@ class Model:
     def hf_grads(self) -> dict:
         """Gradients, named and ordered as hf_state_dict()."""
         return self._to_hf(self.grad_views)
+
+
+def _ids(ids, name):
+    """Token ids as given, refused unless integers (the engine would truncate 3.7 to 3)."""
+    arr = np.asarray(ids)
+    if arr.dtype.kind not in "iu":
+        raise ConfigError(f"{name} must be integer token ids, got {arr.dtype}")
+    return arr
 
 
 def _to_numpy(value):
