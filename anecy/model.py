@@ -167,22 +167,34 @@ class Model:
         return (np.arange(rows // hd)[:, None] * hd + _rope_row_perm(hd)[None, :]).reshape(-1)
 
     def load_hf_state_dict(self, state_dict):
-        """Copy weights given with HF names and shapes (numpy arrays or torch tensors)."""
+        """Copy weights given with HF names and shapes (numpy arrays or torch tensors).
+        Every tensor is checked (names, shapes, finite values) before the first one is
+        copied, so a refused state dict leaves the model exactly as it was."""
+        if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+            raise ConfigError("a state dict must map tensor names to arrays")
         expected = {name for name, _, _ in self.layout}
         extra = set(state_dict) - expected
         if self.config.tie_embeddings:
             extra.discard("lm_head.weight")  # HF lists the tied head under its own name too
-        extra = {k for k in extra if not k.endswith("rotary_emb.inv_freq")}
+        extra = {k for k in extra if not str(k).endswith("rotary_emb.inv_freq")}
         missing = expected - set(state_dict)
         if missing:
             raise ConfigError(f"state dict lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
         if extra:
             raise ConfigError(f"state dict has {len(extra)} unexpected tensor(s), e.g. "
-                              f"{sorted(extra)[0]}")
+                              f"{sorted(map(str, extra))[0]}")
+        values = {}
         for name, shape, _ in self.layout:
-            value = _to_numpy(state_dict[name])
+            try:
+                value = _to_numpy(state_dict[name])
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{name}: not an array of numbers ({e})") from None
             if value.shape != tuple(shape):
                 raise ConfigError(f"{name}: expected shape {tuple(shape)}, got {value.shape}")
+            if not np.isfinite(value).all():
+                raise ConfigError(f"{name}: holds NaN or infinite values")
+            values[name] = value
+        for name, value in values.items():
             perm = self._hf_perm(name)
             self.views[name][...] = value if perm is None else value[perm]
         self.weights_changed()
