@@ -138,7 +138,8 @@ def remove_leftovers(path) -> list:
     Nothing else is touched: only that name and that pattern, never a live writer's file."""
     removed = []
     for p in temp_leftovers(path):
-        if p.is_symlink() or not p.is_file() or _pid_alive(int(_TEMP_SUFFIX.search(p.name).group(1))):
+        pid = int(_TEMP_SUFFIX.search(p.name).group(1))
+        if p.is_symlink() or not p.is_file() or _pid_alive(pid):
             continue
         try:
             p.unlink()

@@ -151,7 +151,7 @@ def _read_safetensors_header(path: Path):
     base, data_len = 8 + n, size - 8 - n
     spans = []
     for name, info in header.items():
-        def bad(why):
+        def bad(why, name=name):
             return CheckpointError(f"{path}: tensor {name!r}: {why}")
         if not isinstance(info, dict):
             raise bad("its entry is not a JSON object")

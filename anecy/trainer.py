@@ -16,7 +16,12 @@ from typing import Optional
 import numpy as np
 
 from . import backends
-from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint, stage_checkpoint
+from .checkpoint import (
+    load_checkpoint,
+    read_checkpoint_meta,
+    save_checkpoint,
+    stage_checkpoint,
+)
 from .config import ModelConfig, TrainConfig, step_flops
 from .corpus import BUILTIN_NOTICE, builtin_tokens
 from .data import TokenSampler, VocabMap, default_data_path, open_tokens
@@ -208,7 +213,6 @@ class Trainer:
             # fp16 gradients that overflow even unscaled are diverging, not overflowing
             raise self._diverged_error(f"gradients are non-finite even at loss scale 1 "
                                        f"(step {self.step_count})")
-        return None
 
     # -- one microstep -----------------------------------------------------------------------
     def step(self) -> StepRecord:

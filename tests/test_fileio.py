@@ -6,8 +6,14 @@ import sys
 import pytest
 
 from anecy.errors import OutputError
-from anecy.fileio import (StagedWrite, atomic_write, check_writable, remove_leftovers,
-                          temp_leftovers, temp_path)
+from anecy.fileio import (
+    StagedWrite,
+    atomic_write,
+    check_writable,
+    remove_leftovers,
+    temp_leftovers,
+    temp_path,
+)
 
 
 def dead_pid():
