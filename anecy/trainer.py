@@ -16,12 +16,8 @@ from typing import Optional
 import numpy as np
 
 from . import backends
-from .checkpoint import (
-    load_checkpoint,
-    read_checkpoint_meta,
-    save_checkpoint,
-    stage_checkpoint,
-)
+from .checkpoint import (load_checkpoint, read_checkpoint_meta, save_checkpoint,
+                         stage_checkpoint)
 from .config import ModelConfig, TrainConfig, step_flops
 from .corpus import BUILTIN_NOTICE, builtin_tokens
 from .data import TokenSampler, VocabMap, default_data_path, open_tokens
