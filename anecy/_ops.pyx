@@ -393,9 +393,10 @@ cdef bint adamw(float* p, float* g, float* m, float* v, Py_ssize_t n, double lr,
     # The order of operations follows torch.optim.AdamW (decoupled decay first, lerp
     # for the first moment, bias corrections folded into the step size and denominator);
     # its constants are formed in double from the double hyperparameters, as torch does.
-    # The finite check rides along: |p| + |m| + v is NaN or inf when any of the three is
-    # (nothing cancels: all terms are >= 0), and one compare per element, OR-ed into an
-    # integer, keeps the loop vectorised and costs nothing next to its memory traffic.
+    # The finite check rides along: |p| + v is NaN or inf when p or v is (nothing cancels,
+    # both terms are >= 0); m cannot go non-finite alone: that takes a gradient above
+    # ~1e19 (or NaN), whose square makes v infinite (or NaN) in the same update. One
+    # compare per element, OR-ed into an integer, keeps the loop vectorised.
     cdef Py_ssize_t i
     cdef float gi, pi, mi, vi
     cdef int nonfinite = 0
@@ -416,7 +417,7 @@ cdef bint adamw(float* p, float* g, float* m, float* v, Py_ssize_t n, double lr,
         p[i] = pi
         m[i] = mi
         v[i] = vi
-        nonfinite |= not (fabsf(pi) + fabsf(mi) + vi <= FLT_MAX)
+        nonfinite |= not (fabsf(pi) + vi <= FLT_MAX)
         if zero_grad:  # saves the separate pass over the gradients
             g[i] = 0.0
     return nonfinite != 0

@@ -131,8 +131,10 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
 
 
 def run_anecy(args, cwd, **kw):
+    # -m finds this checkout's anecy from another directory only through PYTHONPATH
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "anecy", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, **kw)
+                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=path), **kw)
 
 
 def test_anecy_command_trains_and_lists_commands(tmp_path):
