@@ -241,12 +241,14 @@ def test_kill_9_inside_a_save_leaves_the_checkpoint_and_start_up_cleans_up(tmp_p
 def test_a_second_sigterm_waits_for_the_final_save(tmp_path):
     # stories15m's checkpoint (~180 MB) takes long enough to write to be hit inside
     args = ["--preset", "stories15m", "--steps", "400", "--accum", "1", "--ckpt-every", "0",
-            "--no-progress"]
+            "--metrics", "m.jsonl", "--no-progress"]
     proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        time.sleep(3)
-        assert proc.poll() is None
+        start = time.time()  # a first metrics line: training (and its signal handling) runs
+        while not (tmp_path / "m.jsonl").exists() or not (tmp_path / "m.jsonl").read_text():
+            assert proc.poll() is None and time.time() - start < 300
+            time.sleep(0.02)
         proc.send_signal(signal.SIGTERM)
         start = time.time()
         while not [p for p in os.listdir(tmp_path) if ".tmp-" in p]:
