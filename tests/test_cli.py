@@ -290,3 +290,17 @@ def test_metrics_to_a_full_disk_stop_the_run_and_keep_the_model(tmp_path):
     line = one_line_error(proc)
     assert "/dev/full" in line and "stopped at step 1" in line and "stories.ckpt" in line
     assert checkpoint_state(tmp_path / "stories.ckpt")[0] == 1
+
+
+def test_fp16_backends_scale_the_loss_dynamically_unless_told(tmp_path):
+    base = ["--preset", "tiny", "--backend", "sim", "--steps", "2", "--accum", "1",
+            "--no-progress"]
+    dynamic = run(base, tmp_path)
+    assert dynamic.returncode == 0, dynamic.stderr
+    assert "dynamic loss scale, now 4096" in dynamic.stdout
+    assert "loss scale:      dynamic, now 4096 (0 updates skipped" in dynamic.stdout
+    assert "2 optimizer updates, 0 skipped" in dynamic.stdout
+    static = run(base + ["--loss-scale", "1024", "--ckpt", "static.ckpt"], tmp_path)
+    assert static.returncode == 0, static.stderr
+    assert "(loss scale 1024)" in static.stdout and "dynamic" not in static.stdout
+    assert "positive" in one_line_error(run(base + ["--loss-scale", "0"], tmp_path))
