@@ -44,7 +44,7 @@ def add_arguments(p, family=None):
     p.add_argument("--loss-scale", type=number, metavar="X",
                    help="static loss scale (default: 1 on cpu; on the fp16 sim/ane backends a "
                         "dynamic scale from 4096, halved when gradients overflow, doubled "
-                        "after 2000 clean updates)")
+                        f"after {d.loss_scale_growth} clean updates)")
     p.add_argument("--seed", type=non_negative_int,
                    help=f"seed of the initial weights and of data sampling (default {d.seed})")
     p.add_argument("--data", metavar="PATH",
