@@ -7,33 +7,14 @@ new one. The temporary is named ``<name>.tmp-<pid>``: ``temp_path`` is the one p
 knows the pattern."""
 
 import os
-import re
 from contextlib import contextmanager
 from pathlib import Path
-
-# <name>.tmp-<pid>: the writer's temporary for <name>
-_TEMP_SUFFIX = re.compile(r"\.tmp-(\d+)$")
 
 
 def temp_path(path) -> Path:
     """The temporary that ``atomic_write(path)`` writes before renaming it to ``path``."""
     path = Path(path)
     return path.with_name(f"{path.name}.tmp-{os.getpid()}")
-
-
-def temp_leftovers(path) -> list:
-    """Temporaries of ``path`` left by earlier writers (``<name>.tmp-<pid>``), oldest first."""
-    path = Path(path)
-    found = []
-    try:
-        entries = list(path.parent.iterdir()) if str(path.parent) else list(Path(".").iterdir())
-    except OSError:
-        return []
-    for p in entries:
-        if p.name.startswith(path.name + ".tmp-") and _TEMP_SUFFIX.search(p.name) \
-                and p.name[:-len(_TEMP_SUFFIX.search(p.name).group(0))] == path.name:
-            found.append(p)
-    return sorted(found, key=lambda p: p.name)
 
 
 def fsync_dir(directory) -> None:
