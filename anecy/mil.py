@@ -41,6 +41,8 @@ from typing import Dict, Tuple
 
 import numpy as np
 
+from . import _ops
+
 __all__ = [
     "Block", "Out", "Kernel", "KERNELS", "KERNEL_NAMES", "Placed", "Layout", "layout",
     "input_shape", "output_shape", "column_offsets", "input_channel_offsets",
@@ -483,17 +485,13 @@ def causal_mask(S: int) -> np.ndarray:
 
 
 def rope_tables(cfg) -> Tuple[np.ndarray, np.ndarray]:
-    """RoPE tables [head_dim, S] in the channel-first per-head layout, as HF computes them
-    (inv_freq and angles in float32). Row c belongs to pair i = c // 2 (interleaved) or
-    c % (head_dim/2) (half). The sine table carries the rotation's sign: -sin on the first
-    row of each pair, +sin on the second, so that rotating is ``x*cos + swap(x)*sin``."""
+    """RoPE tables [head_dim, S] in the channel-first per-head layout: the cpu backend's
+    tables (``anecy._ops.rope_tables``, [head_dim/2, S]) with each pair's value on both of
+    its rows. Row c belongs to pair i = c // 2 (interleaved) or c % (head_dim/2) (half).
+    The sine table carries the rotation's sign: -sin on the first row of each pair, +sin on
+    the second, so that rotating is ``x*cos + swap(x)*sin``."""
     hd, S = cfg.head_dim, cfg.seq_len
-    exponent = np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / np.float32(hd)
-    inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
-    pos = np.arange(S, dtype=np.float32)
-    ang = (inv_freq[:, None] * pos[None, :]).astype(np.float32)          # [hd/2, S]
-    cos = np.cos(ang).astype(np.float32)
-    sin = np.sin(ang).astype(np.float32)
+    cos, sin = _ops.rope_tables(hd, S, cfg.rope_theta)
     if cfg.rope_style == "interleaved":
         cos_t = np.repeat(cos, 2, axis=0)
         sin_t = np.stack([-sin, sin], axis=1).reshape(hd, S)
