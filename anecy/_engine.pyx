@@ -5,7 +5,8 @@ The layer loop is written once, here, and runs without the GIL. Matrix work goes
 through a Kernels object (cpu here; sim and ane elsewhere); everything between the
 kernels (norms, residuals, SwiGLU and RoPE backward, GQA repeat/reduce, classifier,
 cross-entropy, embedding) is shared. Weight gradients are queued on a DWWorker.
-Every buffer is allocated once, in Engine.__init__."""
+Every buffer is allocated once, in Engine.__init__. The data flow of a step is in
+docs/ARCHITECTURE.md, section 2 (One training step); the buffer layouts in section 3."""
 
 import numpy as np
 

@@ -2,10 +2,10 @@
 and the blob format of their constants.
 
 Every kernel takes ONE fp16 input ``[1, C, 1, W]`` in which activations and weights sit
-side by side along the spatial axis (DESIGN.md section 4), so a program never has to be
-recompiled when the weights change: each layer owns an input buffer whose weight columns
-are staged once per optimizer update and whose activation columns are rewritten every
-microstep.  ``KERNELS`` below is the only place where those layouts are written down; the
+side by side along the spatial axis (docs/ARCHITECTURE.md, section 4), so a program never
+has to be recompiled when the weights change: each layer owns an input buffer whose weight
+columns are staged once per optimizer update and whose activation columns are rewritten
+every microstep.  ``KERNELS`` below is the only place where those layouts are written down; the
 program generators, the packing helpers used by the ``sim`` and ``ane`` backends, and the
 tests all read it.
 
@@ -114,7 +114,8 @@ KERNELS: Dict[str, Kernel] = {k.name: k for k in (
             Block("Wq", "Q", _W, "Wq^T: row c holds Wq[:, c]", "T"),
             Block("Wk", "K", _W, "Wk^T: row c holds Wk[:, c]", "T"),
             Block("Wv", "K", _W, "Wv^T: row c holds Wv[:, c]", "T"),
-            # QK-norm weights go after the DESIGN.md columns so that those keep their offsets.
+            # QK-norm weights go after the columns every model has, so that those keep
+            # their offsets whether or not the model has QK-norm.
             Block("q_norm", "NW", _W, "q_norm weight [head_dim], folded", "vec", "qk_norm"),
             Block("k_norm", "NW", _W, "k_norm weight [head_dim], folded", "vec", "qk_norm"),
             # Keeps every row of the surface a multiple of 64 bytes whenever the other

@@ -361,7 +361,8 @@ def test_every_kernel_block_is_described():
 
 
 def test_layout_follows_design_table():
-    """Build inputs by hand as DESIGN.md section 4 lays them out and compare."""
+    """Build inputs by hand as docs/ARCHITECTURE.md, section 4 (The ten kernels) lays them
+    out and compare."""
     cfg = make_cfg("qwen3")
     D, Q, K, S, hd = cfg.dim, cfg.q_dim, cfg.kv_dim, cfg.seq_len, cfg.head_dim
     a = inputs("sdpaFwd", cfg)
