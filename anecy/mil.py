@@ -37,7 +37,6 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import astuple, dataclass
-from typing import Dict, Tuple
 
 import numpy as np
 
@@ -96,8 +95,8 @@ class Kernel:
     doc: str
     channels: str          # input C, as a size expression
     packing: str           # "columns" (blocks side by side along W) or "channels"
-    inputs: Tuple[Block, ...]
-    outputs: Tuple[Out, ...]
+    inputs: tuple[Block, ...]
+    outputs: tuple[Out, ...]
 
 
 # Size expressions use these symbols (see _symbols):
@@ -106,7 +105,7 @@ class Kernel:
 #   head_dim <= dim), NPAD zero columns that round the QK-norm section up to 32 columns.
 _W, _A, _PAD = "weight", "act", "pad"
 
-KERNELS: Dict[str, Kernel] = {k.name: k for k in (
+KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("sdpaFwd",
            "QKV projections, optional QK-norm, RoPE, causal GQA attention (no Wo).",
            "D", "columns",
@@ -198,7 +197,7 @@ def _norm_cols(cfg) -> int:
     return hd  # unreachable: k = hd always fits
 
 
-def _symbols(cfg) -> Dict[str, int]:
+def _symbols(cfg) -> dict[str, int]:
     nw = _norm_cols(cfg)
     return dict(D=cfg.dim, H=cfg.hidden_dim, Q=cfg.q_dim, K=cfg.kv_dim, S=cfg.seq_len,
                 P=cfg.n_heads * cfg.seq_len, HD=cfg.head_dim, NW=nw,
@@ -208,7 +207,7 @@ def _symbols(cfg) -> Dict[str, int]:
 _SIZE_EXPR = re.compile(r"^[A-Z0-9+* ]+$")
 
 
-def _size(expr: str, syms: Dict[str, int]) -> int:
+def _size(expr: str, syms: dict[str, int]) -> int:
     if not _SIZE_EXPR.match(expr):
         raise ValueError(f"bad size expression {expr!r}")
     return int(eval(expr, {"__builtins__": {}}, syms))  # noqa: S307 - vetted by the regex
@@ -235,7 +234,7 @@ class Placed:
     cols: int
 
     @property
-    def array_shape(self) -> Tuple[int, ...]:
+    def array_shape(self) -> tuple[int, ...]:
         """Shape of the CPU array the block is packed from."""
         if self.place == "T":
             return (self.cols, self.rows)
@@ -247,10 +246,10 @@ class Placed:
 @dataclass(frozen=True)
 class Layout:
     kernel: str
-    in_shape: Tuple[int, int, int, int]
-    inputs: Tuple[Placed, ...]
-    out_shape: Tuple[int, int, int, int]
-    outputs: Tuple[Tuple[str, int, int], ...]   # (name, channel offset, channels)
+    in_shape: tuple[int, int, int, int]
+    inputs: tuple[Placed, ...]
+    out_shape: tuple[int, int, int, int]
+    outputs: tuple[tuple[str, int, int], ...]   # (name, channel offset, channels)
 
     def block(self, name: str) -> Placed:
         for b in self.inputs:
@@ -263,7 +262,7 @@ def _cfg_key(cfg):
     return astuple(cfg)
 
 
-_LAYOUTS: Dict[tuple, Layout] = {}
+_LAYOUTS: dict[tuple, Layout] = {}
 
 
 def layout(kernel: str, cfg) -> Layout:
@@ -312,26 +311,26 @@ def layout(kernel: str, cfg) -> Layout:
     return lay
 
 
-def input_shape(kernel: str, cfg) -> Tuple[int, int, int, int]:
+def input_shape(kernel: str, cfg) -> tuple[int, int, int, int]:
     return layout(kernel, cfg).in_shape
 
 
-def output_shape(kernel: str, cfg) -> Tuple[int, int, int, int]:
+def output_shape(kernel: str, cfg) -> tuple[int, int, int, int]:
     return layout(kernel, cfg).out_shape
 
 
-def column_offsets(kernel: str, cfg) -> Dict[str, Tuple[int, int]]:
+def column_offsets(kernel: str, cfg) -> dict[str, tuple[int, int]]:
     """name -> (first column, width) of every input block (channel-packed kernels: every
     block spans the S columns)."""
     return {b.name: (b.col0, b.cols) for b in layout(kernel, cfg).inputs}
 
 
-def input_channel_offsets(kernel: str, cfg) -> Dict[str, Tuple[int, int]]:
+def input_channel_offsets(kernel: str, cfg) -> dict[str, tuple[int, int]]:
     """name -> (first row, rows) of every input block."""
     return {b.name: (b.row0, b.rows) for b in layout(kernel, cfg).inputs}
 
 
-def output_offsets(kernel: str, cfg) -> Dict[str, Tuple[int, int]]:
+def output_offsets(kernel: str, cfg) -> dict[str, tuple[int, int]]:
     """name -> (first channel, channels) of every output block."""
     return {n: (o, c) for n, o, c in layout(kernel, cfg).outputs}
 
@@ -411,7 +410,7 @@ def pack_input(kernel: str, cfg, **arrays) -> np.ndarray:
     return buf
 
 
-def unpack_output(kernel: str, cfg, out) -> Dict[str, np.ndarray]:
+def unpack_output(kernel: str, cfg, out) -> dict[str, np.ndarray]:
     """Split ``kernel``'s fp16 output ([1, C', 1, S] or [C', S]) into named fp32 [ch, S]."""
     lay = layout(kernel, cfg)
     _, C, _, S = lay.out_shape
@@ -485,7 +484,7 @@ def causal_mask(S: int) -> np.ndarray:
     return m
 
 
-def rope_tables(cfg) -> Tuple[np.ndarray, np.ndarray]:
+def rope_tables(cfg) -> tuple[np.ndarray, np.ndarray]:
     """RoPE tables [head_dim, S] in the channel-first per-head layout: the cpu backend's
     tables (``anecy._ops.rope_tables``, [head_dim/2, S]) with each pair's value on both of
     its rows. Row c belongs to pair i = c // 2 (interleaved) or c % (head_dim/2) (half).
@@ -511,9 +510,9 @@ class MilProgram:
     """A generated program: MIL text plus the blob files it references."""
     kernel: str
     text: str
-    blobs: Dict[str, bytes]
-    input_shape: Tuple[int, int, int, int]
-    output_shape: Tuple[int, int, int, int]
+    blobs: dict[str, bytes]
+    input_shape: tuple[int, int, int, int]
+    output_shape: tuple[int, int, int, int]
 
 
 _BUILD_INFO = ('[buildInfo = dict<string, string>({{"coremlc-component-MIL", "3510.2.1"}, '
@@ -544,7 +543,7 @@ class _Builder:
         self.lines = []
         self.shapes = {"x": self.in_shape}    # fp16 tensors (None for fp16 scalars)
         self.taken = {"x"}
-        self.blobs: Dict[str, bytes] = {}
+        self.blobs: dict[str, bytes] = {}
 
     def _name(self, name):
         if name in self.taken:

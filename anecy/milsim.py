@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Callable
 
 import numpy as np
 
@@ -48,7 +48,7 @@ _DTYPES = ("fp16", "int32", "bool")
 @dataclass(frozen=True)
 class Type:
     dtype: str
-    shape: Optional[Tuple[int, ...]]     # None for a scalar
+    shape: tuple[int, ...] | None     # None for a scalar
 
     def __str__(self):
         if self.shape is None:
@@ -78,8 +78,8 @@ class Stmt:
     decl: Type
     var: str
     op: str
-    args: Dict[str, Union[str, Tuple[str, ...]]]
-    attrs: Dict[str, tuple]
+    args: dict[str, str | tuple[str, ...]]
+    attrs: dict[str, tuple]
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Program:
     input_name: str
     input_type: Type
     input_lineno: int
-    stmts: List[Stmt] = field(default_factory=list)
+    stmts: list[Stmt] = field(default_factory=list)
     output: str = ""
     output_lineno: int = 0
 
@@ -270,10 +270,10 @@ def _parse_stmt(line: str, lineno: int) -> Stmt:
     t.expect("=")
     op = t.ident()
     t.expect("(")
-    args: Dict[str, Union[str, Tuple[str, ...]]] = t.key_values(")", f"{op}: parameter",
+    args: dict[str, str | tuple[str, ...]] = t.key_values(")", f"{op}: parameter",
                                                                  t.argument)
     t.expect("[")
-    attrs: Dict[str, tuple] = t.key_values("]", "attribute")
+    attrs: dict[str, tuple] = t.key_values("]", "attribute")
     t.expect(";")
     t.done()
     return Stmt(lineno, decl, var, op, args, attrs)
@@ -285,7 +285,7 @@ def parse(text: str) -> Program:
         raise MilError("line 0: program text must be a string")
     lines = text.split("\n")
     state = "program"
-    prog: Optional[Program] = None
+    prog: Program | None = None
     last = 0
     for idx, raw in enumerate(lines):
         lineno = idx + 1
@@ -357,7 +357,7 @@ def parse(text: str) -> Program:
 
 @dataclass(frozen=True)
 class Op:
-    params: Dict[str, str]
+    params: dict[str, str]
     infer: Callable[[dict, Callable[[str], MilError]], Type]
     compute: Callable[[dict], np.ndarray]
     exact: bool = False
@@ -496,7 +496,7 @@ def _concat_type(p, err):
     return _fp16(out)
 
 
-_OPS: Dict[str, Op] = {
+_OPS: dict[str, Op] = {
     "slice_by_size": Op({"x": "tensor", "begin": "ints", "size": "ints"},
                         _slice_type, _slice, exact=True),
     "reshape": Op({"x": "tensor", "shape": "ints"},
@@ -520,7 +520,7 @@ _OPS: Dict[str, Op] = {
 }
 
 # Every op's parameters by name (const takes none: its value is an attribute).
-OPS: Dict[str, Dict[str, str]] = {"const": {}, **{k: op.params for k, op in _OPS.items()}}
+OPS: dict[str, dict[str, str]] = {"const": {}, **{k: op.params for k, op in _OPS.items()}}
 
 
 # =========================================================================================
@@ -534,7 +534,7 @@ class Interpreter:
     with ``blobs`` (path -> bytes) passed separately.  Construction checks the whole program
     in shape-only mode, so a bad program fails here, before any data is touched."""
 
-    def __init__(self, program, blobs: Optional[Dict[str, bytes]] = None):
+    def __init__(self, program, blobs: dict[str, bytes] | None = None):
         if hasattr(program, "text"):
             text = program.text
             if blobs is None:
@@ -543,7 +543,7 @@ class Interpreter:
             text = program
         self.blobs = dict(blobs or {})
         self.program = parse(text)
-        self.consts: Dict[str, object] = {}
+        self.consts: dict[str, object] = {}
         self.output_type = self._walk(None)
 
     @property
@@ -551,12 +551,12 @@ class Interpreter:
         return self.program.input_type
 
     # -- the walk shared by checking and running -------------------------------------------
-    def _walk(self, x: Optional[np.ndarray]):
+    def _walk(self, x: np.ndarray | None):
         execute = x is not None
         prog = self.program
-        types: Dict[str, Type] = {}
-        where: Dict[str, int] = {}
-        values: Dict[str, np.ndarray] = {}
+        types: dict[str, Type] = {}
+        where: dict[str, int] = {}
+        values: dict[str, np.ndarray] = {}
 
         def err_at(lineno):
             return lambda msg: MilError(f"line {lineno}: {msg}")
@@ -744,11 +744,11 @@ class Interpreter:
         return self._walk(np.ascontiguousarray(x))
 
 
-def check(program, blobs: Optional[Dict[str, bytes]] = None) -> Type:
+def check(program, blobs: dict[str, bytes] | None = None) -> Type:
     """Type-check ``program`` without executing it; returns the output type."""
     return Interpreter(program, blobs).output_type
 
 
-def run(program, x, blobs: Optional[Dict[str, bytes]] = None) -> np.ndarray:
+def run(program, x, blobs: dict[str, bytes] | None = None) -> np.ndarray:
     """Check then execute ``program`` on the fp16 input ``x``; returns its fp16 output."""
     return Interpreter(program, blobs).run(x)

@@ -11,7 +11,6 @@ from ._engine import Engine
 from .config import ModelConfig
 from .errors import ConfigError
 
-
 EMBEDDING = "model.embed_tokens.weight"
 LM_HEAD = "lm_head.weight"
 FINAL_NORM = "model.norm.weight"
@@ -196,7 +195,8 @@ class Model:
         extra = {k for k in extra if not k.endswith("rotary_emb.inv_freq")}
         missing = expected - set(state_dict)
         if missing:
-            raise ConfigError(f"state dict lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
+            raise ConfigError(f"state dict lacks {len(missing)} tensor(s), "
+                              f"e.g. {sorted(missing)[0]}")
         if extra:
             raise ConfigError(f"state dict has {len(extra)} unexpected tensor(s), e.g. "
                               f"{sorted(extra)[0]}")
