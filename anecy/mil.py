@@ -105,6 +105,18 @@ class Kernel:
 #   head_dim <= dim), NPAD zero columns that round the QK-norm section up to 32 columns.
 _W, _A, _PAD = "weight", "act", "pad"
 
+
+def _input_gradient(name, out, channels, out_size, *terms) -> Kernel:
+    """A backward kernel ``out = sum of W^T @ dy`` over terms (dy, what dy holds, W, W's
+    rows): every gradient block (S columns), then every weight as is (row r = W[r, :])."""
+    formula = " + ".join(f"{w}^T @ {dy}" for dy, _, w, _ in terms)
+    grads = tuple(Block(dy, "S", _A, holds) for dy, holds, _, _ in terms)
+    weights = tuple(Block(w, size, _W, f"{w} as is: row r holds {w}[r, :]")
+                    for _, _, w, size in terms)
+    return Kernel(name, f"{out} = {formula}.", channels, "columns", grads + weights,
+                  (Out(out, out_size, formula),))
+
+
 KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("sdpaFwd",
            "QKV projections, optional QK-norm, RoPE, causal GQA attention (no Wo).",
@@ -140,20 +152,11 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
             Out("h1", "H", "W1 @ x2norm"),
             Out("h3", "H", "W3 @ x2norm"),
             Out("gate", "H", "silu(h1) * h3"))),
-    Kernel("ffnBwdW2t", "dgate = W2^T @ dffn.", "D", "columns",
-           (Block("dffn", "S", _A, "gradient of the FFN output [D, S]"),
-            Block("W2", "H", _W, "W2 as is: row d holds W2[d, :]")),
-           (Out("dgate", "H", "W2^T @ dffn"),)),
-    Kernel("ffnBwdW13t", "dx = W1^T @ dh1 + W3^T @ dh3.", "H", "columns",
-           (Block("dh1", "S", _A, "gradient of h1 [H, S]"),
-            Block("dh3", "S", _A, "gradient of h3 [H, S]"),
-            Block("W1", "D", _W, "W1 as is: row h holds W1[h, :]"),
-            Block("W3", "D", _W, "W3 as is: row h holds W3[h, :]")),
-           (Out("dx", "D", "W1^T @ dh1 + W3^T @ dh3"),)),
-    Kernel("wotBwd", "da = Wo^T @ dy.", "D", "columns",
-           (Block("dy", "S", _A, "gradient of o [D, S]"),
-            Block("Wo", "Q", _W, "Wo as is: row d holds Wo[d, :]")),
-           (Out("da", "Q", "Wo^T @ dy"),)),
+    _input_gradient("ffnBwdW2t", "dgate", "D", "H",
+                    ("dffn", "gradient of the FFN output [D, S]", "W2", "H")),
+    _input_gradient("ffnBwdW13t", "dx", "H", "D", ("dh1", "gradient of h1 [H, S]", "W1", "D"),
+                    ("dh3", "gradient of h3 [H, S]", "W3", "D")),
+    _input_gradient("wotBwd", "da", "D", "Q", ("dy", "gradient of o [D, S]", "Wo", "Q")),
     Kernel("sdpaBwd1", "Recomputed attention probabilities, dV and dP.", "4*Q", "channels",
            (Block("q", "Q", _A, "q after RoPE [Q, S]"),
             Block("k_rep", "Q", _A, "k after RoPE, repeated to Q (HF head mapping)"),
@@ -169,16 +172,11 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
             Block("k_rep", "Q", _A, "k after RoPE, repeated to Q")),
            (Out("dq", "Q", "gradient of q (after RoPE)"),
             Out("dk_rep", "Q", "gradient of k_rep (reduce over each kv group on the CPU)"))),
-    Kernel("qBwd", "dx = Wq^T @ dq.", "Q", "columns",
-           (Block("dq", "S", _A, "gradient of q before RoPE/QK-norm [Q, S]"),
-            Block("Wq", "D", _W, "Wq as is: row q holds Wq[q, :]")),
-           (Out("dx", "D", "Wq^T @ dq"),)),
-    Kernel("kvBwd", "dx = Wk^T @ dk + Wv^T @ dv.", "K", "columns",
-           (Block("dk", "S", _A, "gradient of k before RoPE/QK-norm [K, S]"),
-            Block("dv", "S", _A, "gradient of v [K, S]"),
-            Block("Wk", "D", _W, "Wk as is: row k holds Wk[k, :]"),
-            Block("Wv", "D", _W, "Wv as is: row k holds Wv[k, :]")),
-           (Out("dx", "D", "Wk^T @ dk + Wv^T @ dv"),)),
+    _input_gradient("qBwd", "dx", "Q", "D",
+                    ("dq", "gradient of q before RoPE/QK-norm [Q, S]", "Wq", "D")),
+    _input_gradient("kvBwd", "dx", "K", "D",
+                    ("dk", "gradient of k before RoPE/QK-norm [K, S]", "Wk", "D"),
+                    ("dv", "gradient of v [K, S]", "Wv", "D")),
 )}
 
 KERNEL_NAMES = tuple(KERNELS)
