@@ -5,22 +5,18 @@ import math
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from anecy import ConfigError, ModelConfig
 from anecy.config import PRESETS, TrainConfig, layer_flops, step_flops
+from anecy.hf import config_to_hf
 
 
 def hf_model(cfg: ModelConfig):
-    """An HF model of cfg's shape (Qwen3 when it has QK-norm, else Llama), eager attention."""
-    common = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.dim,
-                  intermediate_size=cfg.hidden_dim, num_hidden_layers=cfg.n_layers,
-                  num_attention_heads=cfg.n_heads, num_key_value_heads=cfg.n_kv_heads,
-                  head_dim=cfg.head_dim, max_position_embeddings=cfg.seq_len,
-                  tie_word_embeddings=cfg.tie_embeddings, attn_implementation="eager")
-    if cfg.qk_norm:
-        return Qwen3ForCausalLM(Qwen3Config(**common))
-    return LlamaForCausalLM(LlamaConfig(**common))
+    """An HF model of cfg's shape (anecy.hf's config mapping), eager attention."""
+    hf_config = config_to_hf(cfg)
+    config = AutoConfig.for_model(hf_config.pop("model_type"), **hf_config)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="eager")
 
 
 # ------------------------------------------------------------------------------------------
