@@ -47,19 +47,20 @@ def table() -> str:
 
 
 def replace_in(text: str, new_table: str) -> str:
-    """``text`` with the part between the markers replaced by ``new_table``."""
-    head, sep, rest = text.partition(BEGIN + "\n")
+    """``text`` with the part between the markers replaced by ``new_table`` (blank lines
+    around it, so that Markdown sees a table and not a continuation of the comments)."""
+    head, sep, rest = text.partition(BEGIN)
     _, sep2, tail = rest.partition(END)
     if not sep or not sep2:
         raise SystemExit(f"{DOC}: the kernel table markers are missing")
-    return head + sep + new_table + sep2 + tail
+    return head + BEGIN + "\n\n" + new_table + "\n" + END + tail
 
 
 def documented() -> str:
     """The table as the document holds it now."""
     text = DOC.read_text(encoding="utf-8")
-    _, _, rest = text.partition(BEGIN + "\n")
-    return rest.partition(END)[0]
+    _, _, rest = text.partition(BEGIN)
+    return rest.partition(END)[0].strip("\n") + "\n"
 
 
 if __name__ == "__main__":
