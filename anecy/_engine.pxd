@@ -64,8 +64,9 @@ cdef struct GradSet:
 
 
 cdef class Kernels:
-    """The ten kernels of DESIGN.md section 4. Subclasses: CpuKernels (here), the sim and
-    ane backends. Weights are read through `layers`, set by the Engine."""
+    """The ten matrix kernels of the layer loop (docs/ARCHITECTURE.md, section 4).
+    Subclasses: CpuKernels (here), the sim and ane backends. Weights are read through
+    `layers`, set by the Engine."""
     cdef Dims d
     cdef LayerParams* layers
     cdef const float* rope_cos

@@ -5,7 +5,8 @@ The layer loop is written once, here, and runs without the GIL. Matrix work goes
 through a Kernels object (cpu here; sim and ane elsewhere); everything between the
 kernels (norms, residuals, SwiGLU and RoPE backward, GQA repeat/reduce, classifier,
 cross-entropy, embedding) is shared. Weight gradients are queued on a DWWorker.
-Every buffer is allocated once, in Engine.__init__."""
+Every buffer is allocated once, in Engine.__init__. The data flow of a step is in
+docs/ARCHITECTURE.md, section 2 (One training step); the buffer layouts in section 3."""
 
 import numpy as np
 
@@ -196,19 +197,21 @@ cdef class CpuKernels(Kernels):
         sgemm(1, 0, d.D, d.S, d.K, 1.0, self.layers[l].wv, d.D, dv, d.S, 1.0, dx, d.S)
 
 
-cdef inline GemmJob dw_job(int M, int N, int S, const float* dy, const float* x,
-                           float* dW) noexcept nogil:
-    # dW[M, N] += dy[M, S] @ x[N, S]^T: the weight gradient of y = W x over S positions
+cdef inline GemmJob dw_job(int M, int N, int S, const float* dy, bint dy_by_position,
+                           const float* x, float* dW) noexcept nogil:
+    # dW[M, N] += dy @ x[N, S]^T: the weight gradient of y = W x over S positions, where dy
+    # is [M, S] channel-first, or [S, M] when dy_by_position (the classifier's dlogits)
     cdef GemmJob j
     j.call = NULL
-    j.trans_a = 0
+    j.arg = NULL
+    j.trans_a = dy_by_position
     j.trans_b = 1
     j.M = M
     j.N = N
     j.K = S
     j.alpha = 1.0
     j.A = dy
-    j.lda = S
+    j.lda = M if dy_by_position else S
     j.B = x
     j.ldb = S
     j.beta = 1.0
@@ -326,17 +329,19 @@ cdef class Engine:
         self.acts = <LayerActs*>calloc(L, sizeof(LayerActs))
         if self.weights == NULL or self.grads == NULL or self.acts == NULL:
             raise MemoryError()
+        # tensor names come from the model's layout table (imported here: model imports us)
+        from .model import EMBEDDING, FINAL_NORM, classifier_name, layer_names
         for l in range(L):
-            self._bind_layer(&self.weights[l], views, l)
-            self._bind_layer(&self.grads[l], grad_views, l)
+            names = layer_names(cfg, l)
+            self._bind_layer(&self.weights[l], views, names)
+            self._bind_layer(&self.grads[l], grad_views, names)
         keep.append((views, grad_views))
-        self.embed = _ptr(views["model.embed_tokens.weight"])
-        self.dembed = _ptr(grad_views["model.embed_tokens.weight"])
-        self.final_norm = _ptr(views["model.norm.weight"])
-        self.dfinal_norm = _ptr(grad_views["model.norm.weight"])
-        cls_name = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
-        self.cls_w = _ptr(views[cls_name])
-        self.cls_g = _ptr(grad_views[cls_name])
+        self.embed = _ptr(views[EMBEDDING])
+        self.dembed = _ptr(grad_views[EMBEDDING])
+        self.final_norm = _ptr(views[FINAL_NORM])
+        self.dfinal_norm = _ptr(grad_views[FINAL_NORM])
+        self.cls_w = _ptr(views[classifier_name(cfg)])
+        self.cls_g = _ptr(grad_views[classifier_name(cfg)])
         self.V = cfg.vocab_size
 
         D, H, Q, K, S = d.D, d.H, d.Q, d.K, d.S
@@ -378,20 +383,20 @@ cdef class Engine:
         free(self.grads)
         free(self.acts)
 
-    cdef void _bind_layer(self, LayerParams* p, views, int l) except *:
-        pre = f"model.layers.{l}."
-        p.wq = _ptr(views[pre + "self_attn.q_proj.weight"])
-        p.wk = _ptr(views[pre + "self_attn.k_proj.weight"])
-        p.wv = _ptr(views[pre + "self_attn.v_proj.weight"])
-        p.wo = _ptr(views[pre + "self_attn.o_proj.weight"])
-        p.w1 = _ptr(views[pre + "mlp.gate_proj.weight"])
-        p.w2 = _ptr(views[pre + "mlp.down_proj.weight"])
-        p.w3 = _ptr(views[pre + "mlp.up_proj.weight"])
-        p.attn_norm = _ptr(views[pre + "input_layernorm.weight"])
-        p.ffn_norm = _ptr(views[pre + "post_attention_layernorm.weight"])
+    cdef void _bind_layer(self, LayerParams* p, views, names) except *:
+        """Point p's fields at the views named by model.layer_names (field -> HF name)."""
+        p.wq = _ptr(views[names["wq"]])
+        p.wk = _ptr(views[names["wk"]])
+        p.wv = _ptr(views[names["wv"]])
+        p.wo = _ptr(views[names["wo"]])
+        p.w1 = _ptr(views[names["w1"]])
+        p.w2 = _ptr(views[names["w2"]])
+        p.w3 = _ptr(views[names["w3"]])
+        p.attn_norm = _ptr(views[names["attn_norm"]])
+        p.ffn_norm = _ptr(views[names["ffn_norm"]])
         if self.d.qk_norm:
-            p.q_norm = _ptr(views[pre + "self_attn.q_norm.weight"])
-            p.k_norm = _ptr(views[pre + "self_attn.k_norm.weight"])
+            p.q_norm = _ptr(views[names["q_norm"]])
+            p.k_norm = _ptr(views[names["k_norm"]])
 
     # -- classifier rows -----------------------------------------------------------------
     def set_classifier(self, weight, grad):
@@ -461,15 +466,21 @@ cdef class Engine:
         memcpy(&dst[0, 0], self.logit_buf, <Py_ssize_t>self.d.S * self.V * sizeof(float))
         return out
 
-    cdef inline void _dw(self, GemmJob job) noexcept nogil:
-        cdef double t
+    cdef inline double lap(self, int slot, double t) noexcept nogil:
+        """Charge the time since t to timer `slot`; return now, the start of the next section."""
+        cdef double now = now_ms()
+        self.timers[slot] += now - t
+        return now
+
+    cdef inline double _dw(self, GemmJob job, double t) noexcept nogil:
+        """Queue a weight gradient on the worker, or run it here timed as "dw"; returns the
+        clock for the next section."""
         if self.async_dw:
             self.worker.submit(job)
-        else:
-            t = now_ms()
-            sgemm(job.trans_a, job.trans_b, job.M, job.N, job.K, job.alpha, job.A, job.lda,
-                  job.B, job.ldb, job.beta, job.C, job.ldc)
-            self.timers[T_DW] += now_ms() - t
+            return t
+        sgemm(job.trans_a, job.trans_b, job.M, job.N, job.K, job.alpha, job.A, job.lda,
+              job.B, job.ldb, job.beta, job.C, job.ldc)
+        return self.lap(T_DW, t)
 
     # -- the optimizer's passes over the flat buffers, split between two threads ---------
     def grad_sumsq(self, float[::1] grads):
@@ -524,173 +535,148 @@ cdef class Engine:
         cdef LayerActs* a
         cdef LayerParams* w
         cdef float* x_next
-        cdef double t
         cdef int l
-        t = now_ms()
+        cdef double t = now_ms()
         embedding_fwd(self.embed, tokens, self.acts[0].x_in, d.S, d.D)
-        self.timers[T_ELEMENTWISE] += now_ms() - t
+        t = self.lap(T_ELEMENTWISE, t)
         for l in range(d.L):
             a = &self.acts[l]
             w = &self.weights[l]
             x_next = self.acts[l + 1].x_in if l + 1 < d.L else self.x_final
-            t = now_ms()
             rmsnorm_fwd(a.x_in, w.attn_norm, a.xnorm, d.D, d.S, d.eps, self.norm_scratch)
-            self.timers[T_RMS] += now_ms() - t
-            t = now_ms()
+            t = self.lap(T_RMS, t)
             self.kernels.sdpa_fwd(l, a.xnorm, a.attn, a.q, a.k, a.v, a.q_raw, a.k_raw)
             self.kernels.wo_fwd(l, a.attn, self.o)
-            self.timers[T_KERNELS] += now_ms() - t
-            t = now_ms()
+            t = self.lap(T_KERNELS, t)
             memcpy(a.x2, a.x_in, nD * sizeof(float))
             add_scaled(a.x2, self.o, nD, d.residual_scale)
-            self.timers[T_ELEMENTWISE] += now_ms() - t
-            t = now_ms()
+            t = self.lap(T_ELEMENTWISE, t)
             rmsnorm_fwd(a.x2, w.ffn_norm, a.x2norm, d.D, d.S, d.eps, self.norm_scratch)
-            self.timers[T_RMS] += now_ms() - t
-            t = now_ms()
+            t = self.lap(T_RMS, t)
             self.kernels.ffn_fused(l, a.x2norm, a.x2, x_next, a.h1, a.h3, a.gate)
-            self.timers[T_KERNELS] += now_ms() - t
-        t = now_ms()
+            t = self.lap(T_KERNELS, t)
         rmsnorm_fwd(self.x_final, self.final_norm, self.xf_norm, d.D, d.S, d.eps,
                     self.norm_scratch)
-        self.timers[T_RMS] += now_ms() - t
-        t = now_ms()
+        t = self.lap(T_RMS, t)
         # logits[S, V] = xf_norm^T @ cls_w^T
         sgemm(1, 1, d.S, self.V, d.D, 1.0, self.xf_norm, d.S, self.cls_w, d.D, 0.0, self.logit_buf,
               self.V)
-        self.timers[T_CLASSIFIER] += now_ms() - t
+        self.lap(T_CLASSIFIER, t)
 
     cdef double _backward(self, const int* tokens, const int* targets,
                           float loss_scale) noexcept nogil:
         cdef Dims d = self.d
+        cdef double loss
+        cdef int l
+        cdef double t = now_ms()
+        loss = softmax_xent(self.logit_buf, targets, d.S, self.V, loss_scale / d.S)
+        # dxf_norm[D, S] = cls_w^T @ dlogits^T ; dcls[V, D] += dlogits^T @ xf_norm^T
+        sgemm(1, 1, d.D, d.S, self.V, 1.0, self.cls_w, d.D, self.logit_buf, self.V, 0.0,
+              self.dxnorm, d.S)
+        t = self.lap(T_CLASSIFIER, t)
+        t = self._dw(dw_job(self.V, d.D, d.S, self.logit_buf, True, self.xf_norm, self.cls_g), t)
+        rmsnorm_bwd(self.x_final, self.final_norm, self.dxnorm, self.g, self.dfinal_norm, d.D, d.S,
+                    d.eps, 0, self.norm_scratch)
+        t = self.lap(T_RMS, t)
+        for l in range(d.L - 1, -1, -1):
+            # the buffer set of layer l + 2 must be free before layer l rewrites it
+            self.worker.wait_for(self.set_ticket[l & 1])
+            t = self.lap(T_DW_WAIT, t)
+            t = self._ffn_backward(l, t)
+            t = self._attention_backward(l, t)
+            self.set_ticket[l & 1] = self.worker.ticket()
+        self.worker.wait_all()
+        t = self.lap(T_DW_WAIT, t)
+        embedding_bwd(self.dembed, tokens, self.g, d.S, d.D)
+        self.lap(T_ELEMENTWISE, t)
+        return loss
+
+    cdef double _ffn_backward(self, int l, double t) noexcept nogil:
+        # FFN of layer l: x_next = x2 + rs * W2 @ (silu(W1 x2norm) * (W3 x2norm)).
+        # In: g = dL/dx_next [D, S]. Out: g = dL/dx2 [D, S]; dW1, dW2, dW3 queued, dffn_norm.
+        cdef Dims d = self.d
+        cdef LayerActs* a = &self.acts[l]
+        cdef LayerParams* gw = &self.grads[l]
+        cdef GradSet* gs = &self.sets[l & 1]
+        scale_copy(self.g, gs.dffn, <Py_ssize_t>d.D * d.S, d.residual_scale)
+        t = self.lap(T_ELEMENTWISE, t)
+        t = self._dw(dw_job(d.D, d.H, d.S, gs.dffn, False, a.gate, gw.w2), t)
+        self.kernels.ffn_bwd_w2t(l, gs.dffn, self.dgate)
+        t = self.lap(T_KERNELS, t)
+        swiglu_bwd(a.h1, a.h3, self.dgate, gs.dh1, gs.dh3, <Py_ssize_t>d.H * d.S)
+        t = self.lap(T_ELEMENTWISE, t)
+        t = self._dw(dw_job(d.H, d.D, d.S, gs.dh1, False, a.x2norm, gw.w1), t)
+        t = self._dw(dw_job(d.H, d.D, d.S, gs.dh3, False, a.x2norm, gw.w3), t)
+        self.kernels.ffn_bwd_w13t(l, gs.dh1, gs.dh3, self.dx2norm)
+        t = self.lap(T_KERNELS, t)
+        rmsnorm_bwd(a.x2, self.weights[l].ffn_norm, self.dx2norm, self.g, gw.ffn_norm, d.D, d.S,
+                    d.eps, 1, self.norm_scratch)
+        return self.lap(T_RMS, t)
+
+    cdef double _attention_backward(self, int l, double t) noexcept nogil:
+        # Attention of layer l: x2 = x + rs * Wo @ attn(q, k, v).
+        # In: g = dL/dx2 [D, S]. Out: g = dL/dx [D, S]; dWo, dWq, dWk, dWv queued, norm grads.
+        cdef Dims d = self.d
         cdef Py_ssize_t nD = <Py_ssize_t>d.D * d.S
         cdef Py_ssize_t block = <Py_ssize_t>d.hd * d.S
         cdef bint gqa = d.n_heads != d.n_kv_heads
-        cdef LayerActs* a
-        cdef LayerParams* w
-        cdef LayerParams* gw
-        cdef GradSet* gs
+        cdef LayerActs* a = &self.acts[l]
+        cdef LayerParams* w = &self.weights[l]
+        cdef LayerParams* gw = &self.grads[l]
+        cdef GradSet* gs = &self.sets[l & 1]
         cdef float* dq_rot
         cdef float* dk_rot
         cdef float* dk_rep
         cdef float* dv_rep
         cdef const float* k_rep
         cdef const float* v_rep
-        cdef double loss, t
-        cdef int l, h
-
-        t = now_ms()
-        loss = softmax_xent(self.logit_buf, targets, d.S, self.V, loss_scale / d.S)
-        # dxf_norm[D, S] = cls_w^T @ dlogits^T ; dcls[V, D] += dlogits^T @ xf_norm^T
-        sgemm(1, 1, d.D, d.S, self.V, 1.0, self.cls_w, d.D, self.logit_buf, self.V, 0.0, self.dxnorm,
-              d.S)
-        self.timers[T_CLASSIFIER] += now_ms() - t
-        cdef GemmJob cls_job
-        cls_job.call = NULL
-        cls_job.trans_a = 1; cls_job.trans_b = 1
-        cls_job.M = self.V; cls_job.N = d.D; cls_job.K = d.S; cls_job.alpha = 1.0
-        cls_job.A = self.logit_buf; cls_job.lda = self.V; cls_job.B = self.xf_norm; cls_job.ldb = d.S
-        cls_job.beta = 1.0; cls_job.C = self.cls_g; cls_job.ldc = d.D
-        self._dw(cls_job)
-        t = now_ms()
-        rmsnorm_bwd(self.x_final, self.final_norm, self.dxnorm, self.g, self.dfinal_norm, d.D, d.S,
-                    d.eps, 0, self.norm_scratch)
-        self.timers[T_RMS] += now_ms() - t
-
-        for l in range(d.L - 1, -1, -1):
-            a = &self.acts[l]
-            w = &self.weights[l]
-            gw = &self.grads[l]
-            gs = &self.sets[l & 1]
-            t = now_ms()
-            self.worker.wait_for(self.set_ticket[l & 1])
-            self.timers[T_DW_WAIT] += now_ms() - t
-
-            # -- FFN: x_next = x2 + rs * W2 @ (silu(W1 x2norm) * (W3 x2norm))
-            t = now_ms()
-            scale_copy(self.g, gs.dffn, nD, d.residual_scale)
-            self.timers[T_ELEMENTWISE] += now_ms() - t
-            self._dw(dw_job(d.D, d.H, d.S, gs.dffn, a.gate, gw.w2))
-            t = now_ms()
-            self.kernels.ffn_bwd_w2t(l, gs.dffn, self.dgate)
-            self.timers[T_KERNELS] += now_ms() - t
-            t = now_ms()
-            swiglu_bwd(a.h1, a.h3, self.dgate, gs.dh1, gs.dh3, <Py_ssize_t>d.H * d.S)
-            self.timers[T_ELEMENTWISE] += now_ms() - t
-            self._dw(dw_job(d.H, d.D, d.S, gs.dh1, a.x2norm, gw.w1))
-            self._dw(dw_job(d.H, d.D, d.S, gs.dh3, a.x2norm, gw.w3))
-            t = now_ms()
-            self.kernels.ffn_bwd_w13t(l, gs.dh1, gs.dh3, self.dx2norm)
-            self.timers[T_KERNELS] += now_ms() - t
-            t = now_ms()
-            rmsnorm_bwd(a.x2, w.ffn_norm, self.dx2norm, self.g, gw.ffn_norm, d.D, d.S, d.eps, 1,
-                        self.norm_scratch)
-            self.timers[T_RMS] += now_ms() - t
-
-            # -- attention: x2 = x + rs * Wo @ attn(q, k, v)
-            t = now_ms()
-            scale_copy(self.g, gs.do, nD, d.residual_scale)
-            self.timers[T_ELEMENTWISE] += now_ms() - t
-            self._dw(dw_job(d.D, d.Q, d.S, gs.do, a.attn, gw.wo))
-            t = now_ms()
-            self.kernels.wot_bwd(l, gs.do, self.da)
-            self.timers[T_KERNELS] += now_ms() - t
-
-            t = now_ms()
-            if gqa:
-                gqa_repeat(a.k, self.k_rep, d.n_heads, d.n_kv_heads, d.hd, d.S)
-                gqa_repeat(a.v, self.v_rep, d.n_heads, d.n_kv_heads, d.hd, d.S)
-                k_rep, v_rep = self.k_rep, self.v_rep
-            else:
-                k_rep, v_rep = a.k, a.v
-            # gradients land directly where they are needed when no reduction or norm follows
-            dq_rot = self.dq_rot if d.qk_norm else gs.dq
-            dk_rot = self.dk_rot if d.qk_norm else gs.dk
-            dk_rep = self.dk_rep if gqa else dk_rot
-            dv_rep = self.dv_rep if gqa else gs.dv
-            self.timers[T_ELEMENTWISE] += now_ms() - t
-            t = now_ms()
-            self.kernels.sdpa_bwd1(a.q, k_rep, v_rep, self.da, dv_rep, self.probs, self.dprobs)
-            self.kernels.sdpa_bwd2(self.probs, self.dprobs, a.q, k_rep, dq_rot, dk_rep)
-            self.timers[T_KERNELS] += now_ms() - t
-            t = now_ms()
-            if gqa:
-                gqa_reduce(dk_rep, dk_rot, d.n_heads, d.n_kv_heads, d.hd, d.S)
-                gqa_reduce(dv_rep, gs.dv, d.n_heads, d.n_kv_heads, d.hd, d.S)
-            rope_bwd(dq_rot, d.n_heads, d.hd, d.S, self.kernels.rope_cos, self.kernels.rope_sin, d.rope_half)
-            rope_bwd(dk_rot, d.n_kv_heads, d.hd, d.S, self.kernels.rope_cos, self.kernels.rope_sin, d.rope_half)
-            self.timers[T_ELEMENTWISE] += now_ms() - t
-            if d.qk_norm:
-                t = now_ms()
-                for h in range(d.n_heads):
-                    rmsnorm_bwd(a.q_raw + h * block, w.q_norm, dq_rot + h * block,
-                                gs.dq + h * block, gw.q_norm, d.hd, d.S, d.eps, 0,
-                                self.norm_scratch)
-                for h in range(d.n_kv_heads):
-                    rmsnorm_bwd(a.k_raw + h * block, w.k_norm, dk_rot + h * block,
-                                gs.dk + h * block, gw.k_norm, d.hd, d.S, d.eps, 0,
-                                self.norm_scratch)
-                self.timers[T_RMS] += now_ms() - t
-            self._dw(dw_job(d.Q, d.D, d.S, gs.dq, a.xnorm, gw.wq))
-            self._dw(dw_job(d.K, d.D, d.S, gs.dk, a.xnorm, gw.wk))
-            self._dw(dw_job(d.K, d.D, d.S, gs.dv, a.xnorm, gw.wv))
-            t = now_ms()
-            self.kernels.q_bwd(l, gs.dq, self.dxnorm)
-            self.kernels.kv_bwd(l, gs.dk, gs.dv, self.dxnorm_kv)
-            self.timers[T_KERNELS] += now_ms() - t
-            t = now_ms()
-            add_scaled(self.dxnorm, self.dxnorm_kv, nD, 1.0)
-            self.timers[T_ELEMENTWISE] += now_ms() - t
-            t = now_ms()
-            rmsnorm_bwd(a.x_in, w.attn_norm, self.dxnorm, self.g, gw.attn_norm, d.D, d.S, d.eps,
-                        1, self.norm_scratch)
-            self.timers[T_RMS] += now_ms() - t
-            self.set_ticket[l & 1] = self.worker.ticket()
-
-        t = now_ms()
-        self.worker.wait_all()
-        self.timers[T_DW_WAIT] += now_ms() - t
-        t = now_ms()
-        embedding_bwd(self.dembed, tokens, self.g, d.S, d.D)
-        self.timers[T_ELEMENTWISE] += now_ms() - t
-        return loss
+        cdef int h
+        scale_copy(self.g, gs.do, nD, d.residual_scale)
+        t = self.lap(T_ELEMENTWISE, t)
+        t = self._dw(dw_job(d.D, d.Q, d.S, gs.do, False, a.attn, gw.wo), t)
+        self.kernels.wot_bwd(l, gs.do, self.da)
+        t = self.lap(T_KERNELS, t)
+        if gqa:
+            gqa_repeat(a.k, self.k_rep, d.n_heads, d.n_kv_heads, d.hd, d.S)
+            gqa_repeat(a.v, self.v_rep, d.n_heads, d.n_kv_heads, d.hd, d.S)
+            k_rep, v_rep = self.k_rep, self.v_rep
+        else:
+            k_rep, v_rep = a.k, a.v
+        # gradients land directly where they are needed when no reduction or norm follows
+        dq_rot = self.dq_rot if d.qk_norm else gs.dq
+        dk_rot = self.dk_rot if d.qk_norm else gs.dk
+        dk_rep = self.dk_rep if gqa else dk_rot
+        dv_rep = self.dv_rep if gqa else gs.dv
+        t = self.lap(T_ELEMENTWISE, t)
+        self.kernels.sdpa_bwd1(a.q, k_rep, v_rep, self.da, dv_rep, self.probs, self.dprobs)
+        self.kernels.sdpa_bwd2(self.probs, self.dprobs, a.q, k_rep, dq_rot, dk_rep)
+        t = self.lap(T_KERNELS, t)
+        if gqa:
+            gqa_reduce(dk_rep, dk_rot, d.n_heads, d.n_kv_heads, d.hd, d.S)
+            gqa_reduce(dv_rep, gs.dv, d.n_heads, d.n_kv_heads, d.hd, d.S)
+        rope_bwd(dq_rot, d.n_heads, d.hd, d.S, self.kernels.rope_cos, self.kernels.rope_sin,
+                 d.rope_half)
+        rope_bwd(dk_rot, d.n_kv_heads, d.hd, d.S, self.kernels.rope_cos, self.kernels.rope_sin,
+                 d.rope_half)
+        t = self.lap(T_ELEMENTWISE, t)
+        if d.qk_norm:
+            for h in range(d.n_heads):
+                rmsnorm_bwd(a.q_raw + h * block, w.q_norm, dq_rot + h * block,
+                            gs.dq + h * block, gw.q_norm, d.hd, d.S, d.eps, 0,
+                            self.norm_scratch)
+            for h in range(d.n_kv_heads):
+                rmsnorm_bwd(a.k_raw + h * block, w.k_norm, dk_rot + h * block,
+                            gs.dk + h * block, gw.k_norm, d.hd, d.S, d.eps, 0,
+                            self.norm_scratch)
+            t = self.lap(T_RMS, t)
+        t = self._dw(dw_job(d.Q, d.D, d.S, gs.dq, False, a.xnorm, gw.wq), t)
+        t = self._dw(dw_job(d.K, d.D, d.S, gs.dk, False, a.xnorm, gw.wk), t)
+        t = self._dw(dw_job(d.K, d.D, d.S, gs.dv, False, a.xnorm, gw.wv), t)
+        self.kernels.q_bwd(l, gs.dq, self.dxnorm)
+        self.kernels.kv_bwd(l, gs.dk, gs.dv, self.dxnorm_kv)
+        t = self.lap(T_KERNELS, t)
+        add_scaled(self.dxnorm, self.dxnorm_kv, nD, 1.0)
+        t = self.lap(T_ELEMENTWISE, t)
+        rmsnorm_bwd(a.x_in, w.attn_norm, self.dxnorm, self.g, gw.attn_norm, d.D, d.S, d.eps,
+                    1, self.norm_scratch)
+        return self.lap(T_RMS, t)

@@ -9,12 +9,8 @@ knows the pattern, and ``remove_leftovers`` removes the temporaries a killed wri
 its output."""
 
 import os
-import re
 from contextlib import contextmanager
 from pathlib import Path
-
-# <name>.tmp-<pid>: the writer's temporary for <name>
-_TEMP_SUFFIX = re.compile(r"\.tmp-(\d+)$")
 
 
 def temp_path(path) -> Path:
@@ -24,18 +20,16 @@ def temp_path(path) -> Path:
 
 
 def temp_leftovers(path) -> list:
-    """Temporaries of ``path`` left by earlier writers (``<name>.tmp-<pid>``), oldest first."""
+    """Temporaries of ``path`` that earlier writers left (``<name>.tmp-<pid>``), by name."""
     path = Path(path)
-    found = []
+    prefix = path.name + ".tmp-"
     try:
-        entries = list(path.parent.iterdir()) if str(path.parent) else list(Path(".").iterdir())
+        entries = list((path.parent if str(path.parent) else Path(".")).iterdir())
     except OSError:
         return []
-    for p in entries:
-        if p.name.startswith(path.name + ".tmp-") and _TEMP_SUFFIX.search(p.name) \
-                and p.name[:-len(_TEMP_SUFFIX.search(p.name).group(0))] == path.name:
-            found.append(p)
-    return sorted(found, key=lambda p: p.name)
+    return sorted((p for p in entries
+                   if p.name.startswith(prefix) and p.name[len(prefix):].isdigit()),
+                  key=lambda p: p.name)
 
 
 def fsync_dir(directory) -> None:

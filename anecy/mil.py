@@ -2,10 +2,10 @@
 and the blob format of their constants.
 
 Every kernel takes ONE fp16 input ``[1, C, 1, W]`` in which activations and weights sit
-side by side along the spatial axis (DESIGN.md section 4), so a program never has to be
-recompiled when the weights change: each layer owns an input buffer whose weight columns
-are staged once per optimizer update and whose activation columns are rewritten every
-microstep.  ``KERNELS`` below is the only place where those layouts are written down; the
+side by side along the spatial axis (docs/ARCHITECTURE.md, section 4), so a program never
+has to be recompiled when the weights change: each layer owns an input buffer whose weight
+columns are staged once per optimizer update and whose activation columns are rewritten
+every microstep.  ``KERNELS`` below is the only place where those layouts are written down; the
 program generators, the packing helpers used by the ``sim`` and ``ane`` backends, and the
 tests all read it.
 
@@ -37,19 +37,19 @@ from __future__ import annotations
 import re
 import struct
 from dataclasses import astuple, dataclass
-from typing import Dict, Tuple
 
 import numpy as np
+
+from . import _ops
 
 __all__ = [
     "Block", "Out", "Kernel", "KERNELS", "KERNEL_NAMES", "Placed", "Layout", "layout",
     "input_shape", "output_shape", "column_offsets", "input_channel_offsets",
     "output_offsets", "new_input_buffer", "stage_weights", "write_activations",
-    "write_block", "pack_input", "unpack_output", "MilProgram", "GENERATORS", "generate",
-    "generate_all", "build_blob", "read_blob", "BLOB_HEADER_BYTES", "BLOB_DESCRIPTOR_OFFSET",
-    "MASK_VALUE", "rope_tables", "causal_mask",
-] + [f"gen_{k}" for k in ("sdpaFwd", "woFwd", "ffnFused", "ffnBwdW2t", "ffnBwdW13t", "wotBwd",
-                          "sdpaBwd1", "sdpaBwd2", "qBwd", "kvBwd")]
+    "pack_input", "unpack_output", "MilProgram", "GENERATORS", "generate", "build_blob",
+    "read_blob", "BLOB_HEADER_BYTES", "BLOB_DESCRIPTOR_OFFSET", "MASK_VALUE", "rope_tables",
+    "causal_mask",
+]  # + the ten gen_<kernel> functions, added after GENERATORS
 
 
 # =========================================================================================
@@ -95,8 +95,8 @@ class Kernel:
     doc: str
     channels: str          # input C, as a size expression
     packing: str           # "columns" (blocks side by side along W) or "channels"
-    inputs: Tuple[Block, ...]
-    outputs: Tuple[Out, ...]
+    inputs: tuple[Block, ...]
+    outputs: tuple[Out, ...]
 
 
 # Size expressions use these symbols (see _symbols):
@@ -105,7 +105,19 @@ class Kernel:
 #   head_dim <= dim), NPAD zero columns that round the QK-norm section up to 32 columns.
 _W, _A, _PAD = "weight", "act", "pad"
 
-KERNELS: Dict[str, Kernel] = {k.name: k for k in (
+
+def _input_gradient(name, out, channels, out_size, *terms) -> Kernel:
+    """A backward kernel ``out = sum of W^T @ dy`` over terms (dy, what dy holds, W, W's
+    rows): every gradient block (S columns), then every weight as is (row r = W[r, :])."""
+    formula = " + ".join(f"{w}^T @ {dy}" for dy, _, w, _ in terms)
+    grads = tuple(Block(dy, "S", _A, holds) for dy, holds, _, _ in terms)
+    weights = tuple(Block(w, size, _W, f"{w} as is: row r holds {w}[r, :]")
+                    for _, _, w, size in terms)
+    return Kernel(name, f"{out} = {formula}.", channels, "columns", grads + weights,
+                  (Out(out, out_size, formula),))
+
+
+KERNELS: dict[str, Kernel] = {k.name: k for k in (
     Kernel("sdpaFwd",
            "QKV projections, optional QK-norm, RoPE, causal GQA attention (no Wo).",
            "D", "columns",
@@ -113,7 +125,8 @@ KERNELS: Dict[str, Kernel] = {k.name: k for k in (
             Block("Wq", "Q", _W, "Wq^T: row c holds Wq[:, c]", "T"),
             Block("Wk", "K", _W, "Wk^T: row c holds Wk[:, c]", "T"),
             Block("Wv", "K", _W, "Wv^T: row c holds Wv[:, c]", "T"),
-            # QK-norm weights go after the DESIGN.md columns so that those keep their offsets.
+            # QK-norm weights go after the columns every model has, so that those keep
+            # their offsets whether or not the model has QK-norm.
             Block("q_norm", "NW", _W, "q_norm weight [head_dim], folded", "vec", "qk_norm"),
             Block("k_norm", "NW", _W, "k_norm weight [head_dim], folded", "vec", "qk_norm"),
             # Keeps every row of the surface a multiple of 64 bytes whenever the other
@@ -139,20 +152,11 @@ KERNELS: Dict[str, Kernel] = {k.name: k for k in (
             Out("h1", "H", "W1 @ x2norm"),
             Out("h3", "H", "W3 @ x2norm"),
             Out("gate", "H", "silu(h1) * h3"))),
-    Kernel("ffnBwdW2t", "dgate = W2^T @ dffn.", "D", "columns",
-           (Block("dffn", "S", _A, "gradient of the FFN output [D, S]"),
-            Block("W2", "H", _W, "W2 as is: row d holds W2[d, :]")),
-           (Out("dgate", "H", "W2^T @ dffn"),)),
-    Kernel("ffnBwdW13t", "dx = W1^T @ dh1 + W3^T @ dh3.", "H", "columns",
-           (Block("dh1", "S", _A, "gradient of h1 [H, S]"),
-            Block("dh3", "S", _A, "gradient of h3 [H, S]"),
-            Block("W1", "D", _W, "W1 as is: row h holds W1[h, :]"),
-            Block("W3", "D", _W, "W3 as is: row h holds W3[h, :]")),
-           (Out("dx", "D", "W1^T @ dh1 + W3^T @ dh3"),)),
-    Kernel("wotBwd", "da = Wo^T @ dy.", "D", "columns",
-           (Block("dy", "S", _A, "gradient of o [D, S]"),
-            Block("Wo", "Q", _W, "Wo as is: row d holds Wo[d, :]")),
-           (Out("da", "Q", "Wo^T @ dy"),)),
+    _input_gradient("ffnBwdW2t", "dgate", "D", "H",
+                    ("dffn", "gradient of the FFN output [D, S]", "W2", "H")),
+    _input_gradient("ffnBwdW13t", "dx", "H", "D", ("dh1", "gradient of h1 [H, S]", "W1", "D"),
+                    ("dh3", "gradient of h3 [H, S]", "W3", "D")),
+    _input_gradient("wotBwd", "da", "D", "Q", ("dy", "gradient of o [D, S]", "Wo", "Q")),
     Kernel("sdpaBwd1", "Recomputed attention probabilities, dV and dP.", "4*Q", "channels",
            (Block("q", "Q", _A, "q after RoPE [Q, S]"),
             Block("k_rep", "Q", _A, "k after RoPE, repeated to Q (HF head mapping)"),
@@ -168,16 +172,11 @@ KERNELS: Dict[str, Kernel] = {k.name: k for k in (
             Block("k_rep", "Q", _A, "k after RoPE, repeated to Q")),
            (Out("dq", "Q", "gradient of q (after RoPE)"),
             Out("dk_rep", "Q", "gradient of k_rep (reduce over each kv group on the CPU)"))),
-    Kernel("qBwd", "dx = Wq^T @ dq.", "Q", "columns",
-           (Block("dq", "S", _A, "gradient of q before RoPE/QK-norm [Q, S]"),
-            Block("Wq", "D", _W, "Wq as is: row q holds Wq[q, :]")),
-           (Out("dx", "D", "Wq^T @ dq"),)),
-    Kernel("kvBwd", "dx = Wk^T @ dk + Wv^T @ dv.", "K", "columns",
-           (Block("dk", "S", _A, "gradient of k before RoPE/QK-norm [K, S]"),
-            Block("dv", "S", _A, "gradient of v [K, S]"),
-            Block("Wk", "D", _W, "Wk as is: row k holds Wk[k, :]"),
-            Block("Wv", "D", _W, "Wv as is: row k holds Wv[k, :]")),
-           (Out("dx", "D", "Wk^T @ dk + Wv^T @ dv"),)),
+    _input_gradient("qBwd", "dx", "Q", "D",
+                    ("dq", "gradient of q before RoPE/QK-norm [Q, S]", "Wq", "D")),
+    _input_gradient("kvBwd", "dx", "K", "D",
+                    ("dk", "gradient of k before RoPE/QK-norm [K, S]", "Wk", "D"),
+                    ("dv", "gradient of v [K, S]", "Wv", "D")),
 )}
 
 KERNEL_NAMES = tuple(KERNELS)
@@ -196,7 +195,7 @@ def _norm_cols(cfg) -> int:
     return hd  # unreachable: k = hd always fits
 
 
-def _symbols(cfg) -> Dict[str, int]:
+def _symbols(cfg) -> dict[str, int]:
     nw = _norm_cols(cfg)
     return dict(D=cfg.dim, H=cfg.hidden_dim, Q=cfg.q_dim, K=cfg.kv_dim, S=cfg.seq_len,
                 P=cfg.n_heads * cfg.seq_len, HD=cfg.head_dim, NW=nw,
@@ -206,7 +205,7 @@ def _symbols(cfg) -> Dict[str, int]:
 _SIZE_EXPR = re.compile(r"^[A-Z0-9+* ]+$")
 
 
-def _size(expr: str, syms: Dict[str, int]) -> int:
+def _size(expr: str, syms: dict[str, int]) -> int:
     if not _SIZE_EXPR.match(expr):
         raise ValueError(f"bad size expression {expr!r}")
     return int(eval(expr, {"__builtins__": {}}, syms))  # noqa: S307 - vetted by the regex
@@ -233,7 +232,7 @@ class Placed:
     cols: int
 
     @property
-    def array_shape(self) -> Tuple[int, ...]:
+    def array_shape(self) -> tuple[int, ...]:
         """Shape of the CPU array the block is packed from."""
         if self.place == "T":
             return (self.cols, self.rows)
@@ -245,10 +244,10 @@ class Placed:
 @dataclass(frozen=True)
 class Layout:
     kernel: str
-    in_shape: Tuple[int, int, int, int]
-    inputs: Tuple[Placed, ...]
-    out_shape: Tuple[int, int, int, int]
-    outputs: Tuple[Tuple[str, int, int], ...]   # (name, channel offset, channels)
+    in_shape: tuple[int, int, int, int]
+    inputs: tuple[Placed, ...]
+    out_shape: tuple[int, int, int, int]
+    outputs: tuple[tuple[str, int, int], ...]   # (name, channel offset, channels)
 
     def block(self, name: str) -> Placed:
         for b in self.inputs:
@@ -261,7 +260,7 @@ def _cfg_key(cfg):
     return astuple(cfg)
 
 
-_LAYOUTS: Dict[tuple, Layout] = {}
+_LAYOUTS: dict[tuple, Layout] = {}
 
 
 def layout(kernel: str, cfg) -> Layout:
@@ -310,26 +309,26 @@ def layout(kernel: str, cfg) -> Layout:
     return lay
 
 
-def input_shape(kernel: str, cfg) -> Tuple[int, int, int, int]:
+def input_shape(kernel: str, cfg) -> tuple[int, int, int, int]:
     return layout(kernel, cfg).in_shape
 
 
-def output_shape(kernel: str, cfg) -> Tuple[int, int, int, int]:
+def output_shape(kernel: str, cfg) -> tuple[int, int, int, int]:
     return layout(kernel, cfg).out_shape
 
 
-def column_offsets(kernel: str, cfg) -> Dict[str, Tuple[int, int]]:
+def column_offsets(kernel: str, cfg) -> dict[str, tuple[int, int]]:
     """name -> (first column, width) of every input block (channel-packed kernels: every
     block spans the S columns)."""
     return {b.name: (b.col0, b.cols) for b in layout(kernel, cfg).inputs}
 
 
-def input_channel_offsets(kernel: str, cfg) -> Dict[str, Tuple[int, int]]:
+def input_channel_offsets(kernel: str, cfg) -> dict[str, tuple[int, int]]:
     """name -> (first row, rows) of every input block."""
     return {b.name: (b.row0, b.rows) for b in layout(kernel, cfg).inputs}
 
 
-def output_offsets(kernel: str, cfg) -> Dict[str, Tuple[int, int]]:
+def output_offsets(kernel: str, cfg) -> dict[str, tuple[int, int]]:
     """name -> (first channel, channels) of every output block."""
     return {n: (o, c) for n, o, c in layout(kernel, cfg).outputs}
 
@@ -366,12 +365,6 @@ def _write(lay: Layout, buf: np.ndarray, b: Placed, array) -> None:
         buf[:, b.col0:b.col0 + b.cols] = 0
         a = a.reshape(b.rows, b.cols)
     buf[b.row0:b.row0 + b.rows, b.col0:b.col0 + b.cols] = a.astype(np.float16)
-
-
-def write_block(kernel: str, cfg, buf: np.ndarray, name: str, array) -> None:
-    """Write one named block of ``kernel``'s input into ``buf`` (fp16 [C, W])."""
-    lay = layout(kernel, cfg)
-    _write(lay, _check_buffer(lay, buf), lay.block(name), array)
 
 
 def _write_kind(kernel, cfg, buf, arrays, kind):
@@ -415,7 +408,7 @@ def pack_input(kernel: str, cfg, **arrays) -> np.ndarray:
     return buf
 
 
-def unpack_output(kernel: str, cfg, out) -> Dict[str, np.ndarray]:
+def unpack_output(kernel: str, cfg, out) -> dict[str, np.ndarray]:
     """Split ``kernel``'s fp16 output ([1, C', 1, S] or [C', S]) into named fp32 [ch, S]."""
     lay = layout(kernel, cfg)
     _, C, _, S = lay.out_shape
@@ -489,18 +482,14 @@ def causal_mask(S: int) -> np.ndarray:
     return m
 
 
-def rope_tables(cfg) -> Tuple[np.ndarray, np.ndarray]:
-    """RoPE tables [head_dim, S] in the channel-first per-head layout, as HF computes them
-    (inv_freq and angles in float32). Row c belongs to pair i = c // 2 (interleaved) or
-    c % (head_dim/2) (half). The sine table carries the rotation's sign: -sin on the first
-    row of each pair, +sin on the second, so that rotating is ``x*cos + swap(x)*sin``."""
+def rope_tables(cfg) -> tuple[np.ndarray, np.ndarray]:
+    """RoPE tables [head_dim, S] in the channel-first per-head layout: the cpu backend's
+    tables (``anecy._ops.rope_tables``, [head_dim/2, S]) with each pair's value on both of
+    its rows. Row c belongs to pair i = c // 2 (interleaved) or c % (head_dim/2) (half).
+    The sine table carries the rotation's sign: -sin on the first row of each pair, +sin on
+    the second, so that rotating is ``x*cos + swap(x)*sin``."""
     hd, S = cfg.head_dim, cfg.seq_len
-    exponent = np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / np.float32(hd)
-    inv_freq = (np.float32(1.0) / (np.float32(cfg.rope_theta) ** exponent)).astype(np.float32)
-    pos = np.arange(S, dtype=np.float32)
-    ang = (inv_freq[:, None] * pos[None, :]).astype(np.float32)          # [hd/2, S]
-    cos = np.cos(ang).astype(np.float32)
-    sin = np.sin(ang).astype(np.float32)
+    cos, sin = _ops.rope_tables(hd, S, cfg.rope_theta)
     if cfg.rope_style == "interleaved":
         cos_t = np.repeat(cos, 2, axis=0)
         sin_t = np.stack([-sin, sin], axis=1).reshape(hd, S)
@@ -519,9 +508,9 @@ class MilProgram:
     """A generated program: MIL text plus the blob files it references."""
     kernel: str
     text: str
-    blobs: Dict[str, bytes]
-    input_shape: Tuple[int, int, int, int]
-    output_shape: Tuple[int, int, int, int]
+    blobs: dict[str, bytes]
+    input_shape: tuple[int, int, int, int]
+    output_shape: tuple[int, int, int, int]
 
 
 _BUILD_INFO = ('[buildInfo = dict<string, string>({{"coremlc-component-MIL", "3510.2.1"}, '
@@ -552,7 +541,7 @@ class _Builder:
         self.lines = []
         self.shapes = {"x": self.in_shape}    # fp16 tensors (None for fp16 scalars)
         self.taken = {"x"}
-        self.blobs: Dict[str, bytes] = {}
+        self.blobs: dict[str, bytes] = {}
 
     def _name(self, name):
         if name in self.taken:
@@ -936,13 +925,10 @@ GENERATORS = {
     "sdpaBwd1": gen_sdpaBwd1, "sdpaBwd2": gen_sdpaBwd2, "qBwd": gen_qBwd, "kvBwd": gen_kvBwd,
 }
 assert tuple(GENERATORS) == KERNEL_NAMES
+__all__ += [f"gen_{k}" for k in KERNEL_NAMES]
 
 
 def generate(kernel: str, cfg) -> MilProgram:
     if kernel not in GENERATORS:
         raise KeyError(f"unknown kernel {kernel!r}; known: {', '.join(KERNEL_NAMES)}")
     return GENERATORS[kernel](cfg)
-
-
-def generate_all(cfg) -> Dict[str, MilProgram]:
-    return {k: g(cfg) for k, g in GENERATORS.items()}

@@ -25,13 +25,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Callable
 
 import numpy as np
 
 from .mil import read_blob
 
-__all__ = ["MilError", "Type", "Interpreter", "parse", "check", "run", "OPS"]
+__all__ = ["MilError", "Type", "Op", "Interpreter", "parse", "check", "run", "OPS"]
 
 
 class MilError(ValueError):
@@ -48,7 +48,7 @@ _DTYPES = ("fp16", "int32", "bool")
 @dataclass(frozen=True)
 class Type:
     dtype: str
-    shape: Optional[Tuple[int, ...]]     # None for a scalar
+    shape: tuple[int, ...] | None     # None for a scalar
 
     def __str__(self):
         if self.shape is None:
@@ -78,8 +78,8 @@ class Stmt:
     decl: Type
     var: str
     op: str
-    args: Dict[str, Union[str, Tuple[str, ...]]]
-    attrs: Dict[str, tuple]
+    args: dict[str, str | tuple[str, ...]]
+    attrs: dict[str, tuple]
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Program:
     input_name: str
     input_type: Type
     input_lineno: int
-    stmts: List[Stmt] = field(default_factory=list)
+    stmts: list[Stmt] = field(default_factory=list)
     output: str = ""
     output_lineno: int = 0
 
@@ -155,6 +155,23 @@ class _Tokens:
             raise self.error(f"unexpected {self.toks[self.i][1]!r} after the end of the statement")
 
     # -- grammar pieces ----------------------------------------------------------------------
+    def comma_list(self, close, item) -> list:
+        """``item, item, ...`` (possibly none) up to and including ``close``: every list in
+        the grammar (dimensions, values, names, parameters, attributes) is read here."""
+        out = []
+        while self.peek()[1] != close:
+            if out:
+                self.expect(",")
+            out.append(item())
+        self.expect(close)
+        return out
+
+    def dimension(self) -> int:
+        d = self.integer()
+        if d < 1:
+            raise self.error(f"dimension {d} must be positive")
+        return d
+
     def type_(self) -> Type:
         name = self.ident()
         if name == "tensor":
@@ -164,15 +181,7 @@ class _Tokens:
                 raise self.error(f"unknown dtype {dtype!r}")
             self.expect(",")
             self.expect("[")
-            dims = []
-            while self.peek()[1] != "]":
-                if dims:
-                    self.expect(",")
-                d = self.integer()
-                if d < 1:
-                    raise self.error(f"dimension {d} must be positive")
-                dims.append(d)
-            self.expect("]")
+            dims = self.comma_list("]", self.dimension)
             self.expect(">")
             if not dims:
                 raise self.error("a tensor type needs at least one dimension")
@@ -181,19 +190,30 @@ class _Tokens:
             return Type(name, None)
         raise self.error(f"unknown type {name!r}")
 
-    def key_values(self, close, what):
-        """`key=value, ...` up to and including `close`, each key once."""
+    def key_values(self, close, what, value=None):
+        """`key=value, ...` up to and including `close`, each key once; values are read by
+        ``value`` (default: an attribute value)."""
+        value = value or self.value
         out = {}
-        while self.peek()[1] != close:
-            if out:
-                self.expect(",")
+
+        def item():
             key = self.ident()
             if key in out:
                 raise self.error(f"{what} {key!r} given twice")
             self.expect("=")
-            out[key] = self.value()
-        self.expect(close)
+            out[key] = value()
+        self.comma_list(close, item)
         return out
+
+    def argument(self):
+        """An op argument: a variable name or a parenthesised tuple of them."""
+        if self.peek()[1] != "(":
+            return self.ident()
+        self.next()
+        names = self.comma_list(")", self.ident)
+        if not names:
+            raise self.error("expected a name, found ')'")
+        return tuple(names)
 
     def value(self):
         """An attribute value: ('string', s) | ('bool', b) | ('int32', i) | ('fp16', f) |
@@ -213,12 +233,7 @@ class _Tokens:
                     raise self.error("BLOBFILE needs path=string(...) and offset=uint64(...)")
                 return ("blob", t, args["path"][1], args["offset"][1])
             self.expect("[")
-            vals = []
-            while self.peek()[1] != "]":
-                if vals:
-                    self.expect(",")
-                vals.append(self.number())
-            self.expect("]")
+            vals = self.comma_list("]", self.number)
             self.expect(")")
             return ("list", t, vals)
         name = self.ident()
@@ -255,27 +270,10 @@ def _parse_stmt(line: str, lineno: int) -> Stmt:
     t.expect("=")
     op = t.ident()
     t.expect("(")
-    args: Dict[str, Union[str, Tuple[str, ...]]] = {}
-    while t.peek()[1] != ")":
-        if args:
-            t.expect(",")
-        key = t.ident()
-        if key in args:
-            raise t.error(f"{op}: parameter {key!r} given twice")
-        t.expect("=")
-        if t.peek()[1] == "(":
-            t.next()
-            names = [t.ident()]
-            while t.peek()[1] == ",":
-                t.next()
-                names.append(t.ident())
-            t.expect(")")
-            args[key] = tuple(names)
-        else:
-            args[key] = t.ident()
-    t.expect(")")
+    args: dict[str, str | tuple[str, ...]] = t.key_values(")", f"{op}: parameter",
+                                                                 t.argument)
     t.expect("[")
-    attrs: Dict[str, tuple] = t.key_values("]", "attribute")
+    attrs: dict[str, tuple] = t.key_values("]", "attribute")
     t.expect(";")
     t.done()
     return Stmt(lineno, decl, var, op, args, attrs)
@@ -287,7 +285,7 @@ def parse(text: str) -> Program:
         raise MilError("line 0: program text must be a string")
     lines = text.split("\n")
     state = "program"
-    prog: Optional[Program] = None
+    prog: Program | None = None
     last = 0
     for idx, raw in enumerate(lines):
         lineno = idx + 1
@@ -347,25 +345,24 @@ def parse(text: str) -> Program:
 # =========================================================================================
 # Ops
 # =========================================================================================
+# Each op is one record: its parameters (name -> role), its result type and its result.
 # Parameter roles: "tensor" an fp16 tensor; "num" an fp16 tensor or fp16 scalar; "tensors"
 # a tuple of fp16 tensors; "ints" a const int32 vector; "int" a const int32 scalar; "bool" a
 # const bool scalar.  A trailing "?" marks an optional parameter (MIL default in _DEFAULTS).
+# ``infer(p, err)`` gets the parameters resolved to Types (const roles: their Python values)
+# and returns the result Type or raises err(message); ``compute(p)`` gets them resolved to
+# values (fp16 arrays) once ``infer`` has accepted them.  Data movement ops (``exact``) give
+# back fp16 values unchanged; the others compute in fp32 and are rounded to fp16 once.
 
-OPS: Dict[str, Dict[str, str]] = {
-    "const": {},
-    "slice_by_size": {"x": "tensor", "begin": "ints", "size": "ints"},
-    "reshape": {"x": "tensor", "shape": "ints"},
-    "transpose": {"x": "tensor", "perm": "ints"},
-    "matmul": {"x": "tensor", "y": "tensor", "transpose_x": "bool?", "transpose_y": "bool?"},
-    "mul": {"x": "num", "y": "num"},
-    "add": {"x": "num", "y": "num"},
-    "sub": {"x": "num", "y": "num"},
-    "pow": {"x": "num", "y": "num"},
-    "softmax": {"x": "tensor", "axis": "int"},
-    "reduce_sum": {"x": "tensor", "axes": "ints", "keep_dims": "bool?"},
-    "concat": {"values": "tensors", "axis": "int", "interleave": "bool?"},
-    "sigmoid": {"x": "tensor"},
-}
+
+@dataclass(frozen=True)
+class Op:
+    params: dict[str, str]
+    infer: Callable[[dict, Callable[[str], MilError]], Type]
+    compute: Callable[[dict], np.ndarray]
+    exact: bool = False
+
+
 _DEFAULTS = {"transpose_x": False, "transpose_y": False, "keep_dims": False, "interleave": False}
 # the ANE works on NCHW tensors; every hardware-verified program uses rank 4 throughout
 _RANK = 4
@@ -386,118 +383,144 @@ def _axis(err, axis, rank, what):
     return axis % rank
 
 
-def _infer(op: str, p: dict, err) -> Type:
-    """Result type of ``op`` given its resolved parameters: for tensor roles the Type, for
-    const roles the Python value."""
-    if op == "slice_by_size":
-        s = p["x"].shape
-        begin, size = p["begin"], p["size"]
-        if len(begin) != len(s) or len(size) != len(s):
-            raise err(f"begin/size need {len(s)} entries, got {len(begin)}/{len(size)}")
-        for d, (b, n, dim) in enumerate(zip(begin, size, s)):
-            if b < 0 or n < 1 or b + n > dim:
-                raise err(f"slice [{b}, {b}+{n}) is outside axis {d} of size {dim}")
-        return Type("fp16", tuple(size))
-    if op == "reshape":
-        shape = p["shape"]
-        if any(d < 1 for d in shape):
-            raise err(f"reshape shape {shape} must be all positive (no -1 or 0)")
-        if int(np.prod(shape)) != int(np.prod(p["x"].shape)):
-            raise err(f"cannot reshape {p['x']} ({int(np.prod(p['x'].shape))} values) "
-                      f"to {shape}")
-        return Type("fp16", tuple(shape))
-    if op == "transpose":
-        s, perm = p["x"].shape, p["perm"]
-        if sorted(perm) != list(range(len(s))):
-            raise err(f"perm {perm} is not a permutation of {len(s)} axes")
-        return Type("fp16", tuple(s[i] for i in perm))
-    if op == "matmul":
-        a, b = p["x"].shape, p["y"].shape
-        if len(a) != len(b):
-            raise err(f"matmul of ranks {len(a)} and {len(b)}")
-        m, k = (a[-1], a[-2]) if p["transpose_x"] else (a[-2], a[-1])
-        k2, n = (b[-1], b[-2]) if p["transpose_y"] else (b[-2], b[-1])
-        if k != k2:
-            raise err(f"matmul inner dimensions differ: {k} and {k2}")
-        try:
-            batch = np.broadcast_shapes(a[:-2], b[:-2])
-        except ValueError:
-            raise err(f"matmul batch dimensions {a[:-2]} and {b[:-2]} do not broadcast") from None
-        return Type("fp16", tuple(batch) + (m, n))
-    if op in ("mul", "add", "sub", "pow"):
+def _fp16(shape) -> Type:
+    return Type("fp16", tuple(shape))
+
+
+def _slice_type(p, err):
+    s = p["x"].shape
+    begin, size = p["begin"], p["size"]
+    if len(begin) != len(s) or len(size) != len(s):
+        raise err(f"begin/size need {len(s)} entries, got {len(begin)}/{len(size)}")
+    for d, (b, n, dim) in enumerate(zip(begin, size, s)):
+        if b < 0 or n < 1 or b + n > dim:
+            raise err(f"slice [{b}, {b}+{n}) is outside axis {d} of size {dim}")
+    return _fp16(size)
+
+
+def _slice(p):
+    return p["x"][tuple(slice(b, b + n) for b, n in zip(p["begin"], p["size"]))]
+
+
+def _reshape_type(p, err):
+    shape = p["shape"]
+    if any(d < 1 for d in shape):
+        raise err(f"reshape shape {shape} must be all positive (no -1 or 0)")
+    if int(np.prod(shape)) != int(np.prod(p["x"].shape)):
+        raise err(f"cannot reshape {p['x']} ({int(np.prod(p['x'].shape))} values) to {shape}")
+    return _fp16(shape)
+
+
+def _transpose_type(p, err):
+    s, perm = p["x"].shape, p["perm"]
+    if sorted(perm) != list(range(len(s))):
+        raise err(f"perm {perm} is not a permutation of {len(s)} axes")
+    return _fp16(s[i] for i in perm)
+
+
+def _matmul_type(p, err):
+    a, b = p["x"].shape, p["y"].shape
+    if len(a) != len(b):
+        raise err(f"matmul of ranks {len(a)} and {len(b)}")
+    m, k = (a[-1], a[-2]) if p["transpose_x"] else (a[-2], a[-1])
+    k2, n = (b[-1], b[-2]) if p["transpose_y"] else (b[-2], b[-1])
+    if k != k2:
+        raise err(f"matmul inner dimensions differ: {k} and {k2}")
+    try:
+        batch = np.broadcast_shapes(a[:-2], b[:-2])
+    except ValueError:
+        raise err(f"matmul batch dimensions {a[:-2]} and {b[:-2]} do not broadcast") from None
+    return _fp16(tuple(batch) + (m, n))
+
+
+def _matmul(p):
+    a, b = _f32(p["x"]), _f32(p["y"])
+    if p["transpose_x"]:
+        a = np.swapaxes(a, -1, -2)
+    if p["transpose_y"]:
+        b = np.swapaxes(b, -1, -2)
+    return np.matmul(a, b)
+
+
+def _elementwise(name, ufunc) -> Op:
+    """A binary op whose operands are fp16 tensors of one rank (broadcast) or scalars."""
+    def infer(p, err):
         x, y = p["x"], p["y"]
         if x.shape is None and y.shape is None:
-            raise err(f"{op} needs at least one tensor operand")
+            raise err(f"{name} needs at least one tensor operand")
         if x.shape is None or y.shape is None:
             return Type("fp16", x.shape or y.shape)
         if len(x.shape) != len(y.shape):
-            raise err(f"{op} of ranks {len(x.shape)} and {len(y.shape)}")
+            raise err(f"{name} of ranks {len(x.shape)} and {len(y.shape)}")
         try:
-            return Type("fp16", tuple(np.broadcast_shapes(x.shape, y.shape)))
+            return _fp16(np.broadcast_shapes(x.shape, y.shape))
         except ValueError:
-            raise err(f"{op}: shapes {x.shape} and {y.shape} do not broadcast") from None
-    if op == "softmax":
-        _axis(err, p["axis"], len(p["x"].shape), "softmax axis")
-        return p["x"]
-    if op == "sigmoid":
-        return p["x"]
-    if op == "reduce_sum":
-        s = p["x"].shape
-        axes = [_axis(err, a, len(s), "reduce_sum axis") for a in p["axes"]]
-        if not axes or len(set(axes)) != len(axes):
-            raise err(f"reduce_sum axes {p['axes']} must be distinct and non-empty")
-        if p["keep_dims"]:
-            return Type("fp16", tuple(1 if i in axes else d for i, d in enumerate(s)))
-        return Type("fp16", tuple(d for i, d in enumerate(s) if i not in axes))
-    if op == "concat":
-        vals = p["values"]
-        if p["interleave"]:
-            raise err("concat with interleave=true is not supported")
-        rank = len(vals[0].shape)
-        ax = _axis(err, p["axis"], rank, "concat axis")
-        out = list(vals[0].shape)
-        for v in vals[1:]:
-            if len(v.shape) != rank or any(d != e for i, (d, e) in
-                                           enumerate(zip(v.shape, vals[0].shape)) if i != ax):
-                raise err(f"concat operands {vals[0]} and {v} differ off axis {ax}")
-            out[ax] += v.shape[ax]
-        return Type("fp16", tuple(out))
-    raise AssertionError(op)  # pragma: no cover - OPS and _infer list the same ops
+            raise err(f"{name}: shapes {x.shape} and {y.shape} do not broadcast") from None
+    return Op({"x": "num", "y": "num"}, infer, lambda p: ufunc(_f32(p["x"]), _f32(p["y"])))
 
 
-def _compute(op: str, p: dict) -> np.ndarray:
-    """fp32 result of ``op`` from fp16 tensors (already checked by _infer)."""
-    if op == "slice_by_size":
-        idx = tuple(slice(b, b + n) for b, n in zip(p["begin"], p["size"]))
-        return p["x"][idx]
-    if op == "reshape":
-        return p["x"].reshape(p["shape"])
-    if op == "transpose":
-        return np.ascontiguousarray(np.transpose(p["x"], p["perm"]))
-    if op == "concat":
-        return np.concatenate(p["values"], axis=p["axis"])
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
-        if op == "matmul":
-            a, b = _f32(p["x"]), _f32(p["y"])
-            if p["transpose_x"]:
-                a = np.swapaxes(a, -1, -2)
-            if p["transpose_y"]:
-                b = np.swapaxes(b, -1, -2)
-            return np.matmul(a, b)
-        x = _f32(p["x"])
-        if op in ("mul", "add", "sub", "pow"):
-            y = _f32(p["y"])
-            return {"mul": np.multiply, "add": np.add, "sub": np.subtract,
-                    "pow": np.power}[op](x, y)
-        if op == "softmax":
-            ax = p["axis"]
-            e = np.exp(x - np.max(x, axis=ax, keepdims=True))
-            return e / np.sum(e, axis=ax, keepdims=True)
-        if op == "sigmoid":
-            return np.float32(1.0) / (np.float32(1.0) + np.exp(-x))
-        if op == "reduce_sum":
-            return np.sum(x, axis=tuple(p["axes"]), keepdims=p["keep_dims"])
-    raise AssertionError(op)  # pragma: no cover
+def _softmax_type(p, err):
+    _axis(err, p["axis"], len(p["x"].shape), "softmax axis")
+    return p["x"]
+
+
+def _softmax(p):
+    x = _f32(p["x"])
+    ax = p["axis"] % x.ndim
+    e = np.exp(x - np.max(x, axis=ax, keepdims=True))
+    return e / np.sum(e, axis=ax, keepdims=True)
+
+
+def _reduce_sum_type(p, err):
+    s = p["x"].shape
+    axes = [_axis(err, a, len(s), "reduce_sum axis") for a in p["axes"]]
+    if not axes or len(set(axes)) != len(axes):
+        raise err(f"reduce_sum axes {p['axes']} must be distinct and non-empty")
+    if p["keep_dims"]:
+        return _fp16(1 if i in axes else d for i, d in enumerate(s))
+    return _fp16(d for i, d in enumerate(s) if i not in axes)
+
+
+def _concat_type(p, err):
+    vals = p["values"]
+    if p["interleave"]:
+        raise err("concat with interleave=true is not supported")
+    rank = len(vals[0].shape)
+    ax = _axis(err, p["axis"], rank, "concat axis")
+    out = list(vals[0].shape)
+    for v in vals[1:]:
+        if len(v.shape) != rank or any(d != e for i, (d, e) in
+                                       enumerate(zip(v.shape, vals[0].shape)) if i != ax):
+            raise err(f"concat operands {vals[0]} and {v} differ off axis {ax}")
+        out[ax] += v.shape[ax]
+    return _fp16(out)
+
+
+_OPS: dict[str, Op] = {
+    "slice_by_size": Op({"x": "tensor", "begin": "ints", "size": "ints"},
+                        _slice_type, _slice, exact=True),
+    "reshape": Op({"x": "tensor", "shape": "ints"},
+                  _reshape_type, lambda p: p["x"].reshape(p["shape"]), exact=True),
+    "transpose": Op({"x": "tensor", "perm": "ints"}, _transpose_type,
+                    lambda p: np.ascontiguousarray(np.transpose(p["x"], p["perm"])), exact=True),
+    "matmul": Op({"x": "tensor", "y": "tensor", "transpose_x": "bool?", "transpose_y": "bool?"},
+                 _matmul_type, _matmul),
+    "mul": _elementwise("mul", np.multiply),
+    "add": _elementwise("add", np.add),
+    "sub": _elementwise("sub", np.subtract),
+    "pow": _elementwise("pow", np.power),
+    "softmax": Op({"x": "tensor", "axis": "int"}, _softmax_type, _softmax),
+    "reduce_sum": Op({"x": "tensor", "axes": "ints", "keep_dims": "bool?"}, _reduce_sum_type,
+                     lambda p: np.sum(_f32(p["x"]), axis=tuple(p["axes"]),
+                                      keepdims=p["keep_dims"])),
+    "concat": Op({"values": "tensors", "axis": "int", "interleave": "bool?"}, _concat_type,
+                 lambda p: np.concatenate(p["values"], axis=p["axis"]), exact=True),
+    "sigmoid": Op({"x": "tensor"}, lambda p, err: p["x"],
+                  lambda p: np.float32(1.0) / (np.float32(1.0) + np.exp(-_f32(p["x"])))),
+}
+
+# Every op's parameters by name (const takes none: its value is an attribute).
+OPS: dict[str, dict[str, str]] = {"const": {}, **{k: op.params for k, op in _OPS.items()}}
 
 
 # =========================================================================================
@@ -511,7 +534,7 @@ class Interpreter:
     with ``blobs`` (path -> bytes) passed separately.  Construction checks the whole program
     in shape-only mode, so a bad program fails here, before any data is touched."""
 
-    def __init__(self, program, blobs: Optional[Dict[str, bytes]] = None):
+    def __init__(self, program, blobs: dict[str, bytes] | None = None):
         if hasattr(program, "text"):
             text = program.text
             if blobs is None:
@@ -520,7 +543,7 @@ class Interpreter:
             text = program
         self.blobs = dict(blobs or {})
         self.program = parse(text)
-        self.consts: Dict[str, object] = {}
+        self.consts: dict[str, object] = {}
         self.output_type = self._walk(None)
 
     @property
@@ -528,12 +551,12 @@ class Interpreter:
         return self.program.input_type
 
     # -- the walk shared by checking and running -------------------------------------------
-    def _walk(self, x: Optional[np.ndarray]):
+    def _walk(self, x: np.ndarray | None):
         execute = x is not None
         prog = self.program
-        types: Dict[str, Type] = {}
-        where: Dict[str, int] = {}
-        values: Dict[str, np.ndarray] = {}
+        types: dict[str, Type] = {}
+        where: dict[str, int] = {}
+        values: dict[str, np.ndarray] = {}
 
         def err_at(lineno):
             return lambda msg: MilError(f"line {lineno}: {msg}")
@@ -637,7 +660,8 @@ class Interpreter:
         return t, val
 
     def _op(self, st: Stmt, err, types, values, execute):
-        sig = OPS[st.op]
+        op = _OPS[st.op]
+        sig = op.params
         unknown = sorted(set(st.attrs) - {"name"})
         if unknown:
             raise err(f"{st.op}: unknown attribute(s) {unknown}")
@@ -693,19 +717,15 @@ class Interpreter:
                 elif t != want:
                     raise err(f"{st.op}: {pname}={ref} must be {want}, is {t}")
                 p_types[pname] = p_vals[pname] = self.consts[ref]
-        out_t = _infer(st.op, p_types, err)
+        out_t = op.infer(p_types, err)
         if not execute:
             return out_t, None
-        if st.op in ("softmax",):
-            p_vals["axis"] = p_vals["axis"] % len(out_t.shape)
-        if st.op == "concat":
-            p_vals["axis"] = p_vals["axis"] % len(out_t.shape)
-        r = _compute(st.op, p_vals)
-        if st.op in ("slice_by_size", "reshape", "transpose", "concat"):
-            r = np.asarray(r, dtype=np.float16)
+        if op.exact:
+            r = np.asarray(op.compute(p_vals), dtype=np.float16)
         else:
-            r = _f16(r)
-        if r.shape != out_t.shape:  # pragma: no cover - _infer and _compute disagree
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+                r = _f16(op.compute(p_vals))
+        if r.shape != out_t.shape:  # pragma: no cover - infer and compute disagree
             raise err(f"internal: {st.op} computed {r.shape}, inferred {out_t.shape}")
         return out_t, r
 
@@ -724,11 +744,11 @@ class Interpreter:
         return self._walk(np.ascontiguousarray(x))
 
 
-def check(program, blobs: Optional[Dict[str, bytes]] = None) -> Type:
+def check(program, blobs: dict[str, bytes] | None = None) -> Type:
     """Type-check ``program`` without executing it; returns the output type."""
     return Interpreter(program, blobs).output_type
 
 
-def run(program, x, blobs: Optional[Dict[str, bytes]] = None) -> np.ndarray:
+def run(program, x, blobs: dict[str, bytes] | None = None) -> np.ndarray:
     """Check then execute ``program`` on the fp16 input ``x``; returns its fp16 output."""
     return Interpreter(program, blobs).run(x)

@@ -13,24 +13,49 @@ from .errors import ConfigError
 
 _FLT_MAX = float(np.finfo(np.float32).max)  # the engine takes the loss scale as a float
 
+EMBEDDING = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+FINAL_NORM = "model.norm.weight"
+
+
+def layer_tensors(cfg: ModelConfig):
+    """One layer's tensors as (matrices, norm weights), each a list of (field, HF name inside
+    ``model.layers.{l}.``, shape) in buffer order; field is the engine's name for it."""
+    D, H, Q, K, hd = cfg.dim, cfg.hidden_dim, cfg.q_dim, cfg.kv_dim, cfg.head_dim
+    mats = [("wq", "self_attn.q_proj.weight", (Q, D)), ("wk", "self_attn.k_proj.weight", (K, D)),
+            ("wv", "self_attn.v_proj.weight", (K, D)), ("wo", "self_attn.o_proj.weight", (D, Q)),
+            ("w1", "mlp.gate_proj.weight", (H, D)), ("w3", "mlp.up_proj.weight", (H, D)),
+            ("w2", "mlp.down_proj.weight", (D, H))]
+    norms = [("attn_norm", "input_layernorm.weight", (D,)),
+             ("ffn_norm", "post_attention_layernorm.weight", (D,))]
+    if cfg.qk_norm:
+        norms += [("q_norm", "self_attn.q_norm.weight", (hd,)),
+                  ("k_norm", "self_attn.k_norm.weight", (hd,))]
+    return mats, norms
+
+
+def layer_names(cfg: ModelConfig, l: int) -> dict:
+    """{engine field: HF name} of layer l's tensors."""
+    mats, norms = layer_tensors(cfg)
+    return {field: f"model.layers.{l}.{name}" for field, name, _ in mats + norms}
+
+
+def classifier_name(cfg: ModelConfig) -> str:
+    """The tensor whose rows the classifier uses: the embedding when tied, else lm_head."""
+    return EMBEDDING if cfg.tie_embeddings else LM_HEAD
+
 
 def param_layout(cfg: ModelConfig):
     """[(name, shape, decayed)] in buffer order: every matrix, then every norm weight."""
-    D, H, Q, K, hd = cfg.dim, cfg.hidden_dim, cfg.q_dim, cfg.kv_dim, cfg.head_dim
-    mats = [("model.embed_tokens.weight", (cfg.vocab_size, D))]
+    mats = [(EMBEDDING, (cfg.vocab_size, cfg.dim))]
     norms = []
+    layer_mats, layer_norms = layer_tensors(cfg)
     for l in range(cfg.n_layers):
-        p = f"model.layers.{l}."
-        mats += [(p + "self_attn.q_proj.weight", (Q, D)), (p + "self_attn.k_proj.weight", (K, D)),
-                 (p + "self_attn.v_proj.weight", (K, D)), (p + "self_attn.o_proj.weight", (D, Q)),
-                 (p + "mlp.gate_proj.weight", (H, D)), (p + "mlp.up_proj.weight", (H, D)),
-                 (p + "mlp.down_proj.weight", (D, H))]
-        norms += [(p + "input_layernorm.weight", (D,)), (p + "post_attention_layernorm.weight", (D,))]
-        if cfg.qk_norm:
-            norms += [(p + "self_attn.q_norm.weight", (hd,)), (p + "self_attn.k_norm.weight", (hd,))]
+        mats += [(f"model.layers.{l}.{name}", shape) for _, name, shape in layer_mats]
+        norms += [(f"model.layers.{l}.{name}", shape) for _, name, shape in layer_norms]
     if not cfg.tie_embeddings:
-        mats.append(("lm_head.weight", (cfg.vocab_size, D)))
-    norms.append(("model.norm.weight", (D,)))
+        mats.append((LM_HEAD, (cfg.vocab_size, cfg.dim)))
+    norms.append((FINAL_NORM, (cfg.dim,)))
     return [(n, s, True) for n, s in mats] + [(n, s, False) for n, s in norms]
 
 
@@ -102,7 +127,7 @@ class Model:
 
     @property
     def _classifier_name(self):
-        return "model.embed_tokens.weight" if self.config.tie_embeddings else "lm_head.weight"
+        return classifier_name(self.config)
 
     # -- vocabulary compaction -------------------------------------------------------------
     def set_active_vocab(self, active_ids=None):
@@ -179,7 +204,8 @@ class Model:
         extra = {k for k in extra if not str(k).endswith("rotary_emb.inv_freq")}
         missing = expected - set(state_dict)
         if missing:
-            raise ConfigError(f"state dict lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
+            raise ConfigError(f"state dict lacks {len(missing)} tensor(s), "
+                              f"e.g. {sorted(missing)[0]}")
         if extra:
             raise ConfigError(f"state dict has {len(extra)} unexpected tensor(s), e.g. "
                               f"{sorted(map(str, extra))[0]}")

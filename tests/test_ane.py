@@ -424,7 +424,9 @@ def test_runtime_c_type_checks_against_the_real_shim_header(tmp_path):
     subprocess.run([sys.executable, "-m", "cython", "-3", "-I", str(ROOT / "anecy"),
                     str(ROOT / "anecy" / "_runtime.pyx"), "-o", str(out)],
                    check=True, capture_output=True, text=True, timeout=300)
-    flags = ["-U__linux__", "-D__APPLE__", "-I", sysconfig.get_paths()["include"],
+    # __linux__ stays defined: Debian's Python.h finds its pyconfig.h through it, and
+    # ane_platform.h looks at __APPLE__ first
+    flags = ["-D__APPLE__", "-I", sysconfig.get_paths()["include"],
              "-I", str(ROOT / "anecy"), "-I", str(ROOT / "anecy" / "objc")]
     proc = subprocess.run([cc, "-fsyntax-only", "-Wall", "-Wextra", "-Wno-unused-parameter",
                            "-Wno-unused-function", "-Werror", *flags, str(out)],

@@ -4,7 +4,6 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
-import anecy
 from anecy import ConfigError, Model, ModelConfig
 
 CASES = {
@@ -159,7 +158,8 @@ def test_init_follows_llama2c():
     assert abs(m.views["model.embed_tokens.weight"].std() - 0.02) < 1e-3
     out_std = 0.02 / np.sqrt(2 * cfg.n_layers)
     assert abs(m.views["model.layers.0.mlp.down_proj.weight"].std() - out_std) < 1e-3 * out_std * 10
-    assert abs(m.views["model.layers.0.self_attn.o_proj.weight"].std() - out_std) < 1e-3 * out_std * 10
+    o_proj = m.views["model.layers.0.self_attn.o_proj.weight"]
+    assert abs(o_proj.std() - out_std) < 1e-3 * out_std * 10
     assert abs(m.views["model.layers.0.mlp.up_proj.weight"].std() - 0.02) < 1e-3
     assert np.all(m.views["model.norm.weight"] == 1.0)
     # the decayed range holds the matrices, the rest are norm weights
@@ -172,50 +172,6 @@ def test_init_follows_llama2c():
     other = Model(cfg, seed=1)
     assert np.array_equal(Model(cfg, seed=0).params, same.params)
     assert not np.array_equal(other.params, same.params)
-
-
-def test_presets():
-    s = ModelConfig.preset("stories110m")
-    assert (s.dim, s.hidden_dim, s.n_layers, s.n_heads, s.n_kv_heads, s.head_dim) == \
-        (768, 2048, 12, 12, 12, 64)
-    assert (s.vocab_size, s.seq_len, s.norm_eps, s.rope_theta, s.rope_style) == \
-        (32000, 256, 1e-5, 10000.0, "interleaved")
-    assert s.tie_embeddings and not s.qk_norm and s.residual_scale == 1.0
-    assert abs(s.n_params - 109.5e6) < 0.1e6  # DESIGN.md: 109.5M
-    s15 = ModelConfig.preset("stories15m")
-    assert (s15.dim, s15.hidden_dim, s15.n_layers, s15.n_heads) == (288, 768, 6, 6)
-    tiny = ModelConfig.preset("tiny")
-    assert tiny.vocab_size == 32000
-    assert ModelConfig.from_dict(tiny.to_dict()) == tiny
-    with pytest.raises(ConfigError, match="unknown preset"):
-        ModelConfig.preset("gpt5")
-
-
-@pytest.mark.parametrize("fields, word", [
-    (dict(n_heads=5), "n_heads"),
-    (dict(n_kv_heads=3), "n_kv_heads"),
-    (dict(head_dim=15), "head_dim"),
-    (dict(dim=0), "dim"),
-    (dict(hidden_dim=-4), "hidden_dim"),
-    (dict(seq_len=0), "seq_len"),
-    (dict(vocab_size=2.5), "vocab_size"),
-    (dict(rope_style="spiral"), "rope_style"),
-    (dict(norm_eps=0.0), "norm_eps"),
-    (dict(residual_scale=float("nan")), "residual_scale"),
-])
-def test_invalid_configs_name_the_field(fields, word):
-    base = dict(dim=64, hidden_dim=96, n_layers=2, n_heads=4, vocab_size=97, seq_len=16)
-    base.update(fields)
-    with pytest.raises(ValueError, match=word):
-        ModelConfig(**base)
-
-
-def test_flops_counts():
-    s = ModelConfig.preset("stories110m")
-    per_layer = 2 * 256 * (768 * 768 * 4 + 3 * 768 * 2048) + 4 * 12 * 256 * 256 * 64
-    assert anecy.config.layer_flops(s) == per_layer
-    assert anecy.step_flops(s) == 3 * (12 * per_layer + 2 * 256 * 768 * 32000)
-    assert anecy.step_flops(s, active_vocab=100) < anecy.step_flops(s)
 
 
 def test_cached_attention_probabilities_serve_only_the_engines_own_buffers():
