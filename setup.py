@@ -46,7 +46,8 @@ extensions = [
     ext("_ops"),
     ext("_runtime", objc_sources, objc_link if objc_sources else []),
     ext("_engine"),
-    ext("_sim"),
+    ext("_packed"),
+    ext("_testing"),
 ]
 
 setup(

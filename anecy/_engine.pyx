@@ -52,6 +52,8 @@ cdef class Kernels:
         self.layers = engine.weights
         self.rope_cos = _ptr(engine.rope_cos)
         self.rope_sin = _ptr(engine.rope_sin)
+        self.engine_probs = engine.probs
+        self.engine_dprobs = engine.dprobs
 
     cdef void stage_weights(self) noexcept nogil:
         pass

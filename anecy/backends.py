@@ -2,7 +2,7 @@
 
 ``cpu`` runs everywhere. ``sim`` (the ANE's MIL programs run by a numpy interpreter)
 and ``ane`` (the Apple Neural Engine itself, macOS on Apple Silicon) plug in behind the
-same Kernels interface and share all of their packing code (anecy._sim.PackedKernels).
+same Kernels interface and share all of their packing code (anecy._packed.PackedKernels).
 """
 
 from .errors import BackendUnavailable, ConfigError
@@ -67,9 +67,9 @@ def make_kernels(name):
         from ._engine import CpuKernels
         return CpuKernels()
     if name == "sim":
-        from ._sim import SimKernels
+        from ._packed import SimKernels
         return SimKernels()
     if name == "ane":
-        from ._sim import AneKernels
+        from ._packed import AneKernels
         return AneKernels()
     raise BackendUnavailable(_why_unavailable(name))
