@@ -1,6 +1,6 @@
 # The layer loop and the kernel-executor interface every backend implements.
 
-from ._runtime cimport DWWorker
+from ._worker cimport DWWorker
 
 
 cdef struct Dims:

@@ -3,7 +3,8 @@
 from libc.stdint cimport uint16_t
 
 from ._engine cimport Kernels
-from ._runtime cimport DWWorker, SurfaceMem, Evaluator
+from ._worker cimport DWWorker
+from ._ane_runtime cimport SurfaceMem, Evaluator
 
 cdef extern from "_fp16.h" nogil:
     void anecy_f32_to_f16(const float* src, uint16_t* dst, size_t n)

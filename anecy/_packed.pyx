@@ -8,7 +8,7 @@ the Apple Neural Engine reads, and differ in one thing only: what executes a pro
   ANE path -- layouts, staging, programs, fp16 numerics and loss scaling -- runs and is
   tested on machines without an ANE). It takes the GIL inside its executor only.
 - ``AneKernels``: the Apple Neural Engine through the Objective-C shim, called from C
-  with the GIL released (``anecy._runtime.AneKernel.evaluator``).
+  with the GIL released (``anecy._ane_runtime.AneKernel.evaluator``).
 
 Everything else is ``PackedKernels``, their common base, written once and run without
 the GIL: the engine-facing kernel methods, the Surfaces, and the staging plans.
@@ -54,7 +54,7 @@ import numpy as np
 from . import mil
 from .errors import ConfigError
 from .milsim import Interpreter
-from ._runtime import AneError
+from ._ane_runtime import AneError
 
 from libc.stdint cimport uint16_t
 from libc.stdlib cimport calloc, free
@@ -62,8 +62,9 @@ from libc.string cimport memcpy, memset, strncpy
 from libc.math cimport NAN
 
 from ._engine cimport Kernels, Dims, LayerParams
-from ._runtime cimport (now_ms, DWWorker, Surface, SurfaceMem, surface_lock, surface_unlock,
-                        AneKernel, AneRequest, Evaluator)
+from ._worker cimport now_ms, DWWorker
+from ._ane_runtime cimport (Surface, SurfaceMem, surface_lock, surface_unlock, AneKernel,
+                            AneRequest, Evaluator)
 
 
 # =========================================================================================
@@ -778,12 +779,12 @@ cdef class AneKernels(PackedKernels):
     that pair: one per layer for a weight-bearing kernel, one each for sdpaBwd1/2. The
     kernel methods evaluate through the shim in C, without the GIL.
 
-    ``kernel_factory`` (default ``anecy._runtime.AneKernel``) is called as
+    ``kernel_factory`` (default ``anecy._ane_runtime.AneKernel``) is called as
     ``factory(mil_text, blobs, name)`` and must return an AneKernel (or a subclass: tests
     and benchmarks pass stand-ins that replace only the program execution)."""
     def __init__(self, kernel_factory=None):
         PackedKernels.__init__(self, "ane")
-        from ._runtime import AneKernel as default_factory
+        from ._ane_runtime import AneKernel as default_factory
         self.kernel_factory = default_factory if kernel_factory is None else kernel_factory
         self.compiled = None
         self.requests = None

@@ -5,7 +5,7 @@
   sim, ane) by name, without the GIL, as the engine does.
 - ``pack_activations`` / ``unpack_outputs``: one half of a packed kernel call (the
   staging plan alone), to compare it with the numpy packing of ``anecy.mil``.
-- ``NullAneKernel`` / ``PyAneKernel``: stand-ins for ``anecy._runtime.AneKernel`` that
+- ``NullAneKernel`` / ``PyAneKernel``: stand-ins for ``anecy._ane_runtime.AneKernel`` that
   replace only the program execution, so that ``AneKernels``' own code runs where there
   is no ANE: in C (returns at once, or after a set delay, or fails with a set message),
   or by calling a Python ``evaluate(request)`` with the GIL.
@@ -23,7 +23,8 @@ from libc.string cimport strncpy
 from posix.time cimport nanosleep, timespec
 
 from ._engine cimport Kernels, Dims
-from ._runtime cimport AneKernel, AneRequest, Evaluator, Surface, now_ms
+from ._worker cimport now_ms
+from ._ane_runtime cimport AneKernel, AneRequest, Evaluator, Surface
 from ._packed cimport PackedKernels, MAX_ARGS
 from ._packed import METHODS, _io
 

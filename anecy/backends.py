@@ -12,7 +12,7 @@ BACKENDS = ("cpu", "sim", "ane")
 
 def available():
     """Backends this machine and this build can run: ``cpu`` and ``sim`` everywhere, then
-    ``ane`` where the Apple Neural Engine is usable (anecy._runtime.ane_available()).
+    ``ane`` where the Apple Neural Engine is usable (anecy._ane_runtime.ane_available()).
     ``resolve("auto")`` picks ``ane`` when it is listed, else ``cpu``; ``sim`` (the ANE's
     programs run by a slow numpy interpreter, for testing) is never picked by ``auto``."""
     names = ["cpu", "sim"]
@@ -23,7 +23,7 @@ def available():
 
 def _ane_status():
     """(usable, why not) for the Apple Neural Engine in this process."""
-    from ._runtime import ane_available
+    from ._ane_runtime import ane_available
     return ane_available()
 
 

@@ -1,6 +1,6 @@
 """The ane backend where there is no Apple Neural Engine (this is Linux x86_64).
 
-What runs here: the runtime objects (_runtime.Surface as an aligned host buffer, AneKernel
+What runs here: the runtime objects (_ane_runtime.Surface as an aligned host buffer, AneKernel
 and ane_available() reporting why there is no ANE), backend selection, the proof that the
 sim and ane backends share one staging path (anecy._packed.PackedKernels), and AneKernels'
 own code -- compile once, one request per layer and kernel bound to the right Surfaces,
@@ -8,7 +8,7 @@ staging, evaluation through the C evaluator without the GIL, unstaging -- run en
 with stand-ins for AneKernel that replace only the program execution: one executes the
 MIL with anecy.milsim (it must give bit-identical results to the sim backend), one is a
 C no-op (to show that the ane path never takes the GIL). Finally, the C that Cython
-generates for _runtime is type-checked against the real ane_shim.h (the macOS branch of
+generates for _ane_runtime is type-checked against the real ane_shim.h (the macOS branch of
 ane_platform.h). What is left is the shim itself on hardware.
 """
 import ctypes
@@ -29,7 +29,7 @@ from anecy import BackendUnavailable, ConfigError, Model, ModelConfig, backends,
 from anecy import _packed
 from anecy._engine import CpuKernels, Kernels
 from anecy._packed import AneKernels, PackedKernels, SimKernels
-from anecy._runtime import (HOST_ALIGNMENT, SHIM_COMPILED, AneError, AneKernel, Surface,
+from anecy._ane_runtime import (HOST_ALIGNMENT, SHIM_COMPILED, AneError, AneKernel, Surface,
                             ane_available, compile_count)
 from anecy._testing import (NullAneKernel, PyAneKernel, hold_gil_until_calls, kernel_io,
                             refuse_locks, run_kernel, stage)
@@ -486,18 +486,18 @@ def test_kernel_factory_must_make_ane_kernels(sim_model):
 
 
 # -----------------------------------------------------------------------------------------
-# the C Cython generates for _runtime, against the real shim header
+# the C Cython generates for _ane_runtime, against the real shim header
 # -----------------------------------------------------------------------------------------
 
-def test_runtime_c_type_checks_against_the_real_shim_header(tmp_path):
+def test_ane_runtime_c_type_checks_against_the_real_shim_header(tmp_path):
     """ane_platform.h includes ane_shim.h when __APPLE__ is defined: the C generated for
-    _runtime.pyx must compile against the shim's real declarations (argument types,
+    _ane_runtime.pyx must compile against the shim's real declarations (argument types,
     constness, return types), not only against this platform's fallbacks."""
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     assert shutil.which(cc), f"no C compiler {cc!r}"
-    out = tmp_path / "_runtime.c"
+    out = tmp_path / "_ane_runtime.c"
     subprocess.run([sys.executable, "-m", "cython", "-3", "-I", str(ROOT / "anecy"),
-                    str(ROOT / "anecy" / "_runtime.pyx"), "-o", str(out)],
+                    str(ROOT / "anecy" / "_ane_runtime.pyx"), "-o", str(out)],
                    check=True, capture_output=True, text=True, timeout=300)
     flags = ["-U__linux__", "-D__APPLE__", "-I", sysconfig.get_paths()["include"],
              "-I", str(ROOT / "anecy"), "-I", str(ROOT / "anecy" / "objc")]
