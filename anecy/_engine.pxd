@@ -64,7 +64,7 @@ cdef struct GradSet:
 
 
 cdef class Kernels:
-    """The ten kernels of DESIGN.md section 4. Subclasses: CpuKernels (here), the sim and
+    """The ten kernels (docs/ARCHITECTURE.md). Subclasses: CpuKernels (here), the sim and
     ane backends. Weights are read through `layers`, set by the Engine."""
     cdef Dims d
     cdef LayerParams* layers
