@@ -38,7 +38,7 @@ def test_fp16_benchmark_quick():
 
 def test_ane_host_benchmark_quick():
     out = run("bench/bench_ane_host.py", "--quick")
-    assert "no-op" in out and "pass-through on" in out
+    assert "no-op" in out and "pass-through on" in out and "io floor" in out
     rows = {}
     for line in out.splitlines():
         parts = line.rsplit(None, 1)
@@ -48,7 +48,7 @@ def test_ane_host_benchmark_quick():
             except ValueError:
                 pass
     for row in ("io", "dispatch", "cpu work", "dW wait", "total", "cpu backend fwd+bwd",
-                "null ane / cpu", "weight staging/update"):
+                "null ane / cpu", "weight staging/update", "io / io floor"):
         assert row in rows, row
         assert rows[row] >= 0
     assert rows["io"] > 0 and rows["total"] > 0 and rows["cpu backend fwd+bwd"] > 0
