@@ -279,6 +279,8 @@ cdef class AneKernel:
         cdef char err[ANE_ERR_LEN]
         cdef anecy_ane_request* h
         cdef AneRequest req
+        if self.handle == NULL:
+            raise AneError(f"{self.name}: not compiled (AneKernel.__init__ did not run)")
         if input.mem.handle == NULL or output.mem.handle == NULL:
             raise AneError(f"{self.name}: an ANE request needs IOSurface-backed Surfaces, "
                            f"not host buffers")

@@ -25,12 +25,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anecy import BackendUnavailable, ConfigError, Model, ModelConfig, backends, mil
-from anecy import _packed
+from anecy import BackendUnavailable, ConfigError, Model, ModelConfig, _packed, backends, mil
+from anecy._ane_runtime import (HOST_ALIGNMENT, SHIM_COMPILED, AneError, AneKernel, Surface,
+                                ane_available, compile_count)
 from anecy._engine import CpuKernels, Kernels
 from anecy._packed import AneKernels, PackedKernels, SimKernels
-from anecy._ane_runtime import (HOST_ALIGNMENT, SHIM_COMPILED, AneError, AneKernel, Surface,
-                            ane_available, compile_count)
 from anecy._testing import (NullAneKernel, PyAneKernel, hold_gil_until_calls, kernel_io,
                             refuse_locks, run_kernel, stage)
 from anecy.milsim import Interpreter
@@ -479,7 +478,7 @@ def test_null_ane_errors_name_kernel_and_layer(monkeypatch):
 
 def test_kernel_factory_must_make_ane_kernels(sim_model):
     _packed.clear_compiled_programs()
-    cfg, m = sim_model
+    _, m = sim_model
     with pytest.raises(TypeError, match="not an AneKernel"):
         AneKernels(kernel_factory=lambda text, blobs, name: object()).bind(m.engine)
     _packed.clear_compiled_programs()

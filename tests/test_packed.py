@@ -9,12 +9,12 @@ which must give exactly what the fp32 round trip gives."""
 import numpy as np
 import pytest
 
-# mil's numpy packing (the oracle) warns about the values that overflow to Inf on purpose
-pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast")
-
 from anecy import Model, ModelConfig, mil
 from anecy._packed import METHODS, SHARED, WEIGHTED
 from anecy._testing import kernel_io, pack_activations, run_kernel, unpack_outputs
+
+# mil's numpy packing (the oracle) warns about the values that overflow to Inf on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 
 SHAPES = {
     # one layer of each preset (the per-layer shapes are what the plans depend on)

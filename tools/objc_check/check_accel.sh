@@ -15,7 +15,8 @@ clang="${CLANG:-clang}"
 unset CPATH C_INCLUDE_PATH
 
 if ! command -v "$clang" >/dev/null 2>&1; then
-    echo "check_accel: '$clang' is not installed; install it with: apt-get update && apt-get install -y clang" >&2
+    echo "check_accel: '$clang' is not installed;" \
+         "install it with: apt-get update && apt-get install -y clang" >&2
     exit 127
 fi
 
@@ -36,4 +37,5 @@ if [ "$dep" != "$here/sdk/Accelerate/Accelerate.h" ]; then
     echo "check_accel: <Accelerate/Accelerate.h> did not come from the stub SDK: $dep" >&2
     exit 1
 fi
-echo "check_accel: OK: anecy/_blas.h, anecy/_accel.h ($("$clang" --version | head -n 1); stub Accelerate)"
+version="$("$clang" --version | head -n 1)"
+echo "check_accel: OK: anecy/_blas.h, anecy/_accel.h ($version; stub Accelerate)"
