@@ -422,8 +422,10 @@ def _calls_while_the_gil_is_held(m, timeout_s):
     start = k.calls
     t = threading.Thread(target=m.forward_backward, args=(x, x))
     t.start()
-    while k.calls == start:          # sleeping releases the GIL
-        time.sleep(1e-4)
+    deadline = time.monotonic() + 30
+    while k.calls == start and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(1e-4)             # sleeping releases the GIL
+    assert k.calls > start, "the step never ran a kernel call"
     began = k.calls - start
     ended = hold_gil_until_calls(k, start + per_step, timeout_s) - start
     t.join()
@@ -437,7 +439,7 @@ def test_the_ane_path_never_takes_the_gil(monkeypatch):
     another thread. The same harness stops the sim backend dead (its executor needs the
     GIL), which shows that the check can fail."""
     cfg = ModelConfig(**dict(CONFIGS["gqa"], n_layers=4))
-    ane = _null_model(cfg, monkeypatch, delay_us=2000)    # ~80 ms a step: time to catch it
+    ane = _null_model(cfg, monkeypatch, delay_us=5000)    # ~0.2 s a step: time to catch it
     began, ended, per_step = _calls_while_the_gil_is_held(ane, timeout_s=20)
     assert began < per_step // 2, "the step ended before the GIL was taken: inconclusive"
     assert ended == per_step, (began, ended)
