@@ -37,16 +37,18 @@ def ext(name, extra_sources=(), extra_link=()):
     )
 
 
-# The ANE shim (ane_shim.m, ARC) is compiled into _runtime on macOS only; elsewhere
-# anecy/objc/ane_platform.h gives _runtime fallbacks that report why there is no ANE.
+# The ANE shim (ane_shim.m, ARC) is compiled into _ane_runtime on macOS only; elsewhere
+# anecy/objc/ane_platform.h gives _ane_runtime fallbacks that report why there is no ANE.
 objc_sources = sorted(glob.glob("anecy/objc/*.m")) if IS_MAC else []
 objc_link = ["-framework", "Foundation", "-framework", "CoreFoundation",
              "-framework", "IOSurface", "-lobjc"]
 extensions = [
     ext("_ops"),
-    ext("_runtime", objc_sources, objc_link if objc_sources else []),
+    ext("_worker"),
+    ext("_ane_runtime", objc_sources, objc_link if objc_sources else []),
     ext("_engine"),
-    ext("_sim"),
+    ext("_packed"),
+    ext("_testing"),
 ]
 
 setup(

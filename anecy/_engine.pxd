@@ -1,6 +1,6 @@
 # The layer loop and the kernel-executor interface every backend implements.
 
-from ._runtime cimport DWWorker
+from ._worker cimport DWWorker
 
 
 cdef struct Dims:
@@ -72,6 +72,10 @@ cdef class Kernels:
     cdef const float* rope_cos
     cdef const float* rope_sin
     cdef public double io_ms        # time spent packing/unpacking kernel I/O
+    # The engine's own attention-probability buffers: what it passes to sdpa_bwd1 and on
+    # to sdpa_bwd2, and never reads itself (a packed backend may leave them unwritten).
+    cdef const float* engine_probs
+    cdef const float* engine_dprobs
 
     cdef void stage_weights(self) noexcept nogil
     cdef void sdpa_fwd(self, int l, const float* xnorm, float* attn, float* q, float* k, float* v,

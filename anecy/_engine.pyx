@@ -17,7 +17,7 @@ from ._ops cimport (sgemm, rmsnorm_fwd, rmsnorm_bwd, rope_fwd, rope_bwd, swiglu_
                     attention_fwd, attention_bwd1, attention_bwd2, gqa_repeat, gqa_reduce,
                     softmax_xent, embedding_fwd, embedding_bwd, scale_copy, add_scaled,
                     adamw, sumsq)
-from ._runtime cimport DWWorker, GemmJob, now_ms
+from ._worker cimport DWWorker, GemmJob, now_ms
 from ._ops import rope_tables
 
 # Timer slots; names as reported by Engine.timings().
@@ -53,6 +53,8 @@ cdef class Kernels:
         self.layers = engine.weights
         self.rope_cos = _ptr(engine.rope_cos)
         self.rope_sin = _ptr(engine.rope_sin)
+        self.engine_probs = engine.probs
+        self.engine_dprobs = engine.dprobs
 
     cdef void stage_weights(self) noexcept nogil:
         pass

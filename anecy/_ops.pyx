@@ -23,6 +23,17 @@ cdef extern from "_blas.h" nogil:
                      const float* A, int lda, const float* B, int ldb, float beta,
                      float* C, int ldc)
 
+cdef extern from "_accel.h" nogil:
+    enum:
+        ANECY_ACCELERATE        # 1 on macOS: RMSNorm and softmax/CE go through vDSP/vForce
+    void anecy_accel_rmsnorm_fwd(const float* x, const float* w, float* y, int C, int S,
+                                 float eps, float* scratch)
+    void anecy_accel_rmsnorm_bwd(const float* x, const float* w, const float* dy, float* dx,
+                                 float* dw, int C, int S, float eps, int accumulate,
+                                 float* scratch)
+    double anecy_accel_softmax_xent(float* logits, const int* targets, int S, int V,
+                                    float grad_scale)
+
 cdef extern from "_mathx.h" nogil:
     float anecy_expf(float x)
 
@@ -75,6 +86,9 @@ cdef void rmsnorm_fwd(const float* x, const float* w, float* y, int C, int S, fl
                       double* scratch) noexcept nogil:
     cdef Py_ssize_t c, s
     cdef float wc
+    if ANECY_ACCELERATE:
+        anecy_accel_rmsnorm_fwd(x, w, y, C, S, eps, <float*>scratch)
+        return
     _inv_rms(x, C, S, eps, scratch)
     for c in range(C):
         wc = w[c]
@@ -89,6 +103,9 @@ cdef void rmsnorm_bwd(const float* x, const float* w, const float* dy, float* dx
     cdef Py_ssize_t c, s, i
     cdef double acc
     cdef float wc
+    if ANECY_ACCELERATE:
+        anecy_accel_rmsnorm_bwd(x, w, dy, dx, dw, C, S, eps, accumulate, <float*>scratch)
+        return
     _inv_rms(x, C, S, eps, inv)
     memset(dot, 0, S * sizeof(double))
     for c in range(C):
@@ -354,6 +371,8 @@ cdef double softmax_xent(float* logits, const int* targets, int S, int V,
     cdef float* row
     cdef float mx, scale
     cdef double total, loss = 0.0
+    if ANECY_ACCELERATE:
+        return anecy_accel_softmax_xent(logits, targets, S, V, grad_scale)
     for s in range(S):
         row = logits + s * V
         mx = max_f32(row, V)
@@ -652,6 +671,49 @@ def py_softmax_xent(const float[:, ::1] logits, const int[::1] targets, float gr
     work = np.array(logits, np.float32, copy=True)
     cdef float[:, ::1] w = work
     cdef double loss = softmax_xent(&w[0, 0], &targets[0], S, V, grad_scale)
+    return loss, work
+
+
+# The Accelerate versions of RMSNorm and softmax/CE (_accel.h), called directly whatever the
+# platform: on macOS over Accelerate itself (what rmsnorm_fwd & co. run there), elsewhere
+# over _vdsp_portable.h, so that their algebra is tested against the portable loops.
+ACCELERATE = bool(ANECY_ACCELERATE)
+
+
+def py_accel_rmsnorm_fwd(const float[:, ::1] x, const float[::1] w, float eps):
+    if w.shape[0] != x.shape[0]:
+        raise ValueError("weight length must equal the channel count")
+    out = np.empty_like(np.asarray(x))
+    cdef float[:, ::1] y = out
+    cdef float[::1] scratch = np.empty(4 * x.shape[1], np.float32)
+    anecy_accel_rmsnorm_fwd(&x[0, 0], &w[0], &y[0, 0], x.shape[0], x.shape[1], eps,
+                            &scratch[0])
+    return out
+
+
+def py_accel_rmsnorm_bwd(const float[:, ::1] x, const float[::1] w, const float[:, ::1] dy,
+                         float eps, float[:, ::1] dx_acc=None):
+    """Returns (dx, dw); with dx_acc, dx is added to it (the accumulate mode)."""
+    if w.shape[0] != x.shape[0] or dy.shape[0] != x.shape[0] or dy.shape[1] != x.shape[1]:
+        raise ValueError("rmsnorm_bwd: x, w and dy do not agree")
+    dx_arr = np.empty_like(np.asarray(x)) if dx_acc is None else np.asarray(dx_acc)
+    dw_arr = np.zeros(x.shape[0], np.float32)
+    cdef float[:, ::1] dx = dx_arr
+    cdef float[::1] dw = dw_arr
+    cdef float[::1] scratch = np.empty(4 * x.shape[1], np.float32)
+    anecy_accel_rmsnorm_bwd(&x[0, 0], &w[0], &dy[0, 0], &dx[0, 0], &dw[0], x.shape[0],
+                            x.shape[1], eps, dx_acc is not None, &scratch[0])
+    return dx_arr, dw_arr
+
+
+def py_accel_softmax_xent(const float[:, ::1] logits, const int[::1] targets,
+                          float grad_scale=1.0):
+    cdef int S = logits.shape[0], V = logits.shape[1]
+    if targets.shape[0] != S or (S and not 0 <= np.min(targets) <= np.max(targets) < V):
+        raise ValueError("one target in [0, V) per row")
+    work = np.array(logits, np.float32, copy=True)
+    cdef float[:, ::1] w = work
+    cdef double loss = anecy_accel_softmax_xent(&w[0, 0], &targets[0], S, V, grad_scale)
     return loss, work
 
 

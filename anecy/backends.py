@@ -2,7 +2,7 @@
 
 ``cpu`` runs everywhere. ``sim`` (the ANE's MIL programs run by a numpy interpreter)
 and ``ane`` (the Apple Neural Engine itself, macOS on Apple Silicon) plug in behind the
-same Kernels interface and share all of their packing code (anecy._sim.PackedKernels).
+same Kernels interface and share all of their packing code (anecy._packed.PackedKernels).
 """
 
 from .errors import BackendUnavailable, ConfigError
@@ -12,7 +12,7 @@ BACKENDS = ("cpu", "sim", "ane")
 
 def available():
     """Backends this machine and this build can run: ``cpu`` and ``sim`` everywhere, then
-    ``ane`` where the Apple Neural Engine is usable (anecy._runtime.ane_available()).
+    ``ane`` where the Apple Neural Engine is usable (anecy._ane_runtime.ane_available()).
     ``resolve("auto")`` picks ``ane`` when it is listed, else ``cpu``; ``sim`` (the ANE's
     programs run by a slow numpy interpreter, for testing) is never picked by ``auto``."""
     names = ["cpu", "sim"]
@@ -23,7 +23,7 @@ def available():
 
 def _ane_status():
     """(usable, why not) for the Apple Neural Engine in this process."""
-    from ._runtime import ane_available
+    from ._ane_runtime import ane_available
     return ane_available()
 
 
@@ -70,9 +70,9 @@ def make_kernels(name):
         from ._engine import CpuKernels
         return CpuKernels()
     if name == "sim":
-        from ._sim import SimKernels
+        from ._packed import SimKernels
         return SimKernels()
     if name == "ane":
-        from ._sim import AneKernels
+        from ._packed import AneKernels
         return AneKernels()
     raise BackendUnavailable(_why_unavailable(name))

@@ -3,9 +3,9 @@
 One process times both sides, alternating microsteps on the same token windows (full
 vocabulary, AdamW after every microstep, batch 1), after warm-up; peak RSS is measured
 in a fresh process per side. Also printed: this machine's sgemm peak through the BLAS
-anecy uses, sustained GFLOP/s (DESIGN.md section 8 FLOPs) and its share of that peak,
-anecy's per-component breakdown and the share of step time spent outside timed native
-code (Python).
+anecy uses, sustained GFLOP/s (FLOPs as anecy.config.step_flops counts them), its share
+of that peak, anecy's per-component breakdown and the share of step time spent outside
+timed native code (Python).
 
     python bench/bench_step.py                       # stories110m
     python bench/bench_step.py --preset qwen3-0.6b --steps 3

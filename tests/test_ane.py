@@ -1,13 +1,15 @@
 """The ane backend where there is no Apple Neural Engine (this is Linux x86_64).
 
-What runs here: the runtime objects (_runtime.Surface as an aligned host buffer, AneKernel
+What runs here: the runtime objects (_ane_runtime.Surface as an aligned host buffer, AneKernel
 and ane_available() reporting why there is no ANE), backend selection, the proof that the
-sim and ane backends share one packing path (anecy._sim.PackedKernels), and AneKernels'
+sim and ane backends share one staging path (anecy._packed.PackedKernels), and AneKernels'
 own code -- compile once, one request per layer and kernel bound to the right Surfaces,
-execute, unpack -- run end to end with a stand-in for AneKernel that executes the MIL
-with anecy.milsim: it must give bit-identical results to the sim backend. Finally, the
-C that Cython generates for _runtime is type-checked against the real ane_shim.h (the
-macOS branch of ane_platform.h). What is left is the shim itself on hardware.
+staging, evaluation through the C evaluator without the GIL, unstaging -- run end to end
+with stand-ins for AneKernel that replace only the program execution: one executes the
+MIL with anecy.milsim (it must give bit-identical results to the sim backend), one is a
+C no-op (to show that the ane path never takes the GIL). Finally, the C that Cython
+generates for _ane_runtime is type-checked against the real ane_shim.h (the macOS branch of
+ane_platform.h). What is left is the shim itself on hardware.
 """
 import ctypes
 import gc
@@ -15,18 +17,21 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
+import time
 import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from anecy import BackendUnavailable, ConfigError, Model, ModelConfig, backends, mil
-from anecy import _sim
+from anecy import BackendUnavailable, ConfigError, Model, ModelConfig, _packed, backends, mil
+from anecy._ane_runtime import (HOST_ALIGNMENT, SHIM_COMPILED, AneError, AneKernel, Surface,
+                                ane_available, compile_count)
 from anecy._engine import CpuKernels, Kernels
-from anecy._runtime import (HOST_ALIGNMENT, SHIM_COMPILED, AneError, AneKernel, Surface,
-                            ane_available, compile_count)
-from anecy._sim import AneKernels, PackedKernels, SimKernels, kernel_io, run_kernel, stage
+from anecy._packed import AneKernels, PackedKernels, SimKernels
+from anecy._testing import (NullAneKernel, PyAneKernel, hold_gil_until_calls, kernel_io,
+                            refuse_locks, run_kernel, stage)
 from anecy.milsim import Interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -164,8 +169,8 @@ def test_surface_lock_nests_and_balances():
 # sim and ane share one packing path
 # -----------------------------------------------------------------------------------------
 
-SHARED_METHODS = ("bind", "stage_all", "pack", "unpack", "input_surface", "input_buffer",
-                  "output_surface", "output_buffer", "raise_pending", "pending_error")
+SHARED_METHODS = ("bind", "stage_all", "input_surface", "input_buffer", "output_surface",
+                  "output_buffer", "raise_pending", "pending_error", "trace")
 
 
 def _own_methods(cls):
@@ -184,9 +189,8 @@ def _vtable(cls, n):
 
 def test_sim_and_ane_inherit_every_packing_method():
     assert SimKernels.__mro__[1:3] == AneKernels.__mro__[1:3] == (PackedKernels, Kernels)
-    # each backend defines exactly the two methods that differ: compile and execute
-    assert _own_methods(SimKernels) == _own_methods(AneKernels) == {"compile_programs",
-                                                                    "execute"}
+    # each backend defines exactly what differs: compile (here) and _execute (C, below)
+    assert _own_methods(SimKernels) == _own_methods(AneKernels) == {"compile_programs"}
     for name in SHARED_METHODS:
         assert name in vars(PackedKernels), name
         assert name not in vars(SimKernels) and name not in vars(AneKernels), name
@@ -196,14 +200,20 @@ def test_sim_and_ane_inherit_every_packing_method():
 
 def test_engine_facing_kernel_methods_are_one_implementation():
     """The cdef methods the engine calls without the GIL (stage_weights and the ten kernels,
-    the first 11 slots of the C method table) and PackedKernels' own cdef methods (the call
-    path _run, the error capture, the weight views) are the same machine code for sim and
-    ane; the cpu backend's are different code (so the table is really read)."""
+    the first 11 slots of the C method table) and PackedKernels' own cdef methods (plan
+    compilation, the call path _run, the error capture, the staging halves) are the same
+    machine code for sim and ane, except _execute (slot 14), the one that differs; the cpu
+    backend's are different code (so the table is really read)."""
     n_engine = 11
-    n_packed = n_engine + 3
+    n_packed = n_engine + 13
+    execute = n_engine + 3
     packed = _vtable(PackedKernels, n_packed)
+    sim, ane = _vtable(SimKernels, n_packed), _vtable(AneKernels, n_packed)
     assert all(packed)
-    assert _vtable(SimKernels, n_packed) == packed == _vtable(AneKernels, n_packed)
+    for i in range(n_packed):
+        if i != execute:
+            assert sim[i] == packed[i] == ane[i], i
+    assert len({sim[execute], ane[execute], packed[execute]}) == 3
     cpu = _vtable(CpuKernels, n_engine)
     assert all(a != b for a, b in zip(cpu[1:], packed[1:n_engine]))
 
@@ -220,7 +230,7 @@ def test_sim_buffers_are_surfaces(sim_model):
     sim = m.engine.kernels
     seen = set()
     for name in mil.KERNEL_NAMES:
-        layers = range(cfg.n_layers) if name in _sim.WEIGHTED else [-1]
+        layers = range(cfg.n_layers) if name in _packed.WEIGHTED else [-1]
         for layer in layers:
             s = sim.input_surface(name, layer)
             buf = sim.input_buffer(name, layer)
@@ -235,7 +245,7 @@ def test_sim_buffers_are_surfaces(sim_model):
         assert isinstance(out, Surface) and out.nbytes == max(2 * C2 * S, 49152)
         assert sim.output_buffer(name).ctypes.data == out.address
     # one input Surface per layer and weighted kernel, one per shared kernel
-    assert len(seen) == cfg.n_layers * len(_sim.WEIGHTED) + len(_sim.SHARED)
+    assert len(seen) == cfg.n_layers * len(_packed.WEIGHTED) + len(_packed.SHARED)
     # the staged weight columns live in the Surface itself
     wo = m.views["model.layers.1.self_attn.o_proj.weight"]
     col0, cols = mil.column_offsets("woFwd", cfg)["Wo"]
@@ -248,16 +258,16 @@ def test_sim_buffers_are_surfaces(sim_model):
 # AneKernels' own code, with milsim standing in for the ANE
 # -----------------------------------------------------------------------------------------
 
-class FakeAneKernel:
+class FakeAneKernel(PyAneKernel):
     """AneKernel's interface (compile in the constructor, bind, evaluate), executing the MIL
     text with anecy.milsim on the bound Surfaces' memory, as the ANE would read and write
-    the IOSurfaces."""
+    the IOSurfaces. PyAneKernel's C evaluator calls evaluate() with the GIL."""
     compiles = 0
     fail_on = None           # a kernel name whose evaluation raises
 
     def __init__(self, text, blobs, name):
+        super().__init__(text, blobs, name)
         type(self).compiles += 1
-        self.name = name
         self.program = Interpreter(text, blobs)
         self.in_shape = self.program.input_type.shape
         self.out_shape = self.program.output_type.shape
@@ -266,28 +276,28 @@ class FakeAneKernel:
     def bind(self, inp, out):
         assert isinstance(inp, Surface) and isinstance(out, Surface)
         # the tensor at the start of each; surfaces are at least 49152 bytes (MIN_SURFACE_BYTES)
-        assert inp.nbytes == max(2 * int(np.prod(self.in_shape)), _sim.MIN_SURFACE_BYTES)
-        assert out.nbytes == max(2 * int(np.prod(self.out_shape)), _sim.MIN_SURFACE_BYTES)
-        req = (inp, out)
+        assert inp.nbytes == max(2 * int(np.prod(self.in_shape)), _packed.MIN_SURFACE_BYTES)
+        assert out.nbytes == max(2 * int(np.prod(self.out_shape)), _packed.MIN_SURFACE_BYTES)
+        req = super().bind(inp, out)
         self.requests.append(req)
         return req
 
     def evaluate(self, request):
         assert any(request is r for r in self.requests), "not one of this kernel's requests"
-        inp, out = request
+        inp, out = request.input, request.output
         assert inp.locked == 0 and out.locked == 0, "the ANE must not run on locked surfaces"
         if self.name == type(self).fail_on:
-            raise AneError(f"{self.name}: ANE evaluation failed: (fake) Error Code=15")
+            raise AneError("(fake) Error Code=15")
         out.array(np.float16, self.out_shape)[...] = self.program.run(
             inp.array(np.float16, self.in_shape))
 
 
 @pytest.fixture
 def fake():
-    _sim.clear_compiled_programs()
+    _packed.clear_compiled_programs()
     cls = type("Fake", (FakeAneKernel,), {"compiles": 0, "fail_on": None})
     yield cls
-    _sim.clear_compiled_programs()
+    _packed.clear_compiled_programs()
 
 
 def test_fake_ane_kernels_compile_once_and_bind_per_layer(sim_model, fake):
@@ -298,12 +308,13 @@ def test_fake_ane_kernels_compile_once_and_bind_per_layer(sim_model, fake):
     assert fake.compiles == 10 and sorted(ane.compiled) == sorted(mil.KERNEL_NAMES)
     assert ane.compile_ms > 0
     for layer in range(cfg.n_layers):
-        for name in _sim.WEIGHTED:
-            inp, out = ane.requests[layer][name]
-            assert inp is ane.input_surface(name, layer) and out is ane.output_surface(name)
-    for name in _sim.SHARED:
-        inp, out = ane.shared_requests[name]
-        assert inp is ane.input_surface(name) and out is ane.output_surface(name)
+        for name in _packed.WEIGHTED:
+            req = ane.requests[layer][name]
+            assert req.input is ane.input_surface(name, layer)
+            assert req.output is ane.output_surface(name)
+    for name in _packed.SHARED:
+        req = ane.shared_requests[name]
+        assert req.input is ane.input_surface(name) and req.output is ane.output_surface(name)
     # a second model of the same shape reuses the compiled programs (the ~119 limit)
     again = AneKernels(kernel_factory=fake)
     again.bind(m.engine)
@@ -336,30 +347,6 @@ def test_fake_ane_matches_sim_bit_for_bit(sim_model, fake, name):
             assert np.all(np.isfinite(got[out])) and np.array_equal(got[out], want[out]), \
                 (name, layer, out)
     assert ane.calls == cfg.n_layers and ane.io_ms > 0
-
-
-def test_both_backends_pack_through_mil(sim_model, fake, monkeypatch):
-    """The sim and ane calls go through the same mil.write_activations / unpack_output /
-    stage_weights (the functions, not copies of them)."""
-    cfg, m = sim_model
-    ane = AneKernels(kernel_factory=fake)
-    ane.bind(m.engine)
-    calls = []
-    for fn in ("write_activations", "unpack_output", "stage_weights"):
-        orig = getattr(mil, fn)
-
-        def counted(kernel, *args, _fn=fn, _orig=orig, **kw):
-            calls.append(_fn)
-            return _orig(kernel, *args, **kw)
-        monkeypatch.setattr(mil, fn, counted)
-    dy = np.ones((cfg.dim, cfg.seq_len), np.float32)
-    for k in (m.engine.kernels, ane):
-        del calls[:]
-        stage(k)
-        assert calls == ["stage_weights"] * (cfg.n_layers * len(_sim.WEIGHTED))
-        del calls[:]
-        run_kernel(k, "wot_bwd", 1, dy=dy)
-        assert calls == ["write_activations", "unpack_output"]
 
 
 def _ane_model(cfg, fake, monkeypatch, seed):
@@ -410,19 +397,108 @@ def test_fake_ane_errors_surface_like_sim(fake, monkeypatch):
     m.engine.kernels.raise_pending()
 
 
+def _null_model(cfg, monkeypatch, seed=0, delay_us=0.0):
+    """A Model on the ane backend whose programs are NullAneKernels (C, no GIL)."""
+    _packed.clear_compiled_programs()
+    monkeypatch.setattr(backends, "available", lambda: ["cpu", "sim", "ane"])
+    real = backends.make_kernels
+    monkeypatch.setattr(backends, "make_kernels",
+                        lambda name: AneKernels(kernel_factory=NullAneKernel) if name == "ane"
+                        else real(name))
+    m = Model(cfg, backend="ane", seed=seed)
+    for k in m.engine.kernels.compiled.values():
+        k.delay_us = delay_us
+    return m
+
+
+def _calls_while_the_gil_is_held(m, timeout_s):
+    """Start a forward+backward on another thread; once it has run a kernel call, hold the
+    GIL (a C busy loop that never releases it) until it has run all of them or timeout_s
+    has passed. Returns (calls when the hold began, calls when it ended, calls per step)."""
+    cfg = m.config
+    k = m.engine.kernels
+    x = np.arange(cfg.seq_len, dtype=np.int32) % cfg.vocab_size
+    per_step = 10 * cfg.n_layers
+    start = k.calls
+    t = threading.Thread(target=m.forward_backward, args=(x, x))
+    t.start()
+    deadline = time.monotonic() + 30
+    while k.calls == start and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(1e-4)             # sleeping releases the GIL
+    assert k.calls > start, "the step never ran a kernel call"
+    began = k.calls - start
+    ended = hold_gil_until_calls(k, start + per_step, timeout_s) - start
+    t.join()
+    m.engine.kernels.raise_pending()
+    return began, ended, per_step
+
+
+def test_the_ane_path_never_takes_the_gil(monkeypatch):
+    """While this thread holds the GIL without ever releasing it, a forward+backward on the
+    ane backend (every kernel call: staging, C evaluation, unstaging) runs to the end on
+    another thread. The same harness stops the sim backend dead (its executor needs the
+    GIL), which shows that the check can fail."""
+    cfg = ModelConfig(**dict(CONFIGS["gqa"], n_layers=4))
+    ane = _null_model(cfg, monkeypatch, delay_us=5000)    # ~0.2 s a step: time to catch it
+    began, ended, per_step = _calls_while_the_gil_is_held(ane, timeout_s=20)
+    assert began < per_step // 2, "the step ended before the GIL was taken: inconclusive"
+    assert ended == per_step, (began, ended)
+    sim = Model(cfg, backend="sim")
+    began, ended, per_step = _calls_while_the_gil_is_held(sim, timeout_s=1.0)
+    assert ended - began <= 1 and ended < per_step, (began, ended)
+
+
+def test_null_ane_errors_name_kernel_and_layer(monkeypatch):
+    """A failed evaluation (its text captured in C) and a Surface that will not lock (an
+    error inside a plan) both reach raise_pending() naming the kernel and layer; the
+    step's gradients are NaN; the backend recovers."""
+    cfg = ModelConfig(**CONFIGS["gqa"])
+    m = _null_model(cfg, monkeypatch)
+    k = m.engine.kernels
+    x = np.arange(cfg.seq_len, dtype=np.int32) % cfg.vocab_size
+    k.compiled["kvBwd"].fail_with("Error Code=15 (null)")
+    with pytest.raises(AneError, match=r"kvBwd \(layer 1\): ANE evaluation failed: Error "
+                                       r"Code=15 \(null\)") as info:
+        m.forward_backward(x, x)
+    assert np.isnan(m.grads).any()
+    assert any("ane backend's kvBwd (layer 1)" in n
+               for n in getattr(info.value, "__notes__", [])) or sys.version_info < (3, 11)
+    k.compiled["kvBwd"].fail_with(None)
+    m.zero_grad()
+    m.forward_backward(x, x)
+    assert np.all(np.isfinite(m.grads))
+    refuse_locks(k.output_surface("woFwd"))
+    with pytest.raises(RuntimeError, match="could not lock the output Surface") as info:
+        m.forward_backward(x, x)
+    assert any("ane backend's woFwd (layer 0)" in n
+               for n in getattr(info.value, "__notes__", [])) or sys.version_info < (3, 11)
+    refuse_locks(k.output_surface("woFwd"), False)
+    m.zero_grad()
+    m.forward_backward(x, x)
+    assert k.pending_error is None
+
+
+def test_kernel_factory_must_make_ane_kernels(sim_model):
+    _packed.clear_compiled_programs()
+    _, m = sim_model
+    with pytest.raises(TypeError, match="not an AneKernel"):
+        AneKernels(kernel_factory=lambda text, blobs, name: object()).bind(m.engine)
+    _packed.clear_compiled_programs()
+
+
 # -----------------------------------------------------------------------------------------
-# the C Cython generates for _runtime, against the real shim header
+# the C Cython generates for _ane_runtime, against the real shim header
 # -----------------------------------------------------------------------------------------
 
-def test_runtime_c_type_checks_against_the_real_shim_header(tmp_path):
+def test_ane_runtime_c_type_checks_against_the_real_shim_header(tmp_path):
     """ane_platform.h includes ane_shim.h when __APPLE__ is defined: the C generated for
-    _runtime.pyx must compile against the shim's real declarations (argument types,
+    _ane_runtime.pyx must compile against the shim's real declarations (argument types,
     constness, return types), not only against this platform's fallbacks."""
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     assert shutil.which(cc), f"no C compiler {cc!r}"
-    out = tmp_path / "_runtime.c"
+    out = tmp_path / "_ane_runtime.c"
     subprocess.run([sys.executable, "-m", "cython", "-3", "-I", str(ROOT / "anecy"),
-                    str(ROOT / "anecy" / "_runtime.pyx"), "-o", str(out)],
+                    str(ROOT / "anecy" / "_ane_runtime.pyx"), "-o", str(out)],
                    check=True, capture_output=True, text=True, timeout=300)
     # __linux__ stays defined: Debian's Python.h finds its pyconfig.h through it, and
     # ane_platform.h looks at __APPLE__ first

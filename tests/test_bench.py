@@ -1,4 +1,5 @@
 """The benchmarks run and print their figures (quick mode; no timing is asserted)."""
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -7,8 +8,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run(*args):
+    # the scripts import this checkout's anecy, built in place
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
-                          timeout=900)
+                          timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -30,3 +34,21 @@ def test_step_benchmark_quick(tmp_path):
 def test_fp16_benchmark_quick():
     out = run("bench/bench_fp16.py", "--n", "100000", "--repeat", "3")
     assert "GB/s" in out and "numpy" in out
+
+
+def test_ane_host_benchmark_quick():
+    out = run("bench/bench_ane_host.py", "--quick")
+    assert "no-op" in out and "pass-through on" in out and "io floor" in out
+    rows = {}
+    for line in out.splitlines():
+        parts = line.rsplit(None, 1)
+        if len(parts) == 2:
+            try:
+                rows[parts[0].strip()] = float(parts[1])
+            except ValueError:
+                pass
+    for row in ("io", "dispatch", "cpu work", "dW wait", "total", "cpu backend fwd+bwd",
+                "null ane / cpu", "weight staging/update", "io / io floor"):
+        assert row in rows, row
+        assert rows[row] >= 0
+    assert rows["io"] > 0 and rows["total"] > 0 and rows["cpu backend fwd+bwd"] > 0

@@ -178,7 +178,7 @@ def test_cached_attention_probabilities_serve_only_the_engines_own_buffers():
     # the cpu backend keeps each layer's probabilities from the forward; a kernel called
     # on other arrays (whatever their addresses) must compute its own
     from anecy._ops import py_attention_bwd
-    from anecy._sim import run_kernel
+    from anecy._testing import run_kernel
     cfg = ModelConfig(**CASES["mha-tied-half"])
     m = Model(cfg)
     tok = np.arange(cfg.seq_len, dtype=np.int32) % cfg.vocab_size

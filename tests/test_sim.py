@@ -13,7 +13,8 @@ import pytest
 
 from anecy import Model, ModelConfig, backends
 from anecy._engine import CpuKernels
-from anecy._sim import METHODS, SimKernels, kernel_io, run_kernel, stage
+from anecy._packed import METHODS, SimKernels
+from anecy._testing import kernel_io, refuse_locks, run_kernel, stage
 from anecy.corpus import builtin_tokens
 from anecy.data import VocabMap
 from anecy.trainer import TrainConfig, Trainer
@@ -120,7 +121,7 @@ def test_kernel_matches_cpu(bound, name):
         got = run_kernel(sim, name, layer, **a)
         assert sorted(got) == sorted(want) == sorted(n for n, _ in kernel_io(cpu, name)[1])
         if cfg.qk_norm and name == "sdpa_fwd":
-            assert {"q_raw", "k_raw"} <= set(got)
+            assert {"q_pre", "k_pre"} <= set(got)
         for out, ref in want.items():
             assert np.all(np.isfinite(got[out])), (cfg_name, name, out)
             err = max_rel_err(got[out], ref)
@@ -218,23 +219,23 @@ def test_kernel_errors_surface():
     sim.raise_pending()   # nothing pending
 
 
-def test_failed_staging_is_never_run_on(monkeypatch):
-    from anecy import mil
+def test_failed_staging_is_never_run_on():
     cfg = ModelConfig(**CONFIGS["gqa"])
     m = Model(cfg, backend="sim")
     sim = m.engine.kernels
     attn = np.ones((cfg.q_dim, cfg.seq_len), np.float32)
-
-    def broken(*args, **kw):
-        raise ValueError("cannot stage")
-
-    monkeypatch.setattr(mil, "stage_weights", broken)
-    with pytest.raises(ValueError, match="cannot stage"):
+    surface = sim.input_surface("ffnBwdW13t", 1)
+    refuse_locks(surface)                 # one layer's weights cannot be staged
+    with pytest.raises(RuntimeError, match="could not lock an input Surface") as info:
         m.weights_changed()               # raised as soon as the engine's call returns
+    assert any("sim backend's stage_weights" in n for n in getattr(info.value, "__notes__", [])) \
+        or sys.version_info < (3, 11)
     assert sim.pending_error is None
-    with pytest.raises(RuntimeError, match="not staged"):
+    with pytest.raises(RuntimeError, match="not staged") as info:
         run_kernel(sim, "wo_fwd", 0, attn=attn)
-    monkeypatch.undo()
+    assert any("woFwd (layer 0)" in n for n in getattr(info.value, "__notes__", [])) \
+        or sys.version_info < (3, 11)
+    refuse_locks(surface, False)
     m.weights_changed()
     sim.raise_pending()
     assert np.all(np.isfinite(run_kernel(sim, "wo_fwd", 0, attn=attn)["o"]))

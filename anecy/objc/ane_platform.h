@@ -2,12 +2,12 @@
  * ane_platform.h - the ANE shim's C interface on every platform.
  *
  * On macOS this is ane_shim.h: the functions are defined in ane_shim.m, which setup.py
- * compiles (with -fobjc-arc) and links into anecy._runtime on macOS only.
+ * compiles (with -fobjc-arc) and links into anecy._ane_runtime on macOS only.
  *
  * Everywhere else the same declarations are met by static inline fallbacks with the same
  * signatures and the same error convention (see ane_shim.h): every one that can fail
  * reports that the Apple Neural Engine needs macOS on Apple Silicon and never succeeds,
- * and the rest are harmless no-ops. So anecy._runtime (which calls these functions
+ * and the rest are harmless no-ops. So anecy._ane_runtime (which calls these functions
  * directly, also without the GIL) builds, imports and says why the ane backend is
  * unavailable on any platform, with no #ifdef in the Cython code.
  *

@@ -3,7 +3,8 @@
 # mode (-fsyntax-only: nothing is compiled or linked) against the stub SDK in sdk/, whose
 # declarations have the signatures of Apple's macOS SDK. Errors are real ARC and type errors.
 #
-#   tools/objc_check/check.sh [FILE.m]     (default: anecy/objc/ane_shim.m)
+#   tools/objc_check/check.sh [FILE.m]     (default: anecy/objc/ane_shim.m, and then
+#                                           check_accel.sh: the C that calls Accelerate)
 #
 # Needs clang: apt-get update && apt-get install -y clang
 # CLANG=... selects another clang binary.
@@ -54,3 +55,7 @@ if [ -n "$foreign" ]; then
 fi
 
 echo "objc_check: OK: ${src#"$root"/} ($("$clang" --version | head -n 1); ARC; stub macOS SDK)"
+
+if [ $# -eq 0 ]; then
+    bash "$here/check_accel.sh"
+fi

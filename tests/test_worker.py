@@ -1,4 +1,4 @@
-"""The background dW worker (anecy/_runtime.pyx), tested through the model: it is only
+"""The background dW worker (anecy/_worker.pyx), tested through the model: it is only
 reachable from Cython. Jobs run in FIFO order, each exactly as it would run inline, so
 gradients and losses must be bit-identical with the worker on (async_dw=True) or off;
 the worker must keep going over many steps and shut down cleanly when its model goes.

@@ -1,52 +1,4 @@
-# Runtime services shared by the engine and the backends: a monotonic clock and the
-# background worker that runs weight-gradient (dW) sgemms while the layer loop goes on.
-
-from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
-
-
-cdef inline double now_ms() noexcept nogil:
-    cdef timespec ts
-    clock_gettime(CLOCK_MONOTONIC, &ts)
-    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6
-
-
-# C[M,N] = alpha * op(A) @ op(B) + beta * C, row-major (see _ops.sgemm);
-# or, when `call` is set, call(arg) instead.
-cdef struct GemmJob:
-    bint trans_a
-    bint trans_b
-    int M
-    int N
-    int K
-    float alpha
-    const float* A
-    int lda
-    const float* B
-    int ldb
-    float beta
-    float* C
-    int ldc
-    void (*call)(void*) noexcept nogil
-    void* arg
-
-
-cdef struct WorkerState
-
-
-cdef class DWWorker:
-    cdef WorkerState* state
-    cdef readonly bint threaded      # the thread started (False only while failing to)
-    # Queue a job. Blocks while the queue is full.
-    cdef void submit(self, GemmJob job) noexcept nogil
-    # Queue call(arg).
-    cdef void submit_call(self, void (*call)(void*) noexcept nogil, void* arg) noexcept nogil
-    # Count of jobs submitted so far; wait_for(t) returns once the first t are done.
-    cdef long ticket(self) noexcept nogil
-    cdef void wait_for(self, long ticket) noexcept nogil
-    cdef void wait_all(self) noexcept nogil
-
-
-# -- the Apple Neural Engine: surfaces, compiled kernels, requests ---------------------------
+# The Apple Neural Engine: surfaces, compiled kernels, requests.
 # The C interface of anecy/objc/ane_shim.h; on platforms other than macOS, ane_platform.h
 # defines the same functions as fallbacks that never succeed (see that header).
 
@@ -86,21 +38,40 @@ cdef enum:
     ANE_ERR_LEN = 1024
 
 
+# A Surface's memory as plain C, so that kernel calls lock, fill and unlock it without the
+# GIL (a pointer to it stays valid for the life of its Surface).
+cdef struct SurfaceMem:
+    anecy_ane_surface* handle          # NULL for a host buffer
+    char* base                         # the memory (host buffer: owned; IOSurface: mapped)
+    size_t nbytes
+    int depth                          # lock depth
+    bint refuse_lock                   # testing: every lock fails (exercises error paths)
+
+
+# Lock for CPU access (nests); 0, or -1 if the IOSurface could not be locked where it was
+# mapped (or refuse_lock is set). Must be balanced by surface_unlock().
+cdef int surface_lock(SurfaceMem* m) noexcept nogil
+cdef void surface_unlock(SurfaceMem* m) noexcept nogil
+
+
 cdef class Surface:
     """Memory a kernel reads or writes: an IOSurface on macOS, an aligned host buffer
     elsewhere (or when asked for one)."""
-    cdef anecy_ane_surface* handle     # NULL for a host buffer
-    cdef char* base                    # the memory (host buffer: owned; IOSurface: mapped)
-    cdef readonly size_t nbytes
-    cdef int depth                     # lock depth
+    cdef SurfaceMem mem
     cdef int exports                   # live buffer-protocol views
     cdef Py_ssize_t view_len           # nbytes, as the buffer protocol wants it
     cdef Py_ssize_t view_stride        # 1
     cdef object __weakref__
-    # Lock for CPU access (nests); 0, or -1 if the IOSurface could not be locked where it
-    # was mapped. Must be balanced by unlock_c().
-    cdef int lock_c(self) noexcept nogil
-    cdef void unlock_c(self) noexcept nogil
+
+
+# How a kernel call runs one program, in C: fn(ctx, err, err_len) runs it and waits; 0, or
+# -1 with the NUL-terminated reason in err. ctx is borrowed: whoever holds the Evaluator
+# keeps the objects behind it alive.
+ctypedef int (*evaluate_fn)(void* ctx, char* err, size_t err_len) noexcept nogil
+
+cdef struct Evaluator:
+    evaluate_fn fn
+    void* ctx
 
 
 cdef class AneRequest
@@ -113,6 +84,8 @@ cdef class AneKernel:
     # Runs `request` (one of this kernel's, not None) and waits; 0, or -1 with the
     # NUL-terminated reason in err. Needs no GIL.
     cdef int evaluate_c(self, AneRequest request, char* err, size_t err_len) noexcept nogil
+    # The C form of evaluate(request), for callers without the GIL (checked here, once).
+    cdef Evaluator evaluator(self, AneRequest request) except *
 
 
 cdef class AneRequest:

@@ -1,12 +1,5 @@
 # cython: language_level=3
-"""Runtime services: the background dW worker.
-
-Weight gradients are the one piece of backward work nothing downstream in the same
-microstep reads, so they go to a second thread as sgemm jobs and overlap the next
-kernels. Jobs run in submission order (FIFO), each exactly as it would run inline,
-so gradients are bit-identical with the worker on or off.
-
-And the Apple Neural Engine's runtime objects, over the C interface of anecy/objc
+"""The Apple Neural Engine's runtime objects, over the C interface of anecy/objc
 (ane_shim.h on macOS; elsewhere ane_platform.h's fallbacks, which never succeed):
 Surface (an IOSurface, or an aligned host buffer), AneKernel (a compiled MIL program),
 AneRequest (a kernel bound to an input and an output Surface), ane_available() and
@@ -14,141 +7,6 @@ compile_count()."""
 
 from libc.stdlib cimport calloc, free
 
-from ._ops cimport sgemm
-
-cdef extern from "<pthread.h>" nogil:
-    # opaque to Cython; the C compiler sees the platform's real definitions
-    ctypedef struct pthread_t:
-        pass
-    ctypedef struct pthread_mutex_t:
-        pass
-    ctypedef struct pthread_cond_t:
-        pass
-    int pthread_create(pthread_t* thread, void* attr, void* (*start)(void*) noexcept nogil,
-                       void* arg)
-    int pthread_join(pthread_t thread, void** retval)
-    int pthread_mutex_init(pthread_mutex_t* m, void* attr)
-    int pthread_mutex_destroy(pthread_mutex_t* m)
-    int pthread_mutex_lock(pthread_mutex_t* m)
-    int pthread_mutex_unlock(pthread_mutex_t* m)
-    int pthread_cond_init(pthread_cond_t* c, void* attr)
-    int pthread_cond_destroy(pthread_cond_t* c)
-    int pthread_cond_wait(pthread_cond_t* c, pthread_mutex_t* m)
-    int pthread_cond_broadcast(pthread_cond_t* c)
-
-# Enough for every dW job of a backward pass of a 32-layer model; a fuller queue only
-# makes submit() wait, it never drops a job.
-cdef enum:
-    QUEUE_CAPACITY = 256
-
-
-cdef struct WorkerState:
-    pthread_t thread
-    pthread_mutex_t lock
-    pthread_cond_t has_work
-    pthread_cond_t progress
-    GemmJob ring[QUEUE_CAPACITY]
-    long submitted
-    long completed
-    bint stopping
-
-
-cdef inline void run_job(const GemmJob* j) noexcept nogil:
-    if j.call != NULL:
-        j.call(j.arg)
-        return
-    sgemm(j.trans_a, j.trans_b, j.M, j.N, j.K, j.alpha, j.A, j.lda, j.B, j.ldb, j.beta, j.C,
-          j.ldc)
-
-
-cdef void* worker_main(void* arg) noexcept nogil:
-    cdef WorkerState* st = <WorkerState*>arg
-    cdef GemmJob job
-    while True:
-        pthread_mutex_lock(&st.lock)
-        while st.completed == st.submitted and not st.stopping:
-            pthread_cond_wait(&st.has_work, &st.lock)
-        if st.completed == st.submitted:  # stopping, and nothing left to do
-            pthread_mutex_unlock(&st.lock)
-            return NULL
-        # the slot stays reserved until `completed` moves past it
-        job = st.ring[st.completed % QUEUE_CAPACITY]
-        pthread_mutex_unlock(&st.lock)
-        run_job(&job)
-        pthread_mutex_lock(&st.lock)
-        st.completed += 1
-        pthread_cond_broadcast(&st.progress)
-        pthread_mutex_unlock(&st.lock)
-
-
-cdef class DWWorker:
-    """A FIFO of jobs (sgemms, or calls) run by one background thread."""
-
-    def __cinit__(self):
-        self.state = <WorkerState*>calloc(1, sizeof(WorkerState))
-        if self.state == NULL:
-            raise MemoryError()
-        self.threaded = False  # until a thread exists, so __dealloc__ joins nothing
-        pthread_mutex_init(&self.state.lock, NULL)
-        pthread_cond_init(&self.state.has_work, NULL)
-        pthread_cond_init(&self.state.progress, NULL)
-        if pthread_create(&self.state.thread, NULL, worker_main, self.state) != 0:
-            raise RuntimeError("could not start the worker thread")
-        self.threaded = True
-
-    def __dealloc__(self):
-        if self.state == NULL:
-            return
-        if self.threaded:
-            with nogil:
-                pthread_mutex_lock(&self.state.lock)
-                self.state.stopping = True
-                pthread_cond_broadcast(&self.state.has_work)
-                pthread_mutex_unlock(&self.state.lock)
-                pthread_join(self.state.thread, NULL)
-        pthread_cond_destroy(&self.state.progress)
-        pthread_cond_destroy(&self.state.has_work)
-        pthread_mutex_destroy(&self.state.lock)
-        free(self.state)
-        self.state = NULL
-
-    cdef void submit(self, GemmJob job) noexcept nogil:
-        cdef WorkerState* st = self.state
-        pthread_mutex_lock(&st.lock)
-        while st.submitted - st.completed >= QUEUE_CAPACITY:
-            pthread_cond_wait(&st.progress, &st.lock)
-        st.ring[st.submitted % QUEUE_CAPACITY] = job
-        st.submitted += 1
-        pthread_cond_broadcast(&st.has_work)
-        pthread_mutex_unlock(&st.lock)
-
-    cdef void submit_call(self, void (*call)(void*) noexcept nogil, void* arg) noexcept nogil:
-        cdef GemmJob job
-        job.call = call
-        job.arg = arg
-        self.submit(job)
-
-    cdef long ticket(self) noexcept nogil:
-        return self.state.submitted
-
-    cdef void wait_for(self, long ticket) noexcept nogil:
-        cdef WorkerState* st = self.state
-        pthread_mutex_lock(&st.lock)
-        while st.completed < ticket:
-            pthread_cond_wait(&st.progress, &st.lock)
-        pthread_mutex_unlock(&st.lock)
-
-    cdef void wait_all(self) noexcept nogil:
-        self.wait_for(self.state.submitted)
-
-    @property
-    def jobs_done(self):
-        return self.state.completed
-
-
-# =========================================================================================
-# The Apple Neural Engine: surfaces, compiled kernels, requests
-# =========================================================================================
 # Every call into the shim copies what it needs from its arguments, reports failures as
 # text in an error buffer and never raises, so each is made without the GIL. Lifetimes:
 # an AneRequest holds its AneKernel and both Surfaces (Python references), and frees its
@@ -196,8 +54,31 @@ def ane_available():
 def compile_count():
     """Programs handed to the ANE compiler in this process so far (failed ones too). The
     ANE leaks resources after about 119 compiles per process: anecy compiles each of its
-    ten programs once per model shape (see anecy._sim.AneKernels)."""
+    ten programs once per model shape (see anecy._packed.AneKernels)."""
     return anecy_ane_compile_count()
+
+
+cdef int surface_lock(SurfaceMem* m) noexcept nogil:
+    cdef void* p
+    if m.refuse_lock:
+        return -1
+    if m.depth == 0 and m.handle != NULL:
+        p = anecy_ane_surface_lock(m.handle)
+        if p == NULL:
+            return -1
+        if <char*>p != m.base:      # views and plans point at base: never hand out another
+            anecy_ane_surface_unlock(m.handle)
+            return -1
+    m.depth += 1
+    return 0
+
+
+cdef void surface_unlock(SurfaceMem* m) noexcept nogil:
+    if m.depth == 0:
+        return
+    m.depth -= 1
+    if m.depth == 0 and m.handle != NULL:
+        anecy_ane_surface_unlock(m.handle)
 
 
 cdef class Surface:
@@ -222,65 +103,50 @@ cdef class Surface:
         if ANECY_ANE_SHIM and not host:
             err[0] = 0
             with nogil:
-                self.handle = anecy_ane_surface_create(nbytes, err, ANE_ERR_LEN)
-            if self.handle == NULL:
+                self.mem.handle = anecy_ane_surface_create(nbytes, err, ANE_ERR_LEN)
+            if self.mem.handle == NULL:
                 raise AneError(f"could not create an IOSurface of {nbytes} bytes: {_text(err)}")
-            self.nbytes = nbytes
-            # The mapping is fixed for the surface's life; lock_c() checks that it stays.
-            p = anecy_ane_surface_lock(self.handle)
+            self.mem.nbytes = nbytes
+            # The mapping is fixed for the surface's life; surface_lock() checks that it stays.
+            p = anecy_ane_surface_lock(self.mem.handle)
             if p == NULL:
                 raise AneError(f"could not lock a new IOSurface of {nbytes} bytes")
-            self.base = <char*>p
+            self.mem.base = <char*>p
             memset(p, 0, nbytes)
-            anecy_ane_surface_unlock(self.handle)
+            anecy_ane_surface_unlock(self.mem.handle)
         else:
             if posix_memalign(&p, _HOST_ALIGNMENT, nbytes) != 0 or p == NULL:
                 raise MemoryError(f"could not allocate a host Surface of {nbytes} bytes")
             memset(p, 0, nbytes)
-            self.base = <char*>p
-            self.nbytes = nbytes
+            self.mem.base = <char*>p
+            self.mem.nbytes = nbytes
 
     def __dealloc__(self):
         # No view can outlive this object (each holds a reference), so the memory is free.
-        if self.handle != NULL:
-            if self.depth > 0:
-                anecy_ane_surface_unlock(self.handle)
-            anecy_ane_surface_free(self.handle)   # requests using it keep it alive
-            self.handle = NULL
-        elif self.base != NULL:
-            free(self.base)
-        self.base = NULL
+        if self.mem.handle != NULL:
+            if self.mem.depth > 0:
+                anecy_ane_surface_unlock(self.mem.handle)
+            anecy_ane_surface_free(self.mem.handle)   # requests using it keep it alive
+            self.mem.handle = NULL
+        elif self.mem.base != NULL:
+            free(self.mem.base)
+        self.mem.base = NULL
 
-    cdef int lock_c(self) noexcept nogil:
-        cdef void* p
-        if self.depth == 0 and self.handle != NULL:
-            p = anecy_ane_surface_lock(self.handle)
-            if p == NULL:
-                return -1
-            if <char*>p != self.base:      # views point at self.base: never hand out another
-                anecy_ane_surface_unlock(self.handle)
-                return -1
-        self.depth += 1
-        return 0
-
-    cdef void unlock_c(self) noexcept nogil:
-        if self.depth == 0:
-            return
-        self.depth -= 1
-        if self.depth == 0 and self.handle != NULL:
-            anecy_ane_surface_unlock(self.handle)
+    @property
+    def nbytes(self):
+        return self.mem.nbytes
 
     def lock(self):
         """Begin CPU access (nests with further lock() calls)."""
-        if self.lock_c() != 0:
+        if surface_lock(&self.mem) != 0:
             raise AneError("could not lock the IOSurface for CPU access at the address its "
                            "views use")
 
     def unlock(self):
         """End the CPU access of the matching lock()."""
-        if self.depth == 0:
+        if self.mem.depth == 0:
             raise RuntimeError("Surface.unlock() without a matching lock()")
-        self.unlock_c()
+        surface_unlock(&self.mem)
 
     def __enter__(self):
         self.lock()
@@ -293,20 +159,20 @@ cdef class Surface:
     @property
     def locked(self):
         """Current lock depth (0: unlocked)."""
-        return self.depth
+        return self.mem.depth
 
     @property
     def is_iosurface(self):
         """True for an IOSurface (macOS), False for a host buffer."""
-        return self.handle != NULL
+        return self.mem.handle != NULL
 
     @property
     def address(self):
         """The address of the first byte (stable for the Surface's life)."""
-        return <size_t>self.base
+        return <size_t>self.mem.base
 
     def __getbuffer__(self, Py_buffer* buf, int flags):
-        buf.buf = self.base
+        buf.buf = self.mem.base
         buf.obj = self
         buf.len = self.view_len
         buf.readonly = 0
@@ -329,12 +195,12 @@ cdef class Surface:
         """A numpy array of ``dtype`` and ``shape`` (default: as many items as fit) over the
         Surface's memory from byte ``offset``: a view, not a copy."""
         dt = np.dtype(dtype)
-        if offset < 0 or <size_t>offset > self.nbytes:
-            raise ValueError(f"offset {offset} is outside the Surface's {self.nbytes} bytes")
+        if offset < 0 or <size_t>offset > self.mem.nbytes:
+            raise ValueError(f"offset {offset} is outside the Surface's {self.mem.nbytes} bytes")
         if offset % dt.alignment:
             raise ValueError(f"offset {offset} is not aligned for {dt}")
         if shape is None:
-            shape = ((self.nbytes - offset) // dt.itemsize,)
+            shape = ((self.mem.nbytes - offset) // dt.itemsize,)
         elif isinstance(shape, int):
             shape = (shape,)
         shape = tuple(int(n) for n in shape)
@@ -343,14 +209,18 @@ cdef class Surface:
         count = 1
         for n in shape:
             count *= n
-        if offset + count * dt.itemsize > self.nbytes:
+        if offset + count * dt.itemsize > self.mem.nbytes:
             raise ValueError(f"{shape} {dt} needs {count * dt.itemsize} bytes; the Surface has "
-                             f"{self.nbytes - offset} from offset {offset}")
+                             f"{self.mem.nbytes - offset} from offset {offset}")
         return np.frombuffer(self, dtype=dt, count=count, offset=offset).reshape(shape)
 
     def __repr__(self):
-        kind = "IOSurface" if self.handle != NULL else "host buffer"
-        return f"<Surface: {kind}, {self.nbytes} bytes at {self.address:#x}>"
+        kind = "IOSurface" if self.mem.handle != NULL else "host buffer"
+        return f"<Surface: {kind}, {self.mem.nbytes} bytes at {self.address:#x}>"
+
+
+cdef int _shim_evaluate(void* ctx, char* err, size_t err_len) noexcept nogil:
+    return anecy_ane_evaluate(<anecy_ane_request*>ctx, err, err_len)
 
 
 cdef class AneKernel:
@@ -360,13 +230,18 @@ cdef class AneKernel:
     ``blobs`` maps each ``BLOBFILE`` path of the text (``@model_path/weights/...``) to the
     file's bytes. ``bind(input, output)`` makes an AneRequest; ``evaluate(request)`` runs
     one (``evaluate_c`` is the same without the GIL, for Cython callers). Every compile
-    counts towards the ANE's limit of about 119 per process: compile once, bind many."""
+    counts towards the ANE's limit of about 119 per process: compile once, bind many.
 
-    def __cinit__(self, mil_text, blobs=None, name=None):
+    The compile happens in ``__init__``, so a subclass (a stand-in for the ANE in tests
+    and benchmarks) can replace it, together with ``bind`` and ``evaluator``."""
+
+    def __init__(self, mil_text, blobs=None, name=None):
         cdef char err[ANE_ERR_LEN]
         cdef anecy_ane_blob* table = NULL
         cdef const char* text
         cdef int n, i
+        if self.handle != NULL:
+            raise RuntimeError(f"{self.name} is already compiled")
         self.name = str(name) if name is not None else "MIL program"
         data = mil_text.encode("utf-8") if isinstance(mil_text, str) else bytes(mil_text)
         if not data or b"\0" in data:
@@ -404,12 +279,14 @@ cdef class AneKernel:
         cdef char err[ANE_ERR_LEN]
         cdef anecy_ane_request* h
         cdef AneRequest req
-        if input.handle == NULL or output.handle == NULL:
+        if self.handle == NULL:
+            raise AneError(f"{self.name}: not compiled (AneKernel.__init__ did not run)")
+        if input.mem.handle == NULL or output.mem.handle == NULL:
             raise AneError(f"{self.name}: an ANE request needs IOSurface-backed Surfaces, "
                            f"not host buffers")
         err[0] = 0
         with nogil:
-            h = anecy_ane_request_create(self.handle, input.handle, output.handle, err,
+            h = anecy_ane_request_create(self.handle, input.mem.handle, output.mem.handle, err,
                                          ANE_ERR_LEN)
         if h == NULL:
             raise AneError(f"{self.name}: could not create an ANE request: {_text(err)}")
@@ -427,6 +304,14 @@ cdef class AneKernel:
                 snprintf(err, err_len, "%s", b"the request was not made by this kernel's bind()")
             return -1
         return anecy_ane_evaluate(request.handle, err, err_len)
+
+    cdef Evaluator evaluator(self, AneRequest request) except *:
+        cdef Evaluator ev
+        if request is None or request.handle == NULL or request.kernel_handle != self.handle:
+            raise AneError(f"{self.name}: the request was not made by this kernel's bind()")
+        ev.fn = _shim_evaluate
+        ev.ctx = request.handle
+        return ev
 
     def evaluate(self, AneRequest request not None):
         """Run ``request`` on the ANE and wait for it (the GIL is released meanwhile). Its

@@ -1,0 +1,110 @@
+# The packed fp16 backends (sim, ane): staging plans and the kernel classes.
+
+from libc.stdint cimport uint16_t
+
+from ._engine cimport Kernels
+from ._worker cimport DWWorker
+from ._ane_runtime cimport SurfaceMem, Evaluator
+
+cdef extern from "_fp16.h" nogil:
+    void anecy_f32_to_f16(const float* src, uint16_t* dst, size_t n)
+    void anecy_f16_to_f32(const uint16_t* src, float* dst, size_t n)
+
+
+cdef enum:
+    OP_F16 = 0        # fp32 rows -> fp16 rows
+    OP_F16_T = 1      # fp32 [cols, rows] (an HF weight) -> fp16 [rows, cols], transposed
+    OP_ZERO = 2       # fp16 rows := 0
+    OP_F32 = 3        # fp16 rows -> fp32 rows
+    MAX_ARGS = 8      # pointer arguments of a kernel call (sdpa_fwd: 1 in, 6 out)
+    TILE = 32         # transposed staging goes through a TILE x TILE fp32 block
+    ERR_LEN = 1024
+    # what raise_pending() raises for an error recorded in C
+    ERR_RUNTIME = 0
+    ERR_ANE = 1
+
+
+cdef struct Move:
+    int op
+    int arg               # activations/outputs: index of the call's pointer argument; else -1
+    const float* src      # weights: the engine's fp32 weight (moves with arg -1)
+    Py_ssize_t off        # element offset of the block's first element in the Surface
+    Py_ssize_t rows
+    Py_ssize_t cols
+    Py_ssize_t ld16       # Surface row stride (elements)
+    Py_ssize_t ld32       # fp32 row stride (elements)
+
+
+cdef struct Call:         # one kernel call: (kernel, layer)
+    SurfaceMem* inp
+    SurfaceMem* out
+    Move* acts
+    int n_acts
+    Move* outs
+    int n_outs
+    Move* weights
+    int n_weights
+    Evaluator ev          # ane: how the program runs
+
+
+
+cdef class PackedKernels(Kernels):
+    cdef readonly str backend           # "sim" | "ane"
+    cdef readonly object config
+    cdef readonly object layer_surfaces  # [layer] -> {kernel: input Surface} (WEIGHTED)
+    cdef readonly object shared_surfaces # {kernel: input Surface} (SHARED)
+    cdef readonly object output_surfaces # {kernel: output Surface}, shared by the layers
+    cdef object layer_bufs              # [layer] -> {kernel: fp16 [C, W] view of its Surface}
+    cdef object shared_bufs             # {kernel: fp16 [C, W] view}
+    cdef object out_bufs                # {kernel: fp16 [C', S] view}
+    # the plan: calls[kernel id * L + layer] (layer 0 for SHARED), all moves in one array
+    cdef Call* plan
+    cdef Move* moves
+    cdef Call** weighted_calls          # the calls with weight moves, layer by layer
+    cdef int n_weighted_calls
+    cdef DWWorker worker                # the engine's: takes half of the weight staging
+    cdef bint bound
+    cdef bint stale                     # no stage_weights() has succeeded since bind()
+    # pass-through of probs/dprobs from sdpaBwd1's output into sdpaBwd2's input
+    cdef public bint passthrough        # allowed (tests turn it off to compare)
+    cdef bint pass_ok                   # the layouts make it one contiguous copy
+    cdef bint probs_held                # sdpaBwd1's output Surface holds the engine's probs
+    cdef Py_ssize_t pass_src_off, pass_dst_off, pass_halves
+    cdef int pass_out_arg, pass_in_arg  # first of the two outputs / inputs concerned
+    # the first error since the last raise_pending()
+    cdef bint failed
+    cdef int err_kernel, err_layer, err_kind
+    cdef char err_text[ERR_LEN]
+    cdef object err_exc                 # a Python exception (sim executor), or None
+    cdef bint tracing
+    cdef object _trace
+    cdef public double stage_ms         # time spent staging weights (not part of io_ms)
+    cdef readonly double compile_ms     # time bind() spent compiling the ten programs
+    cdef readonly long calls            # kernel calls run since bind
+    cdef readonly long passed_through   # sdpaBwd2 calls whose probs came surface to surface
+
+    cdef void _compile_plan(self) except *
+    cdef object _weight_sources(self, int l)
+    cdef int _put(self, int i, list moves) except -1
+    cdef int _execute(self, Call* c, int kid, int layer) noexcept nogil
+    cdef void _fail_c(self, int kid, int layer, int kind, const char* text) noexcept nogil
+    cdef void _fail_exc(self, int kid, int layer, object exc)
+    cdef str _where(self)
+    cdef object _pending(self)
+    cdef void _run(self, int kid, int layer, float** args) noexcept nogil
+    cdef void _trace_inputs(self, int kid, int layer, float** args)
+    cdef void _trace_outputs(self, int kid, float** args)
+    cdef int pack_only(self, int kid, int layer, float** args) noexcept nogil
+    cdef int unpack_only(self, int kid, float** args) noexcept nogil
+
+
+cdef class SimKernels(PackedKernels):
+    cdef readonly object programs       # MIL kernel name -> milsim.Interpreter
+
+
+cdef class AneKernels(PackedKernels):
+    # Released before the base's Surfaces: requests hold their AneKernel and Surfaces.
+    cdef readonly object requests       # [layer] -> {kernel: AneRequest} (WEIGHTED)
+    cdef readonly object shared_requests  # {kernel: AneRequest} (SHARED)
+    cdef readonly object compiled       # MIL kernel name -> AneKernel
+    cdef readonly object kernel_factory

@@ -1,0 +1,820 @@
+# cython: language_level=3
+"""The packed fp16 backends: ``sim`` and ``ane``.
+
+Both run the ANE's ten MIL programs (``anecy.mil``) on exactly the fp16 input Surfaces
+the Apple Neural Engine reads, and differ in one thing only: what executes a program.
+
+- ``SimKernels``: the numpy interpreter ``anecy.milsim`` (slow; it exists so that the
+  ANE path -- layouts, staging, programs, fp16 numerics and loss scaling -- runs and is
+  tested on machines without an ANE). It takes the GIL inside its executor only.
+- ``AneKernels``: the Apple Neural Engine through the Objective-C shim, called from C
+  with the GIL released (``anecy._ane_runtime.AneKernel.evaluator``).
+
+Everything else is ``PackedKernels``, their common base, written once and run without
+the GIL: the engine-facing kernel methods, the Surfaces, and the staging plans.
+
+Staging plans. At bind time the layout table (``mil.KERNELS``, resolved by
+``mil.layout``) is compiled into a plain C plan per kernel call (kernel, layer): a list of
+moves, each a rectangle of fp32 rows (an engine buffer; for weights, the engine's HF-layout
+weight, possibly transposed) and where it sits in the fp16 Surface (byte offset, rows,
+columns, row strides). A kernel call locks its input Surface, converts its activation
+blocks straight from the engine's buffers into it with the SIMD fp32->fp16 routines of
+``_fp16.h`` (no temporaries), unlocks, executes, and converts the output blocks back
+into the engine's buffers the same way. Weight staging (``stage_weights``, after each
+optimizer update) runs the weight moves of every layer, split between this thread and
+the engine's worker thread. No dict, numpy object or Python call is made per kernel.
+
+Pass-through. sdpaBwd1's probs/dprobs outputs are read by nothing on the CPU: the engine
+only hands its own ``probs``/``dprobs`` buffers from sdpa_bwd1 on to sdpa_bwd2. When a
+call passes those very buffers (``Kernels.engine_probs``), sdpaBwd1 leaves them in its
+output Surface and sdpaBwd2 copies them as fp16 into its input Surface (one contiguous
+copy of 2*P*S halves), skipping the fp16->fp32->fp16 round trip; the engine's fp32
+``probs``/``dprobs`` are then left unwritten. Any other caller (tests, ``trace``) gets
+them in fp32 as before.
+
+Buffers: every weight-bearing kernel has one input Surface per layer (its weight columns
+staged by stage_weights(), its activation columns rewritten by each call); the two
+weight-free attention-backward kernels share one input Surface each across layers; every
+kernel has one output Surface, shared by the layers (unpacked before the next call).
+
+Errors: the kernel methods are ``noexcept nogil`` (the engine's layer loop has no way to
+propagate an exception). The first failure (a Surface that would not lock, a failed
+evaluation with the shim's error text, an exception in the sim executor, unstaged
+weights) is recorded with its kernel and layer, and every output of that call and of
+every later call is filled with NaN (a failed forward kernel makes the loss NaN, a
+failed backward kernel the gradients, so the trainer's finite checks stop the run) until
+``raise_pending()`` raises it from Python; ``pending_error`` shows it without raising.
+The kernels refuse to run until a stage_weights() has succeeded since bind().
+"""
+
+import re
+
+import numpy as np
+
+from . import mil
+from .errors import ConfigError
+from .milsim import Interpreter
+from ._ane_runtime import AneError
+
+from libc.stdint cimport uint16_t
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset, strncpy
+from libc.math cimport NAN
+
+from ._engine cimport Kernels, Dims, LayerParams
+from ._worker cimport now_ms, DWWorker
+from ._ane_runtime cimport (Surface, SurfaceMem, surface_lock, surface_unlock, AneKernel,
+                            AneRequest, Evaluator)
+
+
+# =========================================================================================
+# What the layout table says, in the forms the backends need (nothing here restates it)
+# =========================================================================================
+
+def _snake(name):
+    return re.sub(r"(?<!^)(?=[A-Z])", "_", name).lower()
+
+
+# Kernels with weight columns (one input Surface per layer each), and the weight-free ones.
+WEIGHTED = tuple(k for k, spec in mil.KERNELS.items()
+                 if any(b.kind == "weight" for b in spec.inputs))
+SHARED = tuple(k for k in mil.KERNEL_NAMES if k not in WEIGHTED)
+
+# engine method name (Kernels.sdpa_fwd, ...) -> MIL kernel name
+METHODS = {_snake(k): k for k in mil.KERNEL_NAMES}
+
+# The kernel ids the engine-facing methods use: each one's index in mil.KERNEL_NAMES.
+cdef int K_SDPA_FWD = mil.KERNEL_NAMES.index("sdpaFwd")
+cdef int K_WO_FWD = mil.KERNEL_NAMES.index("woFwd")
+cdef int K_FFN_FUSED = mil.KERNEL_NAMES.index("ffnFused")
+cdef int K_FFN_BWD_W2T = mil.KERNEL_NAMES.index("ffnBwdW2t")
+cdef int K_FFN_BWD_W13T = mil.KERNEL_NAMES.index("ffnBwdW13t")
+cdef int K_WOT_BWD = mil.KERNEL_NAMES.index("wotBwd")
+cdef int K_SDPA_BWD1 = mil.KERNEL_NAMES.index("sdpaBwd1")
+cdef int K_SDPA_BWD2 = mil.KERNEL_NAMES.index("sdpaBwd2")
+cdef int K_Q_BWD = mil.KERNEL_NAMES.index("qBwd")
+cdef int K_KV_BWD = mil.KERNEL_NAMES.index("kvBwd")
+
+
+def _act_blocks(str kernel, cfg):
+    return [b for b in mil.layout(kernel, cfg).inputs if b.kind == "act"]
+
+
+# Smallest surface made: the ANEgpt fork reports that the ANE needs IOSurfaces of at least
+# 49152 bytes, even for tiny tensors (unverified here; real models' tensors are far larger).
+# The tensor sits at the start; the rest stays zero.
+MIN_SURFACE_BYTES = 49152
+
+
+def _fp16_surface(Py_ssize_t rows, Py_ssize_t cols):
+    """A zeroed Surface holding an fp16 [rows, cols] tensor, and that view of it."""
+    s = Surface(max(2 * rows * cols, MIN_SURFACE_BYTES))
+    return s, s.array(np.float16, (rows, cols))
+
+
+# =========================================================================================
+# Staging plans: plain C
+# =========================================================================================
+
+cdef inline void f32_to_f16_rows(const float* src, uint16_t* dst, Py_ssize_t rows,
+                                 Py_ssize_t cols, Py_ssize_t ld32,
+                                 Py_ssize_t ld16) noexcept nogil:
+    cdef Py_ssize_t r
+    if ld32 == cols and ld16 == cols:
+        anecy_f32_to_f16(src, dst, rows * cols)
+        return
+    for r in range(rows):
+        anecy_f32_to_f16(src + r * ld32, dst + r * ld16, cols)
+
+
+cdef inline void f16_to_f32_rows(const uint16_t* src, float* dst, Py_ssize_t rows,
+                                 Py_ssize_t cols, Py_ssize_t ld16,
+                                 Py_ssize_t ld32) noexcept nogil:
+    cdef Py_ssize_t r
+    if ld32 == cols and ld16 == cols:
+        anecy_f16_to_f32(src, dst, rows * cols)
+        return
+    for r in range(rows):
+        anecy_f16_to_f32(src + r * ld16, dst + r * ld32, cols)
+
+
+cdef void f32_to_f16_transposed(const float* src, uint16_t* dst, Py_ssize_t rows,
+                                Py_ssize_t cols, Py_ssize_t ld32,
+                                Py_ssize_t ld16) noexcept nogil:
+    # dst[r, c] = fp16(src[c, r]): a TILE x TILE block is transposed in fp32 (reading src
+    # rows contiguously), then each of its rows is converted into the Surface.
+    cdef float tile[TILE * TILE]
+    cdef Py_ssize_t r0, c0, i, j, nr, nc
+    cdef const float* s
+    c0 = 0
+    while c0 < cols:
+        nc = min(<Py_ssize_t>TILE, cols - c0)
+        r0 = 0
+        while r0 < rows:
+            nr = min(<Py_ssize_t>TILE, rows - r0)
+            for j in range(nc):
+                s = src + (c0 + j) * ld32 + r0
+                for i in range(nr):
+                    tile[i * TILE + j] = s[i]
+            for i in range(nr):
+                anecy_f32_to_f16(&tile[i * TILE], dst + (r0 + i) * ld16 + c0, nc)
+            r0 += TILE
+        c0 += TILE
+
+
+cdef void zero_rows(uint16_t* dst, Py_ssize_t rows, Py_ssize_t cols,
+                    Py_ssize_t ld16) noexcept nogil:
+    cdef Py_ssize_t r
+    for r in range(rows):
+        memset(dst + r * ld16, 0, cols * sizeof(uint16_t))
+
+
+cdef void run_in_moves(const Move* m, int n, char* base, float** args) noexcept nogil:
+    """Fill a locked input Surface: weight moves read m.src, activation moves args[m.arg]
+    (skipped when NULL: that block is filled otherwise, e.g. passed through)."""
+    cdef int i
+    cdef const float* src
+    cdef uint16_t* dst
+    for i in range(n):
+        dst = <uint16_t*>base + m[i].off
+        if m[i].op == OP_ZERO:
+            zero_rows(dst, m[i].rows, m[i].cols, m[i].ld16)
+            continue
+        src = m[i].src if m[i].arg < 0 else args[m[i].arg]
+        if src == NULL:
+            continue
+        if m[i].op == OP_F16_T:
+            f32_to_f16_transposed(src, dst, m[i].rows, m[i].cols, m[i].ld32, m[i].ld16)
+        else:
+            f32_to_f16_rows(src, dst, m[i].rows, m[i].cols, m[i].ld32, m[i].ld16)
+
+
+cdef void run_out_moves(const Move* m, int n, const char* base, float** args) noexcept nogil:
+    """Convert a locked output Surface into the call's fp32 outputs (NULL: not wanted)."""
+    cdef int i
+    for i in range(n):
+        if args[m[i].arg] != NULL:
+            f16_to_f32_rows(<const uint16_t*>base + m[i].off, args[m[i].arg], m[i].rows,
+                            m[i].cols, m[i].ld16, m[i].ld32)
+
+
+cdef void fill_nan(const Move* m, int n, float** args) noexcept nogil:
+    cdef int i
+    cdef Py_ssize_t j, size
+    cdef float* o
+    for i in range(n):
+        o = args[m[i].arg]
+        if o != NULL:
+            size = m[i].rows * m[i].ld32
+            for j in range(size):
+                o[j] = NAN
+
+
+# Weight staging of a range of calls, on either thread.
+cdef struct StageJob:
+    Call** calls
+    int first
+    int last
+    int failed            # index of the call whose input Surface would not lock, or -1
+
+
+cdef void stage_range(void* arg) noexcept nogil:
+    cdef StageJob* job = <StageJob*>arg
+    cdef int i
+    cdef Call* c
+    job.failed = -1
+    for i in range(job.first, job.last):
+        c = job.calls[i]
+        if surface_lock(c.inp) != 0:
+            if job.failed < 0:
+                job.failed = i
+            continue
+        run_in_moves(c.weights, c.n_weights, c.inp.base, NULL)
+        surface_unlock(c.inp)
+
+
+# =========================================================================================
+# PackedKernels
+# =========================================================================================
+
+cdef class PackedKernels(Kernels):
+    """The ten kernels as MIL programs on packed fp16 Surfaces: everything the sim and ane
+    backends share. Subclasses define ``compile_programs`` and ``_execute`` only."""
+
+    def __init__(self, str backend):
+        if type(self) is PackedKernels:
+            raise TypeError("PackedKernels is the sim and ane backends' common base; use "
+                            "SimKernels or AneKernels")
+        Kernels.__init__(self)
+        self.backend = backend
+        self.config = None
+        self.err_exc = None
+        self.stale = True
+        self.passthrough = True
+        self.stage_ms = 0.0
+        self.compile_ms = 0.0
+        self.calls = 0
+        self._trace = None
+
+    def __dealloc__(self):
+        free(self.plan)
+        free(self.moves)
+        free(self.weighted_calls)
+
+    @property
+    def trace(self):
+        """None, or a list: each kernel call appends (MIL kernel name, layer or -1,
+        {input: fp32 copy}, {output: fp32 copy}) with the names of kernel_io. Tracing
+        takes the GIL on every call and turns the pass-through off."""
+        return self._trace
+
+    @trace.setter
+    def trace(self, value):
+        self._trace = value
+        self.tracing = value is not None
+
+    def bind(self, engine):
+        """Dims, weights and RoPE tables (Kernels.bind), then: generate the ten programs,
+        allocate every input and output Surface, compile the staging plans and the
+        programs (``compile_ms``)."""
+        Kernels.bind(self, engine)
+        cfg = engine.config
+        self.config = cfg
+        self.worker = engine.worker
+        cdef Dims d = self.d
+        programs = {k: mil.generate(k, cfg) for k in mil.KERNEL_NAMES}
+        self.stale = True
+        self.bound = False
+        self.layer_surfaces, self.layer_bufs = [], []
+        for _ in range(d.L):
+            pairs = {k: _fp16_surface(*mil.input_shape(k, cfg)[1::2]) for k in WEIGHTED}
+            self.layer_surfaces.append({k: p[0] for k, p in pairs.items()})
+            self.layer_bufs.append({k: p[1] for k, p in pairs.items()})
+        pairs = {k: _fp16_surface(*mil.input_shape(k, cfg)[1::2]) for k in SHARED}
+        self.shared_surfaces = {k: p[0] for k, p in pairs.items()}
+        self.shared_bufs = {k: p[1] for k, p in pairs.items()}
+        pairs = {k: _fp16_surface(*mil.output_shape(k, cfg)[1::2]) for k in mil.KERNEL_NAMES}
+        self.output_surfaces = {k: p[0] for k, p in pairs.items()}
+        self.out_bufs = {k: p[1] for k, p in pairs.items()}
+        self._compile_plan()
+        self.err_exc = None
+        self.failed = False
+        self.probs_held = False
+        self.calls = 0
+        self.passed_through = 0
+        cdef double t0 = now_ms()
+        self.compile_programs(programs)
+        self.compile_ms = now_ms() - t0
+        self.bound = True
+
+    # -- compiling the plan -------------------------------------------------------------------
+    cdef object _weight_sources(self, int l):
+        """Block name -> the engine's fp32 weight of layer l, in HF orientation."""
+        cdef LayerParams* w = &self.layers[l]
+        return {"Wq": <size_t>w.wq, "Wk": <size_t>w.wk, "Wv": <size_t>w.wv,
+                "Wo": <size_t>w.wo, "W1": <size_t>w.w1, "W2": <size_t>w.w2,
+                "W3": <size_t>w.w3, "q_norm": <size_t>w.q_norm, "k_norm": <size_t>w.k_norm}
+
+    cdef void _compile_plan(self) except *:
+        cdef Dims d = self.d
+        cfg = self.config
+        specs = []      # (call index, kernel, layer, act moves, output moves, weight moves)
+        for kid, k in enumerate(mil.KERNEL_NAMES):
+            lay = mil.layout(k, cfg)
+            _, C, _, W = lay.in_shape
+            _, _, _, S = lay.out_shape
+            acts = [(OP_F16, a, 0, b.row0 * W + b.col0, b.rows, b.cols, W, b.cols)
+                    for a, b in enumerate(x for x in lay.inputs if x.kind == "act")]
+            outs = [(OP_F32, len(acts) + a, 0, off * S, n, S, S, S)
+                    for a, (_, off, n) in enumerate(lay.outputs)]
+            if len(acts) + len(outs) > MAX_ARGS:
+                raise AssertionError(f"{k}: more than {MAX_ARGS} arguments")
+            for l in (range(d.L) if k in WEIGHTED else (-1,)):
+                src = self._weight_sources(l) if l >= 0 else {}
+                weights = []
+                for b in lay.inputs:
+                    at = b.row0 * W + b.col0
+                    if b.kind == "pad":
+                        weights.append((OP_ZERO, -1, 0, at, b.rows, b.cols, W, 0))
+                    elif b.kind == "weight":
+                        p = src[b.name]
+                        if b.place == "T":        # block [rows, cols] = W^T, W is [cols, rows]
+                            weights.append((OP_F16_T, -1, p, at, b.rows, b.cols, W, b.rows))
+                        elif b.place == "vec":    # the whole column block belongs to it
+                            weights.append((OP_ZERO, -1, 0, b.col0, C, b.cols, W, 0))
+                            weights.append((OP_F16, -1, p, at, b.rows, b.cols, W, b.cols))
+                        else:
+                            weights.append((OP_F16, -1, p, at, b.rows, b.cols, W, b.cols))
+                specs.append((kid * d.L + max(l, 0), k, l, acts, outs, weights))
+        free(self.plan)
+        free(self.moves)
+        free(self.weighted_calls)
+        self.plan = <Call*>calloc(len(mil.KERNEL_NAMES) * d.L, sizeof(Call))
+        n_moves = sum(len(a) + len(o) + len(w) for _, _, _, a, o, w in specs)
+        self.moves = <Move*>calloc(n_moves, sizeof(Move))
+        self.weighted_calls = <Call**>calloc(len(specs), sizeof(Call*))
+        if self.plan == NULL or self.moves == NULL or self.weighted_calls == NULL:
+            raise MemoryError()
+        cdef int i = 0, ci
+        cdef Call* c
+        self.n_weighted_calls = 0
+        by_layer = sorted(specs, key=lambda s: (s[2], s[0]))
+        for ci, k, l, acts, outs, weights in by_layer:
+            c = &self.plan[ci]
+            c.inp = &(<Surface>self.input_surface(k, l)).mem
+            c.out = &(<Surface>self.output_surfaces[k]).mem
+            c.acts = &self.moves[i]
+            c.n_acts = len(acts)
+            i = self._put(i, acts)
+            c.outs = &self.moves[i]
+            c.n_outs = len(outs)
+            i = self._put(i, outs)
+            c.weights = &self.moves[i]
+            c.n_weights = len(weights)
+            i = self._put(i, weights)
+            if weights:
+                self.weighted_calls[self.n_weighted_calls] = c
+                self.n_weighted_calls += 1
+        # probs/dprobs: adjacent in sdpaBwd1's output and in sdpaBwd2's input, in the
+        # same order, so one copy of 2*P*S halves carries both
+        outs1 = mil.layout("sdpaBwd1", cfg).outputs
+        ins2 = _act_blocks("sdpaBwd2", cfg)
+        o = [n for n, _, _ in outs1]
+        a = [b.name for b in ins2]
+        self.pass_ok = False
+        if "probs" in o and "probs" in a:
+            io, ia = o.index("probs"), a.index("probs")
+            pr, bp = outs1[io], ins2[ia]
+            if o[io:io + 2] == a[ia:ia + 2] == ["probs", "dprobs"]:
+                dp, bd = outs1[io + 1], ins2[ia + 1]
+                self.pass_ok = (pr[1] + pr[2] == dp[1] and bp.row0 + bp.rows == bd.row0
+                                and pr[2] == bp.rows and dp[2] == bd.rows
+                                and bp.cols == bd.cols == d.S
+                                and mil.input_shape("sdpaBwd2", cfg)[3] == d.S)
+            if self.pass_ok:
+                self.pass_out_arg = len(_act_blocks("sdpaBwd1", cfg)) + io
+                self.pass_in_arg = ia
+                self.pass_src_off = <Py_ssize_t>pr[1] * d.S
+                self.pass_dst_off = <Py_ssize_t>bp.row0 * d.S
+                self.pass_halves = <Py_ssize_t>(pr[2] + outs1[io + 1][2]) * d.S
+
+    cdef int _put(self, int i, list moves) except -1:
+        cdef Move* m
+        for op, arg, src, off, rows, cols, ld16, ld32 in moves:
+            m = &self.moves[i]
+            m.op, m.arg, m.src = op, arg, <const float*><size_t>src
+            m.off, m.rows, m.cols, m.ld16, m.ld32 = off, rows, cols, ld16, ld32
+            i += 1
+        return i
+
+    # -- what a subclass supplies -------------------------------------------------------------
+    def compile_programs(self, programs):
+        """Called once by bind(), after every Surface and the plan exist: make ``programs``
+        (MIL kernel name -> mil.MilProgram) runnable."""
+        raise NotImplementedError
+
+    cdef int _execute(self, Call* c, int kid, int layer) noexcept nogil:
+        """Run the program of kernel ``kid`` from c.inp into c.out (neither locked); 0, or
+        -1 after recording the error (_fail_c or _fail_exc)."""
+        return -1
+
+    # -- the Surfaces -------------------------------------------------------------------------
+    def input_surface(self, str kernel, int layer=-1):
+        """The input Surface of ``kernel`` (layer ``layer``'s for a weight-bearing kernel;
+        the shared one, layer -1, for sdpaBwd1/2)."""
+        return self.layer_surfaces[layer][kernel] if kernel in WEIGHTED \
+            else self.shared_surfaces[kernel]
+
+    def input_buffer(self, str kernel, int layer=-1):
+        """The fp16 [C, W] view of ``input_surface(kernel, layer)``."""
+        return self.layer_bufs[layer][kernel] if kernel in WEIGHTED \
+            else self.shared_bufs[kernel]
+
+    def output_surface(self, str kernel):
+        return self.output_surfaces[kernel]
+
+    def output_buffer(self, str kernel):
+        """The fp16 [C', S] view of ``output_surface(kernel)``."""
+        return self.out_bufs[kernel]
+
+    # -- errors -------------------------------------------------------------------------------
+    cdef void _fail_c(self, int kid, int layer, int kind, const char* text) noexcept nogil:
+        if self.failed:
+            return
+        self.failed = True
+        self.err_kernel, self.err_layer, self.err_kind = kid, layer, kind
+        strncpy(self.err_text, text, ERR_LEN - 1)
+        self.err_text[ERR_LEN - 1] = 0
+
+    cdef void _fail_exc(self, int kid, int layer, object exc):
+        # with the GIL, from an except clause: must not raise
+        if self.failed:
+            return
+        self.failed = True
+        self.err_kernel, self.err_layer, self.err_kind = kid, layer, ERR_RUNTIME
+        self.err_text[0] = 0
+        self.err_exc = exc
+
+    cdef str _where(self):
+        if self.err_kernel < 0:
+            return "stage_weights"
+        k = mil.KERNEL_NAMES[self.err_kernel]
+        return k if self.err_layer < 0 else f"{k} (layer {self.err_layer})"
+
+    cdef object _pending(self):
+        if not self.failed:
+            return None
+        if self.err_exc is not None:
+            return self.err_exc
+        text = (<bytes>self.err_text).decode("utf-8", "replace")
+        if self.err_kind == ERR_ANE:
+            return AneError(f"{self._where()}: ANE evaluation failed: {text}")
+        return RuntimeError(text)
+
+    @property
+    def pending_error(self):
+        """The first error a kernel met since the last raise_pending(), or None."""
+        return self._pending()
+
+    def raise_pending(self):
+        """Raise (once) the first error met inside a kernel method, with a note naming the
+        kernel and layer. Call after every engine entry point that runs kernels
+        (forward_backward, logits, stage_weights)."""
+        exc = self._pending()
+        if exc is None:
+            return
+        note = f"raised inside the {self.backend} backend's {self._where()}"
+        self.failed = False
+        self.err_exc = None
+        if hasattr(exc, "add_note"):
+            exc.add_note(note)
+        raise exc
+
+    # -- weight staging -----------------------------------------------------------------------
+    cdef void stage_weights(self) noexcept nogil:
+        cdef double t0 = now_ms()
+        cdef StageJob mine, theirs
+        if not self.bound:
+            return
+        self.stale = True
+        # the first half of the layers on the worker, the rest here
+        theirs.calls = mine.calls = self.weighted_calls
+        theirs.first, theirs.last = 0, self.n_weighted_calls // 2
+        mine.first, mine.last = theirs.last, self.n_weighted_calls
+        self.worker.submit_call(stage_range, &theirs)
+        stage_range(&mine)
+        self.worker.wait_all()
+        if theirs.failed >= 0 or mine.failed >= 0:
+            self._fail_c(-1, -1, ERR_RUNTIME,
+                         b"could not lock an input Surface to stage the weights")
+        else:
+            self.stale = False
+        self.stage_ms += now_ms() - t0
+
+    def stage_all(self):
+        """Stage every layer's weights (what stage_weights() does for the engine)."""
+        with nogil:
+            self.stage_weights()
+        self.raise_pending()
+
+    # -- one kernel call ----------------------------------------------------------------------
+    cdef void _run(self, int kid, int layer, float** args) noexcept nogil:
+        """Convert the activation arguments into the call's input Surface, execute, convert
+        its output Surface into the output arguments (NULL: not wanted). args holds the
+        activation pointers then the output pointers, in the layout table's order."""
+        cdef Call* c = &self.plan[kid * self.d.L + (layer if layer >= 0 else 0)]
+        cdef double t0, t1, t2
+        cdef bint passing = False
+        cdef Call* src
+        if self.failed:                  # an earlier call failed: poison, do not run
+            fill_nan(c.outs, c.n_outs, args)
+            return
+        if self.stale:
+            self._fail_c(kid, layer, ERR_RUNTIME,
+                         b"the weights are not staged: no stage_weights() has succeeded "
+                         b"since bind() (or the last one failed)")
+            fill_nan(c.outs, c.n_outs, args)
+            return
+        t0 = now_ms()
+        if kid == K_SDPA_BWD2 and self.probs_held and self.pass_ok \
+                and args[self.pass_in_arg] == self.engine_probs \
+                and args[self.pass_in_arg + 1] == self.engine_dprobs:
+            passing = True
+            args[self.pass_in_arg] = NULL
+            args[self.pass_in_arg + 1] = NULL
+        if kid == K_SDPA_BWD1:
+            self.probs_held = False
+            if self.passthrough and self.pass_ok and not self.tracing \
+                    and args[self.pass_out_arg] == self.engine_probs \
+                    and args[self.pass_out_arg + 1] == self.engine_dprobs:
+                args[self.pass_out_arg] = NULL
+                args[self.pass_out_arg + 1] = NULL
+                self.probs_held = True
+        if self.tracing:
+            with gil:
+                self._trace_inputs(kid, layer, args)
+        if surface_lock(c.inp) != 0:
+            self._fail_c(kid, layer, ERR_RUNTIME, b"could not lock the input Surface")
+            fill_nan(c.outs, c.n_outs, args)
+            return
+        run_in_moves(c.acts, c.n_acts, c.inp.base, args)
+        if passing:
+            src = &self.plan[K_SDPA_BWD1 * self.d.L]
+            if surface_lock(src.out) != 0:
+                surface_unlock(c.inp)
+                self._fail_c(kid, layer, ERR_RUNTIME, b"could not lock sdpaBwd1's output")
+                fill_nan(c.outs, c.n_outs, args)
+                return
+            memcpy(<uint16_t*>c.inp.base + self.pass_dst_off,
+                   <uint16_t*>src.out.base + self.pass_src_off,
+                   self.pass_halves * sizeof(uint16_t))
+            surface_unlock(src.out)
+            self.passed_through += 1
+        surface_unlock(c.inp)
+        t1 = now_ms()
+        if self._execute(c, kid, layer) != 0:
+            self.probs_held = False
+            fill_nan(c.outs, c.n_outs, args)
+            return
+        t2 = now_ms()
+        if surface_lock(c.out) != 0:
+            self.probs_held = False
+            self._fail_c(kid, layer, ERR_RUNTIME, b"could not lock the output Surface")
+            fill_nan(c.outs, c.n_outs, args)
+            return
+        run_out_moves(c.outs, c.n_outs, c.out.base, args)
+        surface_unlock(c.out)
+        self.io_ms += (t1 - t0) + (now_ms() - t2)
+        self.calls += 1
+        if self.tracing:
+            with gil:
+                self._trace_outputs(kid, args)
+
+    cdef void _trace_inputs(self, int kid, int layer, float** args):
+        try:
+            ins, _ = _io(self, mil.KERNEL_NAMES[kid])
+            self._trace.append((mil.KERNEL_NAMES[kid], layer,
+                                {n: _copy(args[i], c, self.d.S) for i, (n, c) in
+                                 enumerate(ins)}, {}))
+        except BaseException as e:
+            self._fail_exc(kid, layer, e)
+
+    cdef void _trace_outputs(self, int kid, float** args):
+        try:
+            ins, outs = _io(self, mil.KERNEL_NAMES[kid])
+            got = self._trace[len(self._trace) - 1][3]
+            for i, (n, c) in enumerate(outs):
+                if args[len(ins) + i] != NULL:
+                    got[n] = _copy(args[len(ins) + i], c, self.d.S)
+        except BaseException as e:
+            self._fail_exc(kid, -1, e)
+
+    # -- testing hooks: one half of a call ----------------------------------------------------
+    cdef int pack_only(self, int kid, int layer, float** args) noexcept nogil:
+        """Convert the activation arguments into the call's input Surface (no execute)."""
+        cdef Call* c = &self.plan[kid * self.d.L + (layer if layer >= 0 else 0)]
+        if surface_lock(c.inp) != 0:
+            return -1
+        run_in_moves(c.acts, c.n_acts, c.inp.base, args)
+        surface_unlock(c.inp)
+        return 0
+
+    cdef int unpack_only(self, int kid, float** args) noexcept nogil:
+        """Convert kernel kid's output Surface into the output arguments."""
+        cdef Call* c = &self.plan[kid * self.d.L]
+        if surface_lock(c.out) != 0:
+            return -1
+        run_out_moves(c.outs, c.n_outs, c.out.base, args)
+        surface_unlock(c.out)
+        return 0
+
+    # -- the ten kernels (docs/ARCHITECTURE.md) -----------------------------------------------
+    cdef void sdpa_fwd(self, int l, const float* xnorm, float* attn, float* q, float* k, float* v,
+                       float* q_raw, float* k_raw) noexcept nogil:
+        cdef float* a[MAX_ARGS]
+        a[0], a[1], a[2], a[3], a[4] = <float*>xnorm, attn, q, k, v
+        a[5], a[6] = q_raw, k_raw
+        self._run(K_SDPA_FWD, l, a)
+
+    cdef void wo_fwd(self, int l, const float* attn, float* o) noexcept nogil:
+        cdef float* a[MAX_ARGS]
+        a[0], a[1] = <float*>attn, o
+        self._run(K_WO_FWD, l, a)
+
+    cdef void ffn_fused(self, int l, const float* x2norm, const float* x2, float* x_next,
+                        float* h1, float* h3, float* gate) noexcept nogil:
+        cdef float* a[MAX_ARGS]
+        a[0], a[1], a[2], a[3], a[4], a[5] = <float*>x2norm, <float*>x2, x_next, h1, h3, gate
+        self._run(K_FFN_FUSED, l, a)
+
+    cdef void ffn_bwd_w2t(self, int l, const float* dffn, float* dgate) noexcept nogil:
+        cdef float* a[MAX_ARGS]
+        a[0], a[1] = <float*>dffn, dgate
+        self._run(K_FFN_BWD_W2T, l, a)
+
+    cdef void ffn_bwd_w13t(self, int l, const float* dh1, const float* dh3,
+                           float* dx) noexcept nogil:
+        cdef float* a[MAX_ARGS]
+        a[0], a[1], a[2] = <float*>dh1, <float*>dh3, dx
+        self._run(K_FFN_BWD_W13T, l, a)
+
+    cdef void wot_bwd(self, int l, const float* dy, float* da) noexcept nogil:
+        cdef float* a[MAX_ARGS]
+        a[0], a[1] = <float*>dy, da
+        self._run(K_WOT_BWD, l, a)
+
+    cdef void sdpa_bwd1(self, const float* q, const float* k_rep, const float* v_rep,
+                        const float* da, float* dv_rep, float* probs,
+                        float* dprobs) noexcept nogil:
+        cdef float* a[MAX_ARGS]
+        a[0], a[1], a[2], a[3] = <float*>q, <float*>k_rep, <float*>v_rep, <float*>da
+        a[4], a[5], a[6] = dv_rep, probs, dprobs
+        self._run(K_SDPA_BWD1, -1, a)
+
+    cdef void sdpa_bwd2(self, const float* probs, const float* dprobs, const float* q,
+                        const float* k_rep, float* dq, float* dk_rep) noexcept nogil:
+        cdef float* a[MAX_ARGS]
+        a[0], a[1], a[2], a[3] = <float*>probs, <float*>dprobs, <float*>q, <float*>k_rep
+        a[4], a[5] = dq, dk_rep
+        self._run(K_SDPA_BWD2, -1, a)
+
+    cdef void q_bwd(self, int l, const float* dq, float* dx) noexcept nogil:
+        cdef float* a[MAX_ARGS]
+        a[0], a[1] = <float*>dq, dx
+        self._run(K_Q_BWD, l, a)
+
+    cdef void kv_bwd(self, int l, const float* dk, const float* dv, float* dx) noexcept nogil:
+        cdef float* a[MAX_ARGS]
+        a[0], a[1], a[2] = <float*>dk, <float*>dv, dx
+        self._run(K_KV_BWD, l, a)
+
+
+cdef object _copy(const float* p, Py_ssize_t rows, Py_ssize_t cols):
+    if p == NULL:
+        return None
+    cdef float[:, ::1] mv = <float[:rows, :cols]> (<float*> p)
+    return np.array(mv, copy=True)
+
+
+def _io(Kernels k, str kernel):
+    """(inputs, outputs) of MIL kernel ``kernel`` for k's dimensions, from the layout
+    table: lists of (name, channels), each array being fp32 [channels, seq_len]."""
+    cdef Dims d = k.d
+    spec = mil.KERNELS[kernel]
+    syms = dict(D=d.D, H=d.H, Q=d.Q, K=d.K, S=d.S, P=d.n_heads * d.S, HD=d.hd)
+    present = lambda when: when == "" or (when == "qk_norm" and d.qk_norm)
+    C = mil._size(spec.channels, syms)
+    ins = [(b.name, mil._size(b.size, syms) if spec.packing == "channels" else C)
+           for b in spec.inputs if b.kind == "act" and present(b.when)]
+    outs = [(o.name, mil._size(o.size, syms)) for o in spec.outputs if present(o.when)]
+    return ins, outs
+
+
+# =========================================================================================
+# The two backends: what executes a program
+# =========================================================================================
+
+cdef class SimKernels(PackedKernels):
+    """The ``sim`` backend: each program run by ``anecy.milsim`` on the input Surface's
+    fp16 view, its fp16 result copied into the output Surface (with the GIL, inside this
+    executor only)."""
+
+    def __init__(self):
+        PackedKernels.__init__(self, "sim")
+        self.programs = None
+
+    def compile_programs(self, programs):
+        # Interpreter parses and type-checks each program (a bad one raises MilError here).
+        self.programs = {k: Interpreter(p) for k, p in programs.items()}
+
+    cdef int _execute(self, Call* c, int kid, int layer) noexcept nogil:
+        cdef int rc = 0
+        if surface_lock(c.inp) != 0:
+            self._fail_c(kid, layer, ERR_RUNTIME, b"could not lock the input Surface")
+            return -1
+        if surface_lock(c.out) != 0:
+            surface_unlock(c.inp)
+            self._fail_c(kid, layer, ERR_RUNTIME, b"could not lock the output Surface")
+            return -1
+        with gil:
+            try:
+                k = mil.KERNEL_NAMES[kid]
+                y = self.programs[k].run(self.input_buffer(k, layer))
+                out = self.out_bufs[k]
+                np.copyto(out, y.reshape(out.shape))
+            except BaseException as e:
+                self._fail_exc(kid, layer, e)
+                rc = -1
+        surface_unlock(c.out)
+        surface_unlock(c.inp)
+        return rc
+
+
+# Compiled programs, shared by every AneKernels of the process: (factory, MIL text, blobs)
+# -> AneKernel. The ANE leaks resources after about 119 compiles per process, so models of
+# the same shape compile their ten programs once between them.
+_COMPILED = {}
+
+
+def clear_compiled_programs():
+    """Forget the process's compiled ANE programs (each is unloaded once no AneKernels
+    still uses it). New models then compile again, counting towards the ANE's limit."""
+    _COMPILED.clear()
+
+
+def _compiled(factory, str kernel, program):
+    key = (factory, program.text, tuple(sorted(program.blobs.items())))
+    k = _COMPILED.get(key)
+    if k is None:
+        k = factory(program.text, program.blobs, kernel)
+        if not isinstance(k, AneKernel):
+            raise TypeError(f"kernel_factory returned {type(k).__name__}, not an AneKernel")
+        _COMPILED[key] = k
+    return k
+
+
+cdef class AneKernels(PackedKernels):
+    """The ``ane`` backend: each program compiled once (bind) and run by the Apple Neural
+    Engine from the input Surface into the output Surface, through an AneRequest bound to
+    that pair: one per layer for a weight-bearing kernel, one each for sdpaBwd1/2. The
+    kernel methods evaluate through the shim in C, without the GIL.
+
+    ``kernel_factory`` (default ``anecy._ane_runtime.AneKernel``) is called as
+    ``factory(mil_text, blobs, name)`` and must return an AneKernel (or a subclass: tests
+    and benchmarks pass stand-ins that replace only the program execution)."""
+    def __init__(self, kernel_factory=None):
+        PackedKernels.__init__(self, "ane")
+        from ._ane_runtime import AneKernel as default_factory
+        self.kernel_factory = default_factory if kernel_factory is None else kernel_factory
+        self.compiled = None
+        self.requests = None
+        self.shared_requests = None
+
+    def compile_programs(self, programs):
+        cdef Dims d = self.d
+        cdef int kid
+        if d.S < 32:
+            # the public reference found rows of a [1, C, 1, W] surface padded to 32
+            # elements, so a narrower tensor would not be laid out as packed here
+            raise ConfigError(f"the ane backend needs seq_len >= 32 (got {d.S}): the ANE "
+                              f"pads surface rows to 32 elements")
+        compiled = {k: _compiled(self.kernel_factory, k, p) for k, p in programs.items()}
+        requests = [{k: compiled[k].bind(self.input_surface(k, l), self.output_surface(k))
+                     for k in WEIGHTED} for l in range(d.L)]
+        shared = {k: compiled[k].bind(self.input_surface(k), self.output_surface(k))
+                  for k in SHARED}
+        for kid, k in enumerate(mil.KERNEL_NAMES):
+            for l in (range(d.L) if k in WEIGHTED else (0,)):
+                req = requests[l][k] if k in WEIGHTED else shared[k]
+                self.plan[kid * d.L + l].ev = (<AneKernel>compiled[k]).evaluator(req)
+        self.requests, self.shared_requests, self.compiled = requests, shared, compiled
+
+    cdef int _execute(self, Call* c, int kid, int layer) noexcept nogil:
+        cdef char err[ERR_LEN]
+        err[0] = 0
+        if c.ev.fn(c.ev.ctx, err, ERR_LEN) != 0:
+            if err[0] == 0:
+                strncpy(err, b"(no reason given)", ERR_LEN)
+            self._fail_c(kid, layer, ERR_ANE, err)
+            return -1
+        return 0

@@ -1,0 +1,163 @@
+"""Host cost of the ane backend: everything but the Neural Engine itself.
+
+The ane backend's real code (``anecy._packed.AneKernels``: staging plans, Surfaces, the C
+evaluation path, pass-through, the dW worker) runs with one thing replaced: the program
+execution, by ``anecy._testing.NullAneKernel``, which returns at once without the GIL.
+So a forward+backward here costs what a Mac's CPU would add around the ANE's own time.
+Printed per microstep (medians over the timed steps): io (fp32 <-> fp16 staging of the
+activations and outputs), dispatch (the kernel calls net of io: here, the stand-in's
+call overhead), CPU work (RMSNorm, classifier, elementwise), dW wait, total, and the same
+run's cpu-backend forward+backward for scale; also the weight staging after an update,
+and the io floor: the elements a microstep converts, at the speed this run measures for
+the SIMD converters on their own (so that io can be judged on a busy machine).
+
+    python bench/bench_ane_host.py                          # stories110m and qwen3-0.6b
+    python bench/bench_ane_host.py --preset stories110m --steps 5
+    python bench/bench_ane_host.py --quick                  # tiny config, a smoke run (CI)
+"""
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+import anecy
+from anecy import backends
+from anecy._ops import f16_to_f32, f32_to_f16
+from anecy._packed import METHODS, AneKernels, clear_compiled_programs
+from anecy._testing import NullAneKernel, kernel_io
+from anecy.config import ModelConfig
+
+ROWS = ("io", "dispatch", "cpu work", "dW wait", "total")
+
+
+def null_ane_model(cfg):
+    """A Model on the ane backend whose programs are NullAneKernels."""
+    available, make = backends.available, backends.make_kernels
+    backends.available = lambda: ["cpu", "sim", "ane"]
+    backends.make_kernels = lambda name: (AneKernels(kernel_factory=NullAneKernel)
+                                          if name == "ane" else make(name))
+    try:
+        clear_compiled_programs()
+        return anecy.Model(cfg, backend="ane", seed=0)
+    finally:
+        backends.available, backends.make_kernels = available, make
+
+
+def converted_per_microstep(model):
+    """(fp32->fp16, fp16->fp32) elements the kernel calls of one microstep convert: every
+    activation in and every output out, less what the pass-through carries as fp16."""
+    k, cfg = model.engine.kernels, model.config
+    n_in = n_out = 0
+    for method in METHODS:
+        ins, outs = kernel_io(k, method)
+        n_in += cfg.n_layers * cfg.seq_len * sum(
+            c for n, c in ins if not (method == "sdpa_bwd2" and n in ("probs", "dprobs")))
+        n_out += cfg.n_layers * cfg.seq_len * sum(
+            c for n, c in outs if not (method == "sdpa_bwd1" and n in ("probs", "dprobs")))
+    return n_in, n_out
+
+
+def converter_ms_per_element(n=1 << 23, reps=5):
+    """This run's median speed of the SIMD converters, ms per element, out of cache."""
+    a = np.random.default_rng(0).standard_normal(n).astype(np.float32)
+    h = np.empty(n, np.uint16)
+    b = np.empty(n, np.float32)
+    t16, t32 = [], []
+    for _ in range(reps):
+        t = time.perf_counter()
+        f32_to_f16(a, h)
+        t16.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        f16_to_f32(h, b)
+        t32.append(time.perf_counter() - t)
+    return 1e3 * statistics.median(t16) / n, 1e3 * statistics.median(t32) / n
+
+
+def batches(cfg, n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, cfg.vocab_size, cfg.seq_len).astype(np.int32),
+             rng.integers(0, cfg.vocab_size, cfg.seq_len).astype(np.int32))
+            for _ in range(n)]
+
+
+def time_steps(model, data, warmup):
+    """Per microstep: wall ms and the engine's component timings (ms)."""
+    rows = []
+    for i, (x, y) in enumerate(data):
+        model.engine.reset_timers()
+        t = time.perf_counter()
+        model.forward_backward(x, y, 1.0)
+        wall = 1e3 * (time.perf_counter() - t)
+        if i >= warmup:
+            rows.append((wall, model.engine.timings()))
+    model.zero_grad()
+    return rows
+
+
+def bench(cfg, steps, warmup):
+    data = batches(cfg, steps + warmup)
+    cpu = anecy.Model(cfg, backend="cpu", seed=0)
+    cpu_ms = statistics.median(w for w, _ in time_steps(cpu, data, warmup))
+    del cpu
+    ane = null_ane_model(cfg)
+    kernels = ane.engine.kernels
+    runs = time_steps(ane, data, warmup)
+    calls_per_step = 10 * cfg.n_layers
+    stage = []
+    for _ in range(max(3, warmup + 1)):
+        kernels.stage_ms = 0.0
+        ane.weights_changed()
+        stage.append(kernels.stage_ms)
+    med = lambda f: statistics.median(f(t) for _, t in runs)  # noqa: E731
+    n_in, n_out = converted_per_microstep(ane)
+    per16, per32 = converter_ms_per_element()
+    floor = n_in * per16 + n_out * per32
+    res = {
+        "io": med(lambda t: t["io"]),
+        "dispatch": med(lambda t: t["kernels"]),
+        "cpu work": med(lambda t: t["rms"] + t["classifier"] + t["elementwise"]),
+        "dW wait": med(lambda t: t["dw_wait"]),
+        "total": statistics.median(w for w, _ in runs),
+    }
+    res["floor"] = floor
+    res["converted"] = (n_in + n_out) / 1e6
+    return res, cpu_ms, statistics.median(stage), calls_per_step, kernels.passed_through > 0
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", action="append", help="model preset (repeatable); default: "
+                    "stories110m and qwen3-0.6b")
+    ap.add_argument("--steps", type=int, default=5, help="timed microsteps per preset")
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--quick", action="store_true", help="tiny config, 3 steps (smoke test)")
+    args = ap.parse_args()
+    if args.quick:
+        presets, args.steps, args.warmup = ["tiny"], 3, 1
+    else:
+        presets = args.preset or ["stories110m", "qwen3-0.6b"]
+    print("ane backend host cost: the real AneKernels, program execution replaced by a no-op")
+    print(f"(medians over {args.steps} microsteps after {args.warmup} warm-up; ms; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start)")
+    for name in presets:
+        cfg = ModelConfig.preset(name)
+        res, cpu_ms, stage_ms, calls, passed = bench(cfg, args.steps, args.warmup)
+        print(f"\n{name}: {calls} kernel calls per microstep, seq_len {cfg.seq_len}, "
+              f"pass-through {'on' if passed else 'OFF'}")
+        print(f"  {'component':<24}{'ms/microstep':>14}")
+        for row in ROWS:
+            print(f"  {row:<24}{res[row]:>14.1f}")
+        print(f"  {'io floor':<24}{res['floor']:>14.1f}   ({res['converted']:.1f}M elements at "
+              f"this run's converter speed)")
+        print(f"  {'io / io floor':<24}{res['io'] / res['floor']:>14.2f}")
+        per_call = 1e3 * (res["io"] + res["dispatch"]) / calls
+        print(f"  {'per kernel call':<24}{per_call:>14.1f}   us (io + dispatch)")
+        print(f"  {'cpu backend fwd+bwd':<24}{cpu_ms:>14.1f}")
+        print(f"  {'null ane / cpu':<24}{res['total'] / cpu_ms:>14.2f}")
+        print(f"  {'weight staging/update':<24}{stage_ms:>14.1f}")
+
+
+if __name__ == "__main__":
+    main()

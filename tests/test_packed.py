@@ -1,0 +1,182 @@
+"""The staging plans of the packed backends (anecy/_packed.pyx), against their oracle: the
+numpy packing of anecy.mil (stage_weights, write_activations, unpack_output).
+
+Every kernel of every shape below (the presets' layer shapes, GQA, QK-norm, odd sizes):
+the plans' fp16 Surfaces must be bit-identical to mil's, and their fp32 outputs
+bit-identical to mil's unpacking, on values that include fp16's edge cases (subnormals,
+overflow to Inf, signed zeros, NaN payloads). Then the sdpaBwd1 -> sdpaBwd2 pass-through,
+which must give exactly what the fp32 round trip gives."""
+import numpy as np
+import pytest
+
+from anecy import Model, ModelConfig, mil
+from anecy._packed import METHODS, SHARED, WEIGHTED
+from anecy._testing import kernel_io, pack_activations, run_kernel, unpack_outputs
+
+# mil's numpy packing (the oracle) warns about the values that overflow to Inf on purpose
+pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast")
+
+SHAPES = {
+    # one layer of each preset (the per-layer shapes are what the plans depend on)
+    "stories110m": ModelConfig.preset("stories110m", n_layers=1, vocab_size=64),
+    "qwen3-0.6b": ModelConfig.preset("qwen3-0.6b", n_layers=1, vocab_size=64, seq_len=64),
+    "gqa": ModelConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=8, n_kv_heads=2, head_dim=24,
+                       vocab_size=97, seq_len=32),
+    "qwen3": ModelConfig(dim=64, hidden_dim=96, n_layers=2, n_heads=4, n_kv_heads=2,
+                         head_dim=32, vocab_size=97, seq_len=32, qk_norm=True,
+                         rope_style="half", rope_theta=1e6, norm_eps=1e-6),
+    # odd sizes everywhere: rows and columns that fill no vector, tile or cache line
+    "odd": ModelConfig(dim=37, hidden_dim=71, n_layers=2, n_heads=3, n_kv_heads=1, head_dim=14,
+                       vocab_size=97, seq_len=19, qk_norm=True),
+}
+
+# Hugging Face name of each weight block's source, per layer
+SOURCES = {"Wq": "self_attn.q_proj.weight", "Wk": "self_attn.k_proj.weight",
+           "Wv": "self_attn.v_proj.weight", "Wo": "self_attn.o_proj.weight",
+           "W1": "mlp.gate_proj.weight", "W2": "mlp.down_proj.weight",
+           "W3": "mlp.up_proj.weight", "q_norm": "self_attn.q_norm.weight",
+           "k_norm": "self_attn.k_norm.weight"}
+
+
+def edgy(rng, shape):
+    """fp32 values over fp16's whole range and its edge cases."""
+    n = int(np.prod(shape))
+    x = (rng.standard_normal(n) * 2.0 ** rng.integers(-26, 17, n)).astype(np.float32)
+    special = np.array([0.0, -0.0, 65504, 65519.99, 65520, -70000, 2.0 ** -24, 2.0 ** -25,
+                        -2.0 ** -25 * 1.0001, 6.1e-5, np.inf, -np.inf, np.nan], np.float32)
+    idx = rng.choice(n, size=min(n, 4 * len(special)), replace=False)
+    x[idx] = np.resize(special, len(idx))
+    nan_bits = np.array([0x7f800001, 0xffa00000, 0x7fc12345], np.uint32).view(np.float32)
+    x[rng.choice(n, size=min(n, 3), replace=False)] = nan_bits[:min(n, 3)]
+    assert x.dtype == np.float32
+    return x.reshape(shape)
+
+
+def bits(a):
+    return np.ascontiguousarray(a).view(np.uint16 if a.dtype == np.float16 else np.uint32)
+
+
+@pytest.fixture(scope="module", params=sorted(SHAPES))
+def model(request):
+    cfg = SHAPES[request.param]
+    m = Model(cfg, backend="sim", seed=0)
+    rng = np.random.default_rng(1)
+    for name, view in m.views.items():
+        if ".layers." in name:
+            view[...] = edgy(rng, view.shape)
+    m.weights_changed()
+    return request.param, cfg, m
+
+
+def test_weight_staging_is_bit_identical_to_mil(model):
+    _, cfg, m = model
+    k = m.engine.kernels
+    for layer in range(cfg.n_layers):
+        pre = f"model.layers.{layer}."
+        for name in WEIGHTED:
+            lay = mil.layout(name, cfg)
+            weights = {b.name: m.views[pre + SOURCES[b.name]] for b in lay.inputs
+                       if b.kind == "weight"}
+            got = k.input_buffer(name, layer).copy()
+            want = mil.new_input_buffer(name, cfg)
+            want[...] = np.float16(7)        # staging must write every weight and pad cell
+            mil.stage_weights(name, cfg, want, **weights)
+            for b in lay.inputs:
+                if b.kind == "act":          # not the staging's business
+                    want[b.row0:b.row0 + b.rows, b.col0:b.col0 + b.cols] = \
+                        got[b.row0:b.row0 + b.rows, b.col0:b.col0 + b.cols]
+            assert np.array_equal(bits(got), bits(want)), (name, layer)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_activation_staging_is_bit_identical_to_mil(model, method):
+    _, cfg, m = model
+    k = m.engine.kernels
+    name = METHODS[method]
+    ins, _ = kernel_io(k, method)
+    rng = np.random.default_rng(len(method))
+    for layer in (range(cfg.n_layers) if name in WEIGHTED else [0]):
+        acts = {n: edgy(rng, (c, cfg.seq_len)) for n, c in ins}
+        surface_layer = layer if name in WEIGHTED else -1
+        want = k.input_buffer(name, surface_layer).copy()
+        mil.write_activations(name, cfg, want, **acts)
+        pack_activations(k, method, layer, **acts)
+        got = k.input_buffer(name, surface_layer)
+        assert np.array_equal(bits(got), bits(want)), (name, layer)
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_output_unstaging_is_bit_identical_to_mil(model, method):
+    _, cfg, m = model
+    k = m.engine.kernels
+    name = METHODS[method]
+    out = k.output_buffer(name)
+    # every fp16 bit pattern is fair game: NaN payloads, subnormals, Inf
+    rng = np.random.default_rng(2)
+    out.view(np.uint16)[...] = rng.integers(0, 1 << 16, out.shape, dtype=np.uint16)
+    got = unpack_outputs(k, method)
+    want = mil.unpack_output(name, cfg, out)
+    assert sorted(got) == sorted(want) == sorted(n for n, _ in kernel_io(k, method)[1])
+    for n in want:
+        assert np.array_equal(bits(got[n]), bits(want[n])), (name, n)
+
+
+def test_kernel_io_follows_the_layout_table(model):
+    _, cfg, m = model
+    k = m.engine.kernels
+    assert set(WEIGHTED) | set(SHARED) == set(mil.KERNEL_NAMES)
+    for method, name in METHODS.items():
+        ins, outs = kernel_io(k, method)
+        lay = mil.layout(name, cfg)
+        assert [n for n, _ in ins] == [b.name for b in lay.inputs if b.kind == "act"]
+        for (n, c), b in zip(ins, (b for b in lay.inputs if b.kind == "act")):
+            assert (c, cfg.seq_len) == b.array_shape
+        assert outs == [(n, c) for n, _, c in lay.outputs]
+        assert kernel_io(k, name) == (ins, outs)
+
+
+# -----------------------------------------------------------------------------------------
+# pass-through: sdpaBwd1's probs/dprobs straight into sdpaBwd2's input
+# -----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", ["gqa", "qwen3", "odd"])
+def test_pass_through_equals_the_round_trip(shape):
+    cfg = SHAPES[shape]
+    x = np.arange(cfg.seq_len, dtype=np.int32) * 7 % cfg.vocab_size
+    y = (x + 1) % cfg.vocab_size
+    runs = {}
+    for through in (True, False):
+        m = Model(cfg, backend="sim", seed=4)
+        k = m.engine.kernels
+        k.passthrough = through
+        loss = m.forward_backward(x, y, 4096.0)
+        runs[through] = (loss, m.grads.copy(), k.passed_through)
+    assert runs[True][2] == cfg.n_layers and runs[False][2] == 0
+    assert runs[True][0] == runs[False][0]
+    assert np.array_equal(runs[True][1], runs[False][1])
+    assert np.all(np.isfinite(runs[True][1]))
+
+
+def test_callers_other_than_the_engine_get_fp32_probs():
+    """run_kernel (a caller's own arrays) and tracing still see probs/dprobs in fp32."""
+    cfg = SHAPES["gqa"]
+    m = Model(cfg, backend="sim", seed=4)
+    k = m.engine.kernels
+    rng = np.random.default_rng(0)
+    a = {n: rng.standard_normal((c, cfg.seq_len)).astype(np.float32)
+         for n, c in kernel_io(k, "sdpa_bwd1")[0]}
+    got = run_kernel(k, "sdpa_bwd1", 0, **a)
+    fp16 = k.output_buffer("sdpaBwd1")
+    want = mil.unpack_output("sdpaBwd1", cfg, fp16)
+    for n in ("probs", "dprobs"):
+        assert np.array_equal(got[n], want[n]) and np.any(got[n] != 0)
+    k.trace = []
+    x = np.arange(cfg.seq_len, dtype=np.int32) % cfg.vocab_size
+    m.forward_backward(x, x)
+    trace, k.trace = k.trace, None
+    assert k.passed_through == 0
+    bwd2 = [ins for kernel, _, ins, _ in trace if kernel == "sdpaBwd2"]
+    bwd1 = [outs for kernel, _, _, outs in trace if kernel == "sdpaBwd1"]
+    assert len(bwd1) == len(bwd2) == cfg.n_layers
+    for outs, ins in zip(bwd1, bwd2):
+        assert np.array_equal(outs["probs"], ins["probs"]) and np.any(ins["probs"] != 0)
