@@ -809,6 +809,25 @@ cdef class AneKernels(PackedKernels):
                 self.plan[kid * d.L + l].ev = (<AneKernel>compiled[k]).evaluator(req)
         self.requests, self.shared_requests, self.compiled = requests, shared, compiled
 
+    def execute(self, str kernel, int layer=0):
+        """Run ``kernel``'s program once on its Surfaces as they are (layer ``layer``'s input
+        for a weight-bearing kernel), with no packing or unpacking: for checks that write
+        the input Surface themselves (``anecy selftest``). Raises AneError on failure."""
+        if self.compiled is None:
+            raise RuntimeError("the ane backend is not bound to an Engine")
+        if not 0 <= layer < self.d.L:
+            raise IndexError(f"layer {layer} is outside [0, {self.d.L})")
+        cdef int kid = mil.KERNEL_NAMES.index(kernel)
+        cdef Call* c = &self.plan[kid * self.d.L + (layer if kernel in WEIGHTED else 0)]
+        cdef char err[ERR_LEN]
+        cdef int rc
+        err[0] = 0
+        with nogil:
+            rc = c.ev.fn(c.ev.ctx, err, ERR_LEN)
+        if rc != 0:
+            raise AneError(f"{kernel}: ANE evaluation failed: "
+                           f"{err.decode('utf-8', 'replace') or '(no reason given)'}")
+
     cdef int _execute(self, Call* c, int kid, int layer) noexcept nogil:
         cdef char err[ERR_LEN]
         err[0] = 0

@@ -177,16 +177,16 @@ def random_input(kernel: str, cfg, seed: int = 0) -> np.ndarray:
     kernel's input channels), norm weights near 1."""
     lay = mil.layout(kernel, cfg)
     rng = np.random.default_rng(seed)
-    buf = mil.new_input_buffer(kernel, cfg)
     C = lay.in_shape[1]
+    arrays = {}
     for b in lay.inputs:
         if b.kind == "pad":
             continue
         a = rng.standard_normal(b.array_shape).astype(np.float32)
         if b.kind == "weight":
             a = 1 + 0.1 * a if b.place == "vec" else a / np.sqrt(C)
-        mil.write_block(kernel, cfg, buf, b.name, a)
-    return buf.reshape(lay.in_shape)
+        arrays[b.name] = a
+    return mil.pack_input(kernel, cfg, **arrays).reshape(lay.in_shape)
 
 
 def _ulp(v) -> float:
@@ -555,16 +555,13 @@ def coreml_predictor(compute_units: str = "CPU_AND_NE"):
 
 def ane_kernels_class():
     """The ane backend's Kernels class. The one place that knows which module holds it."""
-    try:
-        from ._sim import AneKernels
-    except ImportError:
-        from ._packed import AneKernels
+    from ._packed import AneKernels
     return AneKernels
 
 
 def ane_status():
     """(usable, why not) for the Apple Neural Engine in this process."""
-    from ._runtime import ane_available
+    from ._ane_runtime import ane_available
     return ane_available()
 
 

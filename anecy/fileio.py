@@ -132,7 +132,7 @@ def remove_leftovers(path) -> list:
     Nothing else is touched: only that name and that pattern, never a live writer's file."""
     removed = []
     for p in temp_leftovers(path):
-        pid = int(_TEMP_SUFFIX.search(p.name).group(1))
+        pid = int(p.name.rsplit(".tmp-", 1)[1])
         if p.is_symlink() or not p.is_file() or _pid_alive(pid):
             continue
         try:

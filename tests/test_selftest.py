@@ -14,6 +14,7 @@ import pytest
 from conftest import require
 
 from anecy import cli, mil, milsim
+from anecy._testing import PyAneKernel
 from anecy import coreml_check as cc
 from anecy.commands import selftest
 from anecy.config import ModelConfig
@@ -101,20 +102,18 @@ def test_selftest_fails_on_a_broken_program(monkeypatch):
     assert qrow[2] == "ok"
 
 
-class MilsimAne:
+class MilsimAne(PyAneKernel):
     """Stands in for the private-API AneKernel: runs the program with milsim on the bound
     Surfaces' memory (as tests/test_ane.py's stand-in), recording what it was given."""
     seen: ClassVar[dict] = {}
     scale = 1.0
 
     def __init__(self, text, blobs, name):
-        self.name, self.program = name, milsim.Interpreter(text, blobs)
-
-    def bind(self, inp, out):
-        return (inp, out)
+        super().__init__(text, blobs, name)
+        self.program = milsim.Interpreter(text, blobs)
 
     def evaluate(self, request):
-        inp, out = request
+        inp, out = request.input, request.output
         x = inp.array(np.float16, self.program.input_type.shape).copy()
         type(self).seen[self.name] = x
         y = self.program.run(x).astype(np.float32) * np.float32(type(self).scale)
@@ -132,11 +131,11 @@ def _predict_with_milsim(cfg, calls):
 
 @pytest.fixture
 def stand_in_ane():
-    from anecy import _sim
-    _sim.clear_compiled_programs()
+    from anecy import _packed
+    _packed.clear_compiled_programs()
     cls = type("Ane", (MilsimAne,), {"seen": {}, "scale": 1.0})
     yield cls
-    _sim.clear_compiled_programs()
+    _packed.clear_compiled_programs()
 
 
 @pytest.mark.usefixtures("coremltools")

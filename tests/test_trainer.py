@@ -1,5 +1,6 @@
 """Trainer: optimizer and schedule against PyTorch, exact resume, vocab compaction, learning."""
 import json
+import math
 
 import numpy as np
 import pytest
