@@ -38,8 +38,8 @@ ROPE_THETA = 10000.0
 _SHAPE = struct.Struct("<7i")        # dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab, seq
 _FIELDS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "seq_len")
 # Sizes no real model reaches; a header beyond them is corrupt, not big.
-_LIMITS = dict(dim=1 << 16, hidden_dim=1 << 18, n_layers=1 << 10, n_heads=1 << 10,
-               n_kv_heads=1 << 10, vocab_size=1 << 22, seq_len=1 << 20)
+_LIMITS = {"dim": 1 << 16, "hidden_dim": 1 << 18, "n_layers": 1 << 10, "n_heads": 1 << 10,
+           "n_kv_heads": 1 << 10, "vocab_size": 1 << 22, "seq_len": 1 << 20}
 
 
 # -- the header ----------------------------------------------------------------------------
@@ -111,9 +111,10 @@ def read_config(path, seq_len=None):
 
 
 # -- the tensor order ----------------------------------------------------------------------
-def _layout(cfg: ModelConfig, version: int, file_seq_len: int):
-    """[(Model view name, or None for the RoPE tables), float count] in file order."""
-    L, D, hd = cfg.n_layers, cfg.dim, cfg.head_dim
+def _layout(cfg: ModelConfig, version: int):
+    """[(Model view name, or None for the RoPE tables), float count] in file order; the RoPE
+    tables of version 0 span cfg.seq_len positions (the file's context length)."""
+    L, hd = cfg.n_layers, cfg.head_dim
 
     def each(suffix):
         return [(f"model.layers.{l}.{suffix}", None) for l in range(L)]
@@ -126,7 +127,7 @@ def _layout(cfg: ModelConfig, version: int, file_seq_len: int):
     emb, final = [("model.embed_tokens.weight", None)], [("model.norm.weight", None)]
     cls = [] if cfg.tie_embeddings else [("lm_head.weight", None)]
     if version == 0:
-        rope = [(None, file_seq_len * hd // 2)] * 2
+        rope = [(None, cfg.seq_len * hd // 2)] * 2
         order = emb + attn_norms + mats + ffn_norms + ffn + final + rope + cls
     else:
         order = attn_norms + ffn_norms + final + emb + mats + ffn + cls
@@ -161,7 +162,7 @@ def load_into(model: Model, path):
             if diff:
                 raise CheckpointError(f"{path} holds another model (differs in "
                                       f"{', '.join(diff)})")
-            layout = _layout(theirs, version, theirs.seq_len)
+            layout = _layout(theirs, version)
             expected = start + 4 * sum(n for _, n in layout)
             size = os.fstat(f.fileno()).st_size
             if size != expected:
@@ -258,7 +259,7 @@ def save(model: Model, path, version: int = 0):
     try:
         with atomic_write(path) as f:
             f.write(header)
-            for name, _ in _layout(cfg, version, cfg.seq_len):
+            for name, _ in _layout(cfg, version):
                 a = next(rope) if name is None else views[name]
                 f.write(memoryview(np.ascontiguousarray(a, dtype="<f4").reshape(-1)))
     except OSError as e:
