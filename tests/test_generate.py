@@ -1,0 +1,158 @@
+"""Decoding with a KV cache against HF generate() and the training engine; the sampler."""
+import numpy as np
+import pytest
+import torch
+from test_model import CASES, hf_model
+
+from anecy import ConfigError, Model, ModelConfig
+from anecy.generate import Decoder, SamplingConfig, generate, next_token_probs, sample
+
+
+def sharp_hf_model(cfg: ModelConfig, scale=8.0):
+    """A tiny random HF model with weights large enough that greedy text varies and the
+    argmax is never a near-tie."""
+    hf = hf_model(cfg)
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if p.dim() == 2:
+                p.mul_(scale)
+    return hf
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_greedy_equals_hf_generate(case):
+    cfg = ModelConfig(**dict(CASES[case], seq_len=40))
+    hf = sharp_hf_model(cfg)
+    ours = Model(cfg)
+    ours.load_hf_state_dict(hf.state_dict())
+    prompt = [int(t) for t in np.random.default_rng(1).integers(0, cfg.vocab_size, 7)]
+    n_new = 40 - len(prompt)
+    hf.generation_config.eos_token_id = None   # no stop token: all n_new tokens compared
+    hf.generation_config.pad_token_id = 0
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n_new,
+                          min_new_tokens=0)[0, len(prompt):].tolist()
+    got = list(generate(ours, prompt, n_new, SamplingConfig(temperature=0)))
+    assert len(ref) == n_new and len(set(ref)) > 3   # the text varies
+    assert got == ref
+
+
+@pytest.mark.parametrize("case", ["gqa-interleaved", "qwen3-gqa4"])
+def test_cached_logits_equal_the_engine_window(case):
+    cfg = ModelConfig(**CASES[case])
+    model = Model(cfg, seed=2)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, cfg.seq_len).astype(np.int32)
+    ref = model.logits(tokens)
+    dec = Decoder(model)
+    scale = np.abs(ref).max()
+    first = dec.step(tokens[:5])   # the prompt at once ...
+    assert np.abs(first - ref[4]).max() <= 1e-5 * scale
+    for i in range(5, cfg.seq_len):   # ... then one token per step from the cache
+        out = dec.step(tokens[i:i + 1])
+        assert np.abs(out - ref[i]).max() <= 1e-5 * scale, i
+    with pytest.raises(ConfigError, match="context"):
+        dec.step([0])
+    dec.reset()
+    assert np.abs(dec.step(tokens[:1]) - ref[0]).max() <= 1e-5 * scale
+
+
+def test_compacted_model_decodes_the_full_vocabulary():
+    cfg = ModelConfig(**CASES["gqa-interleaved"])
+    model = Model(cfg, seed=2)
+    tokens = np.arange(cfg.seq_len, dtype=np.int32) % cfg.vocab_size
+    full = model.logits(tokens)[-1]
+    model.set_active_vocab(np.arange(0, cfg.vocab_size, 3))
+    out = Decoder(model).step(tokens)
+    assert out.shape == (cfg.vocab_size,)
+    assert np.abs(out - full).max() <= 1e-5 * np.abs(full).max()
+
+
+def test_stops_at_stop_ids_max_new_tokens_and_context():
+    cfg = ModelConfig(**dict(CASES["gqa-interleaved"], seq_len=30))
+    model = Model(cfg, seed=4)
+    model.params[:] *= 6
+    model.weights_changed()
+    greedy = SamplingConfig(temperature=0)
+    full = list(generate(model, [1, 2, 3], 100, greedy))
+    assert len(full) == 30 - 3 + 1   # the context fills; the last token needs no position
+    assert list(generate(model, [1, 2, 3], 5, greedy)) == full[:5]
+    assert list(generate(model, [1, 2, 3], 0, greedy)) == []
+    stop = full[6]
+    cut = full.index(stop)
+    assert list(generate(model, [1, 2, 3], 100, greedy, stop_ids=[stop])) == full[:cut]
+    with pytest.raises(ConfigError, match="at least one token"):
+        list(generate(model, [], 5, greedy))
+    with pytest.raises(ConfigError, match="more than the context"):
+        list(generate(model, [1] * 31, 5, greedy))
+    with pytest.raises(ConfigError, match="token ids"):
+        list(generate(model, [cfg.vocab_size], 5, greedy))
+
+
+def test_sampling_is_reproducible_by_seed():
+    cfg = ModelConfig(**CASES["qwen3-gqa4"])
+    model = Model(cfg, seed=5)
+    model.params[:] *= 4
+    model.weights_changed()
+    dec = Decoder(model)
+
+    def run(seed, **kw):
+        return list(generate(model, [3, 4], 15, SamplingConfig(temperature=1.0, seed=seed, **kw),
+                             decoder=dec))
+
+    a, b, c = run(11), run(11), run(12)
+    assert a == b and a != c
+    assert run(11, top_k=1) == list(generate(model, [3, 4], 15, SamplingConfig(temperature=0)))
+
+
+# -- the distribution ----------------------------------------------------------------------
+LOGITS = np.log(np.array([0.05, 0.4, 0.1, 0.3, 0.15]))
+
+
+def test_temperature_scales_the_softmax():
+    p = next_token_probs(LOGITS, 1.0)
+    np.testing.assert_allclose(p, [0.05, 0.4, 0.1, 0.3, 0.15])
+    hot = next_token_probs(LOGITS, 2.0)
+    ref = np.sqrt([0.05, 0.4, 0.1, 0.3, 0.15])
+    np.testing.assert_allclose(hot, ref / ref.sum())
+    np.testing.assert_array_equal(next_token_probs(LOGITS, 0.0), [0, 1, 0, 0, 0])
+
+
+def test_top_k_keeps_the_k_most_likely():
+    p = next_token_probs(LOGITS, 1.0, top_k=2)
+    np.testing.assert_allclose(p, [0, 0.4 / 0.7, 0, 0.3 / 0.7, 0])
+    np.testing.assert_allclose(next_token_probs(LOGITS, 1.0, top_k=5),
+                               next_token_probs(LOGITS, 1.0))
+
+
+@pytest.mark.parametrize("top_p,kept", [(0.39, [1]), (0.41, [1, 3]), (0.69, [1, 3]),
+                                        (0.72, [1, 3, 4]), (0.9, [1, 3, 4, 2]),
+                                        (0.96, [1, 3, 4, 2, 0])])
+def test_top_p_keeps_the_smallest_set_reaching_p(top_p, kept):
+    p = next_token_probs(LOGITS, 1.0, top_p=top_p)
+    base = np.array([0.05, 0.4, 0.1, 0.3, 0.15])
+    ref = np.zeros(5)
+    ref[kept] = base[kept] / base[kept].sum()
+    np.testing.assert_allclose(p, ref, atol=1e-12)
+
+
+def test_top_k_then_top_p():
+    p = next_token_probs(LOGITS, 1.0, top_k=3, top_p=0.6)
+    # top 3: 0.4, 0.3, 0.15 -> renormalised 0.47, 0.35, 0.18; 0.6 needs the first two
+    np.testing.assert_allclose(p, [0, 0.4 / 0.7, 0, 0.3 / 0.7, 0])
+
+
+def test_draws_follow_the_distribution():
+    rng = np.random.Generator(np.random.PCG64(0))
+    cfg = SamplingConfig(temperature=1.0, top_k=4, top_p=0.85)
+    draws = np.bincount([sample(LOGITS, cfg, rng) for _ in range(20000)], minlength=5) / 20000
+    ref = next_token_probs(LOGITS, 1.0, top_k=4, top_p=0.85)
+    assert draws[0] == 0 and draws[2] == 0   # cut by top-k and by top-p
+    np.testing.assert_allclose(draws, ref, atol=0.015)
+
+
+@pytest.mark.parametrize("bad", [{"temperature": -1}, {"temperature": float("nan")},
+                                 {"top_p": 0}, {"top_p": 1.5}, {"top_k": -2},
+                                 {"top_k": 1.5}])
+def test_bad_sampling_settings(bad):
+    with pytest.raises(ConfigError):
+        SamplingConfig(**bad)
