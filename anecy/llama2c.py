@@ -196,9 +196,8 @@ def _all_finite(a, chunk=1 << 22) -> bool:
 
 
 # -- writing -------------------------------------------------------------------------------
-def check_exportable(model: Model):
-    """Raise ConfigError unless llama2.c's format can hold this model."""
-    cfg = model.config
+def check_exportable(cfg: ModelConfig):
+    """Raise ConfigError unless llama2.c's format can hold a model of this shape."""
     why = []
     if cfg.qk_norm:
         why.append("it has QK-norm (Qwen3)")
@@ -236,13 +235,16 @@ def _rope_tables(head_dim: int, seq_len: int):
     return np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
 
 
-def save(model: Model, path, version: int = 0):
+def save(model: Model, path, version: int = 0, seq_len=None):
     """Write a Model as a llama2.c checkpoint (version 0, what run.c reads, or 1),
-    atomically."""
+    atomically. ``seq_len`` is the context length the header records (default: the
+    Model's)."""
     if version not in VERSIONS:
         raise ConfigError(f"llama2.c format version must be 0 or 1, got {version!r}")
-    check_exportable(model)
+    check_exportable(model.config)
     cfg = model.config
+    if seq_len is not None:
+        cfg = ModelConfig.from_dict(dict(cfg.to_dict(), seq_len=seq_len))
     shape = [cfg.dim, cfg.hidden_dim, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads,
              cfg.vocab_size, cfg.seq_len]
     if version == 0:

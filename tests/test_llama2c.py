@@ -2,16 +2,19 @@
 
 The fixtures in tests/data were made once with karpathy/llama2.c's `model.py` and `export.py`
 (outside this repository): a `Transformer(ModelArgs(dim=16, n_layers=2, n_heads=4,
-n_kv_heads=2, hidden_dim=40, max_seq_len=32))` seeded with `torch.manual_seed(seed)`, its
-matrices scaled by 25 and its norm weights jittered by N(0, 0.3) (so that greedy text varies),
-written by `legacy_export` (version 0) and `version1_export` (version 1):
+n_kv_heads=2, hidden_dim=40, max_seq_len=32))` after `torch.manual_seed(seed)`, its matrices
+scaled by 25 and its norm weights moved by N(0, 0.3) (so that greedy text varies), written by
+`legacy_export` (version 0) and `version1_export` (version 1):
 
-- llama2c_tied_v0.bin: vocab 512, classifier tied to the embedding (seed 1)
-- llama2c_untied_v0.bin / llama2c_untied_v1.bin: vocab 96, a separate N(0, 0.3) classifier
-  (seed 1)
+- llama2c_tied_v0.bin: vocab 512 (a prefix of Llama 2's vocabulary), classifier tied to the
+  embedding, seed 12; the embedding rows of EOS and the 256 byte tokens (ids 2..258) scaled
+  by 0.05 so that greedy text holds no byte tokens (run.c prints bytes its own way)
+- llama2c_untied_v0.bin / llama2c_untied_v1.bin: vocab 96, seed 1, a separate N(0, 0.3)
+  classifier
 
 llama2c_*_logits.npy hold `model.py`'s logits `Transformer(tokens, targets=tokens)` at every
-position of TOKENS (modulo the vocabulary), in float32.
+position of TOKENS (modulo the vocabulary), in float32. tests/test_generate.py describes the
+run.c recordings.
 """
 import struct
 from pathlib import Path
