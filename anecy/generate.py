@@ -211,3 +211,31 @@ def generate(model: Model, prompt: Sequence[int], max_new_tokens: int,
         if i + 1 == max_new_tokens or dec.pos == dec.max_len:
             return
         logits = dec.step([token])
+
+
+def stream_text(decode, prompt: Sequence[int], tokens: Iterator[int]) -> Iterator[str]:
+    """The text of prompt + tokens as it grows, in pieces: first the prompt's text, then what
+    each token adds. ``decode(ids) -> str`` decodes a whole sequence (tokenizers treat the
+    start of a text specially, so the sequence is decoded whole, not token by token); text
+    ending in an incomplete UTF-8 character (U+FFFD) waits for the token that completes it."""
+    ids = list(prompt)
+    shown = decode(ids).rstrip("\ufffd")
+    yield shown
+    for token in tokens:
+        ids.append(token)
+        text = decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        if text.startswith(shown):
+            piece = text[len(shown):]
+        else:   # a decoder that rewrote earlier text: show only what is new after it
+            common = 0
+            while common < min(len(text), len(shown)) and text[common] == shown[common]:
+                common += 1
+            piece = text[max(common, len(shown)):]
+        shown = text
+        if piece:
+            yield piece
+    rest = decode(ids)
+    if len(rest) > len(shown) and rest.startswith(shown):
+        yield rest[len(shown):]

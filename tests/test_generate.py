@@ -1,11 +1,23 @@
-"""Decoding with a KV cache against HF generate() and the training engine; the sampler."""
+"""Decoding with a KV cache against HF generate(), llama2.c's run.c and the training engine;
+the sampler; the sample command."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from conftest import require_shared
 from test_model import CASES, hf_model
 
 from anecy import ConfigError, Model, ModelConfig
-from anecy.generate import Decoder, SamplingConfig, generate, next_token_probs, sample
+from anecy.cli import anecy_main
+from anecy.generate import (
+    Decoder,
+    SamplingConfig,
+    generate,
+    next_token_probs,
+    sample,
+    stream_text,
+)
 
 
 def sharp_hf_model(cfg: ModelConfig, scale=8.0):
@@ -156,3 +168,124 @@ def test_draws_follow_the_distribution():
 def test_bad_sampling_settings(bad):
     with pytest.raises(ConfigError):
         SamplingConfig(**bad)
+
+
+# -- the sample command --------------------------------------------------------------------
+DATA = Path(__file__).resolve().parent / "data"
+
+
+def run_sample(args, capsys):
+    code = anecy_main(["sample", *map(str, args)])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# tests/data/llama2c_tied_v0.run_c*.txt are the standard output of llama2.c's run.c (compiled
+# with `gcc -O2 -o run run.c -lm` from karpathy/llama2.c, unmodified), recorded once:
+#   ./run tests/data/llama2c_tied_v0.bin -z tokenizer.bin -t 0 -n 0  > llama2c_tied_v0.run_c.txt
+#   ./run tests/data/llama2c_tied_v0.bin -z tokenizer.bin -t 0 -n 10 > ..._run_c_n10.txt
+# with Llama 2's tokenizer.bin (run.c reads its first vocab_size = 512 pieces). No prompt:
+# run.c puts the dummy-prefix piece (id 29871) before any prompt text, which a vocabulary of
+# 512 lacks. -n 0 runs to the context's end (32 positions) and stops at BOS (here after 16
+# tokens); -n 10 stops after 10.
+@pytest.mark.parametrize("n,recording", [(100, "llama2c_tied_v0.run_c.txt"),
+                                         (10, "llama2c_tied_v0.run_c_n10.txt")])
+@pytest.mark.parametrize("tokenizer", ["tokenizer.bin", "tokenizer.model"])
+def test_greedy_sample_prints_what_run_c_prints(capsys, n, recording, tokenizer):
+    tok = require_shared("data", "llama2-tokenizer", tokenizer,
+                         why="decodes the sample of the llama2.c fixture")
+    code, out, err = run_sample(["--init-from", DATA / "llama2c_tied_v0.bin", "--tokenizer", tok,
+                             "--temperature", 0, "--max-new-tokens", n], capsys)
+    assert code == 0, err
+    assert out == (DATA / recording).read_text()
+    assert "tokens/s" in err
+
+
+def trained_checkpoint(tmp_path, steps=20):
+    from anecy import TrainConfig, Trainer
+    tc = TrainConfig(steps=steps, accum=1, lr=3e-3, warmup=0, ckpt_path=str(tmp_path / "t.ckpt"))
+    trainer = Trainer(ModelConfig.preset("tiny"), tc, log=lambda *a: None)
+    trainer.run(progress=False)
+    return trainer
+
+
+def test_sample_from_a_checkpoint_of_the_builtin_corpus(tmp_path, capsys):
+    trainer = trained_checkpoint(tmp_path)
+    assert not trainer.vocab.is_identity   # compacted: the checkpoint still holds every row
+    capsys.readouterr()
+    code, out, err = run_sample(["--ckpt", tmp_path / "t.ckpt", "--temperature", 0,
+                             "--max-new-tokens", 20], capsys)
+    assert code == 0, err
+    # the full model, not the compact classifier: the same ids as generate() on its weights
+    full = Model(trainer.mc)
+    full.params[:] = trainer.model.params
+    full.weights_changed()
+    ids = list(generate(full, [1], 20, SamplingConfig(temperature=0), stop_ids=[1, 2]))
+    from anecy.tokenizer import builtin
+    assert len(ids) == 20 and out == builtin().decode([1] + ids) + "\n"
+    # a prompt needs a tokenizer that encodes: the built-in decoder cannot
+    code, _, err = run_sample(["--ckpt", tmp_path / "t.ckpt", "--prompt", "Once"], capsys)
+    assert code == 2 and "tokenizer" in err
+
+
+def test_sampling_is_reproducible_from_the_command(capsys):
+    args = ["--init-from", DATA / "llama2c_tied_v0.bin", "--tokenizer",
+            require_shared("data", "llama2-tokenizer", "tokenizer.bin", why="decodes"),
+            "--temperature", 1.0, "--top-p", 0.95, "--max-new-tokens", 30]
+    a = run_sample(args + ["--seed", 1], capsys)[1]
+    b = run_sample(args + ["--seed", 1], capsys)[1]
+    c = run_sample(args + ["--seed", 2], capsys)[1]
+    assert a == b and a != c
+
+
+def test_sample_from_an_hf_directory_equals_hf_generate(tmp_path, capsys):
+    spm = require_shared("data", "llama2-tokenizer", "tokenizer.model",
+                         why="encodes the prompt and decodes the sample")
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(3)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=32000, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+        tie_word_embeddings=True)).float().eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            if p.dim() == 2:
+                p.mul_(20)
+    hf.save_pretrained(tmp_path)
+    from anecy.tokenizer import load
+    tok = load(spm)
+    prompt = tok.encode("Once upon a time", bos=True)
+    hf.generation_config.eos_token_id = None
+    with torch.no_grad():
+        ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=12,
+                          pad_token_id=0)[0].tolist()
+    ref = ref[:len(prompt) + next((i for i, t in enumerate(ref[len(prompt):]) if t in (1, 2)),
+                                  12)]
+    code, out, err = run_sample(["--init-from", tmp_path, "--tokenizer", spm, "--prompt",
+                             "Once upon a time", "--temperature", 0, "--max-new-tokens", 12],
+                            capsys)
+    assert code == 0, err
+    assert out == tok.decode(ref) + "\n"
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--init-from", DATA / "llama2c_tied_v0.bin"], "no tokenizer"),
+    (["--ckpt", DATA / "llama2c_tied_v0.bin"], "not an anecy checkpoint"),
+    (["--ckpt", "nowhere.ckpt"], "no such file"),
+    (["--init-from", DATA], "no config.json"),
+    (["--init-from", DATA / "llama2c_tied_v0.bin", "--top-p", 0], "top_p"),
+    (["--init-from", DATA / "llama2c_tied_v0.bin", "--temperature", -1], "temperature"),
+])
+def test_sample_errors_are_one_line(capsys, args, words):
+    code, _, err = run_sample(args, capsys)
+    assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_stream_text_shows_each_piece_once():
+    pieces = {1: b"", 5: b" a", 6: b"\xc3", 7: b"\xa9", 8: b"b"}   # 6 + 7: UTF-8 of e-acute
+
+    def decode(ids):   # a byte-level decoder, dropping the first leading space
+        return b"".join(pieces[i] for i in ids).decode("utf-8", "replace").removeprefix(" ")
+    out = list(stream_text(decode, [1, 5], iter([6, 7, 8, 5])))
+    assert out == ["a", "\u00e9", "b", " a"]
+    assert "".join(out) == decode([1, 5, 6, 7, 8, 5])
