@@ -1,9 +1,15 @@
 """Training data: pretokenized token files, deterministic window sampling and vocabulary
 compaction.
 
-Token files are llama2.c's pretokenized TinyStories format: flat little-endian uint16 ids.
+Token files are llama2.c's pretokenized TinyStories format: flat little-endian ids, uint16
+when the vocabulary fits in 16 bits, else uint32. ``anecy prepare`` writes a JSON sidecar
+beside each one (``tokens.bin.json``) naming its tokenizer, vocabulary size and dtype; when
+it is there, the dtype comes from it, and a file tokenized for a larger vocabulary than the
+model's is refused. Files without a sidecar (llama2.c's own) take the dtype from the model's
+vocabulary size.
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -12,6 +18,8 @@ import numpy as np
 from .errors import DataError
 
 DEFAULT_DATA = "tinystories_data00.bin"
+SIDECAR_FORMAT = "anecy-tokens-1"
+_DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 # Scans go chunk by chunk so that a multi-gigabyte file is never loaded whole.
 _CHUNK = 1 << 22
 
@@ -35,10 +43,45 @@ def token_dtype(vocab_size) -> np.dtype:
     return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
 
 
+def sidecar_path(path) -> Path:
+    """tokens.bin -> tokens.bin.json"""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+def read_sidecar(path) -> "dict | None":
+    """The sidecar ``anecy prepare`` wrote beside the token file ``path``, or None when there
+    is none. Its keys: format, tokenizer {kind, path}, vocab_size, dtype (uint16 | uint32),
+    bos_id, eos_id, separator (bos | eos | none), documents, tokens, split (all | train |
+    val), sources; ``val`` {path, fraction, documents, tokens} on a training file with a
+    held-out file (path relative to the token file's directory), ``train`` on that file."""
+    side = sidecar_path(path)
+    try:
+        text = side.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{side}: cannot read token file sidecar ({e})") from None
+    try:
+        meta = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{side}: corrupt token file sidecar ({e})") from None
+    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+        raise DataError(f"{side}: not an anecy token file sidecar (format "
+                        f"{meta.get('format') if isinstance(meta, dict) else None!r})")
+    for key, kind in (("vocab_size", int), ("dtype", str), ("tokens", int),
+                      ("tokenizer", dict)):
+        if not isinstance(meta.get(key), kind):
+            raise DataError(f"{side}: corrupt token file sidecar ({key!r} missing or not "
+                            f"{kind.__name__})")
+    if meta["dtype"] not in _DTYPES:
+        raise DataError(f"{side}: unknown dtype {meta['dtype']!r} (uint16 or uint32)")
+    return meta
+
+
 def open_tokens(path, vocab_size, seq_len) -> np.ndarray:
     """Map a token file read-only, after checking that it can train a model with
     ``vocab_size`` tokens on windows of ``seq_len + 1`` tokens."""
-    dtype = token_dtype(vocab_size)
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not a token file")
@@ -49,6 +92,20 @@ def open_tokens(path, vocab_size, seq_len) -> np.ndarray:
         raise DataError(f"{path}: no such token file") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read token file ({e.strerror or e})") from None
+    meta = read_sidecar(path)
+    if meta is None:
+        dtype = token_dtype(vocab_size)
+    else:
+        dtype = _DTYPES[meta["dtype"]]
+        if meta["vocab_size"] > vocab_size:
+            tok = meta["tokenizer"]
+            raise DataError(f"{path}: tokenized for {meta['vocab_size']} tokens "
+                            f"({tok.get('kind')} tokenizer {tok.get('path')}), more than the "
+                            f"model's vocabulary of {vocab_size}")
+        if meta["tokens"] * dtype.itemsize != size:
+            raise DataError(f"{path}: {size} bytes, but its sidecar says {meta['tokens']} "
+                            f"{meta['dtype']} tokens; the file and {sidecar_path(path).name} "
+                            "do not belong together (prepare it again)")
     if size % dtype.itemsize:
         what = "odd length" if dtype.itemsize == 2 else "length not a multiple of 4"
         raise DataError(f"{path}: {what} of {size} bytes, not a file of "
@@ -61,6 +118,27 @@ def open_tokens(path, vocab_size, seq_len) -> np.ndarray:
     return tokens
 
 
+def held_out_path(path) -> "Path | None":
+    """The held-out file ``anecy prepare --val-frac`` wrote for the token file ``path``, as
+    its sidecar names it, or None."""
+    meta = read_sidecar(path)
+    if not meta or not isinstance(meta.get("val"), dict) or "path" not in meta["val"]:
+        return None
+    return Path(path).parent / meta["val"]["path"]
+
+
+def open_held_out(path, vocab_size, seq_len) -> "np.ndarray | None":
+    """The held-out tokens of the token file ``path`` (see ``held_out_path``), checked as
+    ``open_tokens`` checks them, or None when it has none."""
+    val = held_out_path(path)
+    if val is None:
+        return None
+    if not val.exists():
+        raise DataError(f"{path}: its held-out file {val} is missing (the sidecar names it; "
+                        "prepare the data again, or delete the sidecar to train without it)")
+    return open_tokens(val, vocab_size, seq_len)
+
+
 def default_data_path() -> Path:
     """``$ANECY_DATA`` if set, else tinystories_data00.bin in the working directory."""
     return Path(os.environ.get("ANECY_DATA") or DEFAULT_DATA)
@@ -68,24 +146,35 @@ def default_data_path() -> Path:
 
 class TokenSampler:
     """Training windows drawn uniformly from the head of a token array; the tail
-    (``val_fraction`` of it, at least one window) is held out for validation."""
+    (``val_fraction`` of it, at least one window) is held out for validation. Given
+    ``val_tokens`` (the held-out file of ``anecy prepare --val-frac``), training draws from
+    all of ``tokens`` and validation reads ``val_tokens``."""
 
-    def __init__(self, tokens, seq_len, seed, val_fraction=0.02):
+    def __init__(self, tokens, seq_len, seed, val_fraction=0.02, val_tokens=None):
         if not 0 <= val_fraction <= 0.5:
             raise ValueError(f"val_fraction must be in [0, 0.5], got {val_fraction}")
         self.tokens = tokens
         self.seq_len = int(seq_len)
         window = self.seq_len + 1
         n = len(tokens)
-        if n < 2 * window:
+        if val_tokens is not None:
+            if n < window + 1 or len(val_tokens) < window:
+                raise DataError(f"{n} training and {len(val_tokens)} held-out tokens are too "
+                                f"few for windows of seq_len {seq_len}: need at least "
+                                f"{window + 1} and {window}")
+            self.n_train = n
+        elif n < 2 * window:
             raise DataError(f"{n} tokens are too few to train on windows of seq_len {seq_len} "
                             f"and hold out a validation part: need at least {2 * window}")
-        self.n_train = n - max(window, int(n * val_fraction))
+        else:
+            self.n_train = n - max(window, int(n * val_fraction))
+        self.val_tokens = val_tokens
         self.rng = np.random.Generator(np.random.PCG64(seed))
         self.drawn = 0
 
-    def _window(self, start):
-        chunk = np.asarray(self.tokens[start:start + self.seq_len + 1], dtype=np.int32)
+    def _window(self, start, tokens=None):
+        tokens = self.tokens if tokens is None else tokens
+        chunk = np.asarray(tokens[start:start + self.seq_len + 1], dtype=np.int32)
         return chunk[:-1], chunk[1:]
 
     def next_train(self):
@@ -95,7 +184,12 @@ class TokenSampler:
         return self._window(start)
 
     def val_batches(self, n):
-        """``n`` windows ``(x, y)`` evenly spaced over the held-out tail, the same every call."""
+        """``n`` windows ``(x, y)`` evenly spaced over the held-out tokens, the same every
+        call."""
+        if self.val_tokens is not None:
+            last = len(self.val_tokens) - self.seq_len - 1
+            starts = np.linspace(0, last, n).round().astype(np.int64)
+            return [self._window(int(s), self.val_tokens) for s in starts]
         last = len(self.tokens) - self.seq_len - 1
         starts = np.linspace(self.n_train, last, n).round().astype(np.int64)
         return [self._window(int(s)) for s in starts]
@@ -129,12 +223,14 @@ class VocabMap:
         self.is_identity = self.n_active == self.vocab_size
 
     @classmethod
-    def from_tokens(cls, tokens, vocab_size):
-        """The ids occurring anywhere in ``tokens``."""
-        _check_ids(tokens, vocab_size, "token data")
+    def from_tokens(cls, tokens, vocab_size, *more):
+        """The ids occurring anywhere in ``tokens`` (or in the ``more`` arrays, e.g. the
+        held-out tokens)."""
         used = np.zeros(vocab_size, dtype=bool)
-        for _, chunk in _chunks(tokens):
-            used |= np.bincount(chunk, minlength=vocab_size) > 0
+        for array in (tokens, *more):
+            _check_ids(array, vocab_size, "token data")
+            for _, chunk in _chunks(array):
+                used |= np.bincount(chunk, minlength=vocab_size) > 0
         return cls(np.flatnonzero(used), vocab_size)
 
     @classmethod

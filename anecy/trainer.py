@@ -19,7 +19,7 @@ from . import backends
 from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint
 from .config import ModelConfig, TrainConfig, step_flops
 from .corpus import BUILTIN_NOTICE, builtin_tokens
-from .data import TokenSampler, VocabMap, default_data_path, open_tokens
+from .data import TokenSampler, VocabMap, default_data_path, open_held_out, open_tokens
 from .errors import AnecyError, CheckpointError, ConfigError, DataError
 from .model import Model
 
@@ -79,17 +79,23 @@ class Trainer:
         self.loss_scale = (train_config.loss_scale if train_config.loss_scale is not None
                            else backends.DEFAULT_LOSS_SCALE[self.backend])
         t0 = time.perf_counter()
+        held_out = None
         if tokens is None:
             tokens, self.data_name, notice = load_training_data(model_config, train_config.data_path)
             if notice:
                 log(notice)
+            else:  # a token file: `anecy prepare --val-frac` may have written its held-out file
+                held_out = open_held_out(self.data_name, model_config.vocab_size,
+                                         model_config.seq_len)
         else:
             self.data_name, tokens = "given tokens", np.asarray(tokens)
             if tokens.size and (tokens.min() < 0 or tokens.max() >= model_config.vocab_size):
                 raise DataError("given tokens hold ids outside the vocabulary")
         self.tokens = tokens
-        self.sampler = TokenSampler(tokens, model_config.seq_len, train_config.seed)
-        self.vocab = (VocabMap.from_tokens(tokens, model_config.vocab_size)
+        self.sampler = TokenSampler(tokens, model_config.seq_len, train_config.seed,
+                                    val_tokens=held_out)
+        extra = () if held_out is None else (held_out,)
+        self.vocab = (VocabMap.from_tokens(tokens, model_config.vocab_size, *extra)
                       if train_config.compact_vocab else VocabMap.full(model_config.vocab_size))
         self.model = Model(model_config, self.backend, seed=train_config.seed)
         if train_config.init_from and _resume_state is None:

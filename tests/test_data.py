@@ -215,3 +215,85 @@ def test_large_vocabularies_use_uint32_files(tmp_path):
     np.array([151936] * 40, dtype="<u4").tofile(tmp_path / "oov.bin")
     with pytest.raises(DataError, match="not below"):
         open_tokens(tmp_path / "oov.bin", 151936, 16)
+
+
+# -- the sidecar `anecy prepare` writes ---------------------------------------------------------
+
+def write_sidecar(path, **fields):
+    meta = {"format": data.SIDECAR_FORMAT, "tokenizer": {"kind": "hf", "path": "/t/tok.json"},
+            "vocab_size": 1000, "dtype": "uint16", "tokens": 0}
+    meta.update(fields)
+    data.sidecar_path(path).write_text(json.dumps(meta))
+    return meta
+
+
+def test_read_sidecar(tmp_path):
+    path = write_tokens(tmp_path / "t.bin", [1, 2, 3])
+    assert data.read_sidecar(path) is None
+    meta = write_sidecar(path, tokens=3)
+    assert data.sidecar_path(path) == tmp_path / "t.bin.json"
+    assert data.read_sidecar(path) == meta
+    data.sidecar_path(path).write_text("{not json")
+    with pytest.raises(DataError, match="t.bin.json: corrupt token file sidecar"):
+        data.read_sidecar(path)
+    write_sidecar(path, format="something-else")
+    with pytest.raises(DataError, match="not an anecy token file sidecar"):
+        data.read_sidecar(path)
+    write_sidecar(path, dtype="float32")
+    with pytest.raises(DataError, match="unknown dtype 'float32'"):
+        data.read_sidecar(path)
+    write_sidecar(path, vocab_size="big")
+    with pytest.raises(DataError, match="'vocab_size' missing or not int"):
+        data.read_sidecar(path)
+
+
+def test_open_tokens_takes_the_dtype_from_the_sidecar(tmp_path):
+    # a 1000-token vocabulary written as uint32: without the sidecar, a 151936-token model
+    # would read it as uint32 anyway, but a 32000-token model would read uint16 garbage
+    path = tmp_path / "t.bin"
+    np.asarray([1, 999, 5, 7, 0, 3], dtype="<u4").tofile(path)
+    write_sidecar(path, dtype="uint32", tokens=6)
+    tokens = open_tokens(path, vocab_size=32000, seq_len=4)
+    assert tokens.dtype == np.uint32 and tokens.tolist() == [1, 999, 5, 7, 0, 3]
+
+
+def test_open_tokens_refuses_a_larger_vocabulary(tmp_path):
+    path = write_tokens(tmp_path / "t.bin", [1, 2, 3, 4, 5, 6])
+    write_sidecar(path, vocab_size=50000, tokens=6)
+    with pytest.raises(DataError, match="tokenized for 50000 tokens .*hf tokenizer /t/tok.json"
+                                        ".*model's vocabulary of 32000"):
+        open_tokens(path, 32000, 4)
+
+
+def test_open_tokens_refuses_a_sidecar_of_another_file(tmp_path):
+    path = write_tokens(tmp_path / "t.bin", [1, 2, 3, 4, 5, 6])
+    write_sidecar(path, tokens=7)
+    with pytest.raises(DataError, match="12 bytes, but its sidecar says 7 uint16 tokens"):
+        open_tokens(path, 32000, 4)
+
+
+def test_open_held_out(tmp_path):
+    path = write_tokens(tmp_path / "t.bin", range(10))
+    write_sidecar(path, tokens=10)
+    assert data.open_held_out(path, 32000, 4) is None
+    write_sidecar(path, tokens=10, val={"path": "t.val.bin", "documents": 1, "tokens": 6})
+    with pytest.raises(DataError, match="its held-out file .*t.val.bin is missing"):
+        data.open_held_out(path, 32000, 4)
+    write_tokens(tmp_path / "t.val.bin", [1, 7, 8, 9, 10, 11])
+    assert data.open_held_out(path, 32000, 4).tolist() == [1, 7, 8, 9, 10, 11]
+
+
+def test_sampler_with_a_held_out_file():
+    tokens, val = np.arange(100, dtype=np.uint16), np.arange(500, 540, dtype=np.uint16)
+    sampler = TokenSampler(tokens, seq_len=16, seed=0, val_tokens=val)
+    assert sampler.n_train == 100
+    starts = {int(sampler.next_train()[0][0]) for _ in range(2000)}
+    assert starts == set(range(0, 100 - 16))    # every training window, none beyond
+    batches = sampler.val_batches(3)
+    assert [int(x[0]) for x, _ in batches] == [500, 512, 523]   # evenly over 0..23
+    x, y = batches[-1]
+    assert x.tolist() == list(range(523, 539)) and y.tolist() == list(range(524, 540))
+    with pytest.raises(DataError, match="too few"):
+        TokenSampler(tokens, seq_len=16, seed=0, val_tokens=val[:16])
+    vocab = VocabMap.from_tokens(tokens, 1000, val)
+    assert vocab.n_active == 140

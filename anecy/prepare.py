@@ -1,0 +1,324 @@
+"""Text to a token file: what ``anecy prepare`` does.
+
+Input is plain text (documents separated by blank lines, or by a separator string such as
+TinyStories' ``<|endoftext|>``) or JSONL with a ``"text"`` field per line (mlx-lm's data
+convention). Each document is stripped and encoded as llama2.c's pretokenizer does: BOS,
+then its ids, no EOS. A tokenizer without BOS (Qwen3's) ends each document with EOS
+instead, so documents stay separated.
+
+The output is the flat little-endian token file the trainer reads (uint16 when the
+vocabulary fits, else uint32) and a JSON sidecar beside it (``<out>.json``) naming the
+tokenizer, vocabulary, dtype and counts. With ``val_frac``, every document whose turn it is
+(evenly spread: document i is held out when floor((i + 1) f) > floor(i f)) goes to a
+separate held-out file ``<stem>.val<suffix>``, with its own sidecar. The documents are
+encoded in chunks by a pool of worker processes; the output order is the input order, so
+the result does not depend on the number of workers.
+"""
+
+import json
+import os
+from collections import deque
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import tokenizer as tokenizers
+from .data import SIDECAR_FORMAT, sidecar_path, token_dtype
+from .errors import AnecyError
+from .fileio import atomic_write
+
+# documents per task handed to a worker: big enough to amortise the pickling
+CHUNK_DOCS = 256
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+
+
+# -- reading documents ---------------------------------------------------------------------------
+
+def is_jsonl(path: Path) -> bool:
+    """JSONL by extension, else by content: the first non-blank line is a JSON object with
+    a "text" field."""
+    if path.suffix.lower() in JSONL_SUFFIXES:
+        return True
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except ValueError:
+                    return False
+                return isinstance(obj, dict) and "text" in obj
+    return False
+
+
+def _lines(path: Path):
+    """(line number, line, bytes) of a UTF-8 text file, with a one-line error naming the
+    line of a bad byte."""
+    lineno = 0
+    try:
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                yield lineno, raw.decode("utf-8").replace("\r\n", "\n"), len(raw)
+    except UnicodeDecodeError as e:
+        raise AnecyError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte "
+                         f"{e.start} of the line)") from None
+    except OSError as e:
+        raise AnecyError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def jsonl_documents(path: Path):
+    """(text, bytes read) of each line of a JSONL file; blank lines are skipped."""
+    for lineno, line, size in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise AnecyError(f"{path}:{lineno}: not a JSON line ({e})") from None
+        if not isinstance(obj, dict) or "text" not in obj:
+            raise AnecyError(f"{path}:{lineno}: a JSON line needs a \"text\" field")
+        if not isinstance(obj["text"], str):
+            raise AnecyError(f"{path}:{lineno}: \"text\" is a {type(obj['text']).__name__}, "
+                             "not a string")
+        yield obj["text"], size
+
+
+def text_documents(path: Path, separator=None):
+    """(text, bytes read) of each document of a plain text file: runs of lines between blank
+    lines, or, with ``separator``, the text between occurrences of it."""
+    lines, size = [], 0
+    for _, line, read in _lines(path):
+        size += read
+        if separator is None:
+            if line.strip():
+                lines.append(line)
+                continue
+            parts = [""]
+        else:
+            parts = line.split(separator)
+            if len(parts) == 1:
+                lines.append(line)
+                continue
+        lines.append(parts[0])
+        yield "".join(lines), size
+        for middle in parts[1:-1]:
+            yield middle, 0
+        lines, size = [parts[-1]], 0
+    if lines:
+        yield "".join(lines), size
+
+
+def documents(paths, separator=None):
+    """(stripped text, bytes read) of every non-empty document of the inputs, in order."""
+    for path in paths:
+        path = Path(path)
+        docs = jsonl_documents(path) if is_jsonl(path) else text_documents(path, separator)
+        pending = 0   # bytes of skipped empty documents, reported with the next one
+        for text, size in docs:
+            text = text.strip()
+            pending += size
+            if text:
+                yield text, pending
+                pending = 0
+        if pending:
+            yield "", pending
+
+
+# -- encoding in worker processes ----------------------------------------------------------------
+
+_worker_state = {}
+
+
+def _init_worker(tokenizer_path, separator, dtype):
+    _worker_state["tok"] = tokenizers.load(tokenizer_path)
+    _worker_state["sep"] = separator
+    _worker_state["dtype"] = np.dtype(dtype)
+
+
+def _encode_chunk(texts):
+    """The token arrays of a list of documents, each framed by the separator token."""
+    tok, sep, dtype = _worker_state["tok"], _worker_state["sep"], _worker_state["dtype"]
+    return [np.asarray(tok.encode(t, bos=sep == "bos", eos=sep == "eos"), dtype=dtype)
+            for t in texts]
+
+
+# -- the command's work --------------------------------------------------------------------------
+
+@dataclass
+class Split:
+    """One output file and what went into it."""
+    path: Path
+    documents: int = 0
+    tokens: int = 0
+    file: object = field(default=None, repr=False)
+
+
+def val_path_for(out: Path) -> Path:
+    """tokens.bin -> tokens.val.bin"""
+    return out.with_name(f"{out.stem}.val{out.suffix}")
+
+
+def _check_inputs(paths):
+    if not paths:
+        raise AnecyError("no input files")
+    for p in map(Path, paths):
+        if p.is_dir():
+            raise AnecyError(f"{p}: is a directory, not a text or JSONL file")
+        try:
+            with open(p, "rb"):
+                pass
+        except FileNotFoundError:
+            raise AnecyError(f"{p}: no such file") from None
+        except OSError as e:
+            raise AnecyError(f"{p}: cannot read ({e.strerror or e})") from None
+
+
+def check_writable(path: Path):
+    """Fail now, not after the work, if ``path`` cannot be written."""
+    if path.is_dir():
+        raise AnecyError(f"{path}: is a directory; name the token file to write")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise AnecyError(f"{path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists()
+                                                      and not os.access(path, os.W_OK)):
+        raise AnecyError(f"{path}: not writable")
+
+
+def _separator_of(tok):
+    if tok.bos_id is not None:
+        return "bos"
+    if tok.eos_id is not None:
+        return "eos"
+    return "none"
+
+
+def _chunks(docs, n):
+    """Lists of up to ``n`` document texts, each with the input bytes read for it."""
+    texts, size = [], 0
+    for text, read in docs:
+        size += read
+        if text:
+            texts.append(text)
+        if len(texts) == n:
+            yield texts, size
+            texts, size = [], 0
+    if texts or size:
+        yield texts, size
+
+
+class _Done:
+    """A result already at hand, with the interface of multiprocessing's AsyncResult."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def get(self):
+        return self.value
+
+
+def prepare(inputs, tokenizer, out, val_frac=0.0, separator=None, workers=None,
+            progress=True, log=print) -> dict:
+    """Tokenize ``inputs`` into ``out`` (and its held-out file with ``val_frac``); returns
+    the sidecar written beside ``out``. ``tokenizer`` is a path."""
+    from tqdm import tqdm
+
+    out = Path(out)
+    if not 0.0 <= val_frac < 1.0:
+        raise AnecyError(f"--val-frac must be in [0, 1), got {val_frac}")
+    if separator == "":
+        raise AnecyError("the document separator cannot be empty")
+    _check_inputs(inputs)
+    outputs = [out] + ([val_path_for(out)] if val_frac else [])
+    for p in outputs:
+        check_writable(p)
+        check_writable(sidecar_path(p))
+    tok = tokenizers.load(tokenizer)
+    dtype = token_dtype(tok.vocab_size)
+    sep = _separator_of(tok)
+    if sep == "none":
+        log(f"note: tokenizer {tok.path} has neither BOS nor EOS; documents are written "
+            "back to back with nothing between them")
+    workers = max(1, workers or os.cpu_count() or 1)
+    total_bytes = sum(Path(p).stat().st_size for p in inputs)
+    train, val = Split(out), Split(val_path_for(out))
+    n_docs = 0
+
+    def write(arrays):
+        nonlocal n_docs
+        for ids in arrays:
+            held_out = val_frac and int((n_docs + 1) * val_frac) > int(n_docs * val_frac)
+            split = val if held_out else train
+            split.file.write(ids.tobytes())
+            split.documents += 1
+            split.tokens += len(ids)
+            n_docs += 1
+
+    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
+               desc="prepare", dynamic_ncols=True)
+    with ExitStack() as stack:
+        stack.push(lambda *exc: _close_bar(bar, failed=exc[0] is not None))
+        if workers > 1:
+            import multiprocessing as mp
+            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
+                                                initargs=(tok.path, sep, dtype.str))
+            stack.callback(pool.join)
+            stack.callback(pool.terminate)
+            submit = lambda texts: pool.apply_async(_encode_chunk, (texts,))  # noqa: E731
+        else:
+            _init_worker(tok.path, sep, dtype.str)
+            submit = lambda texts: _Done(_encode_chunk(texts))  # noqa: E731
+        train.file = stack.enter_context(atomic_write(train.path))
+        if val_frac:
+            val.file = stack.enter_context(atomic_write(val.path))
+        # chunks are read here, encoded by the pool and written back in input order, with a
+        # bounded number in flight so that a large input is never held in memory
+        in_flight = deque()
+        for texts, size in _chunks(documents(inputs, separator), CHUNK_DOCS):
+            in_flight.append((submit(texts), size))
+            if len(in_flight) >= 2 * workers:
+                result, size = in_flight.popleft()
+                write(result.get())
+                bar.update(size)
+        while in_flight:
+            result, size = in_flight.popleft()
+            write(result.get())
+            bar.update(size)
+        if not n_docs:
+            raise AnecyError("no documents in " + ", ".join(map(str, inputs)) +
+                             " (empty input)")
+        if val_frac and not val.documents:
+            raise AnecyError(f"--val-frac {val_frac} holds out none of the {n_docs} "
+                             "documents; give more text or a larger fraction")
+
+    meta = {
+        "format": SIDECAR_FORMAT,
+        "tokenizer": {"kind": tok.kind, "path": str(Path(tok.path).resolve())},
+        "vocab_size": tok.vocab_size, "dtype": dtype.name,
+        "bos_id": tok.bos_id, "eos_id": tok.eos_id, "separator": sep,
+        "sources": [str(Path(p).resolve()) for p in inputs],
+    }
+    train_meta = dict(meta, split="train" if val_frac else "all",
+                      documents=train.documents, tokens=train.tokens)
+    if val_frac:
+        train_meta["val"] = {"path": val.path.name, "fraction": val_frac,
+                             "documents": val.documents, "tokens": val.tokens}
+        val_meta = dict(meta, split="val", train=train.path.name,
+                        documents=val.documents, tokens=val.tokens)
+        write_sidecar(val.path, val_meta)
+    write_sidecar(train.path, train_meta)
+    for s in (train, val) if val_frac else (train,):
+        log(f"{s.path}: {s.tokens:,} tokens ({dtype.name}) in {s.documents:,} documents")
+    return train_meta
+
+
+def _close_bar(bar, failed):
+    if failed:   # the error line is what matters then, not a half-drawn bar
+        bar.leave = False
+    bar.close()
+
+
+def write_sidecar(token_path, meta: dict) -> None:
+    with atomic_write(sidecar_path(token_path)) as f:
+        f.write((json.dumps(meta, indent=2) + "\n").encode("utf-8"))
