@@ -51,7 +51,10 @@ def _silu(x):
 
 class Decoder:
     """A Model's weights ready for decoding, with a KV cache of ``max_len`` positions
-    (default: the model's seq_len, its context length)."""
+    (default: the model's seq_len, its context length).
+
+    A Model trained with vocabulary compaction (``model.active_ids`` set) only ever learnt
+    to score the tokens of its data: the other tokens' logits are -inf."""
 
     def __init__(self, model: Model, max_len: int | None = None):
         cfg = model.config
@@ -70,6 +73,10 @@ class Decoder:
             self.layers.append(v)
         cls = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
         self.embed, self.cls = model.views["model.embed_tokens.weight"], model.views[cls]
+        self.active_ids = model.active_ids
+        if self.active_ids is not None:   # [n_active, D], a copy of today's rows
+            self.cls = self.cls[self.active_ids]
+            self.logits = np.full(cfg.vocab_size, -np.inf, np.float32)
         self.final_norm = model.views["model.norm.weight"]
         # [n_layers, max_len, kv_dim] keys (after QK-norm and RoPE) and values
         self.k_cache = np.zeros((cfg.n_layers, self.max_len, cfg.kv_dim), np.float32)
@@ -144,7 +151,10 @@ class Decoder:
             x = x + self.res * (gate @ w["mlp.down_proj.weight"].T)
         self.pos = p1
         h = _rmsnorm(x[-1], self.final_norm, self.eps)
-        return self.cls @ h
+        if self.active_ids is None:
+            return self.cls @ h
+        self.logits[self.active_ids] = self.cls @ h
+        return self.logits.copy()
 
 
 # -- sampling ------------------------------------------------------------------------------

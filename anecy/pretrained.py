@@ -3,8 +3,10 @@ checkpoint, a llama2.c ``.bin`` file, or a Hugging Face directory; and the token
 with them.
 
 A training checkpoint holds the whole model (with vocabulary compaction too: only the
-classifier's softmax was restricted, every row is stored), its model config and the data it
-was trained on, whose sidecar names the tokenizer."""
+classifier's softmax was restricted, every row is stored), its model config, the active
+vocabulary (the tokens its softmax ran over; loading it sets the Model's active_ids, which
+decoding respects and exports ignore) and the data it was trained on, whose sidecar names the
+tokenizer."""
 
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +107,11 @@ def load_into(model: Model, source):
         if diff:
             raise CheckpointError(f"{source.path} holds another model (differs in "
                                   f"{', '.join(diff)})")
-        load_checkpoint(source.path, into={"params": model.params})
+        _, arrays = load_checkpoint(source.path, into={"params": model.params})
+        active = arrays.get("active_ids")
+        if active is not None and active.size < ours.vocab_size:
+            # trained with vocabulary compaction: only these tokens were ever scored
+            model.set_active_vocab(active.astype(np.int64))
         if not all(np.isfinite(model.params[i:i + (1 << 22)]).all()
                    for i in range(0, model.params.size, 1 << 22)):
             raise CheckpointError(f"{source.path}: holds NaN or infinite weights")

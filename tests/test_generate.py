@@ -68,15 +68,19 @@ def test_cached_logits_equal_the_engine_window(case):
     assert np.abs(dec.step(tokens[:1]) - ref[0]).max() <= 1e-5 * scale
 
 
-def test_compacted_model_decodes_the_full_vocabulary():
+def test_compacted_model_scores_only_its_active_vocabulary():
     cfg = ModelConfig(**CASES["gqa-interleaved"])
     model = Model(cfg, seed=2)
     tokens = np.arange(cfg.seq_len, dtype=np.int32) % cfg.vocab_size
     full = model.logits(tokens)[-1]
-    model.set_active_vocab(np.arange(0, cfg.vocab_size, 3))
+    active = np.arange(0, cfg.vocab_size, 3)
+    model.set_active_vocab(active)
     out = Decoder(model).step(tokens)
     assert out.shape == (cfg.vocab_size,)
-    assert np.abs(out - full).max() <= 1e-5 * np.abs(full).max()
+    assert np.abs(out[active] - full[active]).max() <= 1e-5 * np.abs(full).max()
+    assert np.all(np.isneginf(np.delete(out, active)))
+    ids = generate(model, [0], 10, SamplingConfig(temperature=2.0, seed=0))
+    assert set(ids) <= set(active.tolist())
 
 
 def test_stops_at_stop_ids_max_new_tokens_and_context():
@@ -216,11 +220,12 @@ def test_sample_from_a_checkpoint_of_the_builtin_corpus(tmp_path, capsys):
     code, out, err = run_sample(["--ckpt", tmp_path / "t.ckpt", "--temperature", 0,
                              "--max-new-tokens", 20], capsys)
     assert code == 0, err
-    # the full model, not the compact classifier: the same ids as generate() on its weights
-    full = Model(trainer.mc)
-    full.params[:] = trainer.model.params
-    full.weights_changed()
-    ids = list(generate(full, [1], 20, SamplingConfig(temperature=0), stop_ids=[1, 2]))
+    # the checkpoint's weights over the active vocabulary: the ids generate() picks
+    model = Model(trainer.mc)
+    model.params[:] = trainer.model.params
+    model.set_active_vocab(trainer.vocab.active_ids)   # only the tokens it was trained on
+    ids = list(generate(model, [1], 20, SamplingConfig(temperature=0), stop_ids=[1, 2]))
+    assert set(ids) <= set(trainer.vocab.active_ids.tolist())
     from anecy.tokenizer import builtin
     assert len(ids) == 20 and out == builtin().decode([1] + ids) + "\n"
     # a prompt needs a tokenizer that encodes: the built-in decoder cannot
