@@ -249,3 +249,20 @@ def stream_text(decode, prompt: Sequence[int], tokens: Iterator[int]) -> Iterato
     rest = decode(ids)
     if len(rest) > len(shown) and rest.startswith(shown):
         yield rest[len(shown):]
+
+
+def training_sample(model: Model, tokenizer=None, n_tokens: int = 48) -> str:
+    """A short greedy sample of a model in training, from BOS (from EOS, the document
+    separator, for vocabularies without BOS), decoded by ``tokenizer``; the ids themselves
+    when there is no tokenizer to decode them (Llama-2 id conventions: BOS 1, EOS 2)."""
+    bos, eos = 1, 2
+    if tokenizer is not None:
+        bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    start = bos if bos is not None else eos
+    stops = [i for i in (bos, eos) if i is not None]
+    decoder = Decoder(model, max_len=min(model.config.seq_len, n_tokens + 1))
+    ids = list(generate(model, [start], n_tokens, SamplingConfig(temperature=0), stops,
+                        decoder))
+    if tokenizer is None:
+        return "ids " + " ".join(map(str, ids)) + " (pass --tokenizer to read them)"
+    return tokenizer.decode([start] + ids)

@@ -99,7 +99,7 @@ class Trainer:
                       if train_config.compact_vocab else VocabMap.full(model_config.vocab_size))
         self.model = Model(model_config, self.backend, seed=train_config.seed)
         if train_config.init_from and _resume_state is None:
-            from .hf import load_into
+            from .pretrained import load_into   # an HF directory or a llama2.c file
             load_into(self.model, train_config.init_from)
             log(f"initial weights: {train_config.init_from}")
         if not self.vocab.is_identity:
@@ -182,6 +182,16 @@ class Trainer:
             lse = np.log(np.exp(logits - mx).sum(axis=1)) + mx[:, 0]
             losses.append(float(np.mean(lse - logits[np.arange(len(target)), target])))
         return float(np.mean(losses))
+
+    def sample(self, n_tokens: int = 48) -> str:
+        """A greedy sample from BOS, decoded (outside the timed step)."""
+        from .generate import training_sample
+        if not hasattr(self, "_sample_tokenizer"):
+            from .pretrained import tokenizer_for_data
+            from .tokenizer import load
+            self._sample_tokenizer = (load(self.tc.tokenizer) if self.tc.tokenizer
+                                      else tokenizer_for_data(self.data_name))
+        return training_sample(self.model, self._sample_tokenizer, n_tokens)
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self, path=None):
@@ -285,6 +295,8 @@ class Trainer:
                     window = []
                 if rec.val_loss is not None:
                     bar.write(f"step {rec.step}: val loss {rec.val_loss:.4f}")
+                if tc.sample_every and rec.step % tc.sample_every == 0:
+                    bar.write(f"step {rec.step} sample: {self.sample()!r}")
                 if tc.ckpt_path and tc.ckpt_every and rec.step % tc.ckpt_every == 0 \
                         and rec.step < tc.steps:
                     self.save()

@@ -294,3 +294,55 @@ def test_stream_text_shows_each_piece_once():
     out = list(stream_text(decode, [1, 5], iter([6, 7, 8, 5])))
     assert out == ["a", "\u00e9", "b", " a"]
     assert "".join(out) == decode([1, 5, 6, 7, 8, 5])
+
+
+# -- samples while training ----------------------------------------------------------------
+def test_sample_every_prints_decoded_samples_outside_the_timed_step():
+    from anecy import TrainConfig, Trainer
+    from anecy.generate import training_sample
+    from anecy.tokenizer import builtin
+    lines = []
+    tc = TrainConfig(steps=4, accum=1, sample_every=2)
+    trainer = Trainer(ModelConfig.preset("tiny"), tc, log=lines.append)
+    records = [trainer.step() for _ in range(2)]
+    text = trainer.sample()
+    # the built-in corpus decodes with its own pieces: greedy ids from BOS, as text
+    model = trainer.model
+    ids = list(generate(model, [1], 48, SamplingConfig(temperature=0), [1, 2]))
+    assert text == builtin().decode([1] + ids)
+    assert trainer.step_count == 2 and all(r.ms > 0 for r in records)
+    # no tokenizer: the ids, and how to read them
+    assert training_sample(model, None, 5).startswith("ids ")
+
+
+def test_sample_every_in_a_run(tmp_path):
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1]
+                                               / "train_stories.py"), "--preset", "tiny",
+                           "--steps", "4", "--accum", "1", "--sample-every", "2",
+                           "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    samples = [line for line in proc.stdout.splitlines() if " sample: " in line]
+    assert [s.split()[1] for s in samples] == ["2", "4"]
+
+
+def test_prepared_data_names_the_tokenizer_for_samples(tmp_path, capsys):
+    spm = require_shared("data", "llama2-tokenizer", "tokenizer.model",
+                         why="prepares the token file whose sidecar sampling reads")
+    from anecy.corpus import builtin_stories
+    (tmp_path / "stories.txt").write_text("\n\n".join(builtin_stories(60)))
+    assert anecy_main(["prepare", str(tmp_path / "stories.txt"), "--tokenizer", str(spm),
+                       "--out", str(tmp_path / "tokens.bin"), "--no-progress"]) == 0
+    ckpt = tmp_path / "t.ckpt"
+    assert anecy_main(["train", "--preset", "tiny", "--data", str(tmp_path / "tokens.bin"),
+                       "--steps", "2", "--accum", "1", "--sample-every", "2",
+                       "--ckpt", str(ckpt), "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "step 2 sample: " in out and "ids " not in out
+    # the checkpoint's data sidecar names the tokenizer: a prompt can be encoded
+    code, text, err = run_sample(["--ckpt", ckpt, "--prompt", "Once upon a time",
+                                  "--temperature", 0, "--max-new-tokens", 5], capsys)
+    assert code == 0, err
+    assert text.startswith("Once upon a time")

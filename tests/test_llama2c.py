@@ -200,3 +200,32 @@ def test_load_into_another_shape_is_refused():
                               vocab_size=96, seq_len=8, tie_embeddings=True))
     with pytest.raises(CheckpointError, match="differs in tie_embeddings"):
         llama2c.load_into(model, DATA / "llama2c_untied_v0.bin")
+
+
+# -- fine-tuning from a llama2.c file --------------------------------------------------------
+def test_train_init_from_a_llama2c_file_takes_its_shape(tmp_path, capsys):
+    from anecy.checkpoint import load_checkpoint
+    from anecy.cli import anecy_main
+    rng = np.random.default_rng(0)
+    rng.integers(3, 512, 4000).astype(np.uint16).tofile(tmp_path / "tokens.bin")
+    ckpt = tmp_path / "ft.ckpt"
+    code = anecy_main(["train", "--init-from", str(DATA / "llama2c_tied_v0.bin"),
+                       "--data", str(tmp_path / "tokens.bin"), "--steps", "1", "--lr", "1e-12",
+                       "--ckpt", str(ckpt), "--no-progress"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "initial weights" in out
+    _, arrays = load_checkpoint(ckpt)
+    source = llama2c.load(DATA / "llama2c_tied_v0.bin")
+    # one update at lr 1e-12 leaves the file's weights (not a random init) in place
+    np.testing.assert_allclose(arrays["params"], source.params, rtol=0, atol=1e-6)
+    # the sequence length is the preset's (stories110m: 256), not the file's context (32)
+    from anecy.checkpoint import read_checkpoint_meta
+    mc = read_checkpoint_meta(ckpt)["meta"]["model_config"]
+    assert mc["seq_len"] == 256 and mc["dim"] == 16 and mc["vocab_size"] == 512
+    # a --preset of another shape is refused before any work
+    code = anecy_main(["train", "--init-from", str(DATA / "llama2c_tied_v0.bin"),
+                       "--preset", "tiny", "--ckpt", str(tmp_path / "x.ckpt")])
+    _, err = capsys.readouterr()
+    assert code == 2 and "another model than --preset tiny" in err and "dim" in err
+    assert not (tmp_path / "x.ckpt").exists()
