@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._ops import rope_tables
-from .errors import ConfigError
+from .errors import AnecyError, ConfigError
 from .model import Model
 
 
@@ -254,7 +254,8 @@ def stream_text(decode, prompt: Sequence[int], tokens: Iterator[int]) -> Iterato
 def training_sample(model: Model, tokenizer=None, n_tokens: int = 48) -> str:
     """A short greedy sample of a model in training, from BOS (from EOS, the document
     separator, for vocabularies without BOS), decoded by ``tokenizer``; the ids themselves
-    when there is no tokenizer to decode them (Llama-2 id conventions: BOS 1, EOS 2)."""
+    when there is no tokenizer or it cannot decode them (Llama-2 conventions then: BOS 1,
+    EOS 2). Never raises for the tokenizer's sake: a sample must not end a training run."""
     bos, eos = 1, 2
     if tokenizer is not None:
         bos, eos = tokenizer.bos_id, tokenizer.eos_id
@@ -263,6 +264,27 @@ def training_sample(model: Model, tokenizer=None, n_tokens: int = 48) -> str:
     decoder = Decoder(model, max_len=min(model.config.seq_len, n_tokens + 1))
     ids = list(generate(model, [start], n_tokens, SamplingConfig(temperature=0), stops,
                         decoder))
-    if tokenizer is None:
-        return "ids " + " ".join(map(str, ids)) + " (pass --tokenizer to read them)"
-    return tokenizer.decode([start] + ids)
+    why = "pass --tokenizer to read them"
+    if tokenizer is not None:
+        try:
+            return repr(tokenizer.decode([start] + ids))
+        except AnecyError as e:
+            why = str(e)
+    return "ids " + " ".join(map(str, ids)) + f" ({why})"
+
+
+class TrainingSampler:
+    """Samples while training, decoded by the tokenizer named (``path``), else the one the
+    training data was prepared with, else shown as ids."""
+
+    def __init__(self, path=None, data_name=None, log=print):
+        from .pretrained import tokenizer_for_data
+        from .tokenizer import load
+        try:
+            self.tokenizer = load(path) if path else tokenizer_for_data(data_name)
+        except AnecyError as e:
+            log(f"samples show token ids: {e}")
+            self.tokenizer = None
+
+    def __call__(self, model: Model, n_tokens: int = 48) -> str:
+        return training_sample(model, self.tokenizer, n_tokens)

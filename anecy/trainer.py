@@ -184,14 +184,11 @@ class Trainer:
         return float(np.mean(losses))
 
     def sample(self, n_tokens: int = 48) -> str:
-        """A greedy sample from BOS, decoded (outside the timed step)."""
-        from .generate import training_sample
-        if not hasattr(self, "_sample_tokenizer"):
-            from .pretrained import tokenizer_for_data
-            from .tokenizer import load
-            self._sample_tokenizer = (load(self.tc.tokenizer) if self.tc.tokenizer
-                                      else tokenizer_for_data(self.data_name))
-        return training_sample(self.model, self._sample_tokenizer, n_tokens)
+        """A greedy sample from BOS, decoded (run() calls it outside the timed step)."""
+        if not hasattr(self, "_sampler"):
+            from .generate import TrainingSampler
+            self._sampler = TrainingSampler(self.tc.tokenizer, self.data_name, self.log)
+        return self._sampler(self.model, n_tokens)
 
     # -- checkpoints -------------------------------------------------------------------------
     def save(self, path=None):
@@ -296,7 +293,7 @@ class Trainer:
                 if rec.val_loss is not None:
                     bar.write(f"step {rec.step}: val loss {rec.val_loss:.4f}")
                 if tc.sample_every and rec.step % tc.sample_every == 0:
-                    bar.write(f"step {rec.step} sample: {self.sample()!r}")
+                    bar.write(f"step {rec.step} sample: {self.sample()}")
                 if tc.ckpt_path and tc.ckpt_every and rec.step % tc.ckpt_every == 0 \
                         and rec.step < tc.steps:
                     self.save()

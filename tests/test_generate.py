@@ -8,7 +8,7 @@ import torch
 from conftest import require_shared
 from test_model import CASES, hf_model
 
-from anecy import ConfigError, Model, ModelConfig
+from anecy import AnecyError, ConfigError, Model, ModelConfig
 from anecy.cli import anecy_main
 from anecy.generate import (
     Decoder,
@@ -309,10 +309,18 @@ def test_sample_every_prints_decoded_samples_outside_the_timed_step():
     # the built-in corpus decodes with its own pieces: greedy ids from BOS, as text
     model = trainer.model
     ids = list(generate(model, [1], 48, SamplingConfig(temperature=0), [1, 2]))
-    assert text == builtin().decode([1] + ids)
+    assert text == repr(builtin().decode([1] + ids))
     assert trainer.step_count == 2 and all(r.ms > 0 for r in records)
-    # no tokenizer: the ids, and how to read them
+    # no tokenizer, or one that cannot decode them: the ids, and why
     assert training_sample(model, None, 5).startswith("ids ")
+
+    class Mismatched:   # e.g. a tokenizer of a smaller vocabulary than the model's
+        bos_id, eos_id = 1, 2
+
+        def decode(self, ids):
+            raise AnecyError("token id 31999 is outside the vocabulary of 512 tokens")
+    out = training_sample(model, Mismatched(), 3)
+    assert out.startswith("ids ") and "outside the vocabulary" in out
 
 
 def test_sample_every_in_a_run(tmp_path):

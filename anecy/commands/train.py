@@ -127,6 +127,9 @@ def run(args) -> int:
         raise AnecyError("--init-from starts a new run; it cannot be combined with "
                          "--resume or --scratch")
     backends.resolve(args.backend)
+    if args.tokenizer:   # a bad path fails now, not at the first sample
+        from ..tokenizer import load
+        load(args.tokenizer)
     if args.resume:
         if not Path(ckpt).exists():
             raise AnecyError(f"no checkpoint at {ckpt} to resume from (train without "
