@@ -17,6 +17,8 @@ the result does not depend on the number of workers.
 
 import json
 import os
+import signal
+import sys
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -31,6 +33,8 @@ from .fileio import atomic_write
 
 # documents per task handed to a worker: big enough to amortise the pickling
 CHUNK_DOCS = 256
+# inputs below this many bytes are encoded in the calling process unless workers are asked for
+SMALL_INPUT = 1 << 20
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
@@ -130,7 +134,9 @@ def documents(paths, separator=None):
 _worker_state = {}
 
 
-def _init_worker(tokenizer_path, separator, dtype):
+def _init_worker(tokenizer_path, separator, dtype, worker=False):
+    if worker:   # Ctrl-C is the parent's to handle: it stops the pool and removes the output
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker_state["tok"] = tokenizers.load(tokenizer_path)
     _worker_state["sep"] = separator
     _worker_state["dtype"] = np.dtype(dtype)
@@ -221,7 +227,8 @@ class _Done:
 def prepare(inputs, tokenizer, out, val_frac=0.0, separator=None, workers=None,
             progress=True, log=print) -> dict:
     """Tokenize ``inputs`` into ``out`` (and its held-out file with ``val_frac``); returns
-    the sidecar written beside ``out``. ``tokenizer`` is a path."""
+    the sidecar written beside ``out``. ``tokenizer`` is a path; ``workers`` None means one
+    process per core (one for an input under ``SMALL_INPUT`` bytes)."""
     from tqdm import tqdm
 
     out = Path(out)
@@ -240,8 +247,10 @@ def prepare(inputs, tokenizer, out, val_frac=0.0, separator=None, workers=None,
     if sep == "none":
         log(f"note: tokenizer {tok.path} has neither BOS nor EOS; documents are written "
             "back to back with nothing between them")
-    workers = max(1, workers or os.cpu_count() or 1)
     total_bytes = sum(Path(p).stat().st_size for p in inputs)
+    if workers is None:   # starting a worker costs more than encoding a small input
+        workers = 1 if total_bytes < SMALL_INPUT else (os.cpu_count() or 1)
+    workers = max(1, workers)
     train, val = Split(out), Split(val_path_for(out))
     n_docs = 0
 
@@ -255,20 +264,28 @@ def prepare(inputs, tokenizer, out, val_frac=0.0, separator=None, workers=None,
             split.tokens += len(ids)
             n_docs += 1
 
-    bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
-               desc="prepare", dynamic_ncols=True)
     with ExitStack() as stack:
-        stack.push(lambda *exc: _close_bar(bar, failed=exc[0] is not None))
         if workers > 1:
             import multiprocessing as mp
-            pool = mp.get_context("spawn").Pool(workers, initializer=_init_worker,
-                                                initargs=(tok.path, sep, dtype.str))
+            # fork where it is safe (no threads yet: the progress bar comes after), spawn on
+            # macOS, where forking a process that has loaded system frameworks is not
+            method = "fork" if sys.platform.startswith("linux") else "spawn"
+            pool = mp.get_context(method).Pool(workers, initializer=_init_worker,
+                                               initargs=(tok.path, sep, dtype.str, True))
             stack.callback(pool.join)
             stack.callback(pool.terminate)
-            submit = lambda texts: pool.apply_async(_encode_chunk, (texts,))  # noqa: E731
         else:
+            pool = None
             _init_worker(tok.path, sep, dtype.str)
-            submit = lambda texts: _Done(_encode_chunk(texts))  # noqa: E731
+
+        def submit(texts):
+            if pool is None:
+                return _Done(_encode_chunk(texts))
+            return pool.apply_async(_encode_chunk, (texts,))
+
+        bar = tqdm(total=total_bytes, unit="B", unit_scale=True, disable=not progress,
+                   desc="prepare", dynamic_ncols=True)
+        stack.push(lambda *exc: _close_bar(bar, failed=exc[0] is not None))
         train.file = stack.enter_context(atomic_write(train.path))
         if val_frac:
             val.file = stack.enter_context(atomic_write(val.path))

@@ -87,6 +87,8 @@ class Trainer:
             else:  # a token file: `anecy prepare --val-frac` may have written its held-out file
                 held_out = open_held_out(self.data_name, model_config.vocab_size,
                                          model_config.seq_len)
+                if held_out is not None:
+                    log(f"held-out data: {held_out.filename}")
         else:
             self.data_name, tokens = "given tokens", np.asarray(tokens)
             if tokens.size and (tokens.min() < 0 or tokens.max() >= model_config.vocab_size):

@@ -246,3 +246,36 @@ def test_prepare_command_end_to_end(tmp_path, corpus):
     assert meta["documents"] + meta["val"]["documents"] == len(docs)
     r = run_anecy("prepare", "--help")
     assert r.returncode == 0 and "--val-frac" in r.stdout
+
+
+def test_prepare_benchmark_quick():
+    tok = llama2_model().parent
+    require_shared("data", "llama2-tokenizer", "tokenizer.bin", why=WHY)
+    r = subprocess.run([sys.executable, "bench/bench_prepare.py", "--tokenizer", str(tok),
+                        "--mb", "0.3", "--repeat", "1"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "the same token file from all: True" in r.stdout and "speedup of" in r.stdout
+
+
+def test_ctrl_c_leaves_nothing_behind(tmp_path):
+    # Ctrl-C reaches the whole process group: the workers leave it to the parent, which
+    # stops the pool, removes the temporary and exits with 130 and one line
+    import signal
+    import time
+    binary = require_shared("data", "llama2-tokenizer", "tokenizer.bin", why=WHY)
+    (tmp_path / "in.txt").write_text("\n\n".join(stories(4000)))
+    out = tmp_path / "t.bin"
+    p = subprocess.Popen([sys.executable, "-m", "anecy", "prepare", str(tmp_path / "in.txt"),
+                          "--tokenizer", str(binary), "--out", str(out), "--workers", "2",
+                          "--no-progress"], env=dict(os.environ, PYTHONPATH=str(ROOT)),
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob("t.bin.tmp-*")) and time.time() < deadline:
+        time.sleep(0.05)
+    assert p.poll() is None, "prepare ended before it could be interrupted"
+    time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGINT)
+    err = p.communicate(timeout=120)[1]
+    assert p.returncode == 130 and err.strip() == "anecy prepare: interrupted", err
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["in.txt"]
