@@ -39,8 +39,9 @@ class Source:
 
 
 def inspect(path, kind: str = "auto") -> Source:
-    """The Source at ``path``: ``kind`` "checkpoint" (anecy's training checkpoints), "init"
-    (pretrained weights: a directory is HF, a file llama2.c) or "auto" (any of them)."""
+    """The Source at ``path``: a directory is HF, a file an anecy training checkpoint (by its
+    magic) or else a llama2.c file. ``kind`` "checkpoint" accepts training checkpoints only;
+    "init" (pretrained weights) and "auto" accept all three."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -51,7 +52,7 @@ def inspect(path, kind: str = "auto") -> Source:
         hf = read_config(path)
         context = hf.get("max_position_embeddings") or 2048
         return Source(path, "hf", config_from_hf(hf, seq_len=int(context)))
-    if kind in ("checkpoint", "auto") and _is_anecy_checkpoint(path):
+    if _is_anecy_checkpoint(path):
         meta = read_checkpoint_meta(path)["meta"]
         if meta.get("kind") != TRAINING_CHECKPOINT or "model_config" not in meta:
             raise CheckpointError(f"{path}: not a training checkpoint (kind "
@@ -85,13 +86,18 @@ def load(source: Source, seq_len: Optional[int] = None, backend: str = "cpu") ->
     cfg.seq_len = seq_len or min(cfg.seq_len, 256)
     cfg.validate()
     model = Model(cfg, backend=backend)
-    load_into(model, source)
+    active = load_into(model, source)
+    if active is not None and active.size < cfg.vocab_size:
+        # trained with vocabulary compaction: only these tokens were ever scored
+        model.set_active_vocab(active.astype(np.int64))
     return model
 
 
 def load_into(model: Model, source):
     """Copy a source's weights (a Source, or a path: a directory is HF, a file llama2.c or
-    an anecy checkpoint) into a Model of the same shape (sequence lengths may differ)."""
+    an anecy checkpoint) into a Model of the same shape (sequence lengths may differ).
+    Returns a training checkpoint's active vocabulary (None for other sources); the Model's
+    own active vocabulary is left alone."""
     if not isinstance(source, Source):
         source = inspect(source)
     if source.kind == "hf":
@@ -108,14 +114,12 @@ def load_into(model: Model, source):
             raise CheckpointError(f"{source.path} holds another model (differs in "
                                   f"{', '.join(diff)})")
         _, arrays = load_checkpoint(source.path, into={"params": model.params})
-        active = arrays.get("active_ids")
-        if active is not None and active.size < ours.vocab_size:
-            # trained with vocabulary compaction: only these tokens were ever scored
-            model.set_active_vocab(active.astype(np.int64))
         if not all(np.isfinite(model.params[i:i + (1 << 22)]).all()
                    for i in range(0, model.params.size, 1 << 22)):
             raise CheckpointError(f"{source.path}: holds NaN or infinite weights")
         model.weights_changed()
+        return arrays.get("active_ids")
+    return None
 
 
 # -- tokenizers ----------------------------------------------------------------------------

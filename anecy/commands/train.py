@@ -61,8 +61,9 @@ def add_arguments(p, family=None):
     p.add_argument("--init-from", metavar="PATH",
                    help="start from pretrained weights: a local HF directory (config.json + "
                         "model.safetensors), e.g. a download of Qwen/Qwen3-0.6B, or a llama2.c "
-                        ".bin such as stories110M.bin; without --preset the model takes its "
-                        "shape from them (the sequence length stays the preset's)")
+                        ".bin such as stories110M.bin, or an anecy checkpoint (its weights, in a new run); "
+                        "without --preset the model takes its shape from them (the sequence "
+                        "length stays the preset's)")
     p.add_argument("--backend", choices=("auto",) + backends.BACKENDS, default="auto",
                    help="kernel backend (default auto: ane on Apple Silicon, else cpu)")
     p.add_argument("--metrics", metavar="PATH", help="append one JSON line per microstep")
