@@ -169,17 +169,23 @@ def next_token_probs(logits, temperature: float, top_k: int = 0, top_p: float = 
         probs[int(np.argmax(logits))] = 1.0
         return probs
     z = logits / temperature
-    order = np.argsort(-z, kind="stable")                 # most likely first
-    if top_k and top_k < order.size:
-        order = order[:top_k]
-    kept = np.exp(z[order] - z[order[0]])
+    ids = np.arange(z.size)
+    if top_k and top_k < z.size:
+        ids = np.argpartition(-z, top_k - 1)[:top_k]
+    kept = np.exp(z[ids] - z[ids].max())
     kept /= kept.sum()
     if top_p < 1.0:
+        # a token below this cutoff cannot be in the nucleus (llama2.c's run.c sorts only the
+        # rest): the tokens at or after it would hold less than 1 - top_p in all
+        near = kept >= (1.0 - top_p) / max(kept.size - 1, 1)
+        near[np.argmax(kept)] = True
+        ids, kept = ids[near], kept[near]
+        order = np.lexsort((ids, -kept))          # most likely first, ties by id
+        ids, kept = ids[order], kept[order]
         # keep tokens while the mass before them is below top_p (the first always stays)
-        before = np.cumsum(kept) - kept
-        n = max(1, int(np.count_nonzero(before < top_p)))
-        order, kept = order[:n], kept[:n] / kept[:n].sum()
-    probs[order] = kept
+        n = max(1, int(np.count_nonzero(np.cumsum(kept) - kept < top_p)))
+        ids, kept = ids[:n], kept[:n]
+    probs[ids] = kept / kept.sum()
     return probs
 
 

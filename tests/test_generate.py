@@ -157,6 +157,32 @@ def test_top_k_then_top_p():
     np.testing.assert_allclose(p, [0, 0.4 / 0.7, 0, 0.3 / 0.7, 0])
 
 
+def reference_probs(logits, temperature, top_k, top_p):
+    """The definition, by a full sort: softmax(z / T) over the top_k, then the shortest
+    prefix of the sorted rest whose mass reaches top_p."""
+    z = np.asarray(logits, np.float64) / temperature
+    order = np.lexsort((np.arange(z.size), -z))[:top_k or z.size]
+    p = np.exp(z[order] - z[order].max())
+    p /= p.sum()
+    n = next((i + 1 for i in range(p.size) if p[:i + 1].sum() >= top_p), p.size)
+    out = np.zeros(z.size)
+    out[order[:n]] = p[:n] / p[:n].sum()
+    return out
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_distribution_equals_its_definition_on_random_logits(seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.standard_normal(3000) * rng.choice([0.1, 1.0, 5.0])
+    for temperature, top_k, top_p in [(1.0, 0, 0.9), (0.7, 0, 0.5), (1.3, 50, 0.95),
+                                      (1.0, 10, 1.0), (2.0, 0, 0.01), (1.0, 1, 0.3),
+                                      (0.5, 0, 0.999)]:
+        got = next_token_probs(logits, temperature, top_k, top_p)
+        ref = reference_probs(logits, temperature, top_k, top_p)
+        np.testing.assert_allclose(got, ref, atol=1e-12)
+        np.testing.assert_array_equal(got > 0, ref > 0)
+
+
 def test_draws_follow_the_distribution():
     rng = np.random.Generator(np.random.PCG64(0))
     cfg = SamplingConfig(temperature=1.0, top_k=4, top_p=0.85)
@@ -354,3 +380,14 @@ def test_prepared_data_names_the_tokenizer_for_samples(tmp_path, capsys):
                                   "--temperature", 0, "--max-new-tokens", 5], capsys)
     assert code == 0, err
     assert text.startswith("Once upon a time")
+
+
+def test_sample_benchmark_quick():
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "bench/bench_sample.py", "--quick"], cwd=root,
+                          capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr
+    assert "tokens/s" in proc.stdout
