@@ -145,15 +145,23 @@ def tokenizer_for_data(data: Optional[str]):
 
 
 def tokenizer_for(source: Source, given=None):
-    """The tokenizer to read and write a source's text: ``given`` (a path), else the one its
-    training data was prepared with, else the one in its HF directory; None when unknown."""
+    """The tokenizer to read and write a source's text: ``given`` (a path), else for a
+    checkpoint the --tokenizer it was trained with or the one its data was prepared with
+    (the data path as recorded, or beside the checkpoint), else the one in an HF directory;
+    None when unknown."""
     from . import tokenizer
     if given:
         return tokenizer.load(given)
     if source.kind == "checkpoint":
-        return tokenizer_for_data(source.meta.get("data"))
+        named = (source.meta.get("train_config") or {}).get("tokenizer")
+        if named and Path(named).exists():
+            return tokenizer.load(named)
+        data = source.meta.get("data")
+        if data and data != BUILTIN_DATA and not Path(data).is_file() \
+                and (source.path.parent / data).is_file():
+            data = str(source.path.parent / data)
+        return tokenizer_for_data(data)
     names = ("tokenizer.json", "tokenizer.model")
     if source.kind == "hf" and any((source.path / n).is_file() for n in names):
         return tokenizer.load(source.path)
     return None
-

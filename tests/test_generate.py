@@ -362,21 +362,24 @@ def test_sample_every_in_a_run(tmp_path):
     assert [s.split()[1] for s in samples] == ["2", "4"]
 
 
-def test_prepared_data_names_the_tokenizer_for_samples(tmp_path, capsys):
+def test_prepared_data_names_the_tokenizer_for_samples(tmp_path, capsys, monkeypatch):
     spm = require_shared("data", "llama2-tokenizer", "tokenizer.model",
                          why="prepares the token file whose sidecar sampling reads")
     from anecy.corpus import builtin_stories
-    (tmp_path / "stories.txt").write_text("\n\n".join(builtin_stories(60)))
-    assert anecy_main(["prepare", str(tmp_path / "stories.txt"), "--tokenizer", str(spm),
-                       "--out", str(tmp_path / "tokens.bin"), "--no-progress"]) == 0
-    ckpt = tmp_path / "t.ckpt"
-    assert anecy_main(["train", "--preset", "tiny", "--data", str(tmp_path / "tokens.bin"),
-                       "--steps", "2", "--accum", "1", "--sample-every", "2",
-                       "--ckpt", str(ckpt), "--no-progress"]) == 0
+    monkeypatch.chdir(tmp_path)
+    Path("stories.txt").write_text("\n\n".join(builtin_stories(60)))
+    assert anecy_main(["prepare", "stories.txt", "--tokenizer", str(spm),
+                       "--out", "tokens.bin", "--no-progress"]) == 0
+    assert anecy_main(["train", "--preset", "tiny", "--data", "tokens.bin", "--steps", "2",
+                       "--accum", "1", "--sample-every", "2", "--ckpt", "t.ckpt",
+                       "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "step 2 sample: " in out and "ids " not in out
-    # the checkpoint's data sidecar names the tokenizer: a prompt can be encoded
-    code, text, err = run_sample(["--ckpt", ckpt, "--prompt", "Once upon a time",
+    # the checkpoint records its data (tokens.bin, relative), whose sidecar names the
+    # tokenizer: found from another directory too, beside the checkpoint
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    code, text, err = run_sample(["--ckpt", "../t.ckpt", "--prompt", "Once upon a time",
                                   "--temperature", 0, "--max-new-tokens", 5], capsys)
     assert code == 0, err
     assert text.startswith("Once upon a time")
