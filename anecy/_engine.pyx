@@ -236,13 +236,15 @@ cdef struct AdamSlice:
     Py_ssize_t n
     double lr, beta1, beta2, eps, weight_decay, grad_scale
     long step
+    bint nonfinite
 
 
 cdef void _adamw_call(void* arg) noexcept nogil:
     cdef AdamSlice* a = <AdamSlice*>arg
+    a.nonfinite = False
     if a.n:
-        adamw(a.p, a.g, a.m, a.v, a.n, a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.step,
-              a.grad_scale, 1)
+        a.nonfinite = adamw(a.p, a.g, a.m, a.v, a.n, a.lr, a.beta1, a.beta2, a.eps,
+                            a.weight_decay, a.step, a.grad_scale, 1)
 
 
 cdef class Engine:
@@ -489,7 +491,8 @@ cdef class Engine:
               Py_ssize_t n_decay, double lr, double beta1, double beta2, double eps,
               double weight_decay, long step, double grad_scale):
         """AdamW over flat buffers (decay on [0, n_decay)), clearing grads as it goes.
-        Each element is updated exactly as by _ops.adamw, whichever thread runs it."""
+        Each element is updated exactly as by _ops.adamw, whichever thread runs it.
+        Returns True when a parameter or moment came out NaN or infinite."""
         cdef Py_ssize_t n = params.shape[0]
         if grads.shape[0] != n or m.shape[0] != n or v.shape[0] != n or not 0 <= n_decay <= n:
             raise ValueError("adamw: buffers of different lengths")
@@ -497,6 +500,7 @@ cdef class Engine:
             raise ValueError("step counts from 1")
         cdef AdamSlice first
         cdef Py_ssize_t half = n_decay // 2
+        cdef bint nonfinite = False
         first.p, first.g, first.m, first.v = &params[0], &grads[0], &m[0], &v[0]
         first.n = half
         first.lr, first.beta1, first.beta2, first.eps = lr, beta1, beta2, eps
@@ -504,12 +508,15 @@ cdef class Engine:
         with nogil:
             self.worker.submit_call(_adamw_call, &first)
             if n_decay > half:
-                adamw(&params[half], &grads[half], &m[half], &v[half], n_decay - half, lr,
-                      beta1, beta2, eps, weight_decay, step, grad_scale, 1)
+                nonfinite |= adamw(&params[half], &grads[half], &m[half], &v[half],
+                                   n_decay - half, lr, beta1, beta2, eps, weight_decay, step,
+                                   grad_scale, 1)
             if n > n_decay:
-                adamw(&params[n_decay], &grads[n_decay], &m[n_decay], &v[n_decay],
-                      n - n_decay, lr, beta1, beta2, eps, 0.0, step, grad_scale, 1)
+                nonfinite |= adamw(&params[n_decay], &grads[n_decay], &m[n_decay],
+                                   &v[n_decay], n - n_decay, lr, beta1, beta2, eps, 0.0, step,
+                                   grad_scale, 1)
             self.worker.wait_all()
+        return bool(nonfinite or first.nonfinite)
 
     cdef void _forward(self, const int* tokens) noexcept nogil:
         cdef Dims d = self.d

@@ -53,8 +53,9 @@ cdef void embedding_fwd(const float* E, const int* tokens, float* x, int S, int 
 cdef void embedding_bwd(float* dE, const int* tokens, const float* dx, int S, int D) noexcept nogil
 
 # One AdamW update (PyTorch's formula) of n parameters; grads are multiplied by grad_scale
-# and, with zero_grad, cleared as they are read.
-cdef void adamw(float* p, float* g, float* m, float* v, Py_ssize_t n, double lr,
+# and, with zero_grad, cleared as they are read. True when a parameter or moment came out
+# NaN or infinite (checked in the same pass).
+cdef bint adamw(float* p, float* g, float* m, float* v, Py_ssize_t n, double lr,
                 double beta1, double beta2, double eps, double weight_decay, long step,
                 double grad_scale, bint zero_grad) noexcept nogil
 cdef double sumsq(const float* x, Py_ssize_t n) noexcept nogil

@@ -9,7 +9,8 @@ import sys
 
 import numpy as np
 
-from libc.math cimport log, sqrt, sqrtf
+from libc.float cimport FLT_MAX
+from libc.math cimport fabsf, log, sqrt, sqrtf
 from libc.string cimport memcpy, memset
 from libc.stdint cimport uint16_t
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer
@@ -386,14 +387,19 @@ cdef void embedding_bwd(float* dE, const int* tokens, const float* dx, int S, in
             row[d] += dx[d * S + s]
 
 
-cdef void adamw(float* p, float* g, float* m, float* v, Py_ssize_t n, double lr,
+cdef bint adamw(float* p, float* g, float* m, float* v, Py_ssize_t n, double lr,
                 double beta1, double beta2, double eps, double weight_decay, long step,
                 double grad_scale, bint zero_grad) noexcept nogil:
     # The order of operations follows torch.optim.AdamW (decoupled decay first, lerp
     # for the first moment, bias corrections folded into the step size and denominator);
     # its constants are formed in double from the double hyperparameters, as torch does.
+    # The finite check rides along: |p| + v is NaN or inf when p or v is (nothing cancels,
+    # both terms are >= 0); m cannot go non-finite alone: that takes a gradient above
+    # ~1e19 (or NaN), whose square makes v infinite (or NaN) in the same update. One
+    # compare per element, OR-ed into an integer, keeps the loop vectorised.
     cdef Py_ssize_t i
-    cdef float gi
+    cdef float gi, pi, mi, vi
+    cdef int nonfinite = 0
     cdef float gscale = <float>grad_scale
     cdef float decay = <float>(1.0 - lr * weight_decay)
     cdef float one_m_b1 = <float>(1.0 - beta1)
@@ -404,12 +410,17 @@ cdef void adamw(float* p, float* g, float* m, float* v, Py_ssize_t n, double lr,
     cdef float epsf = <float>eps
     for i in range(n):
         gi = g[i] * gscale
-        p[i] *= decay
-        m[i] += one_m_b1 * (gi - m[i])
-        v[i] = v[i] * b2 + one_m_b2 * gi * gi
-        p[i] -= step_size * m[i] / (sqrtf(v[i]) / bc2_sqrt + epsf)
+        pi = p[i] * decay
+        mi = m[i] + one_m_b1 * (gi - m[i])
+        vi = v[i] * b2 + one_m_b2 * gi * gi
+        pi = pi - step_size * mi / (sqrtf(vi) / bc2_sqrt + epsf)
+        p[i] = pi
+        m[i] = mi
+        v[i] = vi
+        nonfinite |= not (fabsf(pi) + vi <= FLT_MAX)
         if zero_grad:  # saves the separate pass over the gradients
             g[i] = 0.0
+    return nonfinite != 0
 
 
 cdef double sumsq(const float* x, Py_ssize_t n) noexcept nogil:
@@ -664,16 +675,19 @@ def py_embedding_bwd(float[:, ::1] dE, const int[::1] tokens, const float[:, ::1
 def py_adamw(float[::1] p, float[::1] g, float[::1] m, float[::1] v, double lr,
              double beta1, double beta2, double eps, double weight_decay, long step,
              double grad_scale=1.0, bint zero_grad=False):
-    """One AdamW update in place; zero_grad=True also clears g on the way."""
+    """One AdamW update in place; zero_grad=True also clears g on the way. Returns True
+    when a parameter or moment came out NaN or infinite."""
     _same_len(p, g, "adamw")
     _same_len(p, m, "adamw")
     _same_len(p, v, "adamw")
     if step < 1:
         raise ValueError("step counts from 1")
+    cdef bint nonfinite = False
     if p.shape[0]:
         with nogil:
-            adamw(&p[0], &g[0], &m[0], &v[0], p.shape[0], lr, beta1, beta2, eps, weight_decay,
-                  step, grad_scale, zero_grad)
+            nonfinite = adamw(&p[0], &g[0], &m[0], &v[0], p.shape[0], lr, beta1, beta2, eps,
+                              weight_decay, step, grad_scale, zero_grad)
+    return nonfinite
 
 
 def py_expf(const float[::1] x):

@@ -51,6 +51,9 @@ def resolve(name):
 # gradient entries of the tiny and stories110m models while leaving ~500x headroom below
 # fp16's maximum at initialisation (tests/test_sim.py prints the sweep).
 DEFAULT_LOSS_SCALE = {"cpu": 1.0, "sim": 4096.0, "ane": 4096.0}
+# Unless a static scale is asked for, the fp16 backends start there and adjust the scale as
+# PyTorch's GradScaler does (halved on overflow, doubled after a run of clean updates).
+DYNAMIC_LOSS_SCALE = {"cpu": False, "sim": True, "ane": True}
 
 
 # Whether weight gradients go to the background worker. With an ANE the CPU is free

@@ -49,7 +49,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import CheckpointError
-from .fileio import atomic_write
+from .fileio import StagedWrite
 
 FORMAT_VERSION = 1
 MAGIC = b"ANECYCKP"
@@ -141,12 +141,25 @@ def save_checkpoint(path, meta: dict, arrays: dict[str, np.ndarray], *, fsync: b
     tuples into lists. ``fsync=False`` skips the fsyncs (tests, scratch files):
     still atomic, but not durable across a power cut.
     """
+    staged = stage_checkpoint(path, meta, arrays, fsync=fsync)
+    try:
+        staged.commit()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint {path}: cannot write: {e.strerror or e}") from None
+
+
+def stage_checkpoint(path, meta: dict, arrays: dict[str, np.ndarray], *,
+                     fsync: bool = True) -> StagedWrite:
+    """Write the checkpoint completely into ``path``'s temporary and return it uncommitted:
+    ``.commit()`` puts it at ``path``, ``.discard()`` drops it; ``path`` is untouched until
+    then (see save_checkpoint)."""
     path = Path(path)
     header, placed, total = _build_header(path, meta, arrays)
     prefix = _PREFIX.pack(MAGIC, FORMAT_VERSION, zlib.crc32(header), len(header), total)
+    staged = StagedWrite(path, fsync=fsync)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path, fsync=fsync) as f:
+        with staged as f:
             crc = zlib.crc32(header, zlib.crc32(prefix))
             f.write(prefix)
             f.write(header)
@@ -159,6 +172,7 @@ def save_checkpoint(path, meta: dict, arrays: dict[str, np.ndarray], *, fsync: b
             f.write(_TRAILER.pack(crc, END_MARKER))
     except OSError as e:
         raise CheckpointError(f"checkpoint {path}: cannot write: {e.strerror or e}") from None
+    return staged
 
 
 # --------------------------------------------------------------------------- reading

@@ -146,7 +146,9 @@ class TrainConfig:
     betas: Tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     loss_scale: Optional[float] = None  # static loss scale; None: the backend's default
-                                        # (1 on cpu, 4096 for fp16 backends); unscaled before clip
+                                        # (1 on cpu; dynamic from 4096 on fp16 backends);
+                                        # unscaled before clip
+    loss_scale_growth: int = 2000   # clean updates before a dynamic loss scale doubles
     seed: int = 0
     compact_vocab: bool = True
     ckpt_path: Optional[str] = None
@@ -191,7 +193,9 @@ class TrainConfig:
              "a non-negative number")
         need(number("eps") and self.eps > 0, "eps", "a positive number")
         need(self.loss_scale is None or (number("loss_scale") and self.loss_scale > 0),
-             "loss_scale", "a positive number")
+             "loss_scale", "a positive finite number")
+        need(integer("loss_scale_growth") and self.loss_scale_growth >= 1, "loss_scale_growth",
+             "a positive integer")
         need(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1
                                           for b in self.betas), "betas", "two numbers in [0, 1)")
         need(self.backend in ("auto",) + BACKENDS, "backend",

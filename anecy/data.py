@@ -30,7 +30,12 @@ def _chunks(tokens):
 
 
 def _check_ids(tokens, vocab_size, where):
+    if np.asarray(tokens[:0]).dtype.kind not in "iu":  # 3.7 must not be read as token 3
+        raise DataError(f"{where}: token ids must be integers, got {tokens.dtype}")
     for start, chunk in _chunks(tokens):
+        if chunk.size and chunk.min() < 0:
+            i = int(np.argmax(chunk < 0))
+            raise DataError(f"{where}: token id {chunk[i]} at position {start + i} is negative")
         if chunk.max() >= vocab_size:
             i = int(np.argmax(chunk >= vocab_size))
             raise DataError(f"{where}: token id {chunk[i]} at position {start + i} is not below "

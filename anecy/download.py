@@ -8,9 +8,9 @@ What is fetched (every repository and file name can be overridden):
   an ungated model repository that carries it (Meta's own repositories are gated). It is
   checked to give Llama 2's ids before anything is tokenized with it.
 
-Downloads go through ``huggingface_hub`` (its cache, resumed downloads, progress bars); a
-file already in the output directory is used as it is, which is also the way to work
-offline. The training text is cut at story boundaries into ``SHARDS`` parts of about
+Downloads go through ``huggingface_hub`` (its cache, resuming a dropped connection, progress
+bars); a file already in the output directory is used as it is, which is also the way to
+work offline. The training text is cut at story boundaries into ``SHARDS`` parts of about
 equal size, as llama2.c's pretokenized TinyStories is, and the first ``shards`` of them are
 tokenized into ``tinystories_data00.bin``, ``tinystories_data01.bin``, ... (BOS before each
 story, uint16); the validation stories into ``tinystories_val.bin``, which every shard's

@@ -24,3 +24,7 @@ class CheckpointError(AnecyError, ValueError):
 
 class BackendUnavailable(AnecyError, RuntimeError):
     """A backend that this machine (or this build) cannot run."""
+
+
+class OutputError(AnecyError):
+    """An output file (checkpoint, metrics, export) that cannot be written."""

@@ -7,6 +7,7 @@ A directory holds ``config.json`` and either ``model.safetensors`` or shards lis
 here directly, so bf16 checkpoints (numpy has no bf16) load without PyTorch."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -22,13 +23,43 @@ _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "BF16": np.dtype("<u2
 
 
 # -- configuration -------------------------------------------------------------------------
+_INT_KEYS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+             "vocab_size")
+_OPTIONAL_INT_KEYS = ("num_key_value_heads", "head_dim")
+
+
+def _is_int(v):
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def config_from_hf(hf: dict, seq_len: int = 256) -> ModelConfig:
-    """ModelConfig of an HF config.json dict (training sequence length `seq_len`)."""
+    """ModelConfig of an HF config.json dict (training sequence length `seq_len`). Every
+    key read is type-checked: a malformed config is a ConfigError naming the key."""
+    if not isinstance(hf, dict):
+        raise ConfigError(f"config.json must hold a JSON object, not a {type(hf).__name__}")
     model_type = hf.get("model_type")
-    if model_type not in ARCHITECTURES:
-        archs = hf.get("architectures") or [model_type]
-        raise ConfigError(f"unsupported architecture {archs[0]!r}; anecy reads "
+    archs = hf.get("architectures")
+    if archs is not None and not (isinstance(archs, list)
+                                  and all(isinstance(a, str) for a in archs)):
+        raise ConfigError("config.json: 'architectures' must be a list of names")
+    if model_type is None:
+        named = f" (architectures {', '.join(archs)})" if archs else ""
+        raise ConfigError(f"config.json has no 'model_type'{named}; anecy reads model_type "
+                          f"{' or '.join(repr(t) for t in ARCHITECTURES)}")
+    if not isinstance(model_type, str) or model_type not in ARCHITECTURES:
+        what = archs[0] if archs else model_type
+        raise ConfigError(f"unsupported architecture {what!r}; anecy reads "
                           f"{', '.join(ARCHITECTURES.values())}")
+    for key in ("rope_parameters", "rope_scaling"):
+        if hf.get(key) is not None and not isinstance(hf[key], dict):
+            raise ConfigError(f"config.json: {key!r} must be an object")
+    for key in ("hidden_act", "rope_type"):
+        if key in hf and not isinstance(hf[key], str):
+            raise ConfigError(f"config.json: {key!r} must be a string")
     if hf.get("hidden_act", "silu") != "silu":
         raise ConfigError(f"unsupported hidden_act {hf['hidden_act']!r} (anecy trains SwiGLU)")
     if hf.get("attention_bias") or hf.get("mlp_bias"):
@@ -39,19 +70,29 @@ def config_from_hf(hf: dict, seq_len: int = 256) -> ModelConfig:
     if rope_type != "default":
         raise ConfigError(f"unsupported RoPE scaling {rope_type!r}")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-    try:
-        heads = hf["num_attention_heads"]
-        return ModelConfig(
-            dim=hf["hidden_size"], hidden_dim=hf["intermediate_size"],
-            n_layers=hf["num_hidden_layers"], n_heads=heads,
-            n_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            vocab_size=hf["vocab_size"], seq_len=seq_len,
-            norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
-            rope_style="half", qk_norm=model_type == "qwen3",
-            tie_embeddings=bool(hf.get("tie_word_embeddings", model_type == "qwen3")))
-    except KeyError as e:
-        raise ConfigError(f"config.json lacks {e.args[0]!r}") from None
+    for key in _INT_KEYS:
+        if key not in hf:
+            raise ConfigError(f"config.json lacks {key!r}")
+    for key in _INT_KEYS + _OPTIONAL_INT_KEYS:
+        value = hf.get(key)
+        if (key in hf and value is not None) and not (_is_int(value) and value > 0):
+            raise ConfigError(f"config.json: {key!r} must be a positive integer, got {value!r}")
+    for key, value in (("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)), ("rope_theta", theta)):
+        if not _is_number(value):
+            raise ConfigError(f"config.json: {key!r} must be a number, got {value!r}")
+    tie = hf.get("tie_word_embeddings", model_type == "qwen3")
+    if not isinstance(tie, bool):
+        raise ConfigError(f"config.json: 'tie_word_embeddings' must be true or false, "
+                          f"got {tie!r}")
+    heads = hf["num_attention_heads"]
+    return ModelConfig(
+        dim=hf["hidden_size"], hidden_dim=hf["intermediate_size"],
+        n_layers=hf["num_hidden_layers"], n_heads=heads,
+        n_kv_heads=hf.get("num_key_value_heads") or heads,
+        head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+        vocab_size=hf["vocab_size"], seq_len=seq_len,
+        norm_eps=float(hf.get("rms_norm_eps", 1e-6)), rope_theta=float(theta),
+        rope_style="half", qk_norm=model_type == "qwen3", tie_embeddings=tie)
 
 
 def config_to_hf(cfg: ModelConfig) -> dict:
@@ -75,43 +116,97 @@ def config_to_hf(cfg: ModelConfig) -> dict:
 
 
 # -- safetensors ---------------------------------------------------------------------------
+_MAX_HEADER = 100 << 20  # the safetensors library's own limit
+
+
 def _read_safetensors_header(path: Path):
+    """(tensors, data start, data length): the header of a safetensors file, validated
+    against the file, so that every tensor lies inside the data section, none overlaps
+    another, and each one's size is its dtype's size times its shape's product."""
     try:
         with open(path, "rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            if size <= 0 or size > 100 << 20:
-                raise CheckpointError(f"{path}: not a safetensors file")
-            header = json.loads(f.read(size))
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(f"{path}: not a safetensors file ({size} bytes)")
+            n = int.from_bytes(f.read(8), "little")
+            if n < 2 or n > min(_MAX_HEADER, size - 8):
+                raise CheckpointError(f"{path}: not a safetensors file (header length {n}, "
+                                      f"file {size} bytes)")
+            raw = f.read(n)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise CheckpointError(f"{path}: corrupt safetensors header") from None
-    header.pop("__metadata__", None)
-    return header, 8 + size
+    except IsADirectoryError:
+        raise CheckpointError(f"{path}: is a directory") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
+    if not isinstance(header.pop("__metadata__", {}), dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header (__metadata__ is not an "
+                              "object)")
+    base, data_len = 8 + n, size - 8 - n
+    spans = []
+    for name, info in header.items():
+        def bad(why, name=name):
+            return CheckpointError(f"{path}: tensor {name!r}: {why}")
+        if not isinstance(info, dict):
+            raise bad("its entry is not a JSON object")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise bad(f"unsupported dtype {dtype!r} (anecy reads {', '.join(_DTYPES)})")
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise bad(f"shape {shape!r} is not a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2
+                and all(_is_int(o) for o in offsets)):
+            raise bad(f"data_offsets {offsets!r} is not a pair of integers")
+        begin, end = offsets
+        if not 0 <= begin <= end:
+            raise bad(f"data_offsets {offsets!r} are not an ordered pair of offsets")
+        if end > data_len:
+            raise bad(f"ends at byte {end} of a data section of {data_len} bytes "
+                      "(file truncated or header malformed)")
+        count = 1
+        for d in shape:
+            count *= d
+        if end - begin != count * _DTYPES[dtype].itemsize:
+            raise bad(f"{end - begin} bytes do not hold {dtype} x {shape}")
+        spans.append((begin, end, name))
+    spans.sort()
+    at = 0
+    for begin, end, name in spans:
+        if begin < at:
+            raise CheckpointError(f"{path}: tensor {name!r} overlaps the tensor before it")
+        at = end
+    return header, base, data_len
+
+
+def _data_section(path: Path, base: int, length: int):
+    """The data section of a safetensors file, mapped read-only (bytes [base, base+length))."""
+    if length == 0:
+        return np.empty(0, np.uint8)
+    return np.memmap(path, dtype=np.uint8, mode="r", offset=base, shape=(length,))
 
 
 def read_safetensors(path, names=None) -> dict:
-    """{name: float32 array} of a safetensors file (F32, F16 or BF16 tensors)."""
+    """{name: float32 array} of a safetensors file (F32, F16, BF16 or F64 tensors)."""
     path = Path(path)
-    header, base = _read_safetensors_header(path)
-    file_size = path.stat().st_size
-    raw = np.memmap(path, dtype=np.uint8, mode="r")
+    header, base, length = _read_safetensors_header(path)
+    data = _data_section(path, base, length)
     out = {}
     for name, info in header.items():
         if names is not None and name not in names:
             continue
-        dtype = _DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name} has unsupported dtype {info.get('dtype')}")
-        start, end = (base + o for o in info["data_offsets"])
-        count = int(np.prod(info["shape"], dtype=np.int64))
-        if end > file_size or end - start != count * dtype.itemsize:
-            raise CheckpointError(f"{path}: tensor {name} is truncated or malformed")
-        data = raw[start:end].view(dtype).reshape(info["shape"])
+        dtype = _DTYPES[info["dtype"]]
+        begin, end = info["data_offsets"]
+        values = np.frombuffer(data[begin:end], dtype=dtype).reshape(info["shape"])
         if info["dtype"] == "BF16":  # bf16 is the top half of an fp32
-            out[name] = (data.astype(np.uint32) << 16).view(np.float32)
+            out[name] = (values.astype(np.uint32) << 16).view(np.float32)
         else:
-            out[name] = data.astype(np.float32)
+            out[name] = values.astype(np.float32)
     return out
 
 
@@ -135,16 +230,46 @@ def write_safetensors(path, tensors: dict):
 
 # -- directories ---------------------------------------------------------------------------
 def read_config(path) -> dict:
+    """The config.json of an HF directory, as a dict (a JSON object is required)."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not path.is_dir():
         raise CheckpointError(f"{path}: not a directory")
-    if not cfg_file.exists():
+    if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json (not an HF model directory)")
     try:
-        return json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({e.msg})") from None
+        cfg = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as e:
+        why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 JSON"
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({why})") from None
+    except OSError as e:
+        raise CheckpointError(f"{cfg_file}: cannot read ({e.strerror or e})") from None
+    if not isinstance(cfg, dict):
+        raise CheckpointError(f"{cfg_file}: must hold a JSON object, not a "
+                              f"{type(cfg).__name__}")
+    return cfg
+
+
+def read_model_config(path, seq_len: int = 256) -> ModelConfig:
+    """The ModelConfig of an HF directory; errors name its config.json."""
+    try:
+        return config_from_hf(read_config(path), seq_len=seq_len)
+    except ConfigError as e:
+        raise CheckpointError(f"{Path(path) / 'config.json'}: {e}") from None
+
+
+def _shard_map(index: Path) -> dict:
+    try:
+        doc = json.loads(index.read_bytes().decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError, OSError):
+        raise CheckpointError(f"{index}: malformed shard index (not JSON)") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(s, str) and s and Path(s).name == s and s not in (".", "..")
+            for s in weight_map.values()):
+        raise CheckpointError(f"{index}: malformed shard index (weight_map must map tensor "
+                              "names to shard files in the same directory)")
+    return weight_map
 
 
 def load_state_dict(path) -> dict:
@@ -154,10 +279,7 @@ def load_state_dict(path) -> dict:
     if single.exists():
         return read_safetensors(single)
     if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError):
-            raise CheckpointError(f"{index}: malformed shard index") from None
+        weight_map = _shard_map(index)
         out = {}
         for shard in sorted(set(weight_map.values())):
             out.update(read_safetensors(path / shard,
@@ -171,18 +293,20 @@ def load_state_dict(path) -> dict:
 
 def load_pretrained(path, backend: str = "cpu", seq_len: int = 256, **model_kwargs) -> Model:
     """A Model holding the weights of a local HF directory (Llama or Qwen3)."""
-    cfg = config_from_hf(read_config(path), seq_len=seq_len)
-    model = Model(cfg, backend=backend, **model_kwargs)
+    model = Model(read_model_config(path, seq_len=seq_len), backend=backend, **model_kwargs)
     load_into(model, path)
     return model
 
 
 def load_into(model: Model, path):
-    """Load an HF directory's weights into an existing Model of the same shape."""
-    theirs = config_from_hf(read_config(path), seq_len=model.config.seq_len)
+    """Load an HF directory's weights into an existing Model of the same shape. Everything
+    is read and checked before the first weight is written: a refused load leaves the
+    model as it was."""
+    theirs = read_model_config(path, seq_len=model.config.seq_len)
     ours = model.config
     diff = [f for f in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                        "vocab_size", "qk_norm", "tie_embeddings", "rope_theta", "norm_eps") if getattr(theirs, f) != getattr(ours, f)]
+                        "vocab_size", "qk_norm", "tie_embeddings", "rope_theta", "norm_eps")
+            if getattr(theirs, f) != getattr(ours, f)]
     if diff:
         raise CheckpointError(f"{path} holds another model (differs in {', '.join(diff)})")
     try:

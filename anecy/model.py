@@ -11,6 +11,8 @@ from ._engine import Engine
 from .config import ModelConfig
 from .errors import ConfigError
 
+_FLT_MAX = float(np.finfo(np.float32).max)  # the engine takes the loss scale as a float
+
 
 def param_layout(cfg: ModelConfig):
     """[(name, shape, decayed)] in buffer order: every matrix, then every norm weight."""
@@ -134,7 +136,10 @@ class Model:
     def forward_backward(self, tokens, targets, loss_scale: float = 1.0) -> float:
         """Mean token cross-entropy of one sequence of seq_len tokens; its gradient (times
         loss_scale) is added to self.grads."""
-        loss = self.engine.forward_backward(tokens, targets, loss_scale)
+        if not 0.0 < loss_scale <= _FLT_MAX:  # NaN fails too: it would poison every grad
+            raise ConfigError(f"loss_scale must be a positive finite number, got {loss_scale!r}")
+        loss = self.engine.forward_backward(_ids(tokens, "tokens"), _ids(targets, "targets"),
+                                            loss_scale)
         if self.active_ids is not None:
             # fold the compact classifier gradient into the full one at once, so that
             # self.grads is always the whole gradient
@@ -144,7 +149,7 @@ class Model:
 
     def logits(self, tokens) -> np.ndarray:
         """Logits [seq_len, vocab] of one sequence (active columns only when compacted)."""
-        return self.engine.logits(tokens)
+        return self.engine.logits(_ids(tokens, "tokens"))
 
     def zero_grad(self):
         self.grads.fill(0.0)
@@ -162,22 +167,34 @@ class Model:
         return (np.arange(rows // hd)[:, None] * hd + _rope_row_perm(hd)[None, :]).reshape(-1)
 
     def load_hf_state_dict(self, state_dict):
-        """Copy weights given with HF names and shapes (numpy arrays or torch tensors)."""
+        """Copy weights given with HF names and shapes (numpy arrays or torch tensors).
+        Every tensor is checked (names, shapes, finite values) before the first one is
+        copied, so a refused state dict leaves the model exactly as it was."""
+        if not hasattr(state_dict, "keys") or not hasattr(state_dict, "__getitem__"):
+            raise ConfigError("a state dict must map tensor names to arrays")
         expected = {name for name, _, _ in self.layout}
         extra = set(state_dict) - expected
         if self.config.tie_embeddings:
             extra.discard("lm_head.weight")  # HF lists the tied head under its own name too
-        extra = {k for k in extra if not k.endswith("rotary_emb.inv_freq")}
+        extra = {k for k in extra if not str(k).endswith("rotary_emb.inv_freq")}
         missing = expected - set(state_dict)
         if missing:
             raise ConfigError(f"state dict lacks {len(missing)} tensor(s), e.g. {sorted(missing)[0]}")
         if extra:
             raise ConfigError(f"state dict has {len(extra)} unexpected tensor(s), e.g. "
-                              f"{sorted(extra)[0]}")
+                              f"{sorted(map(str, extra))[0]}")
+        values = {}
         for name, shape, _ in self.layout:
-            value = _to_numpy(state_dict[name])
+            try:
+                value = _to_numpy(state_dict[name])
+            except (TypeError, ValueError) as e:
+                raise ConfigError(f"{name}: not an array of numbers ({e})") from None
             if value.shape != tuple(shape):
                 raise ConfigError(f"{name}: expected shape {tuple(shape)}, got {value.shape}")
+            if not np.isfinite(value).all():
+                raise ConfigError(f"{name}: holds NaN or infinite values")
+            values[name] = value
+        for name, value in values.items():
             perm = self._hf_perm(name)
             self.views[name][...] = value if perm is None else value[perm]
         self.weights_changed()
@@ -202,6 +219,14 @@ class Model:
     def hf_grads(self) -> dict:
         """Gradients, named and ordered as hf_state_dict()."""
         return self._to_hf(self.grad_views)
+
+
+def _ids(ids, name):
+    """Token ids as given, refused unless integers (the engine would truncate 3.7 to 3)."""
+    arr = np.asarray(ids)
+    if arr.dtype.kind not in "iu":
+        raise ConfigError(f"{name} must be integer token ids, got {arr.dtype}")
+    return arr
 
 
 def _to_numpy(value):

@@ -117,7 +117,13 @@ def documents(paths, separator=None):
     """(stripped text, bytes read) of every non-empty document of the inputs, in order."""
     for path in paths:
         path = Path(path)
-        docs = jsonl_documents(path) if is_jsonl(path) else text_documents(path, separator)
+        if is_jsonl(path):
+            docs = jsonl_documents(path)
+        elif path.suffix.lower() == ".json":
+            raise AnecyError(f"{path}: a .json file that is not JSON lines; anecy reads JSONL, "
+                             'one {"text": ...} object per line')
+        else:
+            docs = text_documents(path, separator)
         pending = 0   # bytes of skipped empty documents, reported with the next one
         for text, size in docs:
             text = text.strip()

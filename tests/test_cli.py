@@ -131,8 +131,10 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path):
 
 
 def run_anecy(args, cwd, **kw):
+    # -m finds this checkout's anecy from another directory only through PYTHONPATH
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return subprocess.run([sys.executable, "-m", "anecy", *args], cwd=cwd, capture_output=True,
-                          text=True, timeout=600, **kw)
+                          text=True, timeout=600, env=dict(os.environ, PYTHONPATH=path), **kw)
 
 
 def test_anecy_command_trains_and_lists_commands(tmp_path):
@@ -160,3 +162,145 @@ def test_flag_defaults_come_from_train_config():
     for dest, value in (("ckpt_every", d.ckpt_every), ("steps", d.steps), ("lr", d.lr),
                         ("accum", d.accum), ("eval_every", d.eval_every)):
         assert f"(default {value})" in helps[dest], (dest, helps[dest])
+
+
+# -- never lose a good model ----------------------------------------------------------------
+def checkpoint_state(path):
+    meta, arrays = load_checkpoint(path)
+    return meta["step"], arrays
+
+
+@pytest.mark.parametrize("lr", ["1e6", "1e30"])
+def test_a_diverging_run_keeps_the_last_good_checkpoint(tmp_path, lr):
+    # 1e6 gives finite but absurd weights, then a NaN loss one step later; 1e30 makes the
+    # parameters themselves infinite. Either way the checkpoint left must train on.
+    base = ["--preset", "tiny", "--accum", "1", "--warmup", "0", "--no-progress"]
+    assert run(base + ["--steps", "10"], tmp_path).returncode == 0
+    line = one_line_error(run(base + ["--resume", "--lr", lr, "--steps", "40",
+                                      "--ckpt-every", "1"], tmp_path))
+    assert "the last good state is checkpoint stories.ckpt (step " in line, line
+    named = int(line.split("(step ")[1].split(")")[0])
+    step, arrays = checkpoint_state(tmp_path / "stories.ckpt")
+    assert step == named
+    for name in ("params", "adam_m", "adam_v"):
+        assert np.isfinite(arrays[name]).all(), name
+    sane = run(base + ["--resume", "--lr", "3e-4", "--steps", str(step + 5)], tmp_path)
+    assert sane.returncode == 0, sane.stderr
+    assert "nan" not in sane.stdout.lower() and f"resumed at step {step}" in sane.stdout
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_leftovers_of_killed_saves_are_removed_at_start_up(tmp_path):
+    dead = dead_pid()
+    leftover = tmp_path / f"stories.ckpt.tmp-{dead}"
+    leftover.write_bytes(b"x" * 1000)
+    # not ours to touch: another file's temporary, a live writer's, a name off the pattern
+    keep = [tmp_path / f"other.ckpt.tmp-{dead}", tmp_path / f"stories.ckpt.tmp-{os.getpid()}",
+            tmp_path / "stories.ckpt.tmp-x1", tmp_path / f"stories.ckpt.tmp-{dead}.bak"]
+    for p in keep:
+        p.write_bytes(b"keep")
+    proc = run(["--preset", "tiny", "--steps", "1", "--no-progress"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert not leftover.exists() and f"removed {leftover.name}" in proc.stdout
+    assert all(p.read_bytes() == b"keep" for p in keep)
+
+
+def test_kill_9_inside_a_save_leaves_the_checkpoint_and_start_up_cleans_up(tmp_path):
+    args = ["--preset", "tiny", "--steps", "400", "--accum", "1", "--ckpt-every", "3",
+            "--no-progress"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "stories.ckpt"
+    try:
+        wait_for(ckpt, proc)
+        before = ckpt.read_bytes()  # the step-3 checkpoint; the next one comes at step 6
+        start = time.time()
+        while not [p for p in os.listdir(tmp_path) if ".tmp-" in p]:
+            assert proc.poll() is None and time.time() - start < 300
+            time.sleep(0.001)
+        proc.kill()  # inside the step-6 save: its temporary exists, the rename has not run
+    finally:
+        proc.kill()
+        proc.wait()
+    assert [p for p in os.listdir(tmp_path) if ".tmp-" in p], "the kill missed the save"
+    assert ckpt.read_bytes() == before
+    # start-up of the next run removes the leftover; with no steps left it writes nothing
+    again = run(["--resume", "--steps", "3", "--no-progress"], tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+    assert ckpt.read_bytes() == before
+    assert checkpoint_state(ckpt)[0] == 3
+
+
+def test_a_second_sigterm_waits_for_the_final_save(tmp_path):
+    # stories15m's checkpoint (~180 MB) takes long enough to write to be hit inside
+    args = ["--preset", "stories15m", "--steps", "400", "--accum", "1", "--ckpt-every", "0",
+            "--metrics", "m.jsonl", "--no-progress"]
+    proc = subprocess.Popen([sys.executable, SCRIPT, *args], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        start = time.time()  # a first metrics line: training (and its signal handling) runs
+        while not (tmp_path / "m.jsonl").exists() or not (tmp_path / "m.jsonl").read_text():
+            assert proc.poll() is None and time.time() - start < 300
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        start = time.time()
+        while not [p for p in os.listdir(tmp_path) if ".tmp-" in p]:
+            assert proc.poll() is None and time.time() - start < 300
+            time.sleep(0.001)
+        proc.send_signal(signal.SIGTERM)  # inside the final save
+        out, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+        proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "waited for it to finish" in out
+    step = int(out.split("stopped at step ")[1].split(";")[0])
+    assert checkpoint_state(tmp_path / "stories.ckpt")[0] == step
+    assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
+
+
+@pytest.mark.parametrize("flag, path, words", [
+    ("--ckpt", "afile/run.ckpt", "afile is not a directory"),
+    ("--ckpt", "/proc/run.ckpt", "cannot write the checkpoint"),
+    ("--ckpt", ".", "is a directory"),
+    ("--metrics", "nodir/m.jsonl", "no directory nodir"),
+    ("--metrics", ".", "is a directory"),
+    ("--metrics", "/proc/x", "cannot write the metrics file /proc/x"),
+])
+def test_unwritable_outputs_are_found_before_training(tmp_path, flag, path, words):
+    (tmp_path / "afile").write_text("a file, not a directory")
+    proc = run(["--preset", "tiny", "--steps", "50", "--ckpt-every", "0", flag, path,
+                "--no-progress"], tmp_path)
+    assert words in one_line_error(proc)
+    assert "step " not in proc.stdout and "model:" not in proc.stdout  # nothing was computed
+    assert not (tmp_path / "stories.ckpt").exists()
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+def test_metrics_to_a_full_disk_stop_the_run_and_keep_the_model(tmp_path):
+    proc = run(["--preset", "tiny", "--steps", "50", "--accum", "1", "--metrics", "/dev/full",
+                "--no-progress"], tmp_path)
+    line = one_line_error(proc)
+    assert "/dev/full" in line and "stopped at step 1" in line and "stories.ckpt" in line
+    assert checkpoint_state(tmp_path / "stories.ckpt")[0] == 1
+
+
+def test_fp16_backends_scale_the_loss_dynamically_unless_told(tmp_path):
+    base = ["--preset", "tiny", "--backend", "sim", "--steps", "2", "--accum", "1",
+            "--no-progress"]
+    dynamic = run(base, tmp_path)
+    assert dynamic.returncode == 0, dynamic.stderr
+    assert "dynamic loss scale, now 4096" in dynamic.stdout
+    assert "loss scale:      dynamic, now 4096 (0 updates skipped" in dynamic.stdout
+    assert "2 optimizer updates, 0 skipped" in dynamic.stdout
+    static = run(base + ["--loss-scale", "1024", "--ckpt", "static.ckpt"], tmp_path)
+    assert static.returncode == 0, static.stderr
+    assert "(loss scale 1024)" in static.stdout and "dynamic" not in static.stdout
+    assert "positive" in one_line_error(run(base + ["--loss-scale", "0"], tmp_path))

@@ -35,6 +35,8 @@ class FakeHub:
     def __init__(self, files):
         self.files = files          # url path -> bytes
         self.requests = []
+        self.ranges = []            # the Range header of each request (None without one)
+        self.drop = {}              # url path -> bytes to send before dropping the connection
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -44,6 +46,7 @@ class FakeHub:
             def _serve(self, body_wanted):
                 path = re.sub(r"/resolve/[^/]+/", "/resolve/main/", self.path.split("?")[0])
                 hub.requests.append((self.command, path))
+                hub.ranges.append(self.headers.get("Range"))
                 data = hub.files.get(path)
                 if data is None:
                     self.send_response(404)
@@ -65,7 +68,11 @@ class FakeHub:
                 self.send_header("Content-Length", str(len(data) - start))
                 self.end_headers()
                 if body_wanted:
-                    self.wfile.write(data[start:])
+                    cut = hub.drop.pop(path, None)   # once: a connection lost mid-file
+                    self.wfile.write(data[start:cut])
+                    if cut is not None:
+                        self.wfile.flush()
+                        self.close_connection = True
 
             def do_HEAD(self):
                 self._serve(False)
@@ -152,6 +159,24 @@ def test_download_and_prepare_every_shard(tmp_path, hub):
     assert r.returncode == 0, r.stderr
     assert hub.gets("TinyStories-train.txt") == before
     assert "tinystories_data00.bin: already prepared" in r.stdout
+
+
+def test_a_dropped_download_resumes(tmp_path, hub):
+    # the connection drops halfway through the training text: the client asks for the rest
+    # (it keeps what it received in chunks of megabytes, so the text is 24 MB here)
+    key = "/datasets/roneneldan/TinyStories/resolve/main/TinyStories-train.txt"
+    data = hub.files[key] * (24_000_000 // len(hub.files[key]) + 1)
+    hub.files[key] = data
+    hub.drop[key] = 12 * 1024 * 1024
+    r = run_download(tmp_path, "--dir", tmp_path / "d", endpoint=hub.url)
+    assert r.returncode == 0, r.stderr
+    gets = [rng for (method, path), rng in zip(hub.requests, hub.ranges)
+            if method == "GET" and path == key]
+    assert len(gets) == 2 and gets[0] is None
+    start = int(re.fullmatch(r"bytes=(\d+)-", gets[1]).group(1))
+    assert 0 < start <= 12 * 1024 * 1024     # from what had arrived, not from the start
+    blobs = tmp_path / "hf-home" / "hub" / "datasets--roneneldan--TinyStories" / "blobs"
+    assert (blobs / hashlib.sha1(data).hexdigest()).read_bytes() == data
 
 
 def test_the_trainer_reads_a_downloaded_shard(tmp_path, hub):

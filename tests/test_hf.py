@@ -191,3 +191,184 @@ def test_train_qwen_init_from(tmp_path):
     np.testing.assert_allclose(params, src.params, rtol=0, atol=1e-6)
     cfg_json = json.loads((tmp_path / "init" / "config.json").read_text())
     assert cfg_json["architectures"] == ["Qwen3ForCausalLM"]
+
+
+# -- hostile and malformed files --------------------------------------------------------------
+def safetensors_bytes(header: dict, data: bytes) -> bytes:
+    blob = json.dumps(header).encode()
+    return len(blob).to_bytes(8, "little") + blob + data
+
+
+def valid_safetensors():
+    """(header, data) of a small file with F32, F16, BF16 and F64 tensors and a scalar."""
+    rng = np.random.default_rng(0)
+    parts = [("a", "F32", (3, 4), rng.standard_normal((3, 4)).astype("<f4")),
+             ("b", "F16", (5,), rng.standard_normal(5).astype("<f2")),
+             ("c", "BF16", (2, 2), rng.integers(0, 1 << 16, 4).astype("<u2")),
+             ("d", "F64", (), np.array(1.5, "<f8")),
+             ("e", "F32", (0, 3), np.zeros((0, 3), "<f4"))]
+    header, data = {"__metadata__": {"format": "pt"}}, b""
+    for name, dtype, shape, values in parts:
+        raw = values.tobytes()
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    return header, data
+
+
+class GuardedSection:
+    """The data section handed to the reader; fails the test on any read outside it."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def __getitem__(self, key):
+        assert isinstance(key, slice) and key.step is None, key
+        assert 0 <= key.start <= key.stop <= len(self.array), (key, len(self.array))
+        return self.array[key]
+
+
+JSON_VALUES = [None, True, False, 0, -1, 1, -256, 2**63, 2**70, 1.5, float("nan"), "", "F32",
+               "BF16", [], [0], [-256, 0], [0, 2**64], [1, 0], {}, {"dtype": "F32"}, [[1]],
+               "x" * 50]
+
+
+def mutate(node, rng):
+    """A copy of a JSON document with one random change at a random place."""
+    if isinstance(node, dict) and node and rng.random() < 0.75:
+        key = rng.choice(sorted(node))
+        out = dict(node)
+        action = rng.random()
+        if action < 0.15:
+            del out[key]
+        elif action < 0.25:
+            out[key + "x"] = out[key]  # a second tensor sharing (overlapping) the same bytes
+        else:
+            out[key] = mutate(node[key], rng)
+        return out
+    if isinstance(node, list) and node and rng.random() < 0.75:
+        out = list(node)
+        i = int(rng.integers(len(node)))
+        if rng.random() < 0.2:
+            del out[i]
+        else:
+            out[i] = mutate(node[i], rng)
+        return out
+    if isinstance(node, int) and not isinstance(node, bool) and rng.random() < 0.5:
+        return node + int(rng.choice([-8, -4, -2, -1, 1, 2, 4, 8]))
+    return JSON_VALUES[int(rng.integers(len(JSON_VALUES)))]
+
+
+def test_safetensors_fuzz_only_anecy_errors_and_no_read_outside_the_data(tmp_path,
+                                                                         monkeypatch):
+    import anecy.hf as hf
+    sections = []
+    real_section = hf._data_section
+
+    def guarded(path, base, length):
+        sections.append((base, length))
+        return GuardedSection(real_section(path, base, length))
+    monkeypatch.setattr(hf, "_data_section", guarded)
+
+    header, data = valid_safetensors()
+    good = safetensors_bytes(header, data)
+    rng = np.random.default_rng(1234)
+    path = tmp_path / "fuzz.safetensors"
+    outcomes = {"read": 0, "refused": 0}
+    for case in range(3000):
+        kind = case % 3
+        if kind == 0:    # a structured change of the header
+            blob = safetensors_bytes(mutate(header, rng), data)
+        elif kind == 1:  # bytes of the header or its length field changed
+            blob = bytearray(good)
+            for _ in range(int(rng.integers(1, 4))):
+                i = int(rng.integers(0, 8 + len(json.dumps(header))))
+                blob[i] = int(rng.integers(256))
+            blob = bytes(blob)
+        else:            # cut or padded
+            cut = int(rng.integers(0, len(good) + 16))
+            blob = good[:cut] if cut <= len(good) else good + bytes(cut - len(good))
+        path.write_bytes(blob)
+        sections.clear()
+        try:
+            tensors = read_safetensors(path)
+        except CheckpointError as e:
+            assert str(e).startswith(str(path)), e
+            outcomes["refused"] += 1
+            continue
+        # read: every tensor holds exactly the bytes its (checked) entry names
+        outcomes["read"] += 1
+        (base, length), = sections
+        doc = json.loads(blob[8:base].decode("utf-8"))
+        doc.pop("__metadata__", None)
+        assert set(tensors) == set(doc)
+        for name, info in doc.items():
+            begin, end = info["data_offsets"]
+            assert 0 <= begin <= end <= length
+            raw = np.frombuffer(blob[base + begin:base + end], hf._DTYPES[info["dtype"]])
+            want = ((raw.astype(np.uint32) << 16).view(np.float32) if info["dtype"] == "BF16"
+                    else raw.astype(np.float32))
+            np.testing.assert_array_equal(tensors[name].reshape(-1), want)
+    assert outcomes["read"] > 100 and outcomes["refused"] > 1000, outcomes
+
+
+def test_config_fuzz_only_config_errors():
+    base = json.loads(json.dumps({**tiny_qwen3(2).config.to_dict(), "rope_scaling": None}))
+    rng = np.random.default_rng(99)
+    accepted = 0
+    for _ in range(2000):
+        doc = mutate(base, rng)
+        try:
+            cfg = config_from_hf(doc)
+        except ConfigError:
+            continue
+        accepted += 1
+        assert isinstance(cfg, ModelConfig)
+    assert accepted > 100
+
+
+@pytest.mark.parametrize("damage, words", [
+    ("config_list", "config.json: must hold a JSON object, not a list"),
+    ("no_model_type", "has no 'model_type' (architectures Qwen3ForCausalLM)"),
+    ("string_layers", "'num_hidden_layers' must be a positive integer"),
+    ("header_list", "not a JSON object"),
+    ("no_offsets", "tensor 'model.norm.weight': data_offsets None"),
+    ("negative_offsets", "tensor 'model.norm.weight': data_offsets [-256, 0]"),
+    ("overlap", "overlaps"),
+])
+def test_train_qwen_refuses_hostile_directories(tmp_path, damage, words):
+    src = tmp_path / "init"
+    save_pretrained(Model(ModelConfig.preset("qwen3-tiny"), seed=1), src)
+    cfg = json.loads((src / "config.json").read_text())
+    st = src / "model.safetensors"
+    blob = st.read_bytes()
+    n = int.from_bytes(blob[:8], "little")
+    header, data = json.loads(blob[8:8 + n]), blob[8 + n:]
+    if damage == "config_list":
+        cfg = [cfg]
+    elif damage == "no_model_type":
+        del cfg["model_type"]
+    elif damage == "string_layers":
+        cfg["num_hidden_layers"] = "2"
+    elif damage == "header_list":
+        header = [header]
+    elif damage == "no_offsets":
+        del header["model.norm.weight"]["data_offsets"]
+    elif damage == "negative_offsets":
+        header["model.norm.weight"]["data_offsets"] = [-256, 0]
+    elif damage == "overlap":
+        first = header["model.embed_tokens.weight"]["data_offsets"][0]
+        size = 4 * ModelConfig.preset("qwen3-tiny").dim
+        header["model.norm.weight"]["data_offsets"] = [first, first + size]
+    (src / "config.json").write_text(json.dumps(cfg))
+    st.write_bytes(safetensors_bytes(header, data))
+    proc = run_qwen(["--preset", "qwen3-tiny", "--init-from", str(src), "--steps", "1",
+                     "--no-progress"], tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert words in lines[0], lines[0]
+    where = "config.json" if "config" in damage or "type" in damage or "layers" in damage \
+        else "model.safetensors"
+    assert where in lines[0]
+    assert not (tmp_path / "qwen.ckpt").exists()

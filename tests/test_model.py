@@ -239,3 +239,25 @@ def test_cached_attention_probabilities_serve_only_the_engines_own_buffers():
                                                    cfg.n_heads)
         np.testing.assert_array_equal(got["probs"], probs)
         np.testing.assert_array_equal(got["dv_rep"], dv)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "sim"])
+@pytest.mark.parametrize("damage", ["shape", "nan", "inf", "text"])
+def test_a_refused_load_leaves_the_model_as_it_was(backend, damage):
+    cfg = ModelConfig(**CASES["qwen3-gqa4"])
+    m = Model(cfg, backend=backend, seed=1)
+    m.set_active_vocab(np.arange(0, cfg.vocab_size, 2))  # a compact copy of classifier rows
+    tokens = np.arange(cfg.seq_len) % cfg.vocab_size
+    params, logits = m.params.copy(), m.logits(tokens)
+    state = Model(cfg, seed=2).hf_state_dict()
+    last = "model.norm.weight"  # loaded last: every other tensor would be copied before it
+    if damage == "shape":
+        state[last] = state[last][:-1]
+    elif damage == "text":
+        state[last] = np.array(["x"] * cfg.dim)
+    else:
+        state[last][3] = np.nan if damage == "nan" else np.inf
+    with pytest.raises(ConfigError, match=last):
+        m.load_hf_state_dict(state)
+    assert np.array_equal(m.params, params)
+    np.testing.assert_array_equal(m.logits(tokens), logits)  # staged copies untouched too

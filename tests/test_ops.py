@@ -993,3 +993,41 @@ def test_vectorised_exp_is_within_2_ulp():
     assert np.isnan(py_expf(np.array([np.nan], np.float32))[0])
     edge = py_expf(np.array([89.0, 1e30, -88.0, -1e30, -np.inf, np.inf], np.float32))
     assert np.isinf(edge[0]) and np.isinf(edge[1]) and np.all(edge[2:5] == 0) and np.isinf(edge[5])
+
+
+@pytest.mark.parametrize("where", ["grad_inf", "grad_nan", "grad_huge", "lr_huge", "param_nan",
+                                   "v_inf"])
+def test_adamw_reports_non_finite_state_in_the_same_pass(where):
+    # every element position (vector body and scalar tail) and the engine's two-thread split
+    from anecy import Model, ModelConfig
+    engine = Model(ModelConfig(dim=32, hidden_dim=48, n_layers=1, n_heads=4, vocab_size=40,
+                               seq_len=8)).engine
+    for i in (0, 5, 16, 36):
+        for run in ("ops", "engine"):
+            rng = np.random.default_rng(i)
+            p, g = randn(rng, 37, scale=0.1), randn(rng, 37, scale=1e-3)
+            m, v = np.zeros_like(p), np.zeros_like(p)
+            lr = 1e-3
+            if where == "grad_inf":
+                g[i] = np.inf
+            elif where == "grad_nan":
+                g[i] = np.nan
+            elif where == "grad_huge":
+                g[i] = 1e20  # finite, but its square is not: v overflows
+            elif where == "lr_huge":
+                lr = 1e38  # the decay factor and the step make p overflow
+                p[i] = 1e10
+            elif where == "param_nan":
+                p[i] = np.nan
+            else:
+                v[i] = np.inf
+            if run == "ops":
+                assert py_adamw(p, g, m, v, lr, 0.9, 0.95, 1e-8, 0.1, 1) is True
+            else:
+                assert engine.adamw(p, g, m, v, 20, lr, 0.9, 0.95, 1e-8, 0.1, 1, 1.0) is True
+    rng = np.random.default_rng(0)
+    p, g = randn(rng, 37, scale=0.1), randn(rng, 37, scale=1e-3)
+    assert py_adamw(p, g, np.zeros_like(p), np.zeros_like(p), 1e-3, 0.9, 0.95, 1e-8, 0.1,
+                    1) is False
+    assert engine.adamw(p, g, np.zeros_like(p), np.zeros_like(p), 20, 1e-3, 0.9, 0.95, 1e-8,
+                        0.1, 2, 1.0) is False

@@ -12,6 +12,7 @@ from conftest import require_module, require_shared
 from anecy.config import ModelConfig, TrainConfig
 from anecy.corpus import builtin_stories
 from anecy.data import open_tokens, read_sidecar
+from anecy.errors import AnecyError
 from anecy.prepare import documents, prepare, val_path_for
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,6 +180,12 @@ def test_jsonl_detected_by_content(tmp_path):
     p = tmp_path / "data.txt"
     p.write_text('\n{"text": "a b"}\n{"text": "c"}\n')
     assert [t for t, _ in documents([p])] == ["a b", "c"]
+    j = tmp_path / "array.json"
+    j.write_text('[{"text": "a"}]')
+    with pytest.raises(AnecyError, match="array.json: a .json file that is not JSON lines"):
+        list(documents([j]))
+    j.write_text('{"text": "a"}\n')
+    assert [t for t, _ in documents([j])] == ["a"]
     q = tmp_path / "braces.txt"
     q.write_text("{not json}\n\nsecond\n")
     assert [t for t, _ in documents([q])] == ["{not json}", "second"]
@@ -279,3 +286,37 @@ def test_ctrl_c_leaves_nothing_behind(tmp_path):
     err = p.communicate(timeout=120)[1]
     assert p.returncode == 130 and err.strip() == "anecy prepare: interrupted", err
     assert sorted(x.name for x in tmp_path.iterdir()) == ["in.txt"]
+
+
+_ENCODE = {}   # for the recording encoder below, set before the workers are forked
+
+
+def _recording_encode(texts):
+    """anecy.prepare's chunk encoder, leaving a file named after the process that ran it
+    (and taking its time, so that one worker cannot take every chunk before the other
+    starts)."""
+    import time
+    (_ENCODE["dir"] / f"pid-{os.getpid()}").touch()
+    time.sleep(0.1)
+    return _ENCODE["encode"](texts)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"),
+                    reason="the workers see the patched function only when forked (Linux)")
+def test_documents_are_encoded_by_every_worker(tmp_path, monkeypatch):
+    import anecy.prepare as P
+    model = llama2_model()
+    monkeypatch.setitem(_ENCODE, "dir", tmp_path)
+    monkeypatch.setitem(_ENCODE, "encode", P._encode_chunk)
+    monkeypatch.setattr(P, "_encode_chunk", _recording_encode)
+    (tmp_path / "in.txt").write_text("\n\n".join(stories(3000)))
+    prepare([tmp_path / "in.txt"], model, tmp_path / "two.bin", workers=2, progress=False,
+            log=lambda *_: None)
+    pids = {p.name for p in tmp_path.glob("pid-*")}
+    assert len(pids) == 2 and f"pid-{os.getpid()}" not in pids
+    for p in tmp_path.glob("pid-*"):
+        p.unlink()
+    prepare([tmp_path / "in.txt"], model, tmp_path / "one.bin", workers=1, progress=False,
+            log=lambda *_: None)
+    assert {p.name for p in tmp_path.glob("pid-*")} == {f"pid-{os.getpid()}"}
+    assert (tmp_path / "one.bin").read_bytes() == (tmp_path / "two.bin").read_bytes()

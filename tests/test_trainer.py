@@ -7,7 +7,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from anecy import CheckpointError, ConfigError, Model, ModelConfig
+from anecy import CheckpointError, ConfigError, DataError, Model, ModelConfig
+from anecy.checkpoint import load_checkpoint, save_checkpoint
 from anecy.data import TokenSampler
 from anecy.trainer import TrainConfig, Trainer, TrainingDiverged
 
@@ -210,3 +211,159 @@ def test_public_names():
     import anecy
     assert anecy.Trainer is Trainer and anecy.TrainConfig is TrainConfig
     assert anecy.TrainingDiverged is TrainingDiverged
+
+
+# -- finite checks and dynamic loss scaling -------------------------------------------------
+def overflow_at(trainer, microsteps):
+    """Make the gradients of the given microsteps (1-based) overflow, as fp16 ones do."""
+    inner = trainer.model.forward_backward
+
+    def forward_backward(x, y, loss_scale=1.0):
+        loss = inner(x, y, loss_scale)
+        if trainer.step_count + 1 in microsteps:
+            trainer.model.grads[7] = np.inf
+        return loss
+    trainer.model.forward_backward = forward_backward
+    return trainer
+
+
+def sim_config(tmp_path, **kw):
+    d = dict(steps=12, accum=2, warmup=2, lr=1e-3, seed=3, backend="sim", loss_scale_growth=2,
+             ckpt_path=str(tmp_path / "sim.ckpt"))
+    d.update(kw)
+    return TrainConfig(**d)
+
+
+def test_dynamic_loss_scale_skips_one_update_and_halves_the_scale(tmp_path):
+    mc, tokens = ModelConfig(**SMALL), small_tokens()
+    t = overflow_at(Trainer(mc, sim_config(tmp_path), tokens=tokens, log=quiet), {3})
+    assert t.dynamic_scale and t.loss_scale == 4096.0
+    recs = [t.step() for _ in range(2)]          # update 1 (clean)
+    before = t.model.params.copy()
+    recs += [t.step() for _ in range(2)]         # microsteps 3-4: the overflowing update
+    assert recs[3].skipped and not recs[3].updated and recs[3].grad_norm is None
+    assert np.array_equal(t.model.params, before) and not t.model.grads.any()
+    assert (t.loss_scale, t.skipped, t.updates, t.clean_updates) == (2048.0, 1, 1, 0)
+    recs += [t.step() for _ in range(4)]         # two clean updates: the scale doubles
+    assert (t.loss_scale, t.skipped, t.updates) == (4096.0, 1, 3)
+    assert [r.skipped for r in recs] == [False, False, False, True] + [False] * 4
+    assert [r.loss_scale for r in recs] == [4096.0] * 4 + [2048.0] * 4
+    summary = t.report(8, 1.0)
+    assert summary["skipped"] == 1 and summary["updates"] == 3
+
+
+# after the skip, mid-accumulation, after an update (save runs its check), mid-growth
+@pytest.mark.parametrize("stop_at", [4, 5, 6, 7])
+def test_resume_across_a_skipped_update_is_bit_identical(tmp_path, stop_at):
+    mc, tokens = ModelConfig(**SMALL), small_tokens()
+    straight = overflow_at(Trainer(mc, sim_config(tmp_path), tokens=tokens, log=quiet), {3})
+    straight_losses = [straight.step().loss for _ in range(12)]
+    assert straight.skipped == 1
+
+    first = overflow_at(Trainer(mc, sim_config(tmp_path), tokens=tokens, log=quiet), {3})
+    losses = [first.step().loss for _ in range(stop_at)]
+    first.save()
+    resumed = Trainer.resume(tmp_path / "sim.ckpt", tokens=tokens, log=quiet)
+    assert (resumed.loss_scale, resumed.clean_updates, resumed.skipped) == \
+        (first.loss_scale, first.clean_updates, first.skipped)
+    losses += [resumed.step().loss for _ in range(12 - stop_at)]
+    assert losses == straight_losses
+    # the run that saved goes on exactly as if it had not (the save's check leaves no trace)
+    assert [first.step().loss for _ in range(12 - stop_at)] == straight_losses[stop_at:]
+    for t in (resumed, first):
+        assert np.array_equal(t.model.params, straight.model.params)
+        assert np.array_equal(t.adam_m, straight.adam_m)
+        assert np.array_equal(t.adam_v, straight.adam_v)
+        assert t.loss_scale == straight.loss_scale
+
+
+def test_a_static_scale_or_the_cpu_backend_stops_on_a_non_finite_gradient(tmp_path):
+    mc, tokens = ModelConfig(**SMALL), small_tokens()
+    for cfg in (sim_config(tmp_path, loss_scale=1024.0), sim_config(tmp_path, backend="cpu")):
+        t = overflow_at(Trainer(mc, cfg, tokens=tokens, log=quiet), {3})
+        assert not t.dynamic_scale
+        t.step(), t.step(), t.step()
+        with pytest.raises(TrainingDiverged, match="gradient norm is (inf|nan) at step 4"):
+            t.step()
+        with pytest.raises(TrainingDiverged, match="never saved"):
+            t.save()
+
+
+def test_a_checkpoint_waits_until_its_state_gives_a_finite_loss(tmp_path):
+    mc, tokens = ModelConfig(**SMALL), small_tokens()
+    path = tmp_path / "run.ckpt"
+    t = Trainer(mc, TrainConfig(steps=20, accum=1, ckpt_path=str(path)), tokens=tokens, log=quiet)
+    t.step(), t.step()
+    t._save_when_checked()   # after an update: written, held back
+    assert not path.exists() and t._staged is not None
+    t.step()                 # its state gave a finite loss: now it is the checkpoint
+    assert load_checkpoint(path)[0]["step"] == 2 and t._staged is None
+    good = path.read_bytes()
+    t._save_when_checked()   # step 3, held back; then its weights turn out to give NaN
+    t.model.views["model.norm.weight"][:] = np.float32(3e38)
+    t.model.weights_changed()
+    with pytest.raises(TrainingDiverged, match=r"last good state is checkpoint .*run.ckpt "
+                                               r"\(step 2\)"):
+        t.step()
+    assert path.read_bytes() == good
+    assert not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
+    with pytest.raises(TrainingDiverged):
+        t.save()
+    assert path.read_bytes() == good
+
+
+def test_save_checks_a_state_that_has_not_run_yet(tmp_path):
+    mc, tokens = ModelConfig(**SMALL), small_tokens()
+    path = tmp_path / "run.ckpt"
+    t = Trainer(mc, TrainConfig(steps=20, accum=1, ckpt_path=str(path)), tokens=tokens, log=quiet)
+    t.step()
+    t.save()                 # the check (next microstep, undone) leaves no trace
+    drawn, params = t.sampler.drawn, t.model.params.copy()
+    assert not t.model.grads.any()
+    t.model.views["model.norm.weight"][:] = np.float32(3e38)
+    t.model.weights_changed()
+    t._checked = False       # as after an update that made these weights
+    with pytest.raises(TrainingDiverged, match="checked before saving"):
+        t.save()
+    assert t.sampler.drawn == drawn
+    assert np.array_equal(load_checkpoint(path)[1]["params"], params)
+
+
+def test_the_fused_check_catches_parameters_made_infinite(tmp_path):
+    mc, tokens = ModelConfig(**SMALL), small_tokens()
+    t = Trainer(mc, TrainConfig(steps=20, accum=1, warmup=0, lr=1e37), tokens=tokens, log=quiet)
+    with pytest.raises(TrainingDiverged, match="made parameters non-finite.*no checkpoint"):
+        for _ in range(20):
+            t.step()
+
+
+def test_resume_refuses_a_checkpoint_with_non_finite_values(tmp_path):
+    mc, tokens = ModelConfig(**SMALL), small_tokens()
+    path = tmp_path / "run.ckpt"
+    t = Trainer(mc, TrainConfig(steps=4, accum=1, ckpt_path=str(path)), tokens=tokens, log=quiet)
+    t.step()
+    t.save()
+    meta, arrays = load_checkpoint(path)
+    arrays["adam_v"][5] = np.nan   # as an older version could have saved it
+    save_checkpoint(path, meta, arrays)
+    with pytest.raises(CheckpointError, match="adam_v holds NaN"):
+        Trainer.resume(path, tokens=tokens, log=quiet)
+
+
+def test_token_ids_must_be_integers_and_the_loss_scale_sane():
+    mc, tokens = ModelConfig(**SMALL), small_tokens()
+    with pytest.raises(DataError, match="integer"):
+        Trainer(mc, TrainConfig(steps=2), tokens=tokens.astype(np.float32), log=quiet)
+    m = Model(mc)
+    x = np.arange(mc.seq_len) % mc.vocab_size
+    with pytest.raises(ConfigError, match="integer"):
+        m.forward_backward(x + 0.7, x)
+    with pytest.raises(ConfigError, match="integer"):
+        m.logits(x.astype(np.float64))
+    for bad in (0.0, -1.0, math.nan, math.inf, 1e39):
+        with pytest.raises(ConfigError, match="loss_scale"):
+            m.forward_backward(x, x, bad)
+    assert not m.grads.any()
+    for bad in (0.0, math.nan, math.inf):
+        with pytest.raises(ConfigError, match="loss_scale"):
+            TrainConfig(loss_scale=bad)

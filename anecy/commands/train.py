@@ -42,8 +42,9 @@ def add_arguments(p, family=None):
     p.add_argument("--clip", type=number,
                    help=f"gradient-norm clip, 0 for none (default {d.clip})")
     p.add_argument("--loss-scale", type=number, metavar="X",
-                   help="static loss scale (default: 1 on cpu, 4096 on the fp16 sim/ane "
-                        "backends)")
+                   help="static loss scale (default: 1 on cpu; on the fp16 sim/ane backends a "
+                        "dynamic scale from 4096, halved when gradients overflow, doubled "
+                        f"after {d.loss_scale_growth} clean updates)")
     p.add_argument("--seed", type=non_negative_int,
                    help=f"seed of the initial weights and of data sampling (default {d.seed})")
     p.add_argument("--data", metavar="PATH",
@@ -117,7 +118,7 @@ def _init_config(path, preset_config: ModelConfig, preset=None) -> ModelConfig:
 
 
 def run(args) -> int:
-    from ..trainer import Trainer
+    from ..trainer import Trainer, prepare_outputs
     family = args.family
     default_preset = FAMILIES[family][1] if family else "stories110m"
     preset = args.preset or default_preset
@@ -137,13 +138,16 @@ def run(args) -> int:
                              "--resume first, or name one with --ckpt)")
         saved = read_checkpoint_meta(ckpt)["meta"].get("train_config", {})
         tc = _train_config(args, TrainConfig.from_dict(saved), ckpt)
+        prepare_outputs(tc)  # before any long work: a run must not be computed, then lost
         given = ModelConfig.preset(args.preset) if args.preset else None
         trainer = Trainer.resume(ckpt, tc, model_config=given)
     else:
+        tc = _train_config(args, TrainConfig(), ckpt)
+        prepare_outputs(tc)
         mc = ModelConfig.preset(preset)
         if args.init_from:
             mc = _init_config(args.init_from, mc, preset if args.preset else None)
-        trainer = Trainer(mc, _train_config(args, TrainConfig(), ckpt))
+        trainer = Trainer(mc, tc)
     if trainer.model.config.vocab_size > 32000 and trainer.data_name == "built-in corpus":
         print("note: the built-in corpus is written in Llama-2 token ids; for a Qwen3 "
               "model that means something, pass data pretokenized with Qwen3's tokenizer "

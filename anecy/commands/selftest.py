@@ -1,0 +1,201 @@
+"""``anecy selftest``: run each of the ten ANE programs every way this machine can, on the
+same inputs, and report whether they agree.
+
+The ways: ``milsim`` (anecy's fp16 MIL interpreter, the reference here), ``coremltools``
+(Apple's MIL builder re-checks the opset, every type, the blob files and the .mlpackage,
+and const-folds the program to values compared with milsim's), and on a Mac with Apple
+Silicon ``ane`` (the ane backend: the private-API ANE runtime anecy trains with) and
+``coreml`` (the same program as an .mlpackage through Core ML's public API,
+``MLModel(..., compute_units=CPU_AND_NE)``). A way that cannot run here gets a line
+saying why. Exit status 0 when every way that ran agrees, 1 otherwise.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .. import __version__, mil, milsim
+from .. import coreml_check as cc
+from ..cli import non_negative_int
+from ..config import ModelConfig
+
+HELP = "check the ten ANE programs with milsim, coremltools and (on a Mac) the ANE and Core ML"
+
+# small configs only: coremltools const-folds in numpy's fp16, which has no fast matmul
+PRESETS = ("tiny", "qwen3-tiny", "stories15m")
+
+
+def add_arguments(parser):
+    parser.add_argument("--preset", choices=PRESETS, default="tiny",
+                        help="model shape whose programs are checked (default tiny)")
+    parser.add_argument("--seed", type=non_negative_int, default=0,
+                        help="seed of the random inputs (default 0)")
+
+
+def run(args) -> int:
+    cfg = ModelConfig.preset(args.preset)
+    return selftest(cfg, args.preset, args.seed)
+
+
+def _fmt(u):
+    return "inf" if u == float("inf") else f"{u:.2g}"
+
+
+def _table_line(cells):
+    return "  ".join(f"{c:<12}" if j == 0 else f"{c:>11}" for j, c in enumerate(cells))
+
+
+class _Paths:
+    """The two Mac paths: set up once, each either a runner or the reason it is missing."""
+
+    def __init__(self, cfg, ane_factory, predict, say):
+        self.ane = self.predict = None
+        self.unavailable, self.failed = [], []
+        ok, why = (True, "") if ane_factory is not None else cc.ane_status()
+        label = "  ane          the ane backend (private API)"
+        if not ok:
+            say(f"{label}: unavailable: {why}")
+            self.unavailable.append("ane")
+        else:
+            try:
+                self.ane = cc.ane_runner(cfg, ane_factory)
+                say(f"{label}: runs (within {cc.DEVICE_ULPS:g} ulp of milsim)")
+            except Exception as e:   # noqa: BLE001 - a compile failure is a result to report
+                say(f"{label}: FAILED: {cc._one_line(e)}")
+                self.failed.append("ane")
+        ok, why = (True, "") if predict is not None else cc.coreml_prediction_status()
+        label = "  coreml       Core ML's public API (CPU_AND_NE)"
+        if not ok:
+            say(f"{label}: unavailable: {why}")
+            self.unavailable.append("coreml")
+        else:
+            self.predict = predict or cc.coreml_predictor("CPU_AND_NE")
+            say(f"{label}: runs (within {cc.DEVICE_ULPS:g} ulp of milsim)")
+
+    def run(self, path, kernel, x, package):
+        if path == "ane":
+            return self.ane(kernel, x)
+        return self.predict(package, x)
+
+
+def _check(kernel, cfg, x, workdir, paths, cols):
+    """One kernel every way: (table row, problems, {path: ulp})."""
+    row = dict.fromkeys(cols, "-")
+    row["kernel"] = kernel
+    problems, ulps = [], {}
+    prog = mil.generate(kernel, cfg)
+    try:
+        ref = milsim.run(prog, x)
+    except milsim.MilError as e:
+        ref = None
+        problems.append(f"milsim rejects it: {e}")
+    package = None
+    try:
+        res = cc.check_program(prog, cfg, None if ref is None else x, workdir, ref=ref)
+        row["ops"], row["coremltools"], package = str(res.ops), "ok", res.package
+        if res.value_ulps:
+            ulps["coremltools"] = max(res.value_ulps.values())
+            row["ulp"] = _fmt(ulps["coremltools"])
+    except cc.CheckFailure as e:
+        row["coremltools"] = "FAIL"
+        problems.append(f"coremltools: {e.stage}: {e.detail}")
+    out = {}
+    for path in ("ane", "coreml"):
+        if path in paths.unavailable or path in paths.failed:
+            row[path] = "n/a"
+            continue
+        if path == "coreml" and package is None:
+            continue
+        try:
+            out[path] = y = paths.run(path, kernel, x, package)
+        except Exception as e:       # noqa: BLE001 - the device's error is the result
+            row[path] = "FAIL"
+            problems.append(f"{path}: {cc._one_line(e)}")
+            continue
+        if ref is None:
+            row[path] = "ran"
+            continue
+        ulps[path] = max(cc.block_ulps(kernel, cfg, y, ref).values())
+        row[path] = _fmt(ulps[path])
+        if not ulps[path] <= cc.DEVICE_ULPS:
+            row[path] += "!"
+            problems.append(f"{path} differs from milsim by {_fmt(ulps[path])} ulp")
+    if "ane~coreml" in cols and len(out) == 2:
+        u = max(cc.block_ulps(kernel, cfg, out["ane"], out["coreml"]).values())
+        row["ane~coreml"] = _fmt(u)
+        if not u <= 2 * cc.DEVICE_ULPS:
+            row["ane~coreml"] += "!"
+            problems.append(f"ane and coreml differ by {_fmt(u)} ulp")
+    return [row[c] for c in cols], problems, ulps
+
+
+def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=None) -> int:
+    """Print the report for ``cfg`` to ``out`` (stdout) and return the exit status.
+
+    ``ane_factory`` (for ``AneKernels``) and ``predict`` (package, input -> output) stand
+    in for the private-API ANE kernel and Core ML's prediction (tests); with them the two
+    Mac paths run anywhere."""
+    out = out or sys.stdout
+
+    def say(line=""):
+        print(line, file=out, flush=True)
+
+    t0 = time.perf_counter()
+    ct = cc.load_coremltools()
+    say(f"anecy selftest: preset {name} (dim {cfg.dim}, hidden {cfg.hidden_dim}, heads "
+        f"{cfg.n_heads}/{cfg.n_kv_heads}, head_dim {cfg.head_dim}, seq_len {cfg.seq_len}"
+        f"{', qk_norm' if cfg.qk_norm else ''}), seed {seed}")
+    say(f"  anecy {__version__}, Python {platform.python_version()}, numpy {np.__version__}, "
+        f"coremltools {ct.__version__}, {platform.system()} {platform.release()} "
+        f"{platform.machine()}")
+    say("paths:")
+    say("  milsim       anecy's fp16 MIL interpreter (the reference): runs")
+    say(f"  coremltools  Apple's iOS18 opset: types, values, blobs, .mlpackage: runs "
+        f"(within {cc.VALUE_ULPS:g} ulp of milsim)")
+    paths = _Paths(cfg, ane_factory, predict, say)
+    ran = ["milsim", "coremltools"] + [p for p in ("ane", "coreml")
+                                       if p not in paths.unavailable + paths.failed]
+    cols = ["kernel", "ops", "coremltools", "ulp", "ane", "coreml"]
+    if "ane" in ran and "coreml" in ran:
+        cols.append("ane~coreml")
+    say("")
+    say(_table_line(cols))
+    failed, worst = [], dict.fromkeys(ran[1:], 0.0)
+    with tempfile.TemporaryDirectory(prefix="anecy-selftest-") as tmp:
+        for i, kernel in enumerate(mil.KERNEL_NAMES):
+            x = cc.random_input(kernel, cfg, seed + i)
+            row, problems, ulps = _check(kernel, cfg, x, Path(tmp) / kernel, paths, cols)
+            say(_table_line(row))
+            for p in problems:
+                say(f"    {kernel}: {p}")
+            if problems:
+                failed.append(kernel)
+            for p, u in ulps.items():
+                worst[p] = max(worst[p], u)
+    say("")
+    say("ulp: the largest difference from milsim over the kernel's output blocks, in fp16 "
+        "ulps of each block's largest value")
+    if not paths.unavailable:
+        note = ""
+    elif sys.platform != "darwin":
+        note = "; the ANE paths need macOS on Apple Silicon"
+    else:
+        note = f"; not available here: {', '.join(paths.unavailable)}"
+    secs = time.perf_counter() - t0
+    if failed or paths.failed:
+        what = [f"{len(failed)} of {len(mil.KERNEL_NAMES)} kernels ({', '.join(failed)})"] \
+            if failed else []
+        what += [f"the {p} path did not start" for p in paths.failed]
+        say(f"result: FAIL: {'; '.join(what)}; paths run: {', '.join(ran)}{note} "
+            f"({secs:.1f} s)")
+        return 1
+    worst_s = ", ".join(f"{p} {_fmt(u)}" for p, u in worst.items())
+    say(f"result: OK: all {len(mil.KERNEL_NAMES)} kernels agree on {', '.join(ran)} "
+        f"(worst ulp: {worst_s}){note} ({secs:.1f} s)")
+    return 0

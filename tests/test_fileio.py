@@ -1,0 +1,91 @@
+"""fileio: the atomic writer, its staged form, leftover removal and writability checks."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from anecy.errors import OutputError
+from anecy.fileio import (
+    StagedWrite,
+    atomic_write,
+    check_writable,
+    remove_leftovers,
+    temp_leftovers,
+    temp_path,
+)
+
+
+def dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_staged_write_commits_or_discards(tmp_path):
+    target = tmp_path / "f.bin"
+    target.write_bytes(b"old")
+    staged = StagedWrite(target, fsync=False)
+    with staged as f:
+        f.write(b"new")
+    assert target.read_bytes() == b"old" and temp_path(target).read_bytes() == b"new"
+    staged.discard()
+    assert target.read_bytes() == b"old" and not temp_path(target).exists()
+    staged = StagedWrite(target, fsync=False)
+    with staged as f:
+        f.write(b"new")
+    staged.commit()
+    assert target.read_bytes() == b"new" and not temp_leftovers(target)
+    with pytest.raises(RuntimeError):
+        with StagedWrite(target) as f:
+            f.write(b"half")
+            raise RuntimeError
+    assert target.read_bytes() == b"new" and not temp_leftovers(target)
+
+
+def test_atomic_write_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "f.bin"
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_write(target) as f:
+            f.write(b"x")
+            raise KeyboardInterrupt
+    assert not target.exists() and not list(tmp_path.iterdir())
+
+
+def test_remove_leftovers_takes_only_dead_writers_temporaries_of_that_file(tmp_path):
+    dead = dead_pid()
+    target = tmp_path / "run.ckpt"
+    target.write_bytes(b"checkpoint")
+    mine = tmp_path / f"run.ckpt.tmp-{dead}"
+    mine.write_bytes(b"leftover")
+    kept = [tmp_path / f"run.ckpt.tmp-{os.getpid()}",     # a live writer (this process)
+            tmp_path / f"other.ckpt.tmp-{dead}",          # another file's
+            tmp_path / f"xrun.ckpt.tmp-{dead}",
+            tmp_path / "run.ckpt.tmp-",
+            tmp_path / f"run.ckpt.tmp-{dead}x"]
+    for p in kept:
+        p.write_bytes(b"keep")
+    (tmp_path / f"run.ckpt.tmp-{dead + 1}").mkdir()       # not a file: never removed
+    assert remove_leftovers(target) == [mine]
+    assert not mine.exists() and target.read_bytes() == b"checkpoint"
+    assert all(p.read_bytes() == b"keep" for p in kept)
+    assert (tmp_path / f"run.ckpt.tmp-{dead + 1}").is_dir()
+    assert remove_leftovers(tmp_path / "missing-dir" / "run.ckpt") == []
+
+
+def test_check_writable(tmp_path):
+    check_writable(tmp_path / "new.ckpt")
+    check_writable(tmp_path / "a" / "b" / "new.ckpt", make_parents=True)
+    assert not (tmp_path / "a").exists() and not list(tmp_path.iterdir())  # no trace left
+    (tmp_path / "log.jsonl").write_text("kept\n")
+    check_writable(tmp_path / "log.jsonl", append=True)
+    assert (tmp_path / "log.jsonl").read_text() == "kept\n"
+    (tmp_path / "file").write_text("x")
+    for path, kw, words in [(tmp_path, {}, "is a directory"),
+                            (tmp_path / "nodir" / "x", {}, "no directory"),
+                            (tmp_path / "file" / "x", {"make_parents": True},
+                             "is not a directory"),
+                            ("/proc/anecy-test", {"append": True}, "cannot write the output"),
+                            ("/proc/anecy-test", {}, "cannot write the output")]:
+        with pytest.raises(OutputError, match=words):
+            check_writable(path, **kw)
