@@ -169,16 +169,20 @@ def load_into(model: Model, path):
                 shape = ", ".join(f"{k} {getattr(theirs, k)}" for k in _FIELDS)
                 raise CheckpointError(f"{path}: {size} bytes, but its header ({shape}, "
                                       f"version {version}) needs {expected}")
+            # read into a staging buffer: a file refused half-way leaves the model as it was
+            staged = np.empty_like(model.params)
             f.seek(start)
             for name, n in layout:
                 if name is None:
                     f.seek(4 * n, os.SEEK_CUR)
                     continue
-                _read_exact(f, memoryview(model.views[name].reshape(-1).view(np.uint8)), path)
+                lo, hi = model.offsets[name]
+                _read_exact(f, memoryview(staged[lo:hi].view(np.uint8)), path)
         except OSError as e:
             raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
-    if not _all_finite(model.params):
+    if not _all_finite(staged):
         raise CheckpointError(f"{path}: holds NaN or infinite weights")
+    model.params[...] = staged
     model.weights_changed()
 
 

@@ -113,10 +113,13 @@ def load_into(model: Model, source):
         if diff:
             raise CheckpointError(f"{source.path} holds another model (differs in "
                                   f"{', '.join(diff)})")
-        _, arrays = load_checkpoint(source.path, into={"params": model.params})
-        if not all(np.isfinite(model.params[i:i + (1 << 22)]).all()
-                   for i in range(0, model.params.size, 1 << 22)):
+        # staged: a checkpoint refused half-way (checksum, NaN) leaves the model as it was
+        staged = np.empty_like(model.params)
+        _, arrays = load_checkpoint(source.path, into={"params": staged})
+        if not all(np.isfinite(staged[i:i + (1 << 22)]).all()
+                   for i in range(0, staged.size, 1 << 22)):
             raise CheckpointError(f"{source.path}: holds NaN or infinite weights")
+        model.params[...] = staged
         model.weights_changed()
         return arrays.get("active_ids")
     return None

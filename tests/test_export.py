@@ -92,7 +92,7 @@ def test_qwen3_cannot_become_llama2c_and_nothing_is_written(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("fmt,out,words", [
-    ("llama2c", "missing_dir/model.bin", "no such directory"),
+    ("llama2c", "missing_dir/model.bin", "no directory missing_dir"),
     ("llama2c", ".", "is a directory"),
     ("hf", "file.txt", "not a directory"),
 ])

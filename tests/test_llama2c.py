@@ -229,3 +229,17 @@ def test_train_init_from_a_llama2c_file_takes_its_shape(tmp_path, capsys):
     _, err = capsys.readouterr()
     assert code == 2 and "another model than --preset tiny" in err and "dim" in err
     assert not (tmp_path / "x.ckpt").exists()
+
+
+def test_a_refused_file_leaves_the_model_as_it_was(tmp_path):
+    good = (DATA / "llama2c_untied_v1.bin").read_bytes()
+    bad = bytearray(good)
+    bad[-4:] = struct.pack("<f", float("nan"))   # the last classifier weight
+    (tmp_path / "nan.bin").write_bytes(bytes(bad))
+    model = llama2c.load(DATA / "llama2c_untied_v1.bin")
+    model.params[:] *= 2
+    model.weights_changed()
+    before = model.params.copy()
+    with pytest.raises(CheckpointError, match="NaN"):
+        llama2c.load_into(model, tmp_path / "nan.bin")
+    np.testing.assert_array_equal(model.params, before)

@@ -1,9 +1,6 @@
 """anecy export: write a model as a Hugging Face directory or a llama2.c .bin file."""
 
-import os
 from pathlib import Path
-
-from ..errors import AnecyError
 
 HELP = "write a checkpoint's model as a Hugging Face directory or a llama2.c .bin file"
 
@@ -21,24 +18,8 @@ def add_arguments(p):
                    help="llama2.c format version: 0 (legacy, what run.c reads; default) or 1")
 
 
-def check_writable(out: Path, directory: bool):
-    """Fail before any work if ``out`` cannot be written."""
-    if directory:
-        if out.exists() and not out.is_dir():
-            raise AnecyError(f"{out}: exists and is not a directory")
-        parent = out if out.is_dir() else out.parent
-    else:
-        if out.is_dir():
-            raise AnecyError(f"{out}: is a directory (give a file name, e.g. {out}/model.bin)")
-        parent = out.parent
-    parent = parent if str(parent) else Path(".")
-    if not parent.is_dir():
-        raise AnecyError(f"{parent}: no such directory")
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise AnecyError(f"{parent}: not writable")
-
-
 def run(args) -> int:
+    from ..fileio import check_writable
     from ..pretrained import inspect, load
     out = Path(args.out)
     source = inspect(args.ckpt, "checkpoint") if args.ckpt else inspect(args.init_from, "init")
@@ -46,12 +27,12 @@ def run(args) -> int:
     if args.format == "llama2c":
         from ..llama2c import check_exportable, save
         check_exportable(cfg)
-        check_writable(out, directory=False)
+        check_writable(out, what="llama2.c file")
         save(load(source), out, version=args.version, seq_len=cfg.seq_len)
     else:
         from ..hf import config_to_hf, save_pretrained
         config_to_hf(cfg)
-        check_writable(out, directory=True)
+        check_writable(out / "model.safetensors", what="HF model file", make_parents=True)
         save_pretrained(load(source), out)
     print(f"wrote {out} ({args.format}) from {source.describe}")
     return 0
