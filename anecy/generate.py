@@ -19,14 +19,14 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ._ops import rope_tables
+from .errors import AnecyError, ConfigError
+from .model import Model
 
 # BLAS threads while decoding one token at a time. Each projection is then a matrix-vector
 # product, bound by memory, and waking a second BLAS thread for every one costs more than it
 # gains: Stories110M decoded at 26 tokens/s with one OpenBLAS thread against 4.5 with two on
 # a busy 2-core x86-64 machine (bench/bench_sample.py). The prompt's pass keeps them all.
 DECODE_BLAS_THREADS = 1
-from .errors import AnecyError, ConfigError
-from .model import Model
 
 
 @dataclass
@@ -35,7 +35,7 @@ class SamplingConfig:
     temperature: float = 1.0     # 0: greedy
     top_p: float = 1.0           # keep the most likely tokens up to this probability mass
     top_k: int = 0               # keep the k most likely tokens; 0: all
-    seed: int | None = None   # None: a fresh seed from the OS
+    seed: int | None = None      # None: a fresh seed from the OS
 
     def __post_init__(self):
         t, p, k = self.temperature, self.top_p, self.top_k
