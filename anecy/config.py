@@ -158,7 +158,9 @@ class TrainConfig:
     eval_batches: int = 4
     backend: str = "auto"
     data_path: Optional[str] = None
-    init_from: Optional[str] = None  # HF model directory with the initial weights
+    init_from: Optional[str] = None  # initial weights: an HF directory or a llama2.c .bin
+    sample_every: int = 0           # microsteps between decoded samples; 0: never
+    tokenizer: Optional[str] = None  # decodes samples (default: the data's sidecar's)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -179,7 +181,7 @@ class TrainConfig:
 
         need(integer("steps") and self.steps >= 1, "steps", "a positive integer")
         need(integer("accum") and self.accum >= 1, "accum", "a positive integer")
-        for name in ("warmup", "ckpt_every", "eval_every", "seed"):
+        for name in ("warmup", "ckpt_every", "eval_every", "sample_every", "seed"):
             need(integer(name) and getattr(self, name) >= 0, name, "a non-negative integer")
         need(integer("eval_batches") and self.eval_batches >= 1, "eval_batches",
              "a positive integer")

@@ -125,7 +125,7 @@ class Trainer:
                       if train_config.compact_vocab else VocabMap.full(model_config.vocab_size))
         self.model = Model(model_config, self.backend, seed=train_config.seed)
         if train_config.init_from and _resume_state is None:
-            from .hf import load_into
+            from .pretrained import load_into   # an HF directory or a llama2.c file
             load_into(self.model, train_config.init_from)
             log(f"initial weights: {train_config.init_from}")
         if not self.vocab.is_identity:
@@ -275,6 +275,13 @@ class Trainer:
             lse = np.log(np.exp(logits - mx).sum(axis=1)) + mx[:, 0]
             losses.append(float(np.mean(lse - logits[np.arange(len(target)), target])))
         return float(np.mean(losses))
+
+    def sample(self, n_tokens: int = 48) -> str:
+        """A greedy sample from BOS, decoded (run() calls it outside the timed step)."""
+        if not hasattr(self, "_sampler"):
+            from .generate import TrainingSampler
+            self._sampler = TrainingSampler(self.tc.tokenizer, self.data_name, self.log)
+        return self._sampler(self.model, n_tokens)
 
     # -- checkpoints -------------------------------------------------------------------------
     # A checkpoint never replaces the previous one before the state it holds has given a
@@ -498,6 +505,8 @@ class Trainer:
                     window = []
                 if rec.val_loss is not None:
                     bar.write(f"step {rec.step}: val loss {rec.val_loss:.4f}")
+                if tc.sample_every and rec.step % tc.sample_every == 0:
+                    bar.write(f"step {rec.step} sample: {self.sample()}")
                 if tc.ckpt_path and tc.ckpt_every and rec.step % tc.ckpt_every == 0 \
                         and rec.step < tc.steps:
                     self._save_when_checked()

@@ -215,12 +215,11 @@ def test_a_package_that_does_not_match_its_program_is_reported(tmp_path):
 
 def test_value_check_sees_a_small_error(monkeypatch):
     """A 1% error in milsim's sigmoid (an oracle bug, not a program bug) is caught."""
-    inner = milsim._compute
+    sigmoid = milsim._OPS["sigmoid"]
 
-    def biased(op, p):
-        r = inner(op, p)
-        return r * np.float32(1 + 2 ** -7) if op == "sigmoid" else r
-    monkeypatch.setattr(milsim, "_compute", biased)
+    def biased(p):
+        return sigmoid.compute(p) * np.float32(1 + 2 ** -7)
+    monkeypatch.setitem(milsim._OPS, "sigmoid", dataclasses.replace(sigmoid, compute=biased))
     prog = mil.generate("ffnFused", TINY)
     msg = _fails(prog, "values", "output block", "bound 2")
     assert "block gate" in msg or "block x_next" in msg, msg

@@ -61,12 +61,21 @@ def add_arguments(p, family=None):
                    help="start from random weights (the default when not resuming)")
     p.add_argument("--init-from", metavar="PATH",
                    help="start from pretrained weights: a local HF directory (config.json + "
-                        "model.safetensors), e.g. a download of Qwen/Qwen3-0.6B")
+                        "model.safetensors), e.g. a download of Qwen/Qwen3-0.6B, or a llama2.c "
+                        ".bin such as stories110M.bin, or an anecy checkpoint (its weights, in a new run); "
+                        "without --preset the model takes its shape from them (the sequence "
+                        "length stays the preset's)")
     p.add_argument("--backend", choices=("auto",) + backends.BACKENDS, default="auto",
                    help="kernel backend (default auto: ane on Apple Silicon, else cpu)")
     p.add_argument("--metrics", metavar="PATH", help="append one JSON line per microstep")
     p.add_argument("--eval-every", type=non_negative_int, metavar="N",
                    help=f"microsteps between held-out losses, 0 for never (default {d.eval_every})")
+    p.add_argument("--sample-every", type=non_negative_int, metavar="N",
+                   help="print a short greedy sample from BOS every N microsteps, 0 for never "
+                        f"(default {d.sample_every})")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="decodes the samples (default: the tokenizer the data was prepared "
+                        "with; the built-in corpus decodes itself)")
     p.add_argument("--no-compact-vocab", action="store_true",
                    help="softmax over the full vocabulary instead of the tokens in the data")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -79,7 +88,8 @@ def _train_config(args, base: TrainConfig, ckpt: str) -> TrainConfig:
                  clip=args.clip, seed=args.seed, data_path=args.data,
                  loss_scale=args.loss_scale,
                  ckpt_every=args.ckpt_every, metrics_path=args.metrics,
-                 eval_every=args.eval_every)
+                 eval_every=args.eval_every, sample_every=args.sample_every,
+                 tokenizer=args.tokenizer)
     d.update({k: v for k, v in given.items() if v is not None})
     d["ckpt_path"] = ckpt
     if args.init_from:
@@ -88,6 +98,23 @@ def _train_config(args, base: TrainConfig, ckpt: str) -> TrainConfig:
     if args.no_compact_vocab:
         d["compact_vocab"] = False
     return TrainConfig.from_dict(d)
+
+
+def _init_config(path, preset_config: ModelConfig, preset=None) -> ModelConfig:
+    """The model that --init-from's weights fit: the named --preset, checked against them, or
+    (no --preset) their own shape with the preset's training sequence length."""
+    from ..pretrained import inspect
+    theirs = inspect(path, "init").config
+    theirs.seq_len = preset_config.seq_len
+    if preset is None:
+        return theirs
+    diff = [f for f in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                        "vocab_size", "qk_norm", "tie_embeddings", "norm_eps", "rope_theta")
+            if getattr(theirs, f) != getattr(preset_config, f)]
+    if diff:
+        raise AnecyError(f"{path} holds another model than --preset {preset} (differs in "
+                         f"{', '.join(diff)}); leave out --preset to take its shape")
+    return preset_config
 
 
 def run(args) -> int:
@@ -102,6 +129,9 @@ def run(args) -> int:
         raise AnecyError("--init-from starts a new run; it cannot be combined with "
                          "--resume or --scratch")
     backends.resolve(args.backend)
+    if args.tokenizer:   # a bad path fails now, not at the first sample
+        from ..tokenizer import load
+        load(args.tokenizer)
     if args.resume:
         if not Path(ckpt).exists():
             raise AnecyError(f"no checkpoint at {ckpt} to resume from (train without "
@@ -114,7 +144,10 @@ def run(args) -> int:
     else:
         tc = _train_config(args, TrainConfig(), ckpt)
         prepare_outputs(tc)
-        trainer = Trainer(ModelConfig.preset(preset), tc)
+        mc = ModelConfig.preset(preset)
+        if args.init_from:
+            mc = _init_config(args.init_from, mc, preset if args.preset else None)
+        trainer = Trainer(mc, tc)
     if trainer.model.config.vocab_size > 32000 and trainer.data_name == "built-in corpus":
         print("note: the built-in corpus is written in Llama-2 token ids; for a Qwen3 "
               "model that means something, pass data pretokenized with Qwen3's tokenizer "

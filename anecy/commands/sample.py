@@ -1,0 +1,87 @@
+"""anecy sample: generate text from a trained checkpoint, a llama2.c .bin or an HF directory."""
+
+import sys
+import time
+
+from ..cli import non_negative_int, number
+from ..errors import AnecyError
+
+HELP = "generate text from a checkpoint, a llama2.c .bin file or a Hugging Face directory"
+
+
+def add_arguments(p):
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", metavar="PATH", help="an anecy training checkpoint")
+    src.add_argument("--init-from", metavar="PATH",
+                     help="pretrained weights: a llama2.c .bin file (e.g. stories110M.bin) or a "
+                          "Hugging Face directory (config.json + model.safetensors)")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="tokenizer.model, llama2.c's tokenizer.bin, tokenizer.json or an HF "
+                        "directory (default: the one the checkpoint's data was prepared with, "
+                        "or the HF directory's own)")
+    p.add_argument("--prompt", default="", help="text to continue (default: none, from BOS)")
+    p.add_argument("--max-new-tokens", type=non_negative_int, default=256, metavar="N",
+                   help="tokens to generate at most (default 256; fewer at BOS/EOS or at the "
+                        "end of the model's context)")
+    p.add_argument("--temperature", type=number, default=1.0, metavar="T",
+                   help="0 is greedy (default 1.0)")
+    p.add_argument("--top-p", type=number, default=0.9, metavar="P",
+                   help="nucleus sampling: the most likely tokens up to this mass, 1 for all "
+                        "(default 0.9)")
+    p.add_argument("--top-k", type=non_negative_int, default=0, metavar="K",
+                   help="sample among the K most likely tokens, 0 for all (default 0)")
+    p.add_argument("--seed", type=non_negative_int, metavar="S",
+                   help="seed of the sampler (default: a fresh one)")
+
+
+def prompt_ids(tok, prompt: str, vocab_size: int) -> list:
+    """The prompt's ids, after BOS when the tokenizer has one."""
+    bos = tok.bos_id is not None
+    ids = tok.encode(prompt, bos=bos) if prompt else ([tok.bos_id] if bos else [])
+    if not ids:
+        raise AnecyError(f"tokenizer {tok.path} has no BOS token: give a --prompt")
+    bad = [i for i in ids if i >= vocab_size]
+    if bad:
+        raise AnecyError(f"the prompt has token id {bad[0]}, outside the model's vocabulary of "
+                         f"{vocab_size} tokens: is {tok.path} this model's tokenizer?")
+    return ids
+
+
+def run(args) -> int:
+    from ..generate import Decoder, SamplingConfig, generate, stream_text
+    from ..pretrained import inspect, load, tokenizer_for
+    sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed)
+    source = inspect(args.ckpt, "checkpoint") if args.ckpt else inspect(args.init_from, "init")
+    tok = tokenizer_for(source, args.tokenizer)
+    if tok is None:
+        raise AnecyError(f"no tokenizer known for {source.describe}: name one with --tokenizer "
+                         "(for llama2.c models, its tokenizer.bin or Llama 2's tokenizer.model)")
+    model = load(source)
+    ids = prompt_ids(tok, args.prompt, model.config.vocab_size)
+    context = source.config.seq_len
+    if len(ids) > context:
+        raise AnecyError(f"the prompt has {len(ids)} tokens, more than the model's context of "
+                         f"{context}")
+    decoder = Decoder(model, max_len=min(context, len(ids) + max(args.max_new_tokens, 1)))
+    stops = [i for i in (tok.bos_id, tok.eos_id) if i is not None]
+    times = []
+
+    def timed(tokens):
+        for t in tokens:
+            times.append(time.perf_counter())
+            yield t
+
+    tokens = timed(generate(model, ids, args.max_new_tokens, sampling, stops, decoder))
+    for piece in stream_text(tok.decode, ids, tokens):
+        sys.stdout.write(piece)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    # as llama2.c's run.c: the clock starts at the first new token (after the prompt)
+    if len(times) > 1:
+        rate = (len(times) - 1) / max(times[-1] - times[0], 1e-9)
+        print(f"{len(times)} tokens, {rate:.1f} tokens/s", file=sys.stderr)
+    else:
+        print(f"{len(times)} tokens", file=sys.stderr)
+    return 0

@@ -1,0 +1,314 @@
+"""Text generation on the CPU: a Model's fp32 weights, a KV cache and a sampler.
+
+Decoding does not go through the training engine (it runs whole windows of seq_len tokens).
+A Decoder feeds tokens through the layers with numpy's matrix products (BLAS), the prompt all
+at once and then one token per step, each attending to the keys and values of every earlier
+position, which stay in a cache allocated once per Decoder. The weights are the Model's own
+views (nothing is copied), in the Model's RoPE order, so both RoPE styles, GQA, QK-norm and
+tied or untied classifiers decode as they train.
+
+Sampling follows HF's order: temperature, then top-k, then top-p (nucleus); temperature 0 is
+greedy (argmax). A seed makes a run reproducible."""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from ._ops import rope_tables
+from .errors import AnecyError, ConfigError
+from .model import Model
+
+# BLAS threads while decoding one token at a time. Each projection is then a matrix-vector
+# product, bound by memory, and waking a second BLAS thread for every one costs more than it
+# gains: Stories110M decoded at 26 tokens/s with one OpenBLAS thread against 4.5 with two on
+# a busy 2-core x86-64 machine (bench/bench_sample.py). The prompt's pass keeps them all.
+DECODE_BLAS_THREADS = 1
+
+
+@dataclass
+class SamplingConfig:
+    """How the next token is picked from the logits."""
+    temperature: float = 1.0     # 0: greedy
+    top_p: float = 1.0           # keep the most likely tokens up to this probability mass
+    top_k: int = 0               # keep the k most likely tokens; 0: all
+    seed: int | None = None      # None: a fresh seed from the OS
+
+    def __post_init__(self):
+        t, p, k = self.temperature, self.top_p, self.top_k
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 <= t < math.inf:
+            raise ConfigError(f"temperature must be a finite number >= 0, got {t!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 < p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {p!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ConfigError(f"top_k must be an integer >= 0, got {k!r}")
+
+
+def _rmsnorm(x, weight, eps):
+    # x [..., n] -> [..., n], in float32 as HF computes it
+    return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))) * weight
+
+
+def _linear(x, w):
+    # x [T, in] @ w[out, in].T -> [T, out]; one token is a matrix-vector product (gemv reads
+    # the weights once; a one-row gemm would pack them into BLAS buffers first)
+    if x.shape[0] == 1:
+        return (w @ x[0])[None]
+    return x @ w.T
+
+
+def _silu(x):
+    return x / (np.float32(1.0) + np.exp(-x))
+
+
+class Decoder:
+    """A Model's weights ready for decoding, with a KV cache of ``max_len`` positions
+    (default: the model's seq_len, its context length).
+
+    A Model trained with vocabulary compaction (``model.active_ids`` set) only ever learnt
+    to score the tokens of its data: the other tokens' logits are -inf."""
+
+    def __init__(self, model: Model, max_len: int | None = None):
+        cfg = model.config
+        self.config, self.views = cfg, model.views
+        self.max_len = cfg.seq_len if max_len is None else int(max_len)
+        if self.max_len < 1:
+            raise ConfigError(f"max_len must be positive, got {max_len!r}")
+        self.eps = np.float32(cfg.norm_eps)
+        self.res = np.float32(cfg.residual_scale)
+        cos, sin = rope_tables(cfg.head_dim, self.max_len, cfg.rope_theta)   # [hd/2, max_len]
+        self.cos, self.sin = np.ascontiguousarray(cos.T), np.ascontiguousarray(sin.T)
+        self.layers = []
+        for l in range(cfg.n_layers):
+            p = f"model.layers.{l}."
+            v = {k[len(p):]: a for k, a in model.views.items() if k.startswith(p)}
+            self.layers.append(v)
+        cls = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
+        self.embed, self.cls = model.views["model.embed_tokens.weight"], model.views[cls]
+        self.active_ids = model.active_ids
+        if self.active_ids is not None:   # [n_active, D], a copy of today's rows
+            self.cls = self.cls[self.active_ids]
+            self.logits = np.full(cfg.vocab_size, -np.inf, np.float32)
+        self.final_norm = model.views["model.norm.weight"]
+        # [n_layers, max_len, kv_dim] keys (after QK-norm and RoPE) and values
+        self.k_cache = np.zeros((cfg.n_layers, self.max_len, cfg.kv_dim), np.float32)
+        self.v_cache = np.zeros_like(self.k_cache)
+        self.pos = 0
+
+    def reset(self):
+        """Forget every position (the cache is reused, not reallocated)."""
+        self.pos = 0
+
+    def _rope(self, x, p0):
+        # x [T, heads, hd] rotated in place for positions p0 .. p0+T-1
+        T, hd = x.shape[0], x.shape[2]
+        c = self.cos[p0:p0 + T, None, :]
+        s = self.sin[p0:p0 + T, None, :]
+        if self.config.rope_style == "half":
+            a, b = x[..., :hd // 2].copy(), x[..., hd // 2:].copy()
+            x[..., :hd // 2] = a * c - b * s
+            x[..., hd // 2:] = a * s + b * c
+        else:
+            a, b = x[..., 0::2].copy(), x[..., 1::2].copy()
+            x[..., 0::2] = a * c - b * s
+            x[..., 1::2] = a * s + b * c
+
+    def _attention(self, l, q, p0, p1):
+        # q [T, n_heads, hd] at positions p0..p1-1 over cached keys/values 0..p1-1 -> [T, q_dim]
+        cfg = self.config
+        T, nkv, hd = q.shape[0], cfg.n_kv_heads, cfg.head_dim
+        rep = cfg.n_heads // nkv
+        keys = self.k_cache[l, :p1].reshape(p1, nkv, hd).transpose(1, 2, 0)      # [nkv, hd, p1]
+        values = self.v_cache[l, :p1].reshape(p1, nkv, hd).transpose(1, 0, 2)    # [nkv, p1, hd]
+        qg = q.reshape(T, nkv, rep, hd).transpose(1, 2, 0, 3).reshape(nkv, rep * T, hd)
+        scores = (qg @ keys) * np.float32(1.0 / math.sqrt(hd))                   # [nkv, rep*T, p1]
+        if T > 1:   # a query sees the keys up to its own position
+            visible = np.arange(p1)[None, :] <= np.arange(p0, p1)[:, None]      # [T, p1]
+            scores = np.where(np.tile(visible, (rep, 1))[None], scores, -np.inf)
+        scores -= scores.max(axis=-1, keepdims=True)
+        probs = np.exp(scores)
+        probs /= probs.sum(axis=-1, keepdims=True)
+        out = (probs @ values).reshape(nkv, rep, T, hd).transpose(2, 0, 1, 3)   # [T, nkv, rep, hd]
+        return out.reshape(T, cfg.n_heads * hd)
+
+    def step(self, tokens: Sequence[int]) -> np.ndarray:
+        """Feed ``tokens`` at the next positions; return the logits [vocab] after the last."""
+        cfg = self.config
+        ids = np.asarray(tokens, np.int64).reshape(-1)
+        T, p0 = ids.size, self.pos
+        p1 = p0 + T
+        if T == 0:
+            raise ConfigError("no tokens to decode")
+        if p1 > self.max_len:
+            raise ConfigError(f"{p1} positions exceed the context of {self.max_len} tokens")
+        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+            raise ConfigError(f"token ids must be in [0, {cfg.vocab_size})")
+        nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        x = self.embed[ids]                                                      # [T, D]
+        for l, w in enumerate(self.layers):
+            xn = _rmsnorm(x, w["input_layernorm.weight"], self.eps)
+            q = _linear(xn, w["self_attn.q_proj.weight"]).reshape(T, nh, hd)
+            k = _linear(xn, w["self_attn.k_proj.weight"]).reshape(T, nkv, hd)
+            if cfg.qk_norm:
+                q = _rmsnorm(q, w["self_attn.q_norm.weight"], self.eps)
+                k = _rmsnorm(k, w["self_attn.k_norm.weight"], self.eps)
+            self._rope(q, p0)
+            self._rope(k, p0)
+            self.k_cache[l, p0:p1] = k.reshape(T, -1)
+            self.v_cache[l, p0:p1] = _linear(xn, w["self_attn.v_proj.weight"])
+            attn = self._attention(l, q, p0, p1)
+            x = x + self.res * _linear(attn, w["self_attn.o_proj.weight"])
+            xn = _rmsnorm(x, w["post_attention_layernorm.weight"], self.eps)
+            gate = _silu(_linear(xn, w["mlp.gate_proj.weight"])) \
+                * _linear(xn, w["mlp.up_proj.weight"])
+            x = x + self.res * _linear(gate, w["mlp.down_proj.weight"])
+        self.pos = p1
+        h = _rmsnorm(x[-1], self.final_norm, self.eps)
+        if self.active_ids is None:
+            return self.cls @ h
+        self.logits[self.active_ids] = self.cls @ h
+        return self.logits.copy()
+
+
+# -- sampling ------------------------------------------------------------------------------
+def next_token_probs(logits, temperature: float, top_k: int = 0, top_p: float = 1.0):
+    """The distribution the next token is drawn from (float64, sums to 1): softmax of
+    logits / temperature, cut to the top_k most likely tokens and then to the smallest set
+    of most likely tokens whose mass reaches top_p. Temperature 0 puts all mass on the
+    argmax."""
+    logits = np.asarray(logits, np.float64)
+    probs = np.zeros_like(logits)
+    if temperature == 0:
+        probs[int(np.argmax(logits))] = 1.0
+        return probs
+    z = logits / temperature
+    ids = np.arange(z.size)
+    if top_k and top_k < z.size:
+        ids = np.argpartition(-z, top_k - 1)[:top_k]
+    kept = np.exp(z[ids] - z[ids].max())
+    kept /= kept.sum()
+    if top_p < 1.0:
+        # a token below this cutoff cannot be in the nucleus (llama2.c's run.c sorts only the
+        # rest): the tokens at or after it would hold less than 1 - top_p in all
+        near = kept >= (1.0 - top_p) / max(kept.size - 1, 1)
+        near[np.argmax(kept)] = True
+        ids, kept = ids[near], kept[near]
+        order = np.lexsort((ids, -kept))          # most likely first, ties by id
+        ids, kept = ids[order], kept[order]
+        # keep tokens while the mass before them is below top_p (the first always stays)
+        n = max(1, int(np.count_nonzero(np.cumsum(kept) - kept < top_p)))
+        ids, kept = ids[:n], kept[:n]
+    probs[ids] = kept / kept.sum()
+    return probs
+
+
+def sample(logits, cfg: SamplingConfig, rng: np.random.Generator) -> int:
+    """One token id drawn from next_token_probs(logits, ...) with ``rng``."""
+    if cfg.temperature == 0:
+        return int(np.argmax(logits))
+    probs = next_token_probs(logits, cfg.temperature, cfg.top_k, cfg.top_p)
+    cdf = np.cumsum(probs)
+    return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
+
+
+def generate(model: Model, prompt: Sequence[int], max_new_tokens: int,
+             sampling: SamplingConfig | None = None, stop_ids: Sequence[int] = (),
+             decoder: Decoder | None = None) -> Iterator[int]:
+    """Yield up to ``max_new_tokens`` token ids following ``prompt`` (a non-empty list of
+    ids), one at a time as they are decided. Stops early at a token of ``stop_ids`` (not
+    yielded) or at the end of the context (the model's seq_len, or the decoder's max_len).
+    BLAS runs DECODE_BLAS_THREADS threads until the generator ends (or is closed)."""
+    sampling = sampling or SamplingConfig()
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+            or max_new_tokens < 0:
+        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    prompt = [int(t) for t in prompt]
+    if not prompt:
+        raise ConfigError("the prompt needs at least one token (a BOS token, say)")
+    dec = decoder or Decoder(model)
+    dec.reset()
+    if len(prompt) > dec.max_len:
+        raise ConfigError(f"the prompt has {len(prompt)} tokens, more than the context of "
+                          f"{dec.max_len}")
+    rng = np.random.Generator(np.random.PCG64(sampling.seed))
+    stop = {int(s) for s in stop_ids}
+    logits = dec.step(prompt)
+    with threadpool_limits(DECODE_BLAS_THREADS, user_api="blas"):
+        for i in range(max_new_tokens):
+            token = sample(logits, sampling, rng)
+            if token in stop:
+                return
+            yield token
+            if i + 1 == max_new_tokens or dec.pos == dec.max_len:
+                return
+            logits = dec.step([token])
+
+
+def stream_text(decode, prompt: Sequence[int], tokens: Iterator[int]) -> Iterator[str]:
+    """The text of prompt + tokens as it grows, in pieces: first the prompt's text, then what
+    each token adds. ``decode(ids) -> str`` decodes a whole sequence (tokenizers treat the
+    start of a text specially, so the sequence is decoded whole, not token by token); text
+    ending in an incomplete UTF-8 character (U+FFFD) waits for the token that completes it."""
+    ids = list(prompt)
+    shown = decode(ids).rstrip("\ufffd")
+    yield shown
+    for token in tokens:
+        ids.append(token)
+        text = decode(ids)
+        if text.endswith("\ufffd"):
+            continue
+        if text.startswith(shown):
+            piece = text[len(shown):]
+        else:   # a decoder that rewrote earlier text: show only what is new after it
+            common = 0
+            while common < min(len(text), len(shown)) and text[common] == shown[common]:
+                common += 1
+            piece = text[max(common, len(shown)):]
+        shown = text
+        if piece:
+            yield piece
+    rest = decode(ids)
+    if len(rest) > len(shown) and rest.startswith(shown):
+        yield rest[len(shown):]
+
+
+def training_sample(model: Model, tokenizer=None, n_tokens: int = 48) -> str:
+    """A short greedy sample of a model in training, from BOS (from EOS, the document
+    separator, for vocabularies without BOS), decoded by ``tokenizer``; the ids themselves
+    when there is no tokenizer or it cannot decode them (Llama-2 conventions then: BOS 1,
+    EOS 2). Never raises for the tokenizer's sake: a sample must not end a training run."""
+    bos, eos = 1, 2
+    if tokenizer is not None:
+        bos, eos = tokenizer.bos_id, tokenizer.eos_id
+    start = bos if bos is not None else eos
+    stops = [i for i in (bos, eos) if i is not None]
+    decoder = Decoder(model, max_len=min(model.config.seq_len, n_tokens + 1))
+    ids = list(generate(model, [start], n_tokens, SamplingConfig(temperature=0), stops,
+                        decoder))
+    why = "pass --tokenizer to read them"
+    if tokenizer is not None:
+        try:
+            return repr(tokenizer.decode([start] + ids))
+        except AnecyError as e:
+            why = str(e)
+    return "ids " + " ".join(map(str, ids)) + f" ({why})"
+
+
+class TrainingSampler:
+    """Samples while training, decoded by the tokenizer named (``path``), else the one the
+    training data was prepared with, else shown as ids."""
+
+    def __init__(self, path=None, data_name=None, log=print):
+        from .pretrained import tokenizer_for_data
+        from .tokenizer import load
+        try:
+            self.tokenizer = load(path) if path else tokenizer_for_data(data_name)
+        except AnecyError as e:
+            log(f"samples show token ids: {e}")
+            self.tokenizer = None
+
+    def __call__(self, model: Model, n_tokens: int = 48) -> str:
+        return training_sample(model, self.tokenizer, n_tokens)
