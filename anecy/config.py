@@ -4,7 +4,7 @@ FLOP counts live here too, so reports and benchmarks count the same way."""
 
 import math
 from dataclasses import asdict, dataclass, fields
-from typing import Optional, Tuple
+from typing import Optional
 
 from .backends import BACKENDS
 from .errors import ConfigError
@@ -143,7 +143,7 @@ class TrainConfig:
     accum: int = 10                 # microsteps per optimizer update
     clip: float = 1.0               # global grad-norm clip; 0 turns it off
     weight_decay: float = 0.1
-    betas: Tuple[float, float] = (0.9, 0.95)
+    betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     loss_scale: Optional[float] = None  # static loss scale; None: the backend's default
                                         # (1 on cpu; dynamic from 4096 on fp16 backends);

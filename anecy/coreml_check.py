@@ -38,7 +38,6 @@ import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional
 
 import numpy as np
 
@@ -80,8 +79,8 @@ class ProgramCheck:
     kernel: str
     ops: int                                  # statements rebuilt (consts included)
     blobs: int                                # BLOBFILE constants read by coremltools
-    value_ulps: Optional[Dict[str, float]] = None   # output block -> ulps vs milsim
-    package: Optional[Path] = None            # the .mlpackage written
+    value_ulps: dict[str, float] | None = None   # output block -> ulps vs milsim
+    package: Path | None = None            # the .mlpackage written
     package_weights: int = 0                  # stored weights that read back bit for bit
 
 
@@ -194,7 +193,7 @@ def _ulp(v) -> float:
     return float(np.spacing(np.float16(abs(float(v)))))
 
 
-def block_ulps(kernel: str, cfg, got, ref) -> Dict[str, float]:
+def block_ulps(kernel: str, cfg, got, ref) -> dict[str, float]:
     """Per output block of ``kernel``: max |got - ref| in fp16 ulps of the block's largest
     |ref| (inf if either holds a non-finite value where the other does not)."""
     lay = mil.layout(kernel, cfg)
@@ -221,7 +220,7 @@ def block_ulps(kernel: str, cfg, got, ref) -> Dict[str, float]:
 # The checks
 # =========================================================================================
 
-def write_blobs(program, directory) -> Dict[str, Path]:
+def write_blobs(program, directory) -> dict[str, Path]:
     """Write ``program``'s blob files as a Core ML package lays them out
     (``@model_path/weights/...`` under ``directory``); returns BLOBFILE path -> file."""
     files = {}
@@ -504,7 +503,7 @@ def check_program(program, cfg=None, x=None, workdir=None, package: bool = True,
     return res
 
 
-def check_kernel(kernel: str, cfg, seed: Optional[int] = 0, workdir=None,
+def check_kernel(kernel: str, cfg, seed: int | None = 0, workdir=None,
                  package: bool = True) -> ProgramCheck:
     """``check_program`` on ``mil.generate(kernel, cfg)`` with ``random_input`` (or types
     only when ``seed`` is None)."""

@@ -16,8 +16,7 @@ from typing import Optional
 import numpy as np
 
 from . import backends
-from .checkpoint import (load_checkpoint, read_checkpoint_meta, save_checkpoint,
-                         stage_checkpoint)
+from .checkpoint import load_checkpoint, read_checkpoint_meta, save_checkpoint, stage_checkpoint
 from .config import ModelConfig, TrainConfig, step_flops
 from .corpus import BUILTIN_NOTICE, builtin_tokens
 from .data import TokenSampler, VocabMap, default_data_path, open_held_out, open_tokens
@@ -125,7 +124,7 @@ class Trainer:
                       if train_config.compact_vocab else VocabMap.full(model_config.vocab_size))
         self.model = Model(model_config, self.backend, seed=train_config.seed)
         if train_config.init_from and _resume_state is None:
-            from .pretrained import load_into   # an HF directory or a llama2.c file
+            from .pretrained import load_into  # an HF directory or a llama2.c file
             load_into(self.model, train_config.init_from)
             log(f"initial weights: {train_config.init_from}")
         if not self.vocab.is_identity:

@@ -12,8 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anecy._ops import (ACCELERATE, py_accel_rmsnorm_bwd, py_accel_rmsnorm_fwd,
-                        py_accel_softmax_xent, py_rmsnorm_bwd, py_rmsnorm_fwd, py_softmax_xent)
+from anecy._ops import (
+    ACCELERATE,
+    py_accel_rmsnorm_bwd,
+    py_accel_rmsnorm_fwd,
+    py_accel_softmax_xent,
+    py_rmsnorm_bwd,
+    py_rmsnorm_fwd,
+    py_softmax_xent,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tools" / "objc_check" / "check_accel.sh"

@@ -26,12 +26,26 @@ import numpy as np
 import pytest
 
 from anecy import BackendUnavailable, ConfigError, Model, ModelConfig, _packed, backends, mil
-from anecy._ane_runtime import (HOST_ALIGNMENT, SHIM_COMPILED, AneError, AneKernel, Surface,
-                                ane_available, compile_count)
+from anecy._ane_runtime import (
+    HOST_ALIGNMENT,
+    SHIM_COMPILED,
+    AneError,
+    AneKernel,
+    Surface,
+    ane_available,
+    compile_count,
+)
 from anecy._engine import CpuKernels, Kernels
 from anecy._packed import AneKernels, PackedKernels, SimKernels
-from anecy._testing import (NullAneKernel, PyAneKernel, hold_gil_until_calls, kernel_io,
-                            refuse_locks, run_kernel, stage)
+from anecy._testing import (
+    NullAneKernel,
+    PyAneKernel,
+    hold_gil_until_calls,
+    kernel_io,
+    refuse_locks,
+    run_kernel,
+    stage,
+)
 from anecy.milsim import Interpreter
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -37,12 +37,12 @@ import dataclasses
 
 import numpy as np
 import pytest
-from conftest import require
 
 from anecy import coreml_check as cc
 from anecy import mil, milsim
 from anecy.config import ModelConfig
 from anecy.errors import BackendUnavailable
+from conftest import require
 
 VALUE_PRESETS = ("tiny", "qwen3-tiny", "stories15m")
 SHAPE_PRESETS = ("stories110m", "qwen3-0.6b")

@@ -2,13 +2,13 @@ import functools
 
 import numpy as np
 import pytest
-from conftest import require_module, require_shared
 
 from anecy import corpus
 from anecy.corpus import BUILTIN_NOTICE, builtin_stories, builtin_tokens
+from conftest import require_module, require_shared
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load_tokenizer():
     # Called inside the tests, not at import, so that only the tests that need the
     # tokenizer skip (or, under CI, fail) without it.

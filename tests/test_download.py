@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require_module, require_shared
 
 from anecy.corpus import builtin_stories
 from anecy.data import read_sidecar
 from anecy.download import SHARDS, shard_bounds
+from conftest import require_module, require_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 WHY = "the Llama-2 tokenizer, served by the test's local hub"

@@ -5,7 +5,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import require_shared
 from test_model import CASES, hf_model
 
 from anecy import AnecyError, ConfigError, Model, ModelConfig
@@ -18,6 +17,7 @@ from anecy.generate import (
     sample,
     stream_text,
 )
+from conftest import require_shared
 
 
 def sharp_hf_model(cfg: ModelConfig, scale=8.0):

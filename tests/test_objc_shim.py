@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+
 from conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]

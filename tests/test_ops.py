@@ -17,10 +17,24 @@ import numpy as np
 import pytest
 import torch
 
-from anecy._ops import (py_adamw, py_attention_bwd, py_attention_fwd, py_embedding_bwd,
-                        py_embedding_fwd, py_gqa_reduce, py_gqa_repeat, py_rmsnorm_bwd,
-                        py_rmsnorm_fwd, py_rope, py_sgemm, py_softmax_xent, py_sumsq,
-                        py_swiglu_bwd, py_swiglu_fwd, rope_tables)
+from anecy._ops import (
+    py_adamw,
+    py_attention_bwd,
+    py_attention_fwd,
+    py_embedding_bwd,
+    py_embedding_fwd,
+    py_gqa_reduce,
+    py_gqa_repeat,
+    py_rmsnorm_bwd,
+    py_rmsnorm_fwd,
+    py_rope,
+    py_sgemm,
+    py_softmax_xent,
+    py_sumsq,
+    py_swiglu_bwd,
+    py_swiglu_fwd,
+    rope_tables,
+)
 
 U = 2.0 ** -24  # float32 unit roundoff
 TINY = 1e-30    # keeps "<=" bounds meaningful where the reference is exactly zero

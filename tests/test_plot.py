@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require_module
 
 from anecy.config import ModelConfig, TrainConfig
 from anecy.errors import AnecyError
 from anecy.plot import plot, read_metrics, smooth
+from conftest import require_module
 
 ROOT = Path(__file__).resolve().parents[1]
 

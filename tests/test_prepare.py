@@ -7,13 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require_module, require_shared
 
 from anecy.config import ModelConfig, TrainConfig
 from anecy.corpus import builtin_stories
 from anecy.data import open_tokens, read_sidecar
 from anecy.errors import AnecyError
 from anecy.prepare import documents, prepare, val_path_for
+from conftest import require_module, require_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 WHY = "the Llama-2 tokenizer, to prepare text as llama2.c does"

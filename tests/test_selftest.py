@@ -11,14 +11,14 @@ from typing import ClassVar
 
 import numpy as np
 import pytest
-from conftest import require
 
 from anecy import cli, mil, milsim
-from anecy._testing import PyAneKernel
 from anecy import coreml_check as cc
+from anecy._testing import PyAneKernel
 from anecy.commands import selftest
 from anecy.config import ModelConfig
 from anecy.errors import BackendUnavailable
+from conftest import require
 
 # the library function takes any config: a small one keeps the stand-in runs quick
 SMALL = ModelConfig(dim=32, hidden_dim=64, n_layers=1, n_heads=2, vocab_size=64, seq_len=32)

@@ -18,7 +18,8 @@ from anecy._testing import kernel_io, refuse_locks, run_kernel, stage
 from anecy.corpus import builtin_tokens
 from anecy.data import VocabMap
 from anecy.trainer import TrainConfig, Trainer
-from fp16_bounds import TOLERANCE as MIL_TOLERANCE, U, max_rel_err
+from fp16_bounds import TOLERANCE as MIL_TOLERANCE
+from fp16_bounds import U, max_rel_err
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -6,11 +6,11 @@ import struct
 import sys
 
 import pytest
-from conftest import require_module, require_shared
 
 from anecy import tokenizer as T
 from anecy.corpus import builtin_stories, builtin_tokens
 from anecy.errors import AnecyError
+from conftest import require_module, require_shared
 
 WHY = "the Llama-2 tokenizer, to check llama2.c's tokenizer.bin against SentencePiece"
 

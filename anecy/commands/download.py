@@ -6,8 +6,14 @@ HELP = "download TinyStories and the Llama-2 tokenizer and prepare them for trai
 
 
 def add_arguments(p):
-    from ..download import (DATASET_REPO, SHARDS, TOKENIZER_FILE, TOKENIZER_REPO, TRAIN_FILE,
-                            VALID_FILE)
+    from ..download import (
+        DATASET_REPO,
+        SHARDS,
+        TOKENIZER_FILE,
+        TOKENIZER_REPO,
+        TRAIN_FILE,
+        VALID_FILE,
+    )
     p.add_argument("dataset", choices=("tinystories",), help="the data set")
     p.add_argument("--shards", type=positive_int, default=1, metavar="N",
                    help=f"training shards to prepare, of {SHARDS} (default 1; the whole "
