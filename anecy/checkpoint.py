@@ -55,7 +55,8 @@ FORMAT_VERSION = 1
 MAGIC = b"ANECYCKP"
 END_MARKER = b"CEND"
 ALIGN = 64
-CHUNK = 4 << 20  # bytes per write/read+CRC step: big enough for full speed, small enough for the cache
+# bytes per write/read+CRC step: big enough for full speed, small enough for the cache
+CHUNK = 4 << 20
 
 _PREFIX = struct.Struct("<8sIIQQ")  # magic, version, header crc, header length, total length
 _TRAILER = struct.Struct("<I4s")  # payload crc, end marker
@@ -102,7 +103,8 @@ def _build_header(path, meta: dict, arrays: dict) -> tuple[bytes, list, int]:
             raise CheckpointError(f"checkpoint {path}: array name {name!r} is not a string")
         a = np.asarray(a)
         if a.dtype.kind in "OV":
-            raise CheckpointError(f"checkpoint {path}: array {name!r} has unsupported dtype {a.dtype}")
+            raise CheckpointError(
+                f"checkpoint {path}: array {name!r} has unsupported dtype {a.dtype}")
         table.append({"name": name, "dtype": _le_dtype(a.dtype).str, "shape": list(a.shape),
                       "offset": 0, "nbytes": int(a.nbytes)})
         items.append(a)
@@ -116,7 +118,8 @@ def _build_header(path, meta: dict, arrays: dict) -> tuple[bytes, list, int]:
         try:
             text = json.dumps({"meta": meta, "arrays": table}, separators=(",", ":"))
         except (TypeError, ValueError) as e:
-            raise CheckpointError(f"checkpoint {path}: meta is not JSON-serialisable: {e}") from None
+            raise CheckpointError(
+                f"checkpoint {path}: meta is not JSON-serialisable: {e}") from None
         return text.encode("utf-8"), last + _TRAILER.size
 
     # Offsets are absolute but their digits change the header's length: iterate
@@ -197,8 +200,10 @@ def _read_header(f, path) -> tuple[dict, int, int]:
     raw = f.read(_PREFIX.size)
     if len(raw) < _PREFIX.size:
         if raw and MAGIC.startswith(raw[: len(MAGIC)]):
-            raise CheckpointError(f"checkpoint {path}: truncated ({size} bytes, inside the fixed prefix)")
-        raise CheckpointError(f"checkpoint {path}: not an anecy checkpoint ({size} bytes, truncated or empty)")
+            raise CheckpointError(
+                f"checkpoint {path}: truncated ({size} bytes, inside the fixed prefix)")
+        raise CheckpointError(
+            f"checkpoint {path}: not an anecy checkpoint ({size} bytes, truncated or empty)")
     magic, version, header_crc, header_len, total = _PREFIX.unpack(raw)
     if magic != MAGIC:
         raise CheckpointError(f"checkpoint {path}: not an anecy checkpoint (bad magic {magic!r})")
@@ -207,11 +212,14 @@ def _read_header(f, path) -> tuple[dict, int, int]:
         raise CheckpointError(f"checkpoint {path}: format version {version} is {why} "
                               f"(this anecy reads version {FORMAT_VERSION})")
     if size < total:
-        raise CheckpointError(f"checkpoint {path}: truncated ({size} bytes, its prefix records {total})")
+        raise CheckpointError(
+            f"checkpoint {path}: truncated ({size} bytes, its prefix records {total})")
     if size > total:
-        raise CheckpointError(f"checkpoint {path}: corrupt ({size} bytes, its prefix records {total})")
+        raise CheckpointError(
+            f"checkpoint {path}: corrupt ({size} bytes, its prefix records {total})")
     if _PREFIX.size + header_len + _TRAILER.size > total:
-        raise CheckpointError(f"checkpoint {path}: corrupt (header length {header_len} exceeds the file)")
+        raise CheckpointError(
+            f"checkpoint {path}: corrupt (header length {header_len} exceeds the file)")
     header = _read_exact(f, header_len, path, "header")
     if zlib.crc32(header) != header_crc:
         raise CheckpointError(f"checkpoint {path}: corrupt (header checksum mismatch)")
@@ -228,7 +236,8 @@ def _validate_table(doc, path, payload_start: int, payload_end: int) -> None:
     def bad(why):
         return CheckpointError(f"checkpoint {path}: malformed header ({why})")
 
-    if not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict) or not isinstance(doc.get("arrays"), list):
+    if (not isinstance(doc, dict) or not isinstance(doc.get("meta"), dict)
+            or not isinstance(doc.get("arrays"), list)):
         raise bad("expected an object with 'meta' and 'arrays'")
     pos, names = payload_start, set()
     for e in doc["arrays"]:
@@ -253,7 +262,8 @@ def _validate_table(doc, path, payload_start: int, payload_end: int) -> None:
 
 def read_checkpoint_meta(path) -> dict:
     """Return the header without reading the payload:
-    ``{"format_version": 1, "meta": {...}, "arrays": {name: {"dtype", "shape", "offset", "nbytes"}}}``.
+    ``{"format_version": 1, "meta": {...},
+    "arrays": {name: {"dtype", "shape", "offset", "nbytes"}}}``.
 
     Checks magic, version, file length and the header's own CRC, not the payload.
     """
@@ -262,7 +272,8 @@ def read_checkpoint_meta(path) -> dict:
             doc, _, _ = _read_header(f, path)
         except OSError as e:
             raise CheckpointError(f"checkpoint {path}: cannot read: {e.strerror or e}") from None
-    arrays = {e["name"]: {k: e[k] for k in ("dtype", "shape", "offset", "nbytes")} for e in doc["arrays"]}
+    arrays = {e["name"]: {k: e[k] for k in ("dtype", "shape", "offset", "nbytes")}
+              for e in doc["arrays"]}
     return {"format_version": FORMAT_VERSION, "meta": doc["meta"], "arrays": arrays}
 
 
@@ -289,7 +300,9 @@ def _read_into(f, buf: memoryview, crc: int, path) -> int:
     return crc
 
 
-def load_checkpoint(path, into: dict[str, np.ndarray] | None = None) -> tuple[dict, dict[str, np.ndarray]]:
+def load_checkpoint(
+    path, into: dict[str, np.ndarray] | None = None
+) -> tuple[dict, dict[str, np.ndarray]]:
     """Read a checkpoint; return ``(meta, arrays)`` after verifying the CRC of the whole file.
 
     ``into`` maps names to preallocated arrays (same dtype and shape, C-contiguous,
@@ -310,11 +323,13 @@ def load_checkpoint(path, into: dict[str, np.ndarray] | None = None) -> tuple[di
                 e = table[name]
                 want = (np.dtype(e["dtype"]), tuple(e["shape"]))
                 if not isinstance(dst, np.ndarray) or (dst.dtype, dst.shape) != want:
-                    got = (dst.dtype, dst.shape) if isinstance(dst, np.ndarray) else type(dst).__name__
-                    raise CheckpointError(f"checkpoint {path}: array {name!r} is {want[0]} {want[1]}, "
-                                          f"into= gave {got}")
+                    got = ((dst.dtype, dst.shape) if isinstance(dst, np.ndarray)
+                           else type(dst).__name__)
+                    raise CheckpointError(f"checkpoint {path}: array {name!r} is "
+                                          f"{want[0]} {want[1]}, into= gave {got}")
                 if not (dst.flags.c_contiguous and dst.flags.writeable):
-                    raise CheckpointError(f"checkpoint {path}: into= array {name!r} must be C-contiguous and writeable")
+                    raise CheckpointError(f"checkpoint {path}: into= array {name!r} "
+                                          "must be C-contiguous and writeable")
             out, pos = {}, f.tell()
             for e in doc["arrays"]:
                 gap = e["offset"] - pos  # alignment padding, CRC-covered like everything else

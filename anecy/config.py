@@ -57,7 +57,8 @@ class ModelConfig:
             if value <= 0:
                 raise ConfigError(f"{name} must be positive, got {value}")
         if self.n_heads % self.n_kv_heads != 0:
-            raise ConfigError(f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
+            raise ConfigError(
+                f"n_kv_heads ({self.n_kv_heads}) must divide n_heads ({self.n_heads})")
         if self.head_dim % 2 != 0:
             raise ConfigError(f"head_dim must be even for RoPE, got {self.head_dim}")
         if self.rope_style not in ROPE_STYLES:

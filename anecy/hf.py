@@ -66,7 +66,8 @@ def config_from_hf(hf: dict, seq_len: int = 256) -> ModelConfig:
         raise ConfigError("attention or MLP biases are not supported")
     rope = dict(hf.get("rope_parameters") or {})
     scaling = hf.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    rope_type = (rope.get("rope_type") or scaling.get("rope_type") or scaling.get("type")
+                 or "default")
     if rope_type != "default":
         raise ConfigError(f"unsupported RoPE scaling {rope_type!r}")
     theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))

@@ -102,7 +102,8 @@ class Trainer:
         t0 = time.perf_counter()
         held_out = None
         if tokens is None:
-            tokens, self.data_name, notice = load_training_data(model_config, train_config.data_path)
+            tokens, self.data_name, notice = load_training_data(
+                model_config, train_config.data_path)
             if notice:
                 log(notice)
             else:  # a token file: `anecy prepare --val-frac` may have written its held-out file
@@ -577,7 +578,8 @@ class Trainer:
                      f"updates skipped: fp16 gradients overflowed)")
         return {"steps": self.step_count, "updates": self.updates, "skipped": self.skipped,
                 "ms_per_step": ms_per_step, "gflops": gflops,
-                "flops_per_step": flops, "breakdown_ms": {k: v / done for k, v in self.totals.items()}}
+                "flops_per_step": flops,
+                "breakdown_ms": {k: v / done for k, v in self.totals.items()}}
 
 
 _REPORT_ORDER = ("kernels", "io", "classifier", "elementwise", "rms", "dw", "dw_wait",

@@ -220,7 +220,8 @@ def test_every_byte_flip(ckpt):
 def test_byte_flips_multichunk(tmp_path, monkeypatch):
     monkeypatch.setattr(ck, "CHUNK", 4096)
     p = tmp_path / "c.ckpt"
-    save_checkpoint(p, META, {"w": np.random.default_rng(2).random(50000, dtype=np.float32)}, fsync=False)
+    save_checkpoint(p, META, {"w": np.random.default_rng(2).random(50000, dtype=np.float32)},
+                    fsync=False)
     raw = p.read_bytes()
     sample = np.random.default_rng(3).integers(0, len(raw), 200).tolist() + [len(raw) - 1]
     flip_and_load(p, raw, sample, 0x10)
@@ -247,7 +248,8 @@ def test_future_version(ckpt):
 def write_with_header(p, header: bytes, payload: bytes = b""):
     """A file whose lengths and CRCs are all right around an arbitrary header."""
     total = 32 + len(header) + len(payload) + 8
-    body = struct.pack("<8sIIQQ", b"ANECYCKP", FORMAT_VERSION, zlib.crc32(header), len(header), total)
+    body = struct.pack("<8sIIQQ", b"ANECYCKP", FORMAT_VERSION, zlib.crc32(header), len(header),
+                       total)
     body += header + payload
     p.write_bytes(body + struct.pack("<I4s", zlib.crc32(body), b"CEND"))
 
@@ -259,9 +261,11 @@ def write_with_header(p, header: bytes, payload: bytes = b""):
         (b"\xff\xfe", "malformed header JSON"),
         (b"[1, 2]", "malformed header"),
         (b'{"meta": {}, "arrays": [{"name": "w"}]}', "malformed header"),
-        (b'{"meta": {}, "arrays": [{"name": "w", "dtype": "<f4", "shape": [100], "offset": 64, "nbytes": 400}]}',
+        (b'{"meta": {}, "arrays": [{"name": "w", "dtype": "<f4", "shape": [100], '
+         b'"offset": 64, "nbytes": 400}]}',
          "does not fit"),
-        (b'{"meta": {}, "arrays": [{"name": "w", "dtype": "|O", "shape": [1], "offset": 64, "nbytes": 8}]}',
+        (b'{"meta": {}, "arrays": [{"name": "w", "dtype": "|O", "shape": [1], '
+         b'"offset": 64, "nbytes": 8}]}',
          "dtype"),
     ],
 )

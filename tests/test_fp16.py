@@ -12,8 +12,10 @@ SIMD = pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
 
 U32_BITS = [
     0x00000000, 0x80000000, 0x7F800000, 0xFF800000,  # signed zeros, Inf
-    0x7FC00000, 0xFFC00000, 0x7FC00001, 0x7FC02000, 0x7FE00000, 0x7FFFFFFF, 0xFFFFFFFF,  # quiet NaNs
-    0x7F800001, 0xFF800001, 0x7FA00000, 0x7FBFFFFF, 0x7F802000, 0x7F801FFF, 0xFFA5A5A5,  # signalling
+    # quiet NaNs
+    0x7FC00000, 0xFFC00000, 0x7FC00001, 0x7FC02000, 0x7FE00000, 0x7FFFFFFF, 0xFFFFFFFF,
+    # signalling
+    0x7F800001, 0xFF800001, 0x7FA00000, 0x7FBFFFFF, 0x7F802000, 0x7F801FFF, 0xFFA5A5A5,
     0x00000001, 0x80000001, 0x007FFFFF, 0x00800000,  # float32 subnormals, smallest normal
     0x477FE000, 0x477FEFFF, 0x477FF000, 0x477FF001, 0x47800000,  # 65504, 65520 and around it
     0xC77FEFFF, 0xC77FF000, 0x7F7FFFFF, 0xFF7FFFFF,
@@ -91,8 +93,10 @@ def test_special_values(simd):
     base = bits32(U32_BITS)
     x = np.concatenate([base, -base[:4], np.float32([
         65504, 65519.996, 65520, 65520.004, 65536, 1e38,
-        2.0**-24, 2.0**-25, 3 * 2.0**-25, 5 * 2.0**-25, 1023 * 2.0**-24, 1023.5 * 2.0**-24, 2.0**-14,
-        np.nextafter(np.float32(2.0**-25), np.float32(0)), np.nextafter(np.float32(2.0**-25), np.float32(1)),
+        2.0**-24, 2.0**-25, 3 * 2.0**-25, 5 * 2.0**-25, 1023 * 2.0**-24, 1023.5 * 2.0**-24,
+        2.0**-14,
+        np.nextafter(np.float32(2.0**-25), np.float32(0)),
+        np.nextafter(np.float32(2.0**-25), np.float32(1)),
         0.1, 1 / 3, 1.0, -2.5,
     ])])
     x = np.concatenate([x, -x])

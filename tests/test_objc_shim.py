@@ -27,7 +27,8 @@ def _require(tool, hint):
 
 def _check(path):
     _require("clang", INSTALL_HINT)
-    return subprocess.run(["bash", str(CHECK), str(path)], capture_output=True, text=True, timeout=300)
+    return subprocess.run(["bash", str(CHECK), str(path)], capture_output=True, text=True,
+                          timeout=300)
 
 
 def test_shim_passes_arc_and_type_check():
@@ -75,7 +76,8 @@ CASES = [
     ),
     (
         "type-undeclared-selector",
-        "BOOL t(NSString *p) { return [[NSFileManager defaultManager] removeItemAtPath:p error:NULL]; }",
+        "BOOL t(NSString *p) { return [[NSFileManager defaultManager] "
+        "removeItemAtPath:p error:NULL]; }",
         "BOOL t(NSString *p) { return [[NSFileManager defaultManager] removeItemAtPath:p]; }",
         "no visible @interface",
     ),
@@ -106,7 +108,8 @@ def test_check_rejects_arc_and_type_errors(tmp_path, name, good, bad, diagnostic
 
 
 def test_check_rejects_shim_built_without_arc(tmp_path):
-    # The ARC-only code (bridge casts, CFBridgingRelease) must not build in manual retain/release mode.
+    # The ARC-only code (bridge casts, CFBridgingRelease) must not build in manual
+    # retain/release mode.
     _require("clang", INSTALL_HINT)
     result = subprocess.run(
         ["clang", "-fsyntax-only", "-x", "objective-c", "-fobjc-runtime=macosx-15.0",
@@ -120,8 +123,10 @@ def test_check_rejects_shim_built_without_arc(tmp_path):
 @pytest.mark.parametrize("compiler,language,std", [("cc", "c", "c99"), ("c++", "c++", "c++11")])
 def test_header_is_plain_c_and_cxx(tmp_path, compiler, language, std):
     _require(compiler, "apt-get update && apt-get install -y build-essential")
-    flags = ["-fsyntax-only", "-x", language, f"-std={std}", "-pedantic", "-Wall", "-Wextra", "-Werror"]
-    alone = subprocess.run([compiler, *flags, str(SHIM_H)], capture_output=True, text=True, timeout=120)
+    flags = ["-fsyntax-only", "-x", language, f"-std={std}", "-pedantic", "-Wall", "-Wextra",
+             "-Werror"]
+    alone = subprocess.run([compiler, *flags, str(SHIM_H)], capture_output=True, text=True,
+                           timeout=120)
     assert alone.returncode == 0, alone.stderr
     # Used as a caller would: every declaration type-checks against a real call.
     use = tmp_path / ("use." + ("c" if language == "c" else "cpp"))
@@ -131,13 +136,15 @@ def test_header_is_plain_c_and_cxx(tmp_path, compiler, language, std):
         "int use(void) {\n"
         "    char err[256];\n"
         "    anecy_ane_blob blob = {\"@model_path/weights/mask.bin\", 0, 0};\n"
-        "    anecy_ane_kernel *k = anecy_ane_compile(\"program(1.3)\", &blob, 1, err, sizeof err);\n"
+        "    anecy_ane_kernel *k = anecy_ane_compile(\"program(1.3)\", &blob, 1, err, "
+        "sizeof err);\n"
         "    anecy_ane_surface *in = anecy_ane_surface_create(64, err, sizeof err);\n"
         "    anecy_ane_surface *out = anecy_ane_surface_create(64, err, sizeof err);\n"
         "    void *p = anecy_ane_surface_lock(in);\n"
         "    anecy_ane_surface_unlock(in);\n"
         "    anecy_ane_request *r = anecy_ane_request_create(k, in, out, err, sizeof err);\n"
-        "    int rc = anecy_ane_evaluate(r, err, sizeof err) + anecy_ane_available(err, sizeof err)\n"
+        "    int rc = anecy_ane_evaluate(r, err, sizeof err) + "
+        "anecy_ane_available(err, sizeof err)\n"
         "             + anecy_ane_compile_count() + (int)anecy_ane_surface_bytes(out) + (p != 0)\n"
         "             + (int)ANECY_ANE_QOS;\n"
         "    anecy_ane_request_free(r);\n"

@@ -317,8 +317,8 @@ def test_loss_scale_sweep(tiny_sim):
     rows = []
     for scale in (1, 16, 256, 1024, 4096, 65536):
         rows.append((scale,) + backward_fp16_stats(model, cpu, x, y, float(scale)))
-        print("loss scale %6d: lost %.2e  subnormal %.2e  max|grad| %.3g  non-finite %d"
-              % rows[-1])
+        print("loss scale {:6d}: lost {:.2e}  subnormal {:.2e}  max|grad| {:.3g}  "
+              "non-finite {:d}".format(*rows[-1]))
     lost = [r[1] for r in rows]
     small = [r[2] for r in rows]
     assert all(a >= b for a, b in zip(small, small[1:]))

@@ -62,7 +62,8 @@ def add_arguments(p, family=None):
     p.add_argument("--init-from", metavar="PATH",
                    help="start from pretrained weights: a local HF directory (config.json + "
                         "model.safetensors), e.g. a download of Qwen/Qwen3-0.6B, or a llama2.c "
-                        ".bin such as stories110M.bin, or an anecy checkpoint (its weights, in a new run); "
+                        ".bin such as stories110M.bin, or an anecy checkpoint (its weights, "
+                        "in a new run); "
                         "without --preset the model takes its shape from them (the sequence "
                         "length stays the preset's)")
     p.add_argument("--backend", choices=("auto",) + backends.BACKENDS, default="auto",

@@ -42,8 +42,8 @@ def ast(clang, args):
         tu = os.path.join(tmp, "decls.m")
         with open(tu, "w") as f:
             f.write(TU)
-        cmd = [clang, "-x", "objective-c", "-fobjc-arc", "-fsyntax-only", "-Xclang", "-ast-dump=json",
-               *args, tu]
+        cmd = [clang, "-x", "objective-c", "-fobjc-arc", "-fsyntax-only", "-Xclang",
+               "-ast-dump=json", *args, tu]
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             sys.exit(f"compare_sdk: {' '.join(cmd)} failed:\n{out.stderr}")
@@ -65,11 +65,14 @@ def declarations(root):
         elif kind == "ObjCCategoryDecl":
             container = node.get("interface", {}).get("name")
         elif kind == "ObjCMethodDecl":
-            params = tuple(c.get("type", {}).get("qualType") for c in inner if c.get("kind") == "ParmVarDecl")
+            params = tuple(c.get("type", {}).get("qualType") for c in inner
+                           if c.get("kind") == "ParmVarDecl")
             sign = "-" if node.get("instance", True) else "+"
-            add(("method", container, sign + name), (node.get("returnType", {}).get("qualType"), params, attrs))
+            add(("method", container, sign + name),
+                (node.get("returnType", {}).get("qualType"), params, attrs))
         elif kind == "ObjCPropertyDecl":
-            flags = tuple(f for f in ("readonly", "copy", "strong", "class", "nullability") if node.get(f))
+            flags = tuple(f for f in ("readonly", "copy", "strong", "class", "nullability")
+                          if node.get(f))
             add(("property", container, name), (node.get("type", {}).get("qualType"), flags))
         elif container is None and kind == "FunctionDecl":
             add(("function", None, name), (node.get("type", {}).get("qualType"), attrs))
@@ -102,7 +105,8 @@ def main():
         "-iframework", os.path.join(sdk, "System", "Library", "Frameworks"),
     ]))
 
-    text = "".join(open(p).read() for p in glob.glob(os.path.join(STUBS, "**", "*.h"), recursive=True))
+    text = "".join(open(p).read()
+                   for p in glob.glob(os.path.join(STUBS, "**", "*.h"), recursive=True))
     declared = set(re.findall(r"[A-Za-z_][A-Za-z0-9_]*", text)) - LIBC
     problems = []
     checked = 0
@@ -114,7 +118,8 @@ def main():
             problems.append(f"not in the SDK: {key}")
             continue
         for value in values - real[key]:
-            problems.append(f"differs: {key}\n    stub: {value}\n    SDK:  {sorted(real[key], key=str)}")
+            problems.append(f"differs: {key}\n    stub: {value}\n"
+                            f"    SDK:  {sorted(real[key], key=str)}")
     for p in problems:
         print(p)
     print(f"compare_sdk: {checked} stub declarations checked against {sdk}: "
