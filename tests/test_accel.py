@@ -21,6 +21,7 @@ from anecy._ops import (
     py_rmsnorm_fwd,
     py_softmax_xent,
 )
+from conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 CHECK = ROOT / "tools" / "objc_check" / "check_accel.sh"
@@ -79,9 +80,8 @@ def test_softmax_xent_matches_the_portable_code(S, V):
 
 
 def _clang():
-    path = shutil.which("clang")
-    assert path, "clang is not installed, so the Accelerate calls cannot be type-checked: " \
-                 "run `apt-get update && apt-get install -y clang`"
+    path = require_tool("clang", "apt-get update && apt-get install -y clang",
+                        "the Accelerate calls are type-checked with it")
     return path
 
 
