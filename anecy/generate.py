@@ -288,6 +288,8 @@ def training_sample(model: Model, tokenizer=None, n_tokens: int = 48) -> str:
     decoder = Decoder(model, max_len=min(model.config.seq_len, n_tokens + 1))
     ids = list(generate(model, [start], n_tokens, SamplingConfig(temperature=0), stops,
                         decoder))
+    if not ids:
+        return "'' (the model's first pick ended the text)"
     why = "pass --tokenizer to read them"
     if tokenizer is not None:
         try:
