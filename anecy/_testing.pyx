@@ -202,7 +202,22 @@ cdef AneRequest _request(AneKernel kernel, Surface input, Surface output):
     return req
 
 
-cdef class NullAneKernel(AneKernel):
+cdef class _StandInKernel(AneKernel):
+    """What the stand-ins share: nothing is compiled, ``bind`` accepts host Surfaces, and
+    an evaluator is handed out only for this kernel's own requests."""
+
+    def __init__(self, text, blobs, name):
+        self.name = str(name)
+
+    def bind(self, Surface input not None, Surface output not None):
+        return _request(self, input, output)
+
+    cdef void _check_own(self, AneRequest request) except *:
+        if request is None or request.kernel is not self:
+            raise ValueError(f"{self.name}: the request was not made by this kernel's bind()")
+
+
+cdef class NullAneKernel(_StandInKernel):
     """An AneKernel whose program execution, in C and without the GIL, does nothing (the
     output Surface keeps what it holds), optionally after ``delay_us`` microseconds, or
     fails with ``message`` when ``fail`` is set. Nothing is compiled."""
@@ -210,16 +225,12 @@ cdef class NullAneKernel(AneKernel):
     cdef readonly object text, blobs
 
     def __init__(self, text, blobs, name):
-        self.name = str(name)
+        _StandInKernel.__init__(self, text, blobs, name)
         self.text, self.blobs = text, blobs
-
-    def bind(self, Surface input not None, Surface output not None):
-        return _request(self, input, output)
 
     cdef Evaluator evaluator(self, AneRequest request) except *:
         cdef Evaluator ev
-        if request is None or request.kernel is not self:
-            raise ValueError(f"{self.name}: the request was not made by this kernel's bind()")
+        self._check_own(request)
         ev.fn = _null_evaluate
         ev.ctx = &self.state
         return ev
@@ -256,21 +267,14 @@ cdef int _py_evaluate(void* ctx, char* err, size_t err_len) noexcept nogil:
             return -1
 
 
-cdef class PyAneKernel(AneKernel):
+cdef class PyAneKernel(_StandInKernel):
     """An AneKernel whose program execution calls ``self.evaluate(request)`` from Python
     (taking the GIL); an exception's text becomes the evaluation's error text. Subclass
     it and define ``evaluate``; ``bind`` accepts host Surfaces."""
 
-    def __init__(self, text, blobs, name):
-        self.name = str(name)
-
-    def bind(self, Surface input not None, Surface output not None):
-        return _request(self, input, output)
-
     cdef Evaluator evaluator(self, AneRequest request) except *:
         cdef Evaluator ev
-        if request is None or request.kernel is not self:
-            raise ValueError(f"{self.name}: the request was not made by this kernel's bind()")
+        self._check_own(request)
         ev.fn = _py_evaluate
         ev.ctx = <void*>request
         return ev
