@@ -76,7 +76,17 @@ cdef class Kernels:
     # to sdpa_bwd2, and never reads itself (a packed backend may leave them unwritten).
     cdef const float* engine_probs
     cdef const float* engine_dprobs
+    # The engine's own q, k, v buffers of each layer, and its GQA-repeated k and v: what it
+    # passes to sdpa_fwd and on to sdpa_bwd1/2. A backend that keeps layer l's q, k, v
+    # itself (qkv_held) may leave them unwritten; the engine then skips the GQA repeat.
+    cdef const float** engine_q     # [L]
+    cdef const float** engine_k     # [L]
+    cdef const float** engine_v     # [L]
+    cdef const float* engine_k_rep
+    cdef const float* engine_v_rep
+    cdef object _engine_ptrs
 
+    cdef bint qkv_held(self, int l) noexcept nogil
     cdef void stage_weights(self) noexcept nogil
     cdef void sdpa_fwd(self, int l, const float* xnorm, float* attn, float* q, float* k, float* v,
                        float* q_raw, float* k_raw) noexcept nogil
@@ -88,8 +98,8 @@ cdef class Kernels:
                            float* dx) noexcept nogil
     cdef void wot_bwd(self, int l, const float* dy, float* da) noexcept nogil
     cdef void sdpa_bwd1(self, const float* q, const float* k_rep, const float* v_rep,
-                        const float* da, float* dv_rep, float* probs,
-                        float* dprobs) noexcept nogil
+                        const float* da, float* probs, float* dprobs,
+                        float* dv_rep) noexcept nogil
     cdef void sdpa_bwd2(self, const float* probs, const float* dprobs, const float* q,
                         const float* k_rep, float* dq, float* dk_rep) noexcept nogil
     cdef void q_bwd(self, int l, const float* dq, float* dx) noexcept nogil

@@ -55,6 +55,23 @@ cdef class Kernels:
         self.rope_sin = _ptr(engine.rope_sin)
         self.engine_probs = engine.probs
         self.engine_dprobs = engine.dprobs
+        L = engine.d.L
+        self._engine_ptrs = np.zeros((3, L), np.uintp)
+        cdef size_t[:, ::1] ptrs = self._engine_ptrs
+        self.engine_q = <const float**>&ptrs[0, 0]
+        self.engine_k = <const float**>&ptrs[1, 0]
+        self.engine_v = <const float**>&ptrs[2, 0]
+        for l in range(L):
+            self.engine_q[l] = engine.acts[l].q
+            self.engine_k[l] = engine.acts[l].k
+            self.engine_v[l] = engine.acts[l].v
+        self.engine_k_rep = engine.k_rep
+        self.engine_v_rep = engine.v_rep
+
+    cdef bint qkv_held(self, int l) noexcept nogil:
+        """Whether this backend holds layer l's q, k, v from its last engine forward (the
+        engine's fp32 buffers of them were then not written)."""
+        return False
 
     cdef void stage_weights(self) noexcept nogil:
         pass
@@ -74,8 +91,8 @@ cdef class Kernels:
     cdef void wot_bwd(self, int l, const float* dy, float* da) noexcept nogil:
         pass
     cdef void sdpa_bwd1(self, const float* q, const float* k_rep, const float* v_rep,
-                        const float* da, float* dv_rep, float* probs,
-                        float* dprobs) noexcept nogil:
+                        const float* da, float* probs, float* dprobs,
+                        float* dv_rep) noexcept nogil:
         pass
     cdef void sdpa_bwd2(self, const float* probs, const float* dprobs, const float* q,
                         const float* k_rep, float* dq, float* dk_rep) noexcept nogil:
@@ -96,7 +113,6 @@ cdef class CpuKernels(Kernels):
     cdef float* scores           # [S, S]
     cdef double* norm_scratch    # [S]
     cdef float* probs_cache      # [L, n_heads*S, S]
-    cdef const float** engine_q  # [L] the engine's q buffer of each layer
     cdef unsigned char* probs_valid  # [L] the cache holds the probabilities of engine_q[l]
     cdef object _buffers
 
@@ -106,17 +122,13 @@ cdef class CpuKernels(Kernels):
         S = d.S
         self._buffers = (np.empty(S * S, np.float32), np.empty(2 * S, np.float64),
                          np.empty((d.L, d.n_heads * S, S), np.float32),
-                         np.zeros(d.L, np.uintp), np.zeros(d.L, np.uint8))
+                         np.zeros(d.L, np.uint8))
         self.scores = _ptr(self._buffers[0])
         cdef double[::1] ns = self._buffers[1]
         self.norm_scratch = &ns[0]
         self.probs_cache = _ptr(self._buffers[2])
-        cdef size_t[::1] qs = self._buffers[3]
-        self.engine_q = <const float**>&qs[0]
-        cdef unsigned char[::1] valid = self._buffers[4]
+        cdef unsigned char[::1] valid = self._buffers[3]
         self.probs_valid = &valid[0]
-        for l in range(d.L):
-            self.engine_q[l] = engine.acts[l].q
 
     cdef void sdpa_fwd(self, int l, const float* xnorm, float* attn, float* q, float* k, float* v,
                        float* q_raw, float* k_raw) noexcept nogil:
@@ -171,8 +183,8 @@ cdef class CpuKernels(Kernels):
         sgemm(1, 0, d.Q, d.S, d.D, 1.0, self.layers[l].wo, d.Q, dy, d.S, 0.0, da, d.S)
 
     cdef void sdpa_bwd1(self, const float* q, const float* k_rep, const float* v_rep,
-                        const float* da, float* dv_rep, float* probs,
-                        float* dprobs) noexcept nogil:
+                        const float* da, float* probs, float* dprobs,
+                        float* dv_rep) noexcept nogil:
         cdef Py_ssize_t size = <Py_ssize_t>self.d.n_heads * self.d.S * self.d.S
         cdef bint cached = False
         cdef int l
@@ -639,8 +651,9 @@ cdef class Engine:
         self.kernels.wot_bwd(l, gs.do, self.da)
         t = self.lap(T_KERNELS, t)
         if gqa:
-            gqa_repeat(a.k, self.k_rep, d.n_heads, d.n_kv_heads, d.hd, d.S)
-            gqa_repeat(a.v, self.v_rep, d.n_heads, d.n_kv_heads, d.hd, d.S)
+            if not self.kernels.qkv_held(l):    # else the kernels repeat them as they copy
+                gqa_repeat(a.k, self.k_rep, d.n_heads, d.n_kv_heads, d.hd, d.S)
+                gqa_repeat(a.v, self.v_rep, d.n_heads, d.n_kv_heads, d.hd, d.S)
             k_rep, v_rep = self.k_rep, self.v_rep
         else:
             k_rep, v_rep = a.k, a.v
@@ -650,7 +663,7 @@ cdef class Engine:
         dk_rep = self.dk_rep if gqa else dk_rot
         dv_rep = self.dv_rep if gqa else gs.dv
         t = self.lap(T_ELEMENTWISE, t)
-        self.kernels.sdpa_bwd1(a.q, k_rep, v_rep, self.da, dv_rep, self.probs, self.dprobs)
+        self.kernels.sdpa_bwd1(a.q, k_rep, v_rep, self.da, self.probs, self.dprobs, dv_rep)
         self.kernels.sdpa_bwd2(self.probs, self.dprobs, a.q, k_rep, dq_rot, dk_rep)
         t = self.lap(T_KERNELS, t)
         if gqa:

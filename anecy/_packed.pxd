@@ -48,12 +48,19 @@ cdef struct Call:         # one kernel call: (kernel, layer)
 
 
 
+cdef struct HoldSite:      # where one kernel call has q, k, v (k_rep, v_rep): -1 if absent
+    int arg[3]            # the call's pointer argument index of each
+    Py_ssize_t off[3]     # element offset of each in the Surface
+
+
 cdef class PackedKernels(Kernels):
     cdef readonly str backend           # "sim" | "ane"
     cdef readonly object config
     cdef readonly object layer_surfaces  # [layer] -> {kernel: input Surface} (WEIGHTED)
     cdef readonly object shared_surfaces # {kernel: input Surface} (SHARED)
     cdef readonly object output_surfaces # {kernel: output Surface}, shared by the layers
+    cdef readonly object layer_output_surfaces  # [layer] -> {kernel: output Surface} (sdpaFwd)
+    cdef object layer_out_bufs          # [layer] -> {kernel: fp16 [C', S] view}
     cdef object layer_bufs              # [layer] -> {kernel: fp16 [C, W] view of its Surface}
     cdef object shared_bufs             # {kernel: fp16 [C, W] view}
     cdef object out_bufs                # {kernel: fp16 [C', S] view}
@@ -65,12 +72,17 @@ cdef class PackedKernels(Kernels):
     cdef DWWorker worker                # the engine's: takes half of the weight staging
     cdef bint bound
     cdef bint stale                     # no stage_weights() has succeeded since bind()
-    # pass-through of probs/dprobs from sdpaBwd1's output into sdpaBwd2's input
-    cdef public bint passthrough        # allowed (tests turn it off to compare)
-    cdef bint pass_ok                   # the layouts make it one contiguous copy
-    cdef bint probs_held                # sdpaBwd1's output Surface holds the engine's probs
-    cdef Py_ssize_t pass_src_off, pass_dst_off, pass_halves
+    # pass-through of probs/dprobs: sdpaBwd1's output Surface is sdpaBwd2's input Surface
+    cdef public bint passthrough        # probs and q, k, v stay fp16 (off: fp32 round trips)
+    cdef bint pass_ok                   # the layouts allow it (the Surface is shared)
+    cdef bint probs_held                # that Surface holds the engine's probs/dprobs
     cdef int pass_out_arg, pass_in_arg  # first of the two outputs / inputs concerned
+    # the fp16 hold of q, k, v: sdpaFwd's per-layer output Surface keeps them for sdpaBwd1/2
+    cdef bint hold_ok                   # the layouts allow it
+    cdef HoldSite hold_fwd, hold_bwd1, hold_bwd2
+    cdef unsigned char* qkv_valid       # [L] sdpaFwd's Surface of layer l holds the engine's
+    cdef object _valid                  #     q, k, v of layer l (not written in fp32)
+    cdef readonly long held_calls       # sdpaBwd1/2 calls that read the held q, k, v
     # the first error since the last raise_pending()
     cdef bint failed
     cdef int err_kernel, err_layer, err_kind
@@ -79,11 +91,14 @@ cdef class PackedKernels(Kernels):
     cdef bint tracing
     cdef object _trace
     cdef public double stage_ms         # time spent staging weights (not part of io_ms)
+    cdef double io_in_ms[16]            # io_ms by kernel id: packing, unpacking (cumulative)
+    cdef double io_out_ms[16]
     cdef readonly double compile_ms     # time bind() spent compiling the ten programs
     cdef readonly long calls            # kernel calls run since bind
     cdef readonly long passed_through   # sdpaBwd2 calls whose probs came surface to surface
 
     cdef void _compile_plan(self) except *
+    cdef void _bind_hold(self, cfg) except *
     cdef object _weight_sources(self, int l)
     cdef int _put(self, int i, list moves) except -1
     cdef int _execute(self, Call* c, int kid, int layer) noexcept nogil
@@ -92,10 +107,12 @@ cdef class PackedKernels(Kernels):
     cdef str _where(self)
     cdef object _pending(self)
     cdef void _run(self, int kid, int layer, float** args) noexcept nogil
+    cdef int _take_held(self, int kid, int layer, float** args, bint* held_in) noexcept nogil
+    cdef int _copy_held(self, int kid, int held, const bint* held_in, char* base) noexcept nogil
     cdef void _trace_inputs(self, int kid, int layer, float** args)
     cdef void _trace_outputs(self, int kid, float** args)
     cdef int pack_only(self, int kid, int layer, float** args) noexcept nogil
-    cdef int unpack_only(self, int kid, float** args) noexcept nogil
+    cdef int unpack_only(self, int kid, int layer, float** args) noexcept nogil
 
 
 cdef class SimKernels(PackedKernels):

@@ -25,17 +25,28 @@ optimizer update) runs the weight moves of every layer, split between this threa
 the engine's worker thread. No dict, numpy object or Python call is made per kernel.
 
 Pass-through. sdpaBwd1's probs/dprobs outputs are read by nothing on the CPU: the engine
-only hands its own ``probs``/``dprobs`` buffers from sdpa_bwd1 on to sdpa_bwd2. When a
-call passes those very buffers (``Kernels.engine_probs``), sdpaBwd1 leaves them in its
-output Surface and sdpaBwd2 copies them as fp16 into its input Surface (one contiguous
-copy of 2*P*S halves), skipping the fp16->fp32->fp16 round trip; the engine's fp32
-``probs``/``dprobs`` are then left unwritten. Any other caller (tests, ``trace``) gets
-them in fp32 as before.
+only hands its own ``probs``/``dprobs`` buffers from sdpa_bwd1 on to sdpa_bwd2. The layout
+table puts them at the same rows of sdpaBwd1's output and of sdpaBwd2's input, so one
+Surface is both: sdpaBwd1's program writes them where sdpaBwd2's program reads them, and
+when a call passes the engine's very buffers (``Kernels.engine_probs``), nothing is
+converted or copied (the engine's fp32 ``probs``/``dprobs`` are then left unwritten; the
+host still unpacks dv_rep from the rows after them before sdpaBwd2's q and k_rep are packed
+over those rows). Any other caller (tests, ``trace``) gets them in fp32 as before.
+
+The q, k, v hold. Likewise q, k, v are read on the CPU by nothing but sdpaBwd1/2. When
+sdpaFwd is called with the engine's own q, k, v buffers of its layer, they are not
+unpacked: they stay in fp16 in that layer's sdpaFwd output Surface, and sdpaBwd1/2, when
+called with the engine's q of that layer (and its k, v, or its GQA-repeat buffers), copy
+them from there into their input Surfaces, repeating k and v over each group of query
+heads as the programs read them. ``qkv_held(l)`` tells the engine that the fp32 q, k, v of
+layer l were left unwritten, so that it skips its own GQA repeat.
 
 Buffers: every weight-bearing kernel has one input Surface per layer (its weight columns
 staged by stage_weights(), its activation columns rewritten by each call); the two
-weight-free attention-backward kernels share one input Surface each across layers; every
-kernel has one output Surface, shared by the layers (unpacked before the next call).
+weight-free attention-backward kernels share one input Surface each across layers; sdpaFwd
+has one output Surface per layer (it holds that layer's q, k, v until the backward), every
+other kernel one output Surface shared by the layers (unpacked before the next call), and
+sdpaBwd1's is sdpaBwd2's input Surface.
 
 Errors: the kernel methods are ``noexcept nogil`` (the engine's layer loop has no way to
 propagate an exception). The first failure (a Surface that would not lock, a failed
@@ -79,6 +90,9 @@ def _snake(name):
 WEIGHTED = tuple(k for k, spec in mil.KERNELS.items()
                  if any(b.kind == "weight" for b in spec.inputs))
 SHARED = tuple(k for k in mil.KERNEL_NAMES if k not in WEIGHTED)
+# Kernels with one output Surface per layer: sdpaFwd's keeps that layer's q, k, v in fp16
+# until the backward's sdpaBwd1/2 read them (every other output Surface is shared).
+LAYER_OUTPUT = ("sdpaFwd",)
 
 # engine method name (Kernels.sdpa_fwd, ...) -> MIL kernel name
 METHODS = {_snake(k): k for k in mil.KERNEL_NAMES}
@@ -98,6 +112,62 @@ cdef int K_KV_BWD = mil.KERNEL_NAMES.index("kvBwd")
 
 def _act_blocks(str kernel, cfg):
     return [b for b in mil.layout(kernel, cfg).inputs if b.kind == "act"]
+
+
+def _pass_through_args(cfg):
+    """(sdpaBwd1's argument index of probs, sdpaBwd2's argument index of probs) when
+    sdpaBwd1's output holds probs, dprobs at the very rows (and row width) where sdpaBwd2's
+    input holds them, so that one Surface can serve as both; else None."""
+    outs = {n: (row0, rows) for n, row0, rows in mil.layout("sdpaBwd1", cfg).outputs}
+    ins = _act_blocks("sdpaBwd2", cfg)
+    rows_in = {b.name: (b.row0, b.rows) for b in ins}
+    names_out = [n for n, _, _ in mil.layout("sdpaBwd1", cfg).outputs]
+    names_in = [b.name for b in ins]
+    if any(outs.get(n) is None or outs.get(n) != rows_in.get(n) for n in ("probs", "dprobs")):
+        return None
+    if mil.input_shape("sdpaBwd2", cfg)[3] != cfg.seq_len \
+            or mil.output_shape("sdpaBwd1", cfg)[1] > mil.input_shape("sdpaBwd2", cfg)[1]:
+        return None
+    i_out, i_in = names_out.index("probs"), names_in.index("probs")
+    if names_out[i_out + 1] != "dprobs" or names_in[i_in + 1] != "dprobs":
+        return None
+    return len(_act_blocks("sdpaBwd1", cfg)) + i_out, i_in
+
+
+def _qkv_hold_layout(cfg):
+    """Where sdpaFwd's output holds q, k, v (q_rope, k_rope, v) and where sdpaBwd1 and
+    sdpaBwd2 read them (q, k_rep, v_rep): for each kernel a list of three (argument index,
+    element offset in the Surface) or None (sdpaBwd2 reads no v); None if a layout does
+    not hold them as whole rows of seq_len elements (the fp16 hold is then off)."""
+    S = cfg.seq_len
+    sites = {}
+    fwd = mil.layout("sdpaFwd", cfg)
+    n_acts = len(_act_blocks("sdpaFwd", cfg))
+    names = [n for n, _, _ in fwd.outputs]
+    want = {"q_rope": cfg.q_dim, "k_rope": cfg.kv_dim, "v": cfg.kv_dim}
+    if mil.output_shape("sdpaFwd", cfg)[3] != S:
+        return None
+    site = []
+    for n, rows in want.items():
+        if n not in names or fwd.outputs[names.index(n)][2] != rows:
+            return None
+        site.append((n_acts + names.index(n), fwd.outputs[names.index(n)][1] * S))
+    sites["sdpaFwd"] = site
+    for k, reads in (("sdpaBwd1", ("q", "k_rep", "v_rep")), ("sdpaBwd2", ("q", "k_rep"))):
+        if mil.input_shape(k, cfg)[3] != S:
+            return None
+        acts = _act_blocks(k, cfg)
+        by_name = {b.name: (i, b) for i, b in enumerate(acts)}
+        site = []
+        for n in reads:
+            if n not in by_name:
+                return None
+            i, b = by_name[n]
+            if b.rows != cfg.q_dim or b.cols != S or b.col0 != 0:
+                return None
+            site.append((i, b.row0 * S))
+        sites[k] = site + [None] * (3 - len(site))
+    return sites
 
 
 # Smallest surface made: the ANEgpt fork reports that the ANE needs IOSurfaces of at least
@@ -265,7 +335,8 @@ cdef class PackedKernels(Kernels):
     def trace(self):
         """None, or a list: each kernel call appends (MIL kernel name, layer or -1,
         {input: fp32 copy}, {output: fp32 copy}) with the names of kernel_io. Tracing
-        takes the GIL on every call and turns the pass-through off."""
+        takes the GIL on every call and turns the fp16 pass-throughs off (for calls made
+        while it is on)."""
         return self._trace
 
     @trace.setter
@@ -293,19 +364,62 @@ cdef class PackedKernels(Kernels):
         pairs = {k: _fp16_surface(*mil.input_shape(k, cfg)[1::2]) for k in SHARED}
         self.shared_surfaces = {k: p[0] for k, p in pairs.items()}
         self.shared_bufs = {k: p[1] for k, p in pairs.items()}
-        pairs = {k: _fp16_surface(*mil.output_shape(k, cfg)[1::2]) for k in mil.KERNEL_NAMES}
+        self.layer_output_surfaces, self.layer_out_bufs = [], []
+        for _ in range(d.L):
+            pairs = {k: _fp16_surface(*mil.output_shape(k, cfg)[1::2]) for k in LAYER_OUTPUT}
+            self.layer_output_surfaces.append({k: p[0] for k, p in pairs.items()})
+            self.layer_out_bufs.append({k: p[1] for k, p in pairs.items()})
+        pairs = {k: _fp16_surface(*mil.output_shape(k, cfg)[1::2]) for k in mil.KERNEL_NAMES
+                 if k not in LAYER_OUTPUT}
+        passing = _pass_through_args(cfg)
+        self.pass_ok = passing is not None
+        if self.pass_ok:
+            # sdpaBwd1 writes its probs/dprobs where sdpaBwd2 reads them: one Surface
+            self.pass_out_arg, self.pass_in_arg = passing
+            s = self.shared_surfaces["sdpaBwd2"]
+            pairs["sdpaBwd1"] = (s, s.array(np.float16, mil.output_shape("sdpaBwd1", cfg)[1::2]))
         self.output_surfaces = {k: p[0] for k, p in pairs.items()}
         self.out_bufs = {k: p[1] for k, p in pairs.items()}
+        self._bind_hold(cfg)
         self._compile_plan()
         self.err_exc = None
         self.failed = False
         self.probs_held = False
         self.calls = 0
         self.passed_through = 0
+        memset(self.io_in_ms, 0, sizeof(self.io_in_ms))
+        memset(self.io_out_ms, 0, sizeof(self.io_out_ms))
         cdef double t0 = now_ms()
         self.compile_programs(programs)
         self.compile_ms = now_ms() - t0
         self.bound = True
+
+    cdef void _bind_hold(self, cfg) except *:
+        cdef HoldSite* site
+        sites = _qkv_hold_layout(cfg)
+        self.hold_ok = sites is not None
+        self.held_calls = 0
+        self._valid = np.zeros(self.d.L, np.uint8)
+        cdef unsigned char[::1] valid = self._valid
+        self.qkv_valid = &valid[0]
+        if not self.hold_ok:
+            return
+        for k, site_ptr in (("sdpaFwd", <size_t>&self.hold_fwd),
+                            ("sdpaBwd1", <size_t>&self.hold_bwd1),
+                            ("sdpaBwd2", <size_t>&self.hold_bwd2)):
+            site = <HoldSite*>site_ptr
+            for i, where in enumerate(sites[k]):
+                site.arg[i], site.off[i] = where if where is not None else (-1, 0)
+
+    cdef bint qkv_held(self, int l) noexcept nogil:
+        return self.hold_ok and self.qkv_valid[l]
+
+    @property
+    def holds_qkv(self):
+        """Per layer: whether sdpaFwd's output Surface of that layer holds the engine's q, k,
+        v of that layer in fp16 for the backward (its fp32 buffers of them were then not
+        written by the forward)."""
+        return [bool(self.hold_ok and self.qkv_valid[l]) for l in range(self.d.L)]
 
     # -- compiling the plan -------------------------------------------------------------------
     cdef object _weight_sources(self, int l):
@@ -362,7 +476,7 @@ cdef class PackedKernels(Kernels):
         for ci, k, l, acts, outs, weights in by_layer:
             c = &self.plan[ci]
             c.inp = &(<Surface>self.input_surface(k, l)).mem
-            c.out = &(<Surface>self.output_surfaces[k]).mem
+            c.out = &(<Surface>self.output_surface(k, max(l, 0))).mem
             c.acts = &self.moves[i]
             c.n_acts = len(acts)
             i = self._put(i, acts)
@@ -375,29 +489,6 @@ cdef class PackedKernels(Kernels):
             if weights:
                 self.weighted_calls[self.n_weighted_calls] = c
                 self.n_weighted_calls += 1
-        # probs/dprobs: adjacent in sdpaBwd1's output and in sdpaBwd2's input, in the
-        # same order, so one copy of 2*P*S halves carries both
-        outs1 = mil.layout("sdpaBwd1", cfg).outputs
-        ins2 = _act_blocks("sdpaBwd2", cfg)
-        o = [n for n, _, _ in outs1]
-        a = [b.name for b in ins2]
-        self.pass_ok = False
-        if "probs" in o and "probs" in a:
-            io, ia = o.index("probs"), a.index("probs")
-            pr, bp = outs1[io], ins2[ia]
-            if o[io:io + 2] == a[ia:ia + 2] == ["probs", "dprobs"]:
-                dp, bd = outs1[io + 1], ins2[ia + 1]
-                self.pass_ok = (pr[1] + pr[2] == dp[1] and bp.row0 + bp.rows == bd.row0
-                                and pr[2] == bp.rows and dp[2] == bd.rows
-                                and bp.cols == bd.cols == d.S
-                                and mil.input_shape("sdpaBwd2", cfg)[3] == d.S)
-            if self.pass_ok:
-                self.pass_out_arg = len(_act_blocks("sdpaBwd1", cfg)) + io
-                self.pass_in_arg = ia
-                self.pass_src_off = <Py_ssize_t>pr[1] * d.S
-                self.pass_dst_off = <Py_ssize_t>bp.row0 * d.S
-                self.pass_halves = <Py_ssize_t>(pr[2] + outs1[io + 1][2]) * d.S
-
     cdef int _put(self, int i, list moves) except -1:
         cdef Move* m
         for op, arg, src, off, rows, cols, ld16, ld32 in moves:
@@ -430,12 +521,17 @@ cdef class PackedKernels(Kernels):
         return self.layer_bufs[layer][kernel] if kernel in WEIGHTED \
             else self.shared_bufs[kernel]
 
-    def output_surface(self, str kernel):
-        return self.output_surfaces[kernel]
+    def output_surface(self, str kernel, int layer=0):
+        """The output Surface of ``kernel``: layer ``layer``'s for sdpaFwd (each layer's
+        keeps that layer's q, k, v for the backward); the one the layers share for the
+        others (``layer`` is then ignored)."""
+        return self.layer_output_surfaces[layer][kernel] if kernel in LAYER_OUTPUT \
+            else self.output_surfaces[kernel]
 
-    def output_buffer(self, str kernel):
-        """The fp16 [C', S] view of ``output_surface(kernel)``."""
-        return self.out_bufs[kernel]
+    def output_buffer(self, str kernel, int layer=0):
+        """The fp16 [C', S] view of ``output_surface(kernel, layer)``."""
+        return self.layer_out_bufs[layer][kernel] if kernel in LAYER_OUTPUT \
+            else self.out_bufs[kernel]
 
     # -- errors -------------------------------------------------------------------------------
     cdef void _fail_c(self, int kid, int layer, int kind, const char* text) noexcept nogil:
@@ -470,6 +566,13 @@ cdef class PackedKernels(Kernels):
         if self.err_kind == ERR_ANE:
             return AneError(f"{self._where()}: ANE evaluation failed: {text}")
         return RuntimeError(text)
+
+    @property
+    def io_by_kernel(self):
+        """{MIL kernel name: (packing ms, unpacking ms)} summed over every call since bind:
+        where ``io_ms`` goes."""
+        return {k: (self.io_in_ms[i], self.io_out_ms[i])
+                for i, k in enumerate(mil.KERNEL_NAMES)}
 
     @property
     def pending_error(self):
@@ -523,9 +626,11 @@ cdef class PackedKernels(Kernels):
         its output Surface into the output arguments (NULL: not wanted). args holds the
         activation pointers then the output pointers, in the layout table's order."""
         cdef Call* c = &self.plan[kid * self.d.L + (layer if layer >= 0 else 0)]
-        cdef double t0, t1, t2
-        cdef bint passing = False
-        cdef Call* src
+        cdef double t0, t1, t2, t3
+        cdef bint held_in[3]
+        cdef int held
+        if kid == K_SDPA_FWD and self.hold_ok:
+            self.qkv_valid[layer] = False    # until this call succeeds in holding them
         if self.failed:                  # an earlier call failed: poison, do not run
             fill_nan(c.outs, c.n_outs, args)
             return
@@ -536,12 +641,15 @@ cdef class PackedKernels(Kernels):
             fill_nan(c.outs, c.n_outs, args)
             return
         t0 = now_ms()
-        if kid == K_SDPA_BWD2 and self.probs_held and self.pass_ok \
-                and args[self.pass_in_arg] == self.engine_probs \
-                and args[self.pass_in_arg + 1] == self.engine_dprobs:
-            passing = True
-            args[self.pass_in_arg] = NULL
-            args[self.pass_in_arg + 1] = NULL
+        if kid == K_SDPA_BWD2 and self.pass_ok:
+            if self.probs_held and args[self.pass_in_arg] == self.engine_probs \
+                    and args[self.pass_in_arg + 1] == self.engine_dprobs:
+                # already in place: sdpaBwd1 wrote them into this very Surface
+                args[self.pass_in_arg] = NULL
+                args[self.pass_in_arg + 1] = NULL
+                self.passed_through += 1
+            else:
+                self.probs_held = False     # the caller's probs overwrite the held ones
         if kid == K_SDPA_BWD1:
             self.probs_held = False
             if self.passthrough and self.pass_ok and not self.tracing \
@@ -550,6 +658,7 @@ cdef class PackedKernels(Kernels):
                 args[self.pass_out_arg] = NULL
                 args[self.pass_out_arg + 1] = NULL
                 self.probs_held = True
+        held = self._take_held(kid, layer, args, held_in)
         if self.tracing:
             with gil:
                 self._trace_inputs(kid, layer, args)
@@ -558,18 +667,11 @@ cdef class PackedKernels(Kernels):
             fill_nan(c.outs, c.n_outs, args)
             return
         run_in_moves(c.acts, c.n_acts, c.inp.base, args)
-        if passing:
-            src = &self.plan[K_SDPA_BWD1 * self.d.L]
-            if surface_lock(src.out) != 0:
-                surface_unlock(c.inp)
-                self._fail_c(kid, layer, ERR_RUNTIME, b"could not lock sdpaBwd1's output")
-                fill_nan(c.outs, c.n_outs, args)
-                return
-            memcpy(<uint16_t*>c.inp.base + self.pass_dst_off,
-                   <uint16_t*>src.out.base + self.pass_src_off,
-                   self.pass_halves * sizeof(uint16_t))
-            surface_unlock(src.out)
-            self.passed_through += 1
+        if held >= 0 and kid != K_SDPA_FWD \
+                and self._copy_held(kid, held, held_in, c.inp.base) != 0:
+            surface_unlock(c.inp)
+            fill_nan(c.outs, c.n_outs, args)
+            return
         surface_unlock(c.inp)
         t1 = now_ms()
         if self._execute(c, kid, layer) != 0:
@@ -584,11 +686,89 @@ cdef class PackedKernels(Kernels):
             return
         run_out_moves(c.outs, c.n_outs, c.out.base, args)
         surface_unlock(c.out)
-        self.io_ms += (t1 - t0) + (now_ms() - t2)
+        if held >= 0 and kid == K_SDPA_FWD:
+            self.qkv_valid[layer] = True
+        t3 = now_ms()
+        self.io_ms += (t1 - t0) + (t3 - t2)
+        self.io_in_ms[kid] += t1 - t0
+        self.io_out_ms[kid] += t3 - t2
         self.calls += 1
         if self.tracing:
             with gil:
                 self._trace_outputs(kid, args)
+
+    cdef int _take_held(self, int kid, int layer, float** args, bint* held_in) noexcept nogil:
+        """The fp16 hold of q, k, v, before a call's packing. sdpaFwd: when the call writes
+        the engine's own q, k, v of its layer, returns the layer and drops those outputs
+        from args (they stay in fp16 in its output Surface). sdpaBwd1/2: when q is the
+        engine's q of a layer held so, returns that layer and drops from args each of q,
+        k_rep, v_rep that is the engine's (held_in[i]); _copy_held fills them. Else -1."""
+        cdef HoldSite* site
+        cdef int l, i
+        held_in[0] = held_in[1] = held_in[2] = False
+        if not self.hold_ok:
+            return -1
+        if kid == K_SDPA_FWD:
+            site = &self.hold_fwd
+            if self.passthrough and not self.tracing \
+                    and args[site.arg[0]] == self.engine_q[layer] \
+                    and args[site.arg[1]] == self.engine_k[layer] \
+                    and args[site.arg[2]] == self.engine_v[layer]:
+                for i in range(3):
+                    args[site.arg[i]] = NULL
+                return layer
+            return -1
+        if kid != K_SDPA_BWD1 and kid != K_SDPA_BWD2:
+            return -1
+        site = &self.hold_bwd1 if kid == K_SDPA_BWD1 else &self.hold_bwd2
+        for l in range(self.d.L):
+            if self.qkv_valid[l] and args[site.arg[0]] == self.engine_q[l]:
+                held_in[0] = True
+                # the engine passes its GQA-repeat buffers (left unfilled: qkv_held) or,
+                # without GQA, the layer's own k and v
+                held_in[1] = site.arg[1] >= 0 and (args[site.arg[1]] == self.engine_k[l]
+                                                   or args[site.arg[1]] == self.engine_k_rep)
+                held_in[2] = site.arg[2] >= 0 and (args[site.arg[2]] == self.engine_v[l]
+                                                   or args[site.arg[2]] == self.engine_v_rep)
+                for i in range(3):
+                    if held_in[i]:
+                        args[site.arg[i]] = NULL
+                self.held_calls += 1
+                return l
+        return -1
+
+    cdef int _copy_held(self, int kid, int held, const bint* held_in, char* base) noexcept nogil:
+        """Copy layer ``held``'s q, k, v (as held_in says) from its sdpaFwd output Surface into
+        this call's locked input Surface at ``base``, k and v repeated over each group of
+        query heads (GQA) as the programs read them; 0, or -1 after recording the error."""
+        cdef Dims d = self.d
+        cdef SurfaceMem* src = self.plan[K_SDPA_FWD * d.L + held].out
+        cdef Py_ssize_t block = <Py_ssize_t>d.hd * d.S
+        cdef int ratio = d.n_heads // d.n_kv_heads
+        cdef HoldSite* site = &self.hold_bwd1 if kid == K_SDPA_BWD1 else &self.hold_bwd2
+        cdef uint16_t* dst = <uint16_t*>base
+        cdef const uint16_t* held_base
+        cdef int i, h
+        if surface_lock(src) != 0:
+            self._fail_c(kid, -1, ERR_RUNTIME, b"could not lock sdpaFwd's output Surface")
+            return -1
+        held_base = <const uint16_t*>src.base
+        if held_in[0]:
+            memcpy(dst + site.off[0], held_base + self.hold_fwd.off[0],
+                   <Py_ssize_t>d.Q * d.S * sizeof(uint16_t))
+        for i in range(1, 3):
+            if not held_in[i]:
+                continue
+            if ratio == 1:
+                memcpy(dst + site.off[i], held_base + self.hold_fwd.off[i],
+                       <Py_ssize_t>d.K * d.S * sizeof(uint16_t))
+            else:
+                for h in range(d.n_heads):
+                    memcpy(dst + site.off[i] + h * block,
+                           held_base + self.hold_fwd.off[i] + (h // ratio) * block,
+                           block * sizeof(uint16_t))
+        surface_unlock(src)
+        return 0
 
     cdef void _trace_inputs(self, int kid, int layer, float** args):
         try:
@@ -619,9 +799,10 @@ cdef class PackedKernels(Kernels):
         surface_unlock(c.inp)
         return 0
 
-    cdef int unpack_only(self, int kid, float** args) noexcept nogil:
-        """Convert kernel kid's output Surface into the output arguments."""
-        cdef Call* c = &self.plan[kid * self.d.L]
+    cdef int unpack_only(self, int kid, int layer, float** args) noexcept nogil:
+        """Convert kernel kid's output Surface (layer ``layer``'s for sdpaFwd) into the output
+        arguments."""
+        cdef Call* c = &self.plan[kid * self.d.L + layer]
         if surface_lock(c.out) != 0:
             return -1
         run_out_moves(c.outs, c.n_outs, c.out.base, args)
@@ -664,11 +845,11 @@ cdef class PackedKernels(Kernels):
         self._run(K_WOT_BWD, l, a)
 
     cdef void sdpa_bwd1(self, const float* q, const float* k_rep, const float* v_rep,
-                        const float* da, float* dv_rep, float* probs,
-                        float* dprobs) noexcept nogil:
+                        const float* da, float* probs, float* dprobs,
+                        float* dv_rep) noexcept nogil:
         cdef float* a[MAX_ARGS]
         a[0], a[1], a[2], a[3] = <float*>q, <float*>k_rep, <float*>v_rep, <float*>da
-        a[4], a[5], a[6] = dv_rep, probs, dprobs
+        a[4], a[5], a[6] = probs, dprobs, dv_rep
         self._run(K_SDPA_BWD1, -1, a)
 
     cdef void sdpa_bwd2(self, const float* probs, const float* dprobs, const float* q,
@@ -740,7 +921,7 @@ cdef class SimKernels(PackedKernels):
             try:
                 k = mil.KERNEL_NAMES[kid]
                 y = self.programs[k].run(self.input_buffer(k, layer))
-                out = self.out_bufs[k]
+                out = self.output_buffer(k, max(layer, 0))
                 np.copyto(out, y.reshape(out.shape))
             except BaseException as e:
                 self._fail_exc(kid, layer, e)
@@ -799,7 +980,7 @@ cdef class AneKernels(PackedKernels):
             raise ConfigError(f"the ane backend needs seq_len >= 32 (got {d.S}): the ANE "
                               f"pads surface rows to 32 elements")
         compiled = {k: _compiled(self.kernel_factory, k, p) for k, p in programs.items()}
-        requests = [{k: compiled[k].bind(self.input_surface(k, l), self.output_surface(k))
+        requests = [{k: compiled[k].bind(self.input_surface(k, l), self.output_surface(k, l))
                      for k in WEIGHTED} for l in range(d.L)]
         shared = {k: compiled[k].bind(self.input_surface(k), self.output_surface(k))
                   for k in SHARED}

@@ -26,7 +26,7 @@ from ._engine cimport Kernels, Dims
 from ._worker cimport now_ms
 from ._ane_runtime cimport AneKernel, AneRequest, Evaluator, Surface
 from ._packed cimport PackedKernels, MAX_ARGS
-from ._packed import METHODS, _io
+from ._packed import METHODS, WEIGHTED, _io
 
 
 def _mil_name(str name):
@@ -136,18 +136,21 @@ def pack_activations(PackedKernels k, str name, int layer=0, **arrays):
         raise RuntimeError(f"{kernel}: could not lock the input Surface")
 
 
-def unpack_outputs(PackedKernels k, str name):
-    """Run only the output half of kernel ``name``'s staging plan: its output Surface
-    converted to fp32 arrays {name: [channels, seq_len]}."""
+def unpack_outputs(PackedKernels k, str name, int layer=0):
+    """Run only the output half of kernel ``name``'s staging plan: its output Surface (layer
+    ``layer``'s for sdpaFwd) converted to fp32 arrays {name: [channels, seq_len]}."""
     kernel = _mil_name(name)
     ins, outs = _io(k, kernel)
     cdef Dims d = k.d
     a = {n: np.zeros((c, d.S), np.float32) for n, c in outs}
     cdef float* p[MAX_ARGS]
     _pointers(a, [None] * len(ins) + [n for n, _ in outs], p)
-    cdef int kid = mil.KERNEL_NAMES.index(kernel), rc
+    if not 0 <= layer < d.L:
+        raise IndexError(f"layer {layer} is outside [0, {d.L})")
+    # sdpaBwd1/2 have one call (layer 0) in the plan
+    cdef int kid = mil.KERNEL_NAMES.index(kernel), l = layer if kernel in WEIGHTED else 0, rc
     with nogil:
-        rc = k.unpack_only(kid, p)
+        rc = k.unpack_only(kid, l, p)
     if rc != 0:
         raise RuntimeError(f"{kernel}: could not lock the output Surface")
     return a

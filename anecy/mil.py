@@ -162,9 +162,11 @@ KERNELS: dict[str, Kernel] = {k.name: k for k in (
             Block("k_rep", "Q", _A, "k after RoPE, repeated to Q (HF head mapping)"),
             Block("v_rep", "Q", _A, "v repeated to Q (HF head mapping)"),
             Block("da", "Q", _A, "gradient of attn [Q, S]")),
-           (Out("dv_rep", "Q", "dv per query head: sum_i probs_h[i, j] * da[h*hd+c, i]"),
-            Out("probs", "P", "probs[h*S + i, j]: softmax prob of query i on key j, head h"),
-            Out("dprobs", "P", "dprobs[h*S + i, j] = sum_c da[h*hd+c, i] * v_rep[h*hd+c, j]"))),
+           # probs and dprobs come first, at the rows sdpaBwd2's input holds them, so that
+           # one Surface can be this kernel's output and sdpaBwd2's input (no copy)
+           (Out("probs", "P", "probs[h*S + i, j]: softmax prob of query i on key j, head h"),
+            Out("dprobs", "P", "dprobs[h*S + i, j] = sum_c da[h*hd+c, i] * v_rep[h*hd+c, j]"),
+            Out("dv_rep", "Q", "dv per query head: sum_i probs_h[i, j] * da[h*hd+c, i]"))),
     Kernel("sdpaBwd2", "Softmax backward and dQ, dK.", "2*P+2*Q", "channels",
            (Block("probs", "P", _A, "probs from sdpaBwd1 [P, S]"),
             Block("dprobs", "P", _A, "dprobs from sdpaBwd1 [P, S]"),
@@ -887,9 +889,9 @@ def gen_sdpaBwd1(cfg) -> MilProgram:
     probs = _attention_probs(b, q4, k4, cfg)
     dv4 = b.matmul("dv4", da4, probs)                       # [1,nh,hd,S(key)]
     dp4 = b.matmul("dp4", da4, v4, tx=True)                 # [1,nh,S(query),S(key)]
-    parts = [b.reshape("dv_rep", dv4, [1, Q, 1, S]),
-             b.reshape("probs", probs, [1, P, 1, S]),
-             b.reshape("dprobs", dp4, [1, P, 1, S])]
+    parts = [b.reshape("probs", probs, [1, P, 1, S]),
+             b.reshape("dprobs", dp4, [1, P, 1, S]),
+             b.reshape("dv_rep", dv4, [1, Q, 1, S])]
     return _finish(b, lay, b.concat("out", parts, 1))
 
 

@@ -1,15 +1,17 @@
 """Host cost of the ane backend: everything but the Neural Engine itself.
 
 The ane backend's real code (``anecy._packed.AneKernels``: staging plans, Surfaces, the C
-evaluation path, pass-through, the dW worker) runs with one thing replaced: the program
+evaluation path, the fp16 pass-throughs, the dW worker) runs with one thing replaced: the program
 execution, by ``anecy._testing.NullAneKernel``, which returns at once without the GIL.
 So a forward+backward here costs what a Mac's CPU would add around the ANE's own time.
 Printed per microstep (medians over the timed steps): io (fp32 <-> fp16 staging of the
 activations and outputs), dispatch (the kernel calls net of io: here, the stand-in's
 call overhead), CPU work (RMSNorm, classifier, elementwise), dW wait, total, and the same
 run's cpu-backend forward+backward for scale; also the weight staging after an update,
-and the io floor: the elements a microstep converts, at the speed this run measures for
-the SIMD converters on their own (so that io can be judged on a busy machine).
+the io floor: the elements a microstep converts, at the speed this run measures for
+the SIMD converters on their own (so that io can be judged on a busy machine); and io by
+kernel: where io goes, packing (inputs, including the fp16 copies of held q, k, v) and
+unpacking (outputs), per microstep.
 
     python bench/bench_ane_host.py                          # stories110m and qwen3-0.6b
     python bench/bench_ane_host.py --preset stories110m --steps 5
@@ -45,17 +47,25 @@ def null_ane_model(cfg):
         backends.available, backends.make_kernels = available, make
 
 
+# What stays fp16 between kernels (never converted): probs/dprobs lie in the Surface that
+# is sdpaBwd1's output and sdpaBwd2's input; q, k, v stay in each layer's sdpaFwd output
+# Surface and are copied as fp16 into sdpaBwd1/2's inputs.
+KEPT_FP16_OUT = {"sdpa_bwd1": ("probs", "dprobs"), "sdpa_fwd": ("q_rope", "k_rope", "v")}
+KEPT_FP16_IN = {"sdpa_bwd2": ("probs", "dprobs", "q", "k_rep"),
+                "sdpa_bwd1": ("q", "k_rep", "v_rep")}
+
+
 def converted_per_microstep(model):
     """(fp32->fp16, fp16->fp32) elements the kernel calls of one microstep convert: every
-    activation in and every output out, less what the pass-through carries as fp16."""
+    activation in and every output out, less what stays fp16 between kernels."""
     k, cfg = model.engine.kernels, model.config
     n_in = n_out = 0
     for method in METHODS:
         ins, outs = kernel_io(k, method)
         n_in += cfg.n_layers * cfg.seq_len * sum(
-            c for n, c in ins if not (method == "sdpa_bwd2" and n in ("probs", "dprobs")))
+            c for n, c in ins if n not in KEPT_FP16_IN.get(method, ()))
         n_out += cfg.n_layers * cfg.seq_len * sum(
-            c for n, c in outs if not (method == "sdpa_bwd1" and n in ("probs", "dprobs")))
+            c for n, c in outs if n not in KEPT_FP16_OUT.get(method, ()))
     return n_in, n_out
 
 
@@ -83,15 +93,24 @@ def batches(cfg, n, seed=0):
 
 
 def time_steps(model, data, warmup):
-    """Per microstep: wall ms and the engine's component timings (ms)."""
+    """Per microstep: wall ms and the engine's component timings (ms); for a packed
+    backend these include "io by kernel": {kernel: (packing ms, unpacking ms)}."""
     rows = []
+    kernels = model.engine.kernels
+    by_kernel = getattr(kernels, "io_by_kernel", None)
     for i, (x, y) in enumerate(data):
         model.engine.reset_timers()
+        before = kernels.io_by_kernel if by_kernel is not None else None
         t = time.perf_counter()
         model.forward_backward(x, y, 1.0)
         wall = 1e3 * (time.perf_counter() - t)
         if i >= warmup:
-            rows.append((wall, model.engine.timings()))
+            timings = model.engine.timings()
+            if before is not None:
+                after = kernels.io_by_kernel
+                timings["io by kernel"] = {k: (after[k][0] - before[k][0],
+                                               after[k][1] - before[k][1]) for k in after}
+            rows.append((wall, timings))
     model.zero_grad()
     return rows
 
@@ -122,8 +141,12 @@ def bench(cfg, steps, warmup):
         "total": statistics.median(w for w, _ in runs),
     }
     res["floor"] = floor
+    res["by kernel"] = {k: tuple(statistics.median(t["io by kernel"][k][j] for _, t in runs)
+                                 for j in (0, 1))
+                        for k in runs[0][1]["io by kernel"]}
     res["converted"] = (n_in + n_out) / 1e6
-    return res, cpu_ms, statistics.median(stage), calls_per_step, kernels.passed_through > 0
+    passed = kernels.passed_through > 0 and kernels.held_calls > 0
+    return res, cpu_ms, statistics.median(stage), calls_per_step, passed
 
 
 def main():
@@ -145,13 +168,16 @@ def main():
         cfg = ModelConfig.preset(name)
         res, cpu_ms, stage_ms, calls, passed = bench(cfg, args.steps, args.warmup)
         print(f"\n{name}: {calls} kernel calls per microstep, seq_len {cfg.seq_len}, "
-              f"pass-through {'on' if passed else 'OFF'}")
+              f"fp16 pass-through {'on' if passed else 'OFF'}")
         print(f"  {'component':<24}{'ms/microstep':>14}")
         for row in ROWS:
             print(f"  {row:<24}{res[row]:>14.1f}")
         print(f"  {'io floor':<24}{res['floor']:>14.1f}   ({res['converted']:.1f}M elements at "
               f"this run's converter speed)")
         print(f"  {'io / io floor':<24}{res['io'] / res['floor']:>14.2f}")
+        print(f"  {'io by kernel':<24}{'packing':>14}{'unpacking':>11}")
+        for k, (pack, unpack) in res["by kernel"].items():
+            print(f"    {k:<22}{pack:>14.1f}{unpack:>11.1f}")
         per_call = 1e3 * (res["io"] + res["dispatch"]) / calls
         print(f"  {'per kernel call':<24}{per_call:>14.1f}   us (io + dispatch)")
         print(f"  {'cpu backend fwd+bwd':<24}{cpu_ms:>14.1f}")

@@ -215,14 +215,14 @@ def test_sim_and_ane_inherit_every_packing_method():
 
 
 def test_engine_facing_kernel_methods_are_one_implementation():
-    """The cdef methods the engine calls without the GIL (stage_weights and the ten kernels,
-    the first 11 slots of the C method table) and PackedKernels' own cdef methods (plan
-    compilation, the call path _run, the error capture, the staging halves) are the same
-    machine code for sim and ane, except _execute (slot 14), the one that differs; the cpu
-    backend's are different code (so the table is really read)."""
-    n_engine = 11
-    n_packed = n_engine + 13
-    execute = n_engine + 3
+    """The cdef methods the engine calls without the GIL (qkv_held, stage_weights and the ten
+    kernels, the first 12 slots of the C method table) and PackedKernels' own cdef methods
+    (plan compilation, the call path _run, the fp16 hold, the error capture, the staging
+    halves) are the same machine code for sim and ane, except _execute (slot 16), the one
+    that differs; the cpu backend's are different code (so the table is really read)."""
+    n_engine = 12
+    n_packed = n_engine + 16
+    execute = n_engine + 4
     packed = _vtable(PackedKernels, n_packed)
     sim, ane = _vtable(SimKernels, n_packed), _vtable(AneKernels, n_packed)
     assert all(packed)
@@ -231,7 +231,7 @@ def test_engine_facing_kernel_methods_are_one_implementation():
             assert sim[i] == packed[i] == ane[i], i
     assert len({sim[execute], ane[execute], packed[execute]}) == 3
     cpu = _vtable(CpuKernels, n_engine)
-    assert all(a != b for a, b in zip(cpu[1:], packed[1:n_engine]))
+    assert all(a != b for a, b in zip(cpu, packed[:n_engine]))
 
 
 @pytest.fixture(scope="module")
@@ -293,7 +293,11 @@ class FakeAneKernel(PyAneKernel):
         assert isinstance(inp, Surface) and isinstance(out, Surface)
         # the tensor at the start of each; surfaces are at least 49152 bytes (MIN_SURFACE_BYTES)
         assert inp.nbytes == max(2 * int(np.prod(self.in_shape)), _packed.MIN_SURFACE_BYTES)
-        assert out.nbytes == max(2 * int(np.prod(self.out_shape)), _packed.MIN_SURFACE_BYTES)
+        if self.name == "sdpaBwd1":      # its output Surface is sdpaBwd2's input Surface
+            assert out.nbytes >= max(2 * int(np.prod(self.out_shape)), _packed.MIN_SURFACE_BYTES)
+        else:
+            assert out.nbytes == max(2 * int(np.prod(self.out_shape)),
+                                     _packed.MIN_SURFACE_BYTES)
         req = super().bind(inp, out)
         self.requests.append(req)
         return req
@@ -327,7 +331,13 @@ def test_fake_ane_kernels_compile_once_and_bind_per_layer(sim_model, fake):
         for name in _packed.WEIGHTED:
             req = ane.requests[layer][name]
             assert req.input is ane.input_surface(name, layer)
-            assert req.output is ane.output_surface(name)
+            assert req.output is ane.output_surface(name, layer)
+    # sdpaFwd's output Surface is one per layer (it holds q, k, v for the backward); the
+    # other kernels' are shared by the layers
+    outs = {name: {ane.output_surface(name, l).address for l in range(cfg.n_layers)}
+            for name in mil.KERNEL_NAMES}
+    assert {k for k, v in outs.items() if len(v) == cfg.n_layers} == {"sdpaFwd"}
+    assert all(len(v) == 1 for k, v in outs.items() if k != "sdpaFwd")
     for name in _packed.SHARED:
         req = ane.shared_requests[name]
         assert req.input is ane.input_surface(name) and req.output is ane.output_surface(name)
@@ -395,6 +405,38 @@ def test_fake_ane_training_step_equals_sim(cfg_name, fake, monkeypatch):
             model.weights_changed()
     assert np.array_equal(ane.params, sim.params)
     assert fake.compiles == 10
+    # q, k, v went from sdpaFwd's Surfaces to sdpaBwd1/2's in fp16, every layer and step
+    assert ane.engine.kernels.holds_qkv == [True] * cfg.n_layers
+    assert ane.engine.kernels.held_calls == 2 * 2 * cfg.n_layers
+
+
+def test_held_qkv_surface_that_will_not_lock(fake, monkeypatch):
+    """sdpaBwd1 copies its layer's q, k, v from that layer's sdpaFwd output Surface: when
+    that Surface will not lock, the error names sdpaBwd1, the step's gradients are NaN, and
+    the next step is whole again."""
+    cfg = ModelConfig(**CONFIGS["gqa"])
+    m = _ane_model(cfg, fake, monkeypatch, seed=0)
+    k = m.engine.kernels
+    x = np.arange(cfg.seq_len, dtype=np.int32) % cfg.vocab_size
+    held = k.output_surface("sdpaFwd", cfg.n_layers - 1)
+    evaluate = fake.evaluate
+
+    def refusing(self, request):
+        evaluate(self, request)
+        if self.name == "wotBwd":        # the call just before the backward's first sdpaBwd1
+            refuse_locks(held)
+
+    monkeypatch.setattr(fake, "evaluate", refusing)
+    with pytest.raises(RuntimeError, match="could not lock sdpaFwd's output Surface") as info:
+        m.forward_backward(x, x)
+    assert any("ane backend's sdpaBwd1" in n
+               for n in getattr(info.value, "__notes__", [])) or sys.version_info < (3, 11)
+    assert np.isnan(m.grads).any()
+    refuse_locks(held, False)
+    monkeypatch.setattr(fake, "evaluate", evaluate)
+    m.zero_grad()
+    m.forward_backward(x, x)
+    assert np.all(np.isfinite(m.grads)) and k.pending_error is None
 
 
 def test_fake_ane_errors_surface_like_sim(fake, monkeypatch):

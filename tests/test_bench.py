@@ -38,7 +38,8 @@ def test_fp16_benchmark_quick():
 
 def test_ane_host_benchmark_quick():
     out = run("bench/bench_ane_host.py", "--quick")
-    assert "no-op" in out and "pass-through on" in out and "io floor" in out
+    assert "no-op" in out and "fp16 pass-through on" in out and "io floor" in out
+    assert "io by kernel" in out and "sdpaBwd2" in out
     rows = {}
     for line in out.splitlines():
         parts = line.rsplit(None, 1)

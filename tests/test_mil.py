@@ -347,7 +347,12 @@ def test_table_shapes(cfg_name):
     assert mil.column_offsets("sdpaFwd", cfg)["Wk"] == (S + Q, K)
     assert mil.output_offsets("ffnFused", cfg)["gate"] == (D + 2 * H, H)
     assert mil.input_channel_offsets("sdpaBwd2", cfg)["k_rep"] == (2 * P + Q, Q)
-    assert mil.output_offsets("sdpaBwd1", cfg)["dprobs"] == (Q + P, P)
+    assert mil.output_offsets("sdpaBwd1", cfg)["dprobs"] == (P, P)
+    assert mil.output_offsets("sdpaBwd1", cfg)["dv_rep"] == (2 * P, Q)
+    # the rows that let one Surface be sdpaBwd1's output and sdpaBwd2's input
+    for n in ("probs", "dprobs"):
+        assert mil.output_offsets("sdpaBwd1", cfg)[n] == \
+            mil.input_channel_offsets("sdpaBwd2", cfg)[n]
 
 
 def test_every_kernel_block_is_described():

@@ -141,6 +141,9 @@ def test_kernel_io_follows_the_layout_table(model):
 
 @pytest.mark.parametrize("shape", ["gqa", "qwen3", "odd"])
 def test_pass_through_equals_the_round_trip(shape):
+    """Both fp16 pass-throughs (probs/dprobs in sdpaBwd1's output Surface, which is
+    sdpaBwd2's input; q, k, v held in each layer's sdpaFwd output Surface and copied into
+    sdpaBwd1/2's inputs, GQA-repeated) give bit for bit what the fp32 round trips give."""
     cfg = SHAPES[shape]
     x = np.arange(cfg.seq_len, dtype=np.int32) * 7 % cfg.vocab_size
     y = (x + 1) % cfg.vocab_size
@@ -150,11 +153,49 @@ def test_pass_through_equals_the_round_trip(shape):
         k = m.engine.kernels
         k.passthrough = through
         loss = m.forward_backward(x, y, 4096.0)
-        runs[through] = (loss, m.grads.copy(), k.passed_through)
+        runs[through] = (loss, m.grads.copy(), k.passed_through, k.held_calls, k.holds_qkv)
     assert runs[True][2] == cfg.n_layers and runs[False][2] == 0
+    assert runs[True][3] == 2 * cfg.n_layers and runs[False][3] == 0
+    assert runs[True][4] == [True] * cfg.n_layers and runs[False][4] == [False] * cfg.n_layers
     assert runs[True][0] == runs[False][0]
     assert np.array_equal(runs[True][1], runs[False][1])
     assert np.all(np.isfinite(runs[True][1]))
+
+
+def test_held_qkv_reach_the_backward_kernels_as_the_round_trip_would():
+    """The inputs sdpaBwd1/2 run on (their input Surfaces) are the same halves whether q,
+    k, v came from the hold or through fp32, GQA repeat included; a caller's own q (not
+    the engine's) is converted as given."""
+    cfg = SHAPES["gqa"]
+    x = np.arange(cfg.seq_len, dtype=np.int32) * 3 % cfg.vocab_size
+    surfaces = {}
+    for through in (True, False):
+        m = Model(cfg, backend="sim", seed=2)
+        k = m.engine.kernels
+        k.passthrough = through
+        seen = []
+        run = k.programs["sdpaBwd2"].run
+        k.programs["sdpaBwd1"].run = lambda a, r=k.programs["sdpaBwd1"].run: (
+            seen.append(("sdpaBwd1", np.array(a))), r(a))[1]
+        k.programs["sdpaBwd2"].run = lambda a, r=run: (seen.append(("sdpaBwd2", np.array(a))),
+                                                        r(a))[1]
+        m.forward_backward(x, x, 4096.0)
+        surfaces[through] = seen
+    assert len(surfaces[True]) == 2 * cfg.n_layers
+    for (name, a), (name2, b) in zip(surfaces[True], surfaces[False]):
+        assert name == name2 and np.array_equal(a.view(np.uint16), b.view(np.uint16)), name
+    # a caller's arrays: converted, not taken from the hold
+    m = Model(cfg, backend="sim", seed=2)
+    k = m.engine.kernels
+    m.forward_backward(x, x, 4096.0)
+    held = k.held_calls
+    rng = np.random.default_rng(1)
+    a = {n: rng.standard_normal((c, cfg.seq_len)).astype(np.float32)
+         for n, c in kernel_io(k, "sdpa_bwd1")[0]}
+    run_kernel(k, "sdpa_bwd1", 0, **a)
+    want = np.vstack([a[n] for n in ("q", "k_rep", "v_rep", "da")]).astype(np.float16)
+    assert np.array_equal(k.input_buffer("sdpaBwd1")[:want.shape[0]], want)
+    assert k.held_calls == held
 
 
 def test_callers_other_than_the_engine_get_fp32_probs():
