@@ -300,8 +300,19 @@ def _read_into(f, buf: memoryview, crc: int, path) -> int:
     return crc
 
 
+def _skip(f, nbytes: int, crc: int, path) -> int:
+    """Read and checksum ``nbytes`` of payload through one reused chunk, keeping nothing."""
+    scratch = memoryview(bytearray(min(CHUNK, max(nbytes, 1))))
+    left = nbytes
+    while left:
+        n = min(left, len(scratch))
+        crc = _read_into(f, scratch[:n], crc, path)
+        left -= n
+    return crc
+
+
 def load_checkpoint(
-    path, into: dict[str, np.ndarray] | None = None
+    path, into: dict[str, np.ndarray] | None = None, only=None
 ) -> tuple[dict, dict[str, np.ndarray]]:
     """Read a checkpoint; return ``(meta, arrays)`` after verifying the CRC of the whole file.
 
@@ -309,8 +320,14 @@ def load_checkpoint(
     writeable) that receive their payload in place and are returned as the same
     objects; other arrays are freshly allocated. If the CRC fails after reading,
     the ``into`` arrays may hold partial data and should be discarded.
+
+    ``only`` (a collection of names) keeps just those arrays and the ``into`` ones: the
+    others are still read and checksummed, a chunk at a time, but never held, so that
+    loading the weights of a training checkpoint does not also allocate its optimizer
+    state. Names in ``only`` the file lacks are simply absent from the result.
     """
     into = into or {}
+    keep = None if only is None else set(only) | set(into)
     with _open(path) as f:
         try:
             doc, crc, total = _read_header(f, path)
@@ -334,6 +351,10 @@ def load_checkpoint(
             for e in doc["arrays"]:
                 gap = e["offset"] - pos  # alignment padding, CRC-covered like everything else
                 crc = zlib.crc32(_read_exact(f, gap, path, "payload"), crc)
+                if keep is not None and e["name"] not in keep:
+                    crc = _skip(f, e["nbytes"], crc, path)
+                    pos = e["offset"] + e["nbytes"]
+                    continue
                 dst = into.get(e["name"])
                 if dst is None:
                     dst = np.empty(e["shape"], dtype=e["dtype"])

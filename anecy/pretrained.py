@@ -115,7 +115,10 @@ def load_into(model: Model, source):
                                   f"{', '.join(diff)})")
         # staged: a checkpoint refused half-way (checksum, NaN) leaves the model as it was
         staged = np.empty_like(model.params)
-        _, arrays = load_checkpoint(source.path, into={"params": staged})
+        # only the weights (and the vocabulary) are kept: the Adam moments are
+        # checksummed as they stream past, never held
+        _, arrays = load_checkpoint(source.path, into={"params": staged},
+                                    only=("active_ids",))
         if not all(np.isfinite(staged[i:i + (1 << 22)]).all()
                    for i in range(0, staged.size, 1 << 22)):
             raise CheckpointError(f"{source.path}: holds NaN or infinite weights")

@@ -129,6 +129,54 @@ def test_load_into(ckpt):
     assert meta == META
 
 
+def test_only_keeps_the_named_arrays_and_still_checks_everything(ckpt, monkeypatch):
+    p, raw = ckpt
+    want = sample_arrays()
+    meta, got = load_checkpoint(p, only=("weights", "i8", "not-there"))
+    assert meta == META and sorted(got) == ["i8", "weights"]
+    assert np.array_equal(got["weights"], want["weights"])
+    dst = np.empty_like(want["f64"])
+    _, got = load_checkpoint(p, into={"f64": dst}, only=())
+    assert list(got) == ["f64"] and got["f64"] is dst and np.array_equal(dst, want["f64"])
+    # a flipped byte inside an array that is skipped still fails the checksum
+    doc = ck._read_header(open(p, "rb"), p)[0]
+    m = next(e for e in doc["arrays"] if e["name"] == "m")
+    fd = os.open(p, os.O_RDWR)
+    try:
+        os.pwrite(fd, bytes([raw[m["offset"] + 3] ^ 0x04]), m["offset"] + 3)
+        with pytest.raises(CheckpointError, match="checksum"):
+            load_checkpoint(p, only=("weights",))
+    finally:
+        os.pwrite(fd, raw[m["offset"] + 3 : m["offset"] + 4], m["offset"] + 3)
+        os.close(fd)
+    # skipped arrays stream through one chunk, several chunks long here
+    monkeypatch.setattr(ck, "CHUNK", 4096)
+    big = {"w": np.arange(1, 30001, dtype=np.float32), "m": np.ones(50000, np.float32)}
+    save_checkpoint(p, META, big, fsync=False)
+    _, got = load_checkpoint(p, only=("w",))
+    assert list(got) == ["w"] and np.array_equal(got["w"], big["w"])
+
+
+def test_only_does_not_allocate_the_skipped_arrays(tmp_path):
+    """Loading the weights of a checkpoint whose other arrays are four times their size
+    allocates little more than the weights (tracemalloc sees numpy's allocations)."""
+    import tracemalloc
+    p = tmp_path / "big.ckpt"
+    n = 1 << 20
+    save_checkpoint(p, META, {"params": np.ones(n, np.float32),
+                              "m": np.ones(2 * n, np.float32), "v": np.ones(2 * n, np.float32)},
+                    fsync=False)
+    peaks = {}
+    for only in (None, ("params",)):
+        tracemalloc.start()
+        _, got = load_checkpoint(p, only=only)
+        peaks[only] = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        del got
+    assert peaks[None] > 4.5 * 4 * n
+    assert peaks[("params",)] < 4 * n + 2 * ck.CHUNK
+
+
 @pytest.mark.parametrize(
     "dst, words",
     [
