@@ -295,7 +295,7 @@ class Trainer:
             "train_config": self.tc.to_dict(),
             "step": self.step_count, "updates": self.updates, "pending": self.pending,
             "loss_scale": self.loss_scale, "clean_updates": self.clean_updates,
-            "skipped": self.skipped,
+            "dynamic_scale": self.dynamic_scale, "skipped": self.skipped,
             "sampler": self.sampler.state_dict(),
             "n_tokens": int(len(self.tokens)), "data": self.data_name,
             "timings_ms": self.totals, "train_ms": self.train_ms,
@@ -415,7 +415,15 @@ class Trainer:
                                       "values (saved from a diverged run)")
         self.sampler.load_state_dict(meta["sampler"])
         self.step_count, self.updates, self.pending = meta["step"], meta["updates"], meta["pending"]
-        if self.dynamic_scale and "loss_scale" in meta:
+        # a dynamic scale continues from where the saved run's left it; a run that used a
+        # static scale (or the cpu backend's 1) starts its dynamic scale afresh
+        saved_dynamic = meta.get("dynamic_scale")
+        if saved_dynamic is None:    # written before the flag: dynamic unless a scale was set
+            saved_dynamic = meta.get("train_config", {}).get("loss_scale") is None
+        if self.dynamic_scale and not saved_dynamic:
+            self.log(f"loss scale: dynamic from {self.loss_scale:g} (the checkpoint's run "
+                     "used a static scale)")
+        elif self.dynamic_scale and "loss_scale" in meta:
             scale, clean = meta["loss_scale"], meta["clean_updates"]
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
                     or not (1.0 <= scale < math.inf) or not isinstance(clean, int) or clean < 0:

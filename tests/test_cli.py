@@ -304,3 +304,18 @@ def test_fp16_backends_scale_the_loss_dynamically_unless_told(tmp_path):
     assert static.returncode == 0, static.stderr
     assert "(loss scale 1024)" in static.stdout and "dynamic" not in static.stdout
     assert "positive" in one_line_error(run(base + ["--loss-scale", "0"], tmp_path))
+    assert "auto" in one_line_error(run(base + ["--loss-scale", "dynamic"], tmp_path))
+    # a resumed static run stays static, unless --loss-scale auto returns it to the
+    # backend's dynamic scale, which then starts afresh
+    more = ["--resume", "--ckpt", "static.ckpt", "--steps", "3"]
+    again = run(base + more, tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "(loss scale 1024)" in again.stdout and "dynamic" not in again.stdout
+    auto = run(base + more[:-1] + ["4", "--loss-scale", "auto"], tmp_path)
+    assert auto.returncode == 0, auto.stderr
+    assert "loss scale: dynamic from 4096 (the checkpoint's run used a static scale)" \
+        in auto.stdout
+    assert "loss scale:      dynamic, now 4096" in auto.stdout
+    dyn = run(base + ["--resume", "--steps", "3", "--loss-scale", "auto"], tmp_path)
+    assert dyn.returncode == 0, dyn.stderr
+    assert "used a static scale" not in dyn.stdout and "dynamic loss scale" in dyn.stdout

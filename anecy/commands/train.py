@@ -1,5 +1,6 @@
 """anecy train (and train_stories.py / train_qwen.py): train a model, or resume one."""
 
+import argparse
 from pathlib import Path
 
 from .. import backends
@@ -41,10 +42,12 @@ def add_arguments(p, family=None):
                    help=f"microsteps of linear warmup (default {d.warmup})")
     p.add_argument("--clip", type=number,
                    help=f"gradient-norm clip, 0 for none (default {d.clip})")
-    p.add_argument("--loss-scale", type=number, metavar="X",
-                   help="static loss scale (default: 1 on cpu; on the fp16 sim/ane backends a "
-                        "dynamic scale from 4096, halved when gradients overflow, doubled "
-                        f"after {d.loss_scale_growth} clean updates)")
+    p.add_argument("--loss-scale", type=_loss_scale, metavar="X|auto",
+                   help="static loss scale, or auto: the backend's own (the default: 1 on cpu; "
+                        "on the fp16 sim/ane backends a dynamic scale from 4096, halved when "
+                        f"gradients overflow, doubled after {d.loss_scale_growth} clean "
+                        "updates). On --resume, auto returns a run given a static scale to "
+                        "the backend's")
     p.add_argument("--seed", type=non_negative_int,
                    help=f"seed of the initial weights and of data sampling (default {d.seed})")
     p.add_argument("--data", metavar="PATH",
@@ -82,6 +85,19 @@ def add_arguments(p, family=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+def _loss_scale(text):
+    """--loss-scale: a finite number, or "auto" (the backend's own scale: AUTO)."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return number(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
+
+
+AUTO = "auto"
+
+
 def _train_config(args, base: TrainConfig, ckpt: str) -> TrainConfig:
     """`base` (the defaults, or a resumed checkpoint's settings) with the flags given."""
     d = base.to_dict()
@@ -92,6 +108,8 @@ def _train_config(args, base: TrainConfig, ckpt: str) -> TrainConfig:
                  eval_every=args.eval_every, sample_every=args.sample_every,
                  tokenizer=args.tokenizer)
     d.update({k: v for k, v in given.items() if v is not None})
+    if args.loss_scale == AUTO:
+        d["loss_scale"] = None
     d["ckpt_path"] = ckpt
     if args.init_from:
         d["init_from"] = args.init_from
