@@ -160,9 +160,145 @@ static inline void anecy_f16_to_f32_neon(const uint16_t *src, float *dst, size_t
 }
 #endif
 
-/* ---- run-time dispatch ---- */
+/* ---- transposed: dst[r * ld16 + c] = fp16(src[c * ld32 + r]) for r < rows, c < cols
+ * (a weight stored [cols, rows] written as its transpose [rows, cols], each side with its
+ * own row stride). Tiles of TILE x TILE keep both sides' cache lines in use while the
+ * vector kernels transpose 8 x 8 (x86) or 4 x 4 (NEON) blocks in registers; a block
+ * holding a NaN is redone by the scalar code, as above. ---- */
 
+#define ANECY_FP16_TILE 32
+
+/* the conversion paths (run-time dispatch, below) */
 enum { ANECY_FP16_SCALAR, ANECY_FP16_F16C, ANECY_FP16_NEON_PATH };
+
+static inline void anecy_f32_to_f16_t_block_scalar(const float *src, uint16_t *dst, size_t nr,
+                                                   size_t nc, size_t ld32, size_t ld16)
+{
+    for (size_t r = 0; r < nr; r++)
+        for (size_t c = 0; c < nc; c++)
+            anecy_f32_to_f16_scalar(src + c * ld32 + r, dst + r * ld16 + c, 1);
+}
+
+#ifdef ANECY_FP16_X86
+/* an 8 x 8 block: src rows j = 0..7 (8 floats each) become dst rows i = 0..7 */
+__attribute__((target("avx,f16c")))
+static inline void anecy_f32_to_f16_t8_f16c(const float *src, uint16_t *dst, size_t ld32,
+                                            size_t ld16)
+{
+    __m256 a0 = _mm256_loadu_ps(src), a1 = _mm256_loadu_ps(src + ld32);
+    __m256 a2 = _mm256_loadu_ps(src + 2 * ld32), a3 = _mm256_loadu_ps(src + 3 * ld32);
+    __m256 a4 = _mm256_loadu_ps(src + 4 * ld32), a5 = _mm256_loadu_ps(src + 5 * ld32);
+    __m256 a6 = _mm256_loadu_ps(src + 6 * ld32), a7 = _mm256_loadu_ps(src + 7 * ld32);
+    __m256 nan = _mm256_or_ps(
+        _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(a0, a0, _CMP_UNORD_Q), _mm256_cmp_ps(a1, a1, _CMP_UNORD_Q)),
+                     _mm256_or_ps(_mm256_cmp_ps(a2, a2, _CMP_UNORD_Q), _mm256_cmp_ps(a3, a3, _CMP_UNORD_Q))),
+        _mm256_or_ps(_mm256_or_ps(_mm256_cmp_ps(a4, a4, _CMP_UNORD_Q), _mm256_cmp_ps(a5, a5, _CMP_UNORD_Q)),
+                     _mm256_or_ps(_mm256_cmp_ps(a6, a6, _CMP_UNORD_Q), _mm256_cmp_ps(a7, a7, _CMP_UNORD_Q))));
+    if (_mm256_movemask_ps(nan)) {
+        anecy_f32_to_f16_t_block_scalar(src, dst, 8, 8, ld32, ld16);
+        return;
+    }
+    /* interleave pairs, then quadruples, then swap 128-bit halves: the classic 8 x 8 */
+    __m256 t0 = _mm256_unpacklo_ps(a0, a1), t1 = _mm256_unpackhi_ps(a0, a1);
+    __m256 t2 = _mm256_unpacklo_ps(a2, a3), t3 = _mm256_unpackhi_ps(a2, a3);
+    __m256 t4 = _mm256_unpacklo_ps(a4, a5), t5 = _mm256_unpackhi_ps(a4, a5);
+    __m256 t6 = _mm256_unpacklo_ps(a6, a7), t7 = _mm256_unpackhi_ps(a6, a7);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 s1 = _mm256_shuffle_ps(t0, t2, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 s3 = _mm256_shuffle_ps(t1, t3, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 s5 = _mm256_shuffle_ps(t4, t6, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(1, 0, 1, 0));
+    __m256 s7 = _mm256_shuffle_ps(t5, t7, _MM_SHUFFLE(3, 2, 3, 2));
+    __m256 col[8] = {
+        _mm256_permute2f128_ps(s0, s4, 0x20), _mm256_permute2f128_ps(s1, s5, 0x20),
+        _mm256_permute2f128_ps(s2, s6, 0x20), _mm256_permute2f128_ps(s3, s7, 0x20),
+        _mm256_permute2f128_ps(s0, s4, 0x31), _mm256_permute2f128_ps(s1, s5, 0x31),
+        _mm256_permute2f128_ps(s2, s6, 0x31), _mm256_permute2f128_ps(s3, s7, 0x31)};
+    for (int i = 0; i < 8; i++)
+        _mm_storeu_si128((__m128i *)(dst + i * ld16),
+                         _mm256_cvtps_ph(col[i], _MM_FROUND_TO_NEAREST_INT));
+}
+#endif
+
+#ifdef ANECY_FP16_NEON
+/* a 4 x 4 block: src rows j = 0..3 (4 floats each) become dst rows i = 0..3 */
+static inline void anecy_f32_to_f16_t4_neon(const float *src, uint16_t *dst, size_t ld32,
+                                            size_t ld16)
+{
+    float32x4_t a = vld1q_f32(src), b = vld1q_f32(src + ld32);
+    float32x4_t c = vld1q_f32(src + 2 * ld32), d = vld1q_f32(src + 3 * ld32);
+    uint32x4_t ok = vandq_u32(vandq_u32(vceqq_f32(a, a), vceqq_f32(b, b)),
+                              vandq_u32(vceqq_f32(c, c), vceqq_f32(d, d)));
+    if (vminvq_u32(ok) == 0) {
+        anecy_f32_to_f16_t_block_scalar(src, dst, 4, 4, ld32, ld16);
+        return;
+    }
+    float32x4x2_t ab = vtrnq_f32(a, b);       /* a0 b0 a2 b2 | a1 b1 a3 b3 */
+    float32x4x2_t cd = vtrnq_f32(c, d);       /* c0 d0 c2 d2 | c1 d1 c3 d3 */
+    float32x4_t col[4] = {
+        vcombine_f32(vget_low_f32(ab.val[0]), vget_low_f32(cd.val[0])),
+        vcombine_f32(vget_low_f32(ab.val[1]), vget_low_f32(cd.val[1])),
+        vcombine_f32(vget_high_f32(ab.val[0]), vget_high_f32(cd.val[0])),
+        vcombine_f32(vget_high_f32(ab.val[1]), vget_high_f32(cd.val[1]))};
+    for (int i = 0; i < 4; i++)
+        vst1_u16(dst + i * ld16, vreinterpret_u16_f16(vcvt_f16_f32(col[i])));
+}
+#endif
+
+/* one tile of at most TILE x TILE: vector blocks where they fit, scalar at the edges */
+static inline void anecy_f32_to_f16_t_tile(const float *src, uint16_t *dst, size_t nr,
+                                           size_t nc, size_t ld32, size_t ld16, int path)
+{
+    size_t b = 1;   /* the vector block's side */
+#ifdef ANECY_FP16_X86
+    if (path == ANECY_FP16_F16C)
+        b = 8;
+#endif
+#ifdef ANECY_FP16_NEON
+    if (path == ANECY_FP16_NEON_PATH)
+        b = 4;
+#endif
+    size_t fr = nr - nr % b, fc = nc - nc % b;
+    for (size_t c = 0; b > 1 && c < fc; c += b)
+        for (size_t r = 0; r < fr; r += b) {
+#ifdef ANECY_FP16_X86
+            anecy_f32_to_f16_t8_f16c(src + c * ld32 + r, dst + r * ld16 + c, ld32, ld16);
+#endif
+#ifdef ANECY_FP16_NEON
+            anecy_f32_to_f16_t4_neon(src + c * ld32 + r, dst + r * ld16 + c, ld32, ld16);
+#endif
+        }
+    if (b == 1) {
+        fr = fc = 0;
+    }
+    /* the edges: columns past fc for every row, rows past fr for the vector columns */
+    anecy_f32_to_f16_t_block_scalar(src + fc * ld32, dst + fc, nr, nc - fc, ld32, ld16);
+    anecy_f32_to_f16_t_block_scalar(src + fr, dst + fr * ld16, nr - fr, fc, ld32, ld16);
+}
+
+static inline void anecy_f32_to_f16_transposed_path(const float *src, uint16_t *dst,
+                                                    size_t rows, size_t cols, size_t ld32,
+                                                    size_t ld16, int path)
+{
+    for (size_t c0 = 0; c0 < cols; c0 += ANECY_FP16_TILE)
+        for (size_t r0 = 0; r0 < rows; r0 += ANECY_FP16_TILE) {
+            size_t nr = rows - r0 < ANECY_FP16_TILE ? rows - r0 : ANECY_FP16_TILE;
+            size_t nc = cols - c0 < ANECY_FP16_TILE ? cols - c0 : ANECY_FP16_TILE;
+            anecy_f32_to_f16_t_tile(src + c0 * ld32 + r0, dst + r0 * ld16 + c0, nr, nc, ld32,
+                                    ld16, path);
+        }
+}
+
+static inline void anecy_f32_to_f16_transposed_scalar(const float *src, uint16_t *dst,
+                                                      size_t rows, size_t cols, size_t ld32,
+                                                      size_t ld16)
+{
+    anecy_f32_to_f16_transposed_path(src, dst, rows, cols, ld32, ld16, ANECY_FP16_SCALAR);
+}
+
+/* ---- run-time dispatch ---- */
 
 /* Racing threads all store the same value, so the race is benign. */
 static int anecy_fp16_choice = -1;
@@ -219,6 +355,12 @@ static inline void anecy_f16_to_f32(const uint16_t *src, float *dst, size_t n)
 #endif
     default: anecy_f16_to_f32_scalar(src, dst, n);
     }
+}
+
+static inline void anecy_f32_to_f16_transposed(const float *src, uint16_t *dst, size_t rows,
+                                               size_t cols, size_t ld32, size_t ld16)
+{
+    anecy_f32_to_f16_transposed_path(src, dst, rows, cols, ld32, ld16, anecy_fp16_select());
 }
 
 #endif

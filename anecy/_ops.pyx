@@ -43,6 +43,10 @@ cdef extern from "_fp16.h" nogil:
     void anecy_f32_to_f16_scalar(const float* src, uint16_t* dst, size_t n)
     void anecy_f16_to_f32_scalar(const uint16_t* src, float* dst, size_t n)
     const char* anecy_fp16_path()
+    void anecy_f32_to_f16_transposed(const float* src, uint16_t* dst, size_t rows,
+                                     size_t cols, size_t ld32, size_t ld16)
+    void anecy_f32_to_f16_transposed_scalar(const float* src, uint16_t* dst, size_t rows,
+                                            size_t cols, size_t ld32, size_t ld16)
 
 
 def _bind_blas():
@@ -503,8 +507,30 @@ def f16_to_f32(const uint16_t[::1] src, float[::1] dst, bint simd=True):
             anecy_f16_to_f32_scalar(&src[0], &dst[0], src.shape[0])
 
 
+def f32_to_f16_transposed(const float[:, :] src, uint16_t[:, :] dst, bint simd=True):
+    """dst[r, c] = float16 bits of src[c, r] (what weight staging does with a weight that
+    a kernel reads transposed). Each array may have a row stride of its own, but its
+    rows must be contiguous."""
+    if src.shape[0] != dst.shape[1] or src.shape[1] != dst.shape[0]:
+        raise ValueError(f"f32_to_f16_transposed: source {src.shape[0]}x{src.shape[1]} is "
+                         f"not the transpose of destination {dst.shape[0]}x{dst.shape[1]}")
+    if src.shape[0] == 0 or src.shape[1] == 0:
+        return
+    if src.strides[1] != sizeof(float) or dst.strides[1] != sizeof(uint16_t) \
+            or src.strides[0] <= 0 or dst.strides[0] <= 0:
+        raise ValueError("f32_to_f16_transposed: rows must be contiguous, in increasing "
+                         "addresses")
+    cdef size_t ld32 = src.strides[0] // sizeof(float), ld16 = dst.strides[0] // sizeof(uint16_t)
+    cdef size_t rows = dst.shape[0], cols = dst.shape[1]
+    with nogil:
+        if simd:
+            anecy_f32_to_f16_transposed(&src[0, 0], &dst[0, 0], rows, cols, ld32, ld16)
+        else:
+            anecy_f32_to_f16_transposed_scalar(&src[0, 0], &dst[0, 0], rows, cols, ld32, ld16)
+
+
 def fp16_path():
-    """The conversion path this CPU uses: avx512, f16c, neon or scalar."""
+    """The conversion path this CPU uses: f16c, neon or scalar."""
     return anecy_fp16_path().decode()
 
 

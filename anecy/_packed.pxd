@@ -9,6 +9,8 @@ from ._ane_runtime cimport SurfaceMem, Evaluator
 cdef extern from "_fp16.h" nogil:
     void anecy_f32_to_f16(const float* src, uint16_t* dst, size_t n)
     void anecy_f16_to_f32(const uint16_t* src, float* dst, size_t n)
+    void anecy_f32_to_f16_transposed(const float* src, uint16_t* dst, size_t rows,
+                                     size_t cols, size_t ld32, size_t ld16)
 
 
 cdef enum:
@@ -17,7 +19,6 @@ cdef enum:
     OP_ZERO = 2       # fp16 rows := 0
     OP_F32 = 3        # fp16 rows -> fp32 rows
     MAX_ARGS = 8      # pointer arguments of a kernel call (sdpa_fwd: 1 in, 6 out)
-    TILE = 32         # transposed staging goes through a TILE x TILE fp32 block
     ERR_LEN = 1024
     # what raise_pending() raises for an error recorded in C
     ERR_RUNTIME = 0

@@ -208,30 +208,6 @@ cdef inline void f16_to_f32_rows(const uint16_t* src, float* dst, Py_ssize_t row
         anecy_f16_to_f32(src + r * ld16, dst + r * ld32, cols)
 
 
-cdef void f32_to_f16_transposed(const float* src, uint16_t* dst, Py_ssize_t rows,
-                                Py_ssize_t cols, Py_ssize_t ld32,
-                                Py_ssize_t ld16) noexcept nogil:
-    # dst[r, c] = fp16(src[c, r]): a TILE x TILE block is transposed in fp32 (reading src
-    # rows contiguously), then each of its rows is converted into the Surface.
-    cdef float tile[TILE * TILE]
-    cdef Py_ssize_t r0, c0, i, j, nr, nc
-    cdef const float* s
-    c0 = 0
-    while c0 < cols:
-        nc = min(<Py_ssize_t>TILE, cols - c0)
-        r0 = 0
-        while r0 < rows:
-            nr = min(<Py_ssize_t>TILE, rows - r0)
-            for j in range(nc):
-                s = src + (c0 + j) * ld32 + r0
-                for i in range(nr):
-                    tile[i * TILE + j] = s[i]
-            for i in range(nr):
-                anecy_f32_to_f16(&tile[i * TILE], dst + (r0 + i) * ld16 + c0, nc)
-            r0 += TILE
-        c0 += TILE
-
-
 cdef void zero_rows(uint16_t* dst, Py_ssize_t rows, Py_ssize_t cols,
                     Py_ssize_t ld16) noexcept nogil:
     cdef Py_ssize_t r
@@ -254,7 +230,7 @@ cdef void run_in_moves(const Move* m, int n, char* base, float** args) noexcept 
         if src == NULL:
             continue
         if m[i].op == OP_F16_T:
-            f32_to_f16_transposed(src, dst, m[i].rows, m[i].cols, m[i].ld32, m[i].ld16)
+            anecy_f32_to_f16_transposed(src, dst, m[i].rows, m[i].cols, m[i].ld32, m[i].ld16)
         else:
             f32_to_f16_rows(src, dst, m[i].rows, m[i].cols, m[i].ld32, m[i].ld16)
 

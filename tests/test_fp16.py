@@ -2,11 +2,14 @@
 numpy's astype bit for bit, on the dispatching SIMD path and the scalar path."""
 import os
 import platform
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from anecy._ops import f16_to_f32, f32_to_f16, fp16_path
+from anecy._ops import f16_to_f32, f32_to_f16, f32_to_f16_transposed, fp16_path
+from conftest import require_tool
 
 SIMD = pytest.mark.parametrize("simd", [True, False], ids=["simd", "scalar"])
 
@@ -163,3 +166,48 @@ def test_length_mismatch_raises(simd):
         f32_to_f16(np.zeros(5, np.float32), np.zeros(4, np.uint16), simd=simd)
     with pytest.raises(ValueError):
         f16_to_f32(np.zeros(4, np.uint16), np.zeros(5, np.float32), simd=simd)
+
+
+# -- the transposed conversion (weight staging of the weights a kernel reads transposed) --
+@SIMD
+@pytest.mark.parametrize("rows, cols", [(1, 1), (7, 9), (8, 8), (33, 31), (64, 40), (65, 97),
+                                        (4, 100), (200, 72)])
+def test_transposed_matches_numpy(simd, rows, cols):
+    rng = np.random.default_rng(rows * 1000 + cols)
+    # each side with a row stride of its own (views into wider arrays), as in a Surface
+    wide = rng.standard_normal((cols, rows + 5)).astype(np.float32) * 300
+    specials = bits32(U32_BITS)
+    at = rng.integers(0, wide.size, size=min(wide.size // 4 + 1, len(specials)))
+    wide.reshape(-1)[at] = specials[:len(at)]
+    src = wide[:, 2:2 + rows]
+    out = np.full((rows, cols + 3), 0xCDCD, np.uint16)
+    f32_to_f16_transposed(src, out[:, 1:1 + cols], simd=simd)
+    want = numpy_f16(np.ascontiguousarray(src.T).reshape(-1)).reshape(rows, cols)
+    np.testing.assert_array_equal(out[:, 1:1 + cols], want)
+    assert np.all(out[:, 0] == 0xCDCD) and np.all(out[:, 1 + cols:] == 0xCDCD)
+
+
+def test_transposed_checks_its_arrays():
+    with pytest.raises(ValueError, match="transpose"):
+        f32_to_f16_transposed(np.zeros((3, 4), np.float32), np.zeros((3, 4), np.uint16))
+    with pytest.raises(ValueError, match="contiguous"):
+        f32_to_f16_transposed(np.zeros((4, 6), np.float32)[:, ::2],
+                              np.zeros((3, 4), np.uint16))
+
+
+def test_c_vector_paths_match_the_scalar_reference_natively_and_on_arm64(tmp_path):
+    """tools/fp16_check: the vector paths against the scalar reference in C, built for
+    this machine and (elsewhere than arm64) cross-built for arm64 and run under qemu, so
+    the NEON path the Macs take is checked too."""
+    script = Path(__file__).resolve().parent.parent / "tools" / "fp16_check" / "check.sh"
+    install = "apt-get install qemu-user gcc-aarch64-linux-gnu libc6-dev-arm64-cross"
+    if platform.machine() not in ("aarch64", "arm64"):
+        require_tool("aarch64-linux-gnu-gcc", install, "to build the NEON path's check")
+        require_tool("qemu-aarch64", install, "to run the NEON path's check")
+    res = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "CC": os.environ.get("CC", "cc")})
+    assert res.returncode == 0, res.stdout + res.stderr
+    lines = res.stdout.split("\n")
+    assert any(line.startswith(f"{fp16_path()}: ok") for line in lines), res.stdout
+    if platform.machine() not in ("aarch64", "arm64"):
+        assert any(line.startswith("neon: ok") for line in lines), res.stdout
