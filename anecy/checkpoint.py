@@ -319,7 +319,8 @@ def load_checkpoint(
     ``into`` maps names to preallocated arrays (same dtype and shape, C-contiguous,
     writeable) that receive their payload in place and are returned as the same
     objects; other arrays are freshly allocated. If the CRC fails after reading,
-    the ``into`` arrays may hold partial data and should be discarded.
+    the ``into`` arrays may hold partial data and should be discarded (the error's
+    ``into_partial`` attribute is then true).
 
     ``only`` (a collection of names) keeps just those arrays and the ``into`` ones: the
     others are still read and checksummed, a chunk at a time, but never held, so that
@@ -366,6 +367,7 @@ def load_checkpoint(
         except OSError as e:
             raise CheckpointError(f"checkpoint {path}: cannot read: {e.strerror or e}") from None
     if marker != END_MARKER or stored != crc:
-        partial = "; the into= arrays may hold partial data" if into else ""
-        raise CheckpointError(f"checkpoint {path}: corrupt (checksum mismatch){partial}")
+        err = CheckpointError(f"checkpoint {path}: corrupt (checksum mismatch)")
+        err.into_partial = bool(into)    # for callers: their into= arrays were written to
+        raise err
     return doc["meta"], out
