@@ -162,6 +162,20 @@ def test_pass_through_equals_the_round_trip(shape):
     assert np.all(np.isfinite(runs[True][1]))
 
 
+def test_io_by_kernel_accounts_for_all_of_io():
+    cfg = SHAPES["gqa"]
+    m = Model(cfg, backend="sim", seed=1)
+    k = m.engine.kernels
+    assert all(v == (0.0, 0.0) for v in k.io_by_kernel.values())
+    m.engine.reset_timers()
+    x = np.arange(cfg.seq_len, dtype=np.int32) % cfg.vocab_size
+    m.forward_backward(x, x, 4096.0)
+    by = k.io_by_kernel
+    assert sorted(by) == sorted(mil.KERNEL_NAMES)
+    assert all(pack > 0 and unpack > 0 for pack, unpack in by.values())
+    assert sum(p + u for p, u in by.values()) == pytest.approx(k.io_ms, rel=1e-9)
+
+
 def test_held_qkv_reach_the_backward_kernels_as_the_round_trip_would():
     """The inputs sdpaBwd1/2 run on (their input Surfaces) are the same halves whether q,
     k, v came from the hold or through fp32, GQA repeat included; a caller's own q (not
