@@ -47,7 +47,8 @@ from .errors import BackendUnavailable
 __all__ = ["CheckFailure", "ProgramCheck", "VALUE_ULPS", "DEVICE_ULPS", "load_coremltools",
            "check_program", "check_kernel", "block_ulps", "random_input", "write_blobs",
            "check_package", "coreml_prediction_status", "coreml_predictor",
-           "ane_kernels_class", "ane_status", "ane_runner"]
+           "ane_kernels_class", "ane_status", "ane_runner", "with_probs_of",
+           "sdpa_backward_chain_reference"]
 
 # coremltools' const-folded values against milsim's, in fp16 ulps of each output block's
 # largest value: one for the output's own rounding, one for what the ops before it that
@@ -587,6 +588,48 @@ def ane_runner(cfg, kernel_factory=None):
         with dst:
             y = np.array(kernels.output_buffer(kernel), np.float16)
         return y.reshape(lay.out_shape)
+    def chain(x1, x2):
+        """sdpaBwd1 on x1, then sdpaBwd2 on the probs/dprobs sdpaBwd1 left for it, with
+        x2's q and k_rep packed around them, as training runs the two (their shared
+        Surface: sdpaBwd1's output is sdpaBwd2's input); sdpaBwd2's fp16 output."""
+        y1 = run("sdpaBwd1", x1)
+        lay = mil.layout("sdpaBwd2", cfg)
+        x = with_probs_of(cfg, x2, y1).reshape(lay.in_shape[1], lay.in_shape[3])
+        dst = kernels.input_surface("sdpaBwd2")
+        shared = kernels.output_surface("sdpaBwd1") is dst
+        buf = kernels.input_buffer("sdpaBwd2")
+        with dst:
+            for b in lay.inputs:
+                if not (shared and b.name in ("probs", "dprobs")):
+                    rows, cols = slice(b.row0, b.row0 + b.rows), slice(b.col0, b.col0 + b.cols)
+                    buf[rows, cols] = x[rows, cols]
+        kernels.execute("sdpaBwd2", 0)
+        with kernels.output_surface("sdpaBwd2"):
+            y = np.array(kernels.output_buffer("sdpaBwd2"), np.float16)
+        return y.reshape(lay.out_shape)
+
     run.model = model        # the kernels view its weights: keep them alive with run
     run.kernels = kernels
+    run.chain = chain
     return run
+
+
+def with_probs_of(cfg, x2, y1) -> np.ndarray:
+    """sdpaBwd2's packed input ``x2`` with its probs and dprobs replaced by those of
+    sdpaBwd1's output ``y1``: what training feeds sdpaBwd2."""
+    lay1, lay2 = mil.layout("sdpaBwd1", cfg), mil.layout("sdpaBwd2", cfg)
+    S = cfg.seq_len
+    out = np.asarray(y1, np.float16).reshape(lay1.out_shape[1], S)
+    x = np.array(x2, np.float16).reshape(lay2.in_shape[1], lay2.in_shape[3])
+    rows1 = {n: (r0, n_rows) for n, r0, n_rows in lay1.outputs}
+    for b in lay2.inputs:
+        if b.name in ("probs", "dprobs"):
+            r0, n_rows = rows1[b.name]
+            x[b.row0:b.row0 + b.rows, b.col0:b.col0 + b.cols] = out[r0:r0 + n_rows]
+    return x.reshape(lay2.in_shape)
+
+
+def sdpa_backward_chain_reference(cfg, x1, x2) -> np.ndarray:
+    """milsim's sdpaBwd1 on x1, then its sdpaBwd2 on with_probs_of(x2, that output)."""
+    y1 = milsim.run(mil.generate("sdpaBwd1", cfg), x1)
+    return milsim.run(mil.generate("sdpaBwd2", cfg), with_probs_of(cfg, x2, y1))

@@ -104,7 +104,7 @@ def test_selftest_fails_on_a_broken_program(monkeypatch):
 
 class MilsimAne(PyAneKernel):
     """Stands in for the private-API AneKernel: runs the program with milsim on the bound
-    Surfaces' memory (as tests/test_ane.py's stand-in), recording what it was given."""
+    Surfaces' memory (as tests/test_ane.py's stand-in), recording every input it was given."""
     seen: ClassVar[dict] = {}
     scale = 1.0
 
@@ -115,7 +115,7 @@ class MilsimAne(PyAneKernel):
     def evaluate(self, request):
         inp, out = request.input, request.output
         x = inp.array(np.float16, self.program.input_type.shape).copy()
-        type(self).seen[self.name] = x
+        type(self).seen.setdefault(self.name, []).append(x)
         y = self.program.run(x).astype(np.float32) * np.float32(type(self).scale)
         out.array(np.float16, self.program.output_type.shape)[...] = y.astype(np.float16)
 
@@ -151,11 +151,20 @@ def test_selftest_three_ways_with_stand_ins(stand_in_ane):
     assert rc == 0, report
     assert calls == list(mil.KERNEL_NAMES)
     for i, kernel in enumerate(mil.KERNEL_NAMES):
-        assert np.array_equal(stand_in_ane.seen[kernel].reshape(mil.input_shape(kernel, SMALL)),
+        first = stand_in_ane.seen[kernel][0]
+        assert np.array_equal(first.reshape(mil.input_shape(kernel, SMALL)),
                               cc.random_input(kernel, SMALL, 4 + i))
         row = next(s.split() for s in report.splitlines() if s.split()[:1] == [kernel])
         assert row[2] == "ok" and row[4:] == ["0", "0", "0"], row
     assert "ane~coreml" in report and "unavailable" not in report
+    # sdpaBwd2 ran on the probabilities sdpaBwd1 left in their shared Surface
+    assert ("chain        sdpaBwd1 -> sdpaBwd2 through their shared Surface (ane): 0 ulp of "
+            "milsim's chain") in report
+    x1 = cc.random_input("sdpaBwd1", SMALL, 104)
+    y1 = milsim.run(mil.generate("sdpaBwd1", SMALL), x1)
+    seen2 = stand_in_ane.seen["sdpaBwd2"][-1].reshape(mil.input_shape("sdpaBwd2", SMALL))
+    assert np.array_equal(seen2, cc.with_probs_of(SMALL, cc.random_input("sdpaBwd2", SMALL, 105),
+                                                  y1))
     assert report.splitlines()[-1].startswith(
         "result: OK: all 10 kernels agree on milsim, coremltools, ane, coreml")
 
@@ -170,7 +179,9 @@ def test_selftest_reports_a_disagreeing_ane(stand_in_ane):
     assert rc == 1
     assert "woFwd: ane differs from milsim by" in report
     assert "ane and coreml differ" in report
-    assert report.splitlines()[-1].startswith("result: FAIL: 10 of 10 kernels")
+    assert "chain        sdpaBwd1 -> sdpaBwd2 through their shared Surface (ane): FAIL" in report
+    last = report.splitlines()[-1]
+    assert last.startswith("result: FAIL: 10 of 10 kernels") and "sdpaBwd2 chain" in last
 
 
 @pytest.mark.usefixtures("coremltools")

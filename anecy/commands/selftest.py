@@ -135,6 +135,32 @@ def _check(kernel, cfg, x, workdir, paths, cols):
     return [row[c] for c in cols], problems, ulps
 
 
+# The chain compounds two programs' fp16 errors: sdpaBwd2 runs on sdpaBwd1's probs, each
+# within DEVICE_ULPS of milsim's, so it is held to twice that.
+CHAIN_ULPS = 2 * cc.DEVICE_ULPS
+
+
+def _chain(cfg, seed, paths, say) -> bool:
+    """sdpaBwd1 then sdpaBwd2 on the ane as training runs them: sdpaBwd2 reads the
+    probabilities sdpaBwd1 wrote into the Surface the two share (no copy; unverified on
+    hardware until this passes), against the same chain in milsim. True if they agree."""
+    x1 = cc.random_input("sdpaBwd1", cfg, seed + 100)
+    x2 = cc.random_input("sdpaBwd2", cfg, seed + 101)
+    label = "chain        sdpaBwd1 -> sdpaBwd2 through their shared Surface (ane)"
+    try:
+        y = paths.ane.chain(x1, x2)
+    except Exception as e:       # noqa: BLE001 - the device's error is the result
+        say(f"{label}: FAIL: {cc._one_line(e)}")
+        return False
+    u = max(cc.block_ulps("sdpaBwd2", cfg, y,
+                          cc.sdpa_backward_chain_reference(cfg, x1, x2)).values())
+    if u <= CHAIN_ULPS:
+        say(f"{label}: {_fmt(u)} ulp of milsim's chain (within {CHAIN_ULPS:g})")
+        return True
+    say(f"{label}: FAIL: {_fmt(u)} ulp from milsim's chain (more than {CHAIN_ULPS:g})")
+    return False
+
+
 def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=None) -> int:
     """Print the report for ``cfg`` to ``out`` (stdout) and return the exit status.
 
@@ -178,6 +204,7 @@ def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=
                 failed.append(kernel)
             for p, u in ulps.items():
                 worst[p] = max(worst[p], u)
+    chain_failed = paths.ane is not None and not _chain(cfg, seed, paths, say)
     say("")
     say("ulp: the largest difference from milsim over the kernel's output blocks, in fp16 "
         "ulps of each block's largest value")
@@ -188,10 +215,11 @@ def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=
     else:
         note = f"; not available here: {', '.join(paths.unavailable)}"
     secs = time.perf_counter() - t0
-    if failed or paths.failed:
+    if failed or paths.failed or chain_failed:
         what = [f"{len(failed)} of {len(mil.KERNEL_NAMES)} kernels ({', '.join(failed)})"] \
             if failed else []
         what += [f"the {p} path did not start" for p in paths.failed]
+        what += ["the ane's sdpaBwd1 -> sdpaBwd2 chain"] if chain_failed else []
         say(f"result: FAIL: {'; '.join(what)}; paths run: {', '.join(ran)}{note} "
             f"({secs:.1f} s)")
         return 1
