@@ -75,6 +75,7 @@ cdef class PackedKernels(Kernels):
     cdef bint stale                     # no stage_weights() has succeeded since bind()
     # pass-through of probs/dprobs: sdpaBwd1's output Surface is sdpaBwd2's input Surface
     cdef public bint passthrough        # probs and q, k, v stay fp16 (off: fp32 round trips)
+    cdef public bint share_surfaces     # read by bind(): sdpaBwd1's output is sdpaBwd2's input
     cdef bint pass_ok                   # the layouts allow it (the Surface is shared)
     cdef bint probs_held                # that Surface holds the engine's probs/dprobs
     cdef int pass_out_arg, pass_in_arg  # first of the two outputs / inputs concerned

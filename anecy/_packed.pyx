@@ -58,6 +58,7 @@ failed backward kernel the gradients, so the trainer's finite checks stop the ru
 The kernels refuse to run until a stage_weights() has succeeded since bind().
 """
 
+import os
 import re
 
 import numpy as np
@@ -168,6 +169,12 @@ def _qkv_hold_layout(cfg):
             site.append((i, b.row0 * S))
         sites[k] = site + [None] * (3 - len(site))
     return sites
+
+
+# ANECY_SEPARATE_SURFACES=1: sdpaBwd1's output and sdpaBwd2's input get a Surface each, and
+# probs/dprobs go between them through fp32 (for a device on which one IOSurface cannot be
+# one request's output and another's input; unverified on hardware, see the README).
+SEPARATE_SURFACES_ENV = "ANECY_SEPARATE_SURFACES"
 
 
 # Smallest surface made: the ANEgpt fork reports that the ANE needs IOSurfaces of at least
@@ -297,6 +304,9 @@ cdef class PackedKernels(Kernels):
         self.err_exc = None
         self.stale = True
         self.passthrough = True
+        # one Surface for sdpaBwd1's output and sdpaBwd2's input, unless the environment
+        # asks for separate ones (a way around a device that would not allow it)
+        self.share_surfaces = os.environ.get(SEPARATE_SURFACES_ENV, "") != "1"
         self.stage_ms = 0.0
         self.compile_ms = 0.0
         self.calls = 0
@@ -347,7 +357,7 @@ cdef class PackedKernels(Kernels):
             self.layer_out_bufs.append({k: p[1] for k, p in pairs.items()})
         pairs = {k: _fp16_surface(*mil.output_shape(k, cfg)[1::2]) for k in mil.KERNEL_NAMES
                  if k not in LAYER_OUTPUT}
-        passing = _pass_through_args(cfg)
+        passing = _pass_through_args(cfg) if self.share_surfaces else None
         self.pass_ok = passing is not None
         if self.pass_ok:
             # sdpaBwd1 writes its probs/dprobs where sdpaBwd2 reads them: one Surface

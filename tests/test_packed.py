@@ -162,6 +162,27 @@ def test_pass_through_equals_the_round_trip(shape):
     assert np.all(np.isfinite(runs[True][1]))
 
 
+@pytest.mark.parametrize("shape", ["gqa", "qwen3"])
+def test_separate_surfaces_train_as_the_shared_one(shape, monkeypatch):
+    """ANECY_SEPARATE_SURFACES=1 (a way around a device that would not let one Surface be
+    sdpaBwd1's output and sdpaBwd2's input): a Surface each, probs through fp32, the same
+    losses and gradients bit for bit; q, k, v are still held."""
+    cfg = SHAPES[shape]
+    x = np.arange(cfg.seq_len, dtype=np.int32) * 5 % cfg.vocab_size
+    runs = {}
+    for separate in ("", "1"):
+        monkeypatch.setenv("ANECY_SEPARATE_SURFACES", separate)
+        m = Model(cfg, backend="sim", seed=6)
+        k = m.engine.kernels
+        assert k.share_surfaces == (separate != "1")
+        shared = k.output_surface("sdpaBwd1") is k.input_surface("sdpaBwd2")
+        loss = m.forward_backward(x, x, 4096.0)
+        runs[separate] = (loss, m.grads.copy(), shared, k.passed_through, k.held_calls)
+    assert runs[""][2:4] == (True, cfg.n_layers) and runs["1"][2:4] == (False, 0)
+    assert runs["1"][4] == runs[""][4] == 2 * cfg.n_layers
+    assert runs[""][0] == runs["1"][0] and np.array_equal(runs[""][1], runs["1"][1])
+
+
 def test_io_by_kernel_accounts_for_all_of_io():
     cfg = SHAPES["gqa"]
     m = Model(cfg, backend="sim", seed=1)

@@ -180,6 +180,7 @@ def test_selftest_reports_a_disagreeing_ane(stand_in_ane):
     assert "woFwd: ane differs from milsim by" in report
     assert "ane and coreml differ" in report
     assert "chain        sdpaBwd1 -> sdpaBwd2 through their shared Surface (ane): FAIL" in report
+    assert "ANECY_SEPARATE_SURFACES=1 gives the two a Surface each" in report
     last = report.splitlines()[-1]
     assert last.startswith("result: FAIL: 10 of 10 kernels") and "sdpaBwd2 chain" in last
 

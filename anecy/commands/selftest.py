@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import __version__, mil, milsim
 from .. import coreml_check as cc
+from .._packed import SEPARATE_SURFACES_ENV
 from ..cli import non_negative_int
 from ..config import ModelConfig
 
@@ -150,14 +151,16 @@ def _chain(cfg, seed, paths, say) -> bool:
     try:
         y = paths.ane.chain(x1, x2)
     except Exception as e:       # noqa: BLE001 - the device's error is the result
-        say(f"{label}: FAIL: {cc._one_line(e)}")
+        say(f"{label}: FAIL: {cc._one_line(e)}; training with {SEPARATE_SURFACES_ENV}=1 "
+            "gives the two a Surface each")
         return False
     u = max(cc.block_ulps("sdpaBwd2", cfg, y,
                           cc.sdpa_backward_chain_reference(cfg, x1, x2)).values())
     if u <= CHAIN_ULPS:
         say(f"{label}: {_fmt(u)} ulp of milsim's chain (within {CHAIN_ULPS:g})")
         return True
-    say(f"{label}: FAIL: {_fmt(u)} ulp from milsim's chain (more than {CHAIN_ULPS:g})")
+    say(f"{label}: FAIL: {_fmt(u)} ulp from milsim's chain (more than {CHAIN_ULPS:g}); "
+        f"training with {SEPARATE_SURFACES_ENV}=1 gives the two a Surface each")
     return False
 
 
