@@ -115,50 +115,64 @@ def _act_blocks(str kernel, cfg):
     return [b for b in mil.layout(kernel, cfg).inputs if b.kind == "act"]
 
 
+# What stays fp16 between kernels (the pass-throughs): the blocks named here are never
+# converted when the engine passes its own buffers. sdpaBwd1's PASSED outputs lie where
+# sdpaBwd2 reads them (one Surface); sdpaFwd's HELD_OUT outputs stay in its per-layer
+# Surface and are copied into the HELD_IN inputs (the same q, k, v in that order; k and v
+# repeated over each group of query heads).
+PASSED = ("probs", "dprobs")
+HELD_OUT = ("q_rope", "k_rope", "v")
+HELD_IN = {"sdpaBwd1": ("q", "k_rep", "v_rep"), "sdpaBwd2": ("q", "k_rep")}
+
+
+def kept_fp16():
+    """({MIL kernel: input blocks never converted}, {MIL kernel: outputs never converted})
+    on the engine's path with both pass-throughs on."""
+    ins = dict(HELD_IN)
+    ins["sdpaBwd2"] = PASSED + ins["sdpaBwd2"]
+    return ins, {"sdpaBwd1": PASSED, "sdpaFwd": HELD_OUT}
+
+
 def _pass_through_args(cfg):
     """(sdpaBwd1's argument index of probs, sdpaBwd2's argument index of probs) when
-    sdpaBwd1's output holds probs, dprobs at the very rows (and row width) where sdpaBwd2's
-    input holds them, so that one Surface can serve as both; else None."""
-    outs = {n: (row0, rows) for n, row0, rows in mil.layout("sdpaBwd1", cfg).outputs}
+    sdpaBwd1's output holds the PASSED blocks, in order, at the very rows (and row width)
+    where sdpaBwd2's input holds them, so that one Surface can serve as both; else None."""
+    outs = mil.layout("sdpaBwd1", cfg).outputs
     ins = _act_blocks("sdpaBwd2", cfg)
+    rows_out = {n: (row0, rows) for n, row0, rows in outs}
     rows_in = {b.name: (b.row0, b.rows) for b in ins}
-    names_out = [n for n, _, _ in mil.layout("sdpaBwd1", cfg).outputs]
-    names_in = [b.name for b in ins]
-    if any(outs.get(n) is None or outs.get(n) != rows_in.get(n) for n in ("probs", "dprobs")):
-        return None
-    if mil.input_shape("sdpaBwd2", cfg)[3] != cfg.seq_len \
+    names_out, names_in = [n for n, _, _ in outs], [b.name for b in ins]
+    if any(n not in rows_out or rows_out[n] != rows_in.get(n) for n in PASSED) \
+            or mil.input_shape("sdpaBwd2", cfg)[3] != cfg.seq_len \
             or mil.output_shape("sdpaBwd1", cfg)[1] > mil.input_shape("sdpaBwd2", cfg)[1]:
         return None
-    i_out, i_in = names_out.index("probs"), names_in.index("probs")
-    if names_out[i_out + 1] != "dprobs" or names_in[i_in + 1] != "dprobs":
+    i_out, i_in = names_out.index(PASSED[0]), names_in.index(PASSED[0])
+    if tuple(names_out[i_out:i_out + 2]) != PASSED or tuple(names_in[i_in:i_in + 2]) != PASSED:
         return None
     return len(_act_blocks("sdpaBwd1", cfg)) + i_out, i_in
 
 
 def _qkv_hold_layout(cfg):
-    """Where sdpaFwd's output holds q, k, v (q_rope, k_rope, v) and where sdpaBwd1 and
-    sdpaBwd2 read them (q, k_rep, v_rep): for each kernel a list of three (argument index,
-    element offset in the Surface) or None (sdpaBwd2 reads no v); None if a layout does
-    not hold them as whole rows of seq_len elements (the fp16 hold is then off)."""
+    """Where sdpaFwd's output holds q, k, v (HELD_OUT) and where sdpaBwd1 and sdpaBwd2 read
+    them (HELD_IN): for each kernel a list of three (argument index, element offset in the
+    Surface), (-1, 0) where it reads none (sdpaBwd2's v); None if a layout does not hold
+    them as whole rows of seq_len elements (the fp16 hold is then off)."""
     S = cfg.seq_len
-    sites = {}
     fwd = mil.layout("sdpaFwd", cfg)
     n_acts = len(_act_blocks("sdpaFwd", cfg))
     names = [n for n, _, _ in fwd.outputs]
-    want = {"q_rope": cfg.q_dim, "k_rope": cfg.kv_dim, "v": cfg.kv_dim}
     if mil.output_shape("sdpaFwd", cfg)[3] != S:
         return None
     site = []
-    for n, rows in want.items():
+    for n, rows in zip(HELD_OUT, (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)):
         if n not in names or fwd.outputs[names.index(n)][2] != rows:
             return None
         site.append((n_acts + names.index(n), fwd.outputs[names.index(n)][1] * S))
-    sites["sdpaFwd"] = site
-    for k, reads in (("sdpaBwd1", ("q", "k_rep", "v_rep")), ("sdpaBwd2", ("q", "k_rep"))):
+    sites = {"sdpaFwd": site}
+    for k, reads in HELD_IN.items():
         if mil.input_shape(k, cfg)[3] != S:
             return None
-        acts = _act_blocks(k, cfg)
-        by_name = {b.name: (i, b) for i, b in enumerate(acts)}
+        by_name = {b.name: (i, b) for i, b in enumerate(_act_blocks(k, cfg))}
         site = []
         for n in reads:
             if n not in by_name:
@@ -167,7 +181,7 @@ def _qkv_hold_layout(cfg):
             if b.rows != cfg.q_dim or b.cols != S or b.col0 != 0:
                 return None
             site.append((i, b.row0 * S))
-        sites[k] = site + [None] * (3 - len(site))
+        sites[k] = site + [(-1, 0)] * (3 - len(site))
     return sites
 
 
@@ -220,6 +234,13 @@ cdef void zero_rows(uint16_t* dst, Py_ssize_t rows, Py_ssize_t cols,
     cdef Py_ssize_t r
     for r in range(rows):
         memset(dst + r * ld16, 0, cols * sizeof(uint16_t))
+
+
+cdef int _set_site(HoldSite* site, list where) except -1:
+    cdef int i
+    for i in range(3):
+        site.arg[i], site.off[i] = where[i]
+    return 0
 
 
 cdef void run_in_moves(const Move* m, int n, char* base, float** args) noexcept nogil:
@@ -381,7 +402,6 @@ cdef class PackedKernels(Kernels):
         self.bound = True
 
     cdef void _bind_hold(self, cfg) except *:
-        cdef HoldSite* site
         sites = _qkv_hold_layout(cfg)
         self.hold_ok = sites is not None
         self.held_calls = 0
@@ -390,12 +410,9 @@ cdef class PackedKernels(Kernels):
         self.qkv_valid = &valid[0]
         if not self.hold_ok:
             return
-        for k, site_ptr in (("sdpaFwd", <size_t>&self.hold_fwd),
-                            ("sdpaBwd1", <size_t>&self.hold_bwd1),
-                            ("sdpaBwd2", <size_t>&self.hold_bwd2)):
-            site = <HoldSite*>site_ptr
-            for i, where in enumerate(sites[k]):
-                site.arg[i], site.off[i] = where if where is not None else (-1, 0)
+        _set_site(&self.hold_fwd, sites["sdpaFwd"])
+        _set_site(&self.hold_bwd1, sites["sdpaBwd1"])
+        _set_site(&self.hold_bwd2, sites["sdpaBwd2"])
 
     cdef bint qkv_held(self, int l) noexcept nogil:
         return self.hold_ok and self.qkv_valid[l]

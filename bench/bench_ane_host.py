@@ -27,7 +27,7 @@ import numpy as np
 import anecy
 from anecy import backends
 from anecy._ops import f16_to_f32, f32_to_f16
-from anecy._packed import METHODS, AneKernels, clear_compiled_programs
+from anecy._packed import METHODS, AneKernels, clear_compiled_programs, kept_fp16
 from anecy._testing import NullAneKernel, kernel_io
 from anecy.config import ModelConfig
 
@@ -47,25 +47,18 @@ def null_ane_model(cfg):
         backends.available, backends.make_kernels = available, make
 
 
-# What stays fp16 between kernels (never converted): probs/dprobs lie in the Surface that
-# is sdpaBwd1's output and sdpaBwd2's input; q, k, v stay in each layer's sdpaFwd output
-# Surface and are copied as fp16 into sdpaBwd1/2's inputs.
-KEPT_FP16_OUT = {"sdpa_bwd1": ("probs", "dprobs"), "sdpa_fwd": ("q_rope", "k_rope", "v")}
-KEPT_FP16_IN = {"sdpa_bwd2": ("probs", "dprobs", "q", "k_rep"),
-                "sdpa_bwd1": ("q", "k_rep", "v_rep")}
-
-
 def converted_per_microstep(model):
     """(fp32->fp16, fp16->fp32) elements the kernel calls of one microstep convert: every
     activation in and every output out, less what stays fp16 between kernels."""
     k, cfg = model.engine.kernels, model.config
+    kept_in, kept_out = kept_fp16()
     n_in = n_out = 0
-    for method in METHODS:
+    for method, kernel in METHODS.items():
         ins, outs = kernel_io(k, method)
         n_in += cfg.n_layers * cfg.seq_len * sum(
-            c for n, c in ins if n not in KEPT_FP16_IN.get(method, ()))
+            c for n, c in ins if n not in kept_in.get(kernel, ()))
         n_out += cfg.n_layers * cfg.seq_len * sum(
-            c for n, c in outs if n not in KEPT_FP16_OUT.get(method, ()))
+            c for n, c in outs if n not in kept_out.get(kernel, ()))
     return n_in, n_out
 
 
