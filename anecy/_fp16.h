@@ -260,8 +260,9 @@ static inline void anecy_f32_to_f16_t_tile(const float *src, uint16_t *dst, size
     if (path == ANECY_FP16_NEON_PATH)
         b = 4;
 #endif
-    size_t fr = nr - nr % b, fc = nc - nc % b;
-    for (size_t c = 0; b > 1 && c < fc; c += b)
+    /* [0, fr) x [0, fc): whole vector blocks (none on the scalar path) */
+    size_t fr = b > 1 ? nr - nr % b : 0, fc = b > 1 ? nc - nc % b : 0;
+    for (size_t c = 0; c < fc; c += b)
         for (size_t r = 0; r < fr; r += b) {
 #ifdef ANECY_FP16_X86
             anecy_f32_to_f16_t8_f16c(src + c * ld32 + r, dst + r * ld16 + c, ld32, ld16);
@@ -270,9 +271,6 @@ static inline void anecy_f32_to_f16_t_tile(const float *src, uint16_t *dst, size
             anecy_f32_to_f16_t4_neon(src + c * ld32 + r, dst + r * ld16 + c, ld32, ld16);
 #endif
         }
-    if (b == 1) {
-        fr = fc = 0;
-    }
     /* the edges: columns past fc for every row, rows past fr for the vector columns */
     anecy_f32_to_f16_t_block_scalar(src + fc * ld32, dst + fc, nr, nc - fc, ld32, ld16);
     anecy_f32_to_f16_t_block_scalar(src + fr, dst + fr * ld16, nr - fr, fc, ld32, ld16);
