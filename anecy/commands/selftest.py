@@ -56,28 +56,30 @@ class _Paths:
     """The two Mac paths: set up once, each either a runner or the reason it is missing."""
 
     def __init__(self, cfg, ane_factory, predict, say):
-        self.ane = self.predict = None
         self.unavailable, self.failed = [], []
-        ok, why = (True, "") if ane_factory is not None else cc.ane_status()
-        label = "  ane          the ane backend (private API)"
+        self.ane = self._start("ane", "the ane backend (private API)", ane_factory,
+                               cc.ane_status, lambda: cc.ane_runner(cfg, ane_factory), say)
+        self.predict = self._start("coreml", "Core ML's public API (CPU_AND_NE)", predict,
+                                   cc.coreml_prediction_status,
+                                   lambda: predict or cc.coreml_predictor("CPU_AND_NE"), say)
+
+    def _start(self, path, what, stand_in, status, make, say):
+        """The runner of ``path`` (``make()``), or None after saying why it is missing or
+        why it did not start. A stand-in (tests) is available wherever this runs."""
+        label = f"  {path:<12} {what}"
+        ok, why = (True, "") if stand_in is not None else status()
         if not ok:
             say(f"{label}: unavailable: {why}")
-            self.unavailable.append("ane")
-        else:
-            try:
-                self.ane = cc.ane_runner(cfg, ane_factory)
-                say(f"{label}: runs (within {cc.DEVICE_ULPS:g} ulp of milsim)")
-            except Exception as e:   # noqa: BLE001 - a compile failure is a result to report
-                say(f"{label}: FAILED: {cc._one_line(e)}")
-                self.failed.append("ane")
-        ok, why = (True, "") if predict is not None else cc.coreml_prediction_status()
-        label = "  coreml       Core ML's public API (CPU_AND_NE)"
-        if not ok:
-            say(f"{label}: unavailable: {why}")
-            self.unavailable.append("coreml")
-        else:
-            self.predict = predict or cc.coreml_predictor("CPU_AND_NE")
-            say(f"{label}: runs (within {cc.DEVICE_ULPS:g} ulp of milsim)")
+            self.unavailable.append(path)
+            return None
+        try:
+            runner = make()
+        except Exception as e:   # noqa: BLE001 - a compile failure is a result to report
+            say(f"{label}: FAILED: {cc._one_line(e)}")
+            self.failed.append(path)
+            return None
+        say(f"{label}: runs (within {cc.DEVICE_ULPS:g} ulp of milsim)")
+        return runner
 
     def run(self, path, kernel, x, package):
         if path == "ane":
