@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from anecy import Model, ModelConfig, mil
-from anecy._packed import METHODS, SHARED, WEIGHTED
+from anecy._packed import LAYER_OUTPUT, METHODS, SHARED, WEIGHTED
 from anecy._testing import kernel_io, pack_activations, run_kernel, unpack_outputs
 
 # mil's numpy packing (the oracle) warns about the values that overflow to Inf on purpose
@@ -110,15 +110,17 @@ def test_output_unstaging_is_bit_identical_to_mil(model, method):
     _, cfg, m = model
     k = m.engine.kernels
     name = METHODS[method]
-    out = k.output_buffer(name)
-    # every fp16 bit pattern is fair game: NaN payloads, subnormals, Inf
     rng = np.random.default_rng(2)
-    out.view(np.uint16)[...] = rng.integers(0, 1 << 16, out.shape, dtype=np.uint16)
-    got = unpack_outputs(k, method)
-    want = mil.unpack_output(name, cfg, out)
-    assert sorted(got) == sorted(want) == sorted(n for n, _ in kernel_io(k, method)[1])
-    for n in want:
-        assert np.array_equal(bits(got[n]), bits(want[n])), (name, n)
+    # sdpaFwd has an output Surface per layer: each one's plan reads its own
+    for layer in (range(cfg.n_layers) if name in LAYER_OUTPUT else [0]):
+        out = k.output_buffer(name, layer)
+        # every fp16 bit pattern is fair game: NaN payloads, subnormals, Inf
+        out.view(np.uint16)[...] = rng.integers(0, 1 << 16, out.shape, dtype=np.uint16)
+        got = unpack_outputs(k, method, layer)
+        want = mil.unpack_output(name, cfg, out)
+        assert sorted(got) == sorted(want) == sorted(n for n, _ in kernel_io(k, method)[1])
+        for n in want:
+            assert np.array_equal(bits(got[n]), bits(want[n])), (name, layer, n)
 
 
 def test_kernel_io_follows_the_layout_table(model):
