@@ -85,8 +85,11 @@ def add_arguments(p, family=None):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+AUTO = "auto"    # --loss-scale auto: the backend's own scale
+
+
 def _loss_scale(text):
-    """--loss-scale: a finite number, or "auto" (the backend's own scale: AUTO)."""
+    """--loss-scale: a finite number, or AUTO."""
     if text == AUTO:
         return AUTO
     try:
@@ -94,8 +97,6 @@ def _loss_scale(text):
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
-
-AUTO = "auto"
 
 
 def _train_config(args, base: TrainConfig, ckpt: str) -> TrainConfig:
