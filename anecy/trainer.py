@@ -21,6 +21,7 @@ from .config import ModelConfig, TrainConfig, step_flops
 from .corpus import BUILTIN_NOTICE, builtin_tokens
 from .data import TokenSampler, VocabMap, default_data_path, open_held_out, open_tokens
 from .errors import AnecyError, CheckpointError, ConfigError, DataError, OutputError
+from .evaluate import token_losses
 from .fileio import check_writable, remove_leftovers
 from .model import Model
 
@@ -269,11 +270,8 @@ class Trainer:
         """Mean loss over the held-out windows (over the active vocabulary)."""
         losses = []
         for x, y in self.sampler.val_batches(self.tc.eval_batches):
-            logits = self.model.logits(x).astype(np.float64)
-            target = self.vocab.compact(y)
-            mx = logits.max(axis=1, keepdims=True)
-            lse = np.log(np.exp(logits - mx).sum(axis=1)) + mx[:, 0]
-            losses.append(float(np.mean(lse - logits[np.arange(len(target)), target])))
+            losses.append(float(np.mean(token_losses(self.model.logits(x),
+                                                     self.vocab.compact(y)))))
         return float(np.mean(losses))
 
     def sample(self, n_tokens: int = 48) -> str:
