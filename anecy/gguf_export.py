@@ -200,7 +200,7 @@ def _add_tokenizer(writer, tok, vocab_size, gguf):
     """Write the tokenizer's keys (tokenizer.ggml.*, tokenizer.chat_template)."""
     check_tokenizer(tok, vocab_size)
     # llama.cpp's reader of a tokenizer's directory: special ids (unk, pad, ...), whether BOS
-    # is added, the chat template; BOS and EOS are the ones anecy's tokenizer uses
+    # is added, the chat template
     special = gguf.SpecialVocab(Path(tok.path).parent, load_merges=False, n_vocab=vocab_size)
     if tok.kind == "hf":
         tokens, types, pre, merges = _hf_vocab(tok, gguf)
@@ -224,7 +224,9 @@ def _add_tokenizer(writer, tok, vocab_size, gguf):
         if unk:
             special.special_token_ids.setdefault("unk", unk[0])
     for which in ("bos", "eos"):
-        special.special_token_ids.pop(which, None)
+        # anecy's BOS/EOS when it has them; else what llama.cpp's converter finds (Qwen3's
+        # tokenizer has no BOS, its config.json names <|endoftext|>; without a key llama.cpp
+        # takes id 11 for a gpt2 vocabulary, "," in Qwen's)
         if getattr(tok, f"{which}_id") is not None:
             special.special_token_ids[which] = getattr(tok, f"{which}_id")
     special.add_special_token.setdefault("eos", False)

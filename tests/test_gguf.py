@@ -294,6 +294,9 @@ def test_export_of_an_hf_directory_takes_its_tokenizer(tmp_path, capsys, bpe_dir
     save_pretrained(model, tmp_path / "hf")
     for name in ("tokenizer.json", "tokenizer_config.json"):
         (tmp_path / "hf" / name).write_bytes((bpe_dir / name).read_bytes())
+    # as Qwen3's: no BOS in the tokenizer, <|endoftext|> named in config.json
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "bos_token_id": 0}))
     out = tmp_path / "model.gguf"
     code, stdout, err = export(["--init-from", tmp_path / "hf", "--format", "gguf", "--out", out,
                                 "--dtype", "q8_0"], capsys)
@@ -304,6 +307,7 @@ def test_export_of_an_hf_directory_takes_its_tokenizer(tmp_path, capsys, bpe_dir
     assert f["general.file_type"] == gguf.LlamaFileType.MOSTLY_Q8_0
     assert f["qwen3.context_length"] == 2048   # the HF config's max_position_embeddings
     assert f["tokenizer.chat_template"] == TEMPLATE
+    assert f["tokenizer.ggml.bos_token_id"] == 0 and f["tokenizer.ggml.add_bos_token"] is False
 
 
 def test_a_checkpoint_without_tokenizer_is_refused_naming_the_flag(tmp_path, capsys):
