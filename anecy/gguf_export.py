@@ -233,7 +233,48 @@ def _add_tokenizer(writer, tok, vocab_size, gguf):
     special.add_to_gguf(writer, quiet=True)
 
 
-# -- the file --------------------------------------------------------------------------------
+# -- the file ---------------------------------------------------------------------------------
+def _add_shape(writer, cfg, context_length: int):
+    writer.add_vocab_size(cfg.vocab_size)
+    writer.add_context_length(context_length)
+    writer.add_embedding_length(cfg.dim)
+    writer.add_feed_forward_length(cfg.hidden_dim)
+    writer.add_block_count(cfg.n_layers)
+    writer.add_head_count(cfg.n_heads)
+    writer.add_head_count_kv(cfg.n_kv_heads)
+    writer.add_key_length(cfg.head_dim)
+    writer.add_value_length(cfg.head_dim)
+    writer.add_rope_dimension_count(cfg.head_dim)
+    writer.add_rope_freq_base(cfg.rope_theta)
+    writer.add_layer_norm_rms_eps(cfg.norm_eps)
+
+
+def _write_tensors(writer, model: Model, arch: str, dtype: str, gguf, progress: bool):
+    """The header, the keys added so far, the tensor infos, then the tensors one at a time
+    (only one converted tensor is ever held in memory)."""
+    from tqdm import tqdm
+    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()),
+                                     model.config.n_layers)
+    plan = []
+    for hf_name, shape, _ in model.layout:
+        gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
+        if gguf_name is None:   # cannot happen for the layouts anecy makes
+            raise ConfigError(f"{hf_name}: no GGUF name for {arch}")
+        qtype = _qtype(gguf, shape, dtype)
+        byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
+        writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8),
+                               int(np.prod(byte_shape)), raw_dtype=qtype)
+        plan.append((hf_name, qtype))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    tensors = _tensors(model, arch)
+    for hf_name, qtype in tqdm(plan, desc="writing GGUF", unit="tensor", disable=not progress,
+                               dynamic_ncols=True):
+        writer.write_tensor_data(gguf.quants.quantize(
+            np.ascontiguousarray(tensors[hf_name], np.float32), qtype))
+
+
 def save(model: Model, path, tokenizer, *, dtype: str = "f32", context_length=None,
          name: str = "anecy model", progress: bool = False):
     """Write a Model and its tokenizer as a GGUF file, atomically. ``context_length`` is the
@@ -245,52 +286,22 @@ def save(model: Model, path, tokenizer, *, dtype: str = "f32", context_length=No
     check_exportable(cfg)
     check_tokenizer(tokenizer, cfg.vocab_size)
     arch = architecture(cfg)
-    names = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, arch.upper()), cfg.n_layers)
     file_type = {"f32": gguf.LlamaFileType.ALL_F32, "f16": gguf.LlamaFileType.MOSTLY_F16,
                  "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[dtype]
-    tensors = _tensors(model, arch)
     path = Path(path)
     try:
         with atomic_path(path) as tmp:
             writer = gguf.GGUFWriter(tmp, arch)
-            writer.add_name(name)
-            writer.add_file_type(file_type)
-            if dtype == "q8_0":
-                writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-            writer.add_vocab_size(cfg.vocab_size)
-            writer.add_context_length(int(context_length or cfg.seq_len))
-            writer.add_embedding_length(cfg.dim)
-            writer.add_feed_forward_length(cfg.hidden_dim)
-            writer.add_block_count(cfg.n_layers)
-            writer.add_head_count(cfg.n_heads)
-            writer.add_head_count_kv(cfg.n_kv_heads)
-            writer.add_key_length(cfg.head_dim)
-            writer.add_value_length(cfg.head_dim)
-            writer.add_rope_dimension_count(cfg.head_dim)
-            writer.add_rope_freq_base(cfg.rope_theta)
-            writer.add_layer_norm_rms_eps(cfg.norm_eps)
-            _add_tokenizer(writer, tokenizer, cfg.vocab_size, gguf)
-            # tensor infos first, then the data one tensor at a time: only one converted
-            # tensor is ever held in memory
-            plan = []
-            for hf_name, shape, _ in model.layout:
-                gguf_name = names.get_name(hf_name, try_suffixes=(".weight",))
-                if gguf_name is None:   # cannot happen for the layouts anecy makes
-                    raise ConfigError(f"{hf_name}: no GGUF name for {arch}")
-                qtype = _qtype(gguf, shape, dtype)
-                byte_shape = gguf.quants.quant_shape_to_byte_shape(shape, qtype)
-                writer.add_tensor_info(gguf_name, byte_shape, np.dtype(np.uint8),
-                                       int(np.prod(byte_shape)), raw_dtype=qtype)
-                plan.append((gguf_name, hf_name, qtype))
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_ti_data_to_file()
-            from tqdm import tqdm
-            for gguf_name, hf_name, qtype in tqdm(plan, desc="writing GGUF", unit="tensor",
-                                                  disable=not progress, dynamic_ncols=True):
-                writer.write_tensor_data(gguf.quants.quantize(
-                    np.ascontiguousarray(tensors[hf_name], np.float32), qtype))
-            writer.close()
+            try:
+                writer.add_name(name)
+                writer.add_file_type(file_type)
+                if dtype == "q8_0":
+                    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+                _add_shape(writer, cfg, int(context_length or cfg.seq_len))
+                _add_tokenizer(writer, tokenizer, cfg.vocab_size, gguf)
+                _write_tensors(writer, model, arch, dtype, gguf, progress)
+            finally:
+                writer.close()
     except OSError as e:
         raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     return path

@@ -347,3 +347,42 @@ def test_dtype_belongs_to_gguf(tmp_path, capsys):
     code, _, err = export(["--init-from", tmp_path / "hf", "--format", "llama2c", "--out",
                            tmp_path / "m.bin", "--dtype", "f16"], capsys)
     assert code == 2 and "--format gguf" in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_failed_write_leaves_the_old_file(tmp_path, capsys, monkeypatch, bpe_dir):
+    """A disk that fills up in the middle of the tensors: one line, the file that was there
+    before is untouched and no temporary is left."""
+    import errno
+    model = model_for(LLAMA)
+    save_pretrained(model, tmp_path / "hf")
+    out = tmp_path / "m.gguf"
+    out.write_bytes(b"the old file")
+    written = []
+
+    def write_tensor_data(self, tensor, *args, **kwargs):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(tensor)
+        return original(self, tensor, *args, **kwargs)
+
+    original = gguf.GGUFWriter.write_tensor_data
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", write_tensor_data)
+    code, _, err = export(["--init-from", tmp_path / "hf", "--format", "gguf", "--out", out,
+                           "--tokenizer", bpe_dir], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "No space left on device" in err
+    assert out.read_bytes() == b"the old file" and not temp_leftovers(out)
+
+
+def test_tokenizers_and_models_gguf_cannot_hold(tmp_path, bpe_dir):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    from anecy.errors import AnecyError, ConfigError
+    word = Tokenizer(models.WordLevel({"a": 0, "b": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    word.pre_tokenizer = pre_tokenizers.Whitespace()
+    word.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(AnecyError, match="a WordLevel tokenizer"):
+        save(model_for(LLAMA), tmp_path / "m.gguf", T.load(tmp_path / "tokenizer.json"))
+    with pytest.raises(ConfigError, match="residual_scale"):
+        save(model_for(LLAMA, residual_scale=0.5), tmp_path / "m.gguf", T.load(bpe_dir))
+    assert not (tmp_path / "m.gguf").exists()
