@@ -99,6 +99,9 @@ def check_tokenizer(tok, vocab_size):
 def _padded(tokens, scores, types, vocab_size, gguf):
     """The vocabulary filled up to the model's rows (a model may have more rows than its
     tokenizer has tokens, Qwen3 does): unused [PAD<id>] tokens, as llama.cpp's converter."""
+    if len(tokens) > vocab_size:   # ids beyond the model's rows (a tokenizer with gaps)
+        raise AnecyError(f"the tokenizer's ids reach {len(tokens) - 1}, beyond the model's "
+                         f"vocabulary of {vocab_size}: is it this model's tokenizer?")
     for i in range(len(tokens), vocab_size):
         tokens.append(f"[PAD{i}]")
         scores.append(-1000.0)
@@ -201,7 +204,12 @@ def _add_tokenizer(writer, tok, vocab_size, gguf):
     check_tokenizer(tok, vocab_size)
     # llama.cpp's reader of a tokenizer's directory: special ids (unk, pad, ...), whether BOS
     # is added, the chat template
-    special = gguf.SpecialVocab(Path(tok.path).parent, load_merges=False, n_vocab=vocab_size)
+    directory = Path(tok.path).parent
+    try:
+        special = gguf.SpecialVocab(directory, load_merges=False, n_vocab=vocab_size)
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        raise AnecyError(f"{directory}: unreadable tokenizer_config.json or config.json "
+                         f"({e})") from None
     if tok.kind == "hf":
         tokens, types, pre, merges = _hf_vocab(tok, gguf)
         tokens, _, types = _padded(tokens, [0.0] * len(tokens), types, vocab_size, gguf)

@@ -386,3 +386,13 @@ def test_tokenizers_and_models_gguf_cannot_hold(tmp_path, bpe_dir):
     with pytest.raises(ConfigError, match="residual_scale"):
         save(model_for(LLAMA, residual_scale=0.5), tmp_path / "m.gguf", T.load(bpe_dir))
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_a_malformed_config_beside_the_tokenizer_is_one_error(tmp_path, bpe_dir):
+    from anecy.errors import AnecyError
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / name).write_bytes((bpe_dir / name).read_bytes())
+    (tmp_path / "config.json").write_text('{"bos_token_id": 0, "eos_tok')   # cut short
+    with pytest.raises(AnecyError, match="config.json"):
+        save(model_for(QWEN3), tmp_path / "m.gguf", T.load(tmp_path / "tokenizer.json"))
+    assert not (tmp_path / "m.gguf").exists()
