@@ -65,6 +65,7 @@ class LoraConfig:
         if self.alpha is None and _is_int(self.rank):
             self.alpha = 2 * self.rank
         self.validate()
+        self.targets = tuple(t for t in TARGETS if t in self.targets)   # one order: TARGETS'
 
     def validate(self):
         """Raise ConfigError naming the first field that cannot work (any model)."""
@@ -416,12 +417,8 @@ def _peft_layers(value, model_cfg: ModelConfig, where):
     return None if len(ids) == L else len(ids)
 
 
-def _unsupported(doc, key, default_ok):
-    value = doc.get(key)
-    return value is not None and not default_ok(value)
-
-
-# PEFT options that change what the adapters compute: refused unless at their defaults
+# PEFT options that change what the adapters compute: refused unless absent, null or
+# (the predicate) at a value that computes what anecy computes
 _REFUSED = {
     "use_dora": lambda v: v is False, "use_rslora": lambda v: v is False,
     "fan_in_fan_out": lambda v: v is False, "bias": lambda v: v == "none",
@@ -446,7 +443,7 @@ def lora_config_from_peft(doc, model_cfg: ModelConfig, where="adapter_config.jso
         raise CheckpointError(f"{where}: task_type {doc['task_type']!r}, anecy reads adapters "
                               "of causal language models (CAUSAL_LM)")
     for key, ok in _REFUSED.items():
-        if _unsupported(doc, key, ok):
+        if doc.get(key) is not None and not ok(doc[key]):
             raise CheckpointError(f"{where}: {key} {doc[key]!r} is not supported")
     targets = doc.get("target_modules")
     if targets == "all-linear":   # PEFT: every linear layer but the output head
@@ -456,8 +453,7 @@ def lora_config_from_peft(doc, model_cfg: ModelConfig, where="adapter_config.jso
                               f"(anecy reads no patterns), got {targets!r}")
     r, alpha, dropout = doc.get("r"), doc.get("lora_alpha", 8), doc.get("lora_dropout", 0.0)
     try:
-        cfg = LoraConfig(rank=r, alpha=alpha, targets=tuple(t for t in TARGETS if t in targets)
-                         if set(targets) <= set(TARGETS) else tuple(targets),
+        cfg = LoraConfig(rank=r, alpha=alpha, targets=tuple(targets),
                          layers=_peft_layers(doc.get("layers_to_transform"), model_cfg, where),
                          dropout=dropout)
         cfg.check(model_cfg)
