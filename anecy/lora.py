@@ -196,6 +196,10 @@ class LoraAdapters:
         self.params = np.zeros(sum(t.size for t in self.layout), np.float32)
         self.views = {t.name: self.params[t.offset:t.offset + t.size].reshape(t.shape)
                       for t in self.layout}
+        # {(layer, engine field): (A's LoraTensor, B's)}: the two adapters of one matrix
+        # (layout order puts A right before its B)
+        self.pairs = {(a.layer, a.field): (a, b)
+                      for a, b in zip(self.layout[0::2], self.layout[1::2])}
         self.init_weights(seed)
 
     @property
@@ -260,20 +264,16 @@ class LoraAdapters:
     def deltas(self, hf_order: bool = False):
         """(adapted matrix's HF name, s * B @ A) for every adapted matrix, in the Model's row
         order (HF's with ``hf_order``); one [out, in] product at a time."""
-        by_weight = {}
-        for t in self.layout:
-            by_weight.setdefault(t.weight, {})[t.part] = t
-        for weight, parts in by_weight.items():
-            a, b = self.views[parts["A"].name], self.views[parts["B"].name]
-            delta = b @ a
+        for ta, tb in self.pairs.values():
+            delta = self.views[tb.name] @ self.views[ta.name]
             delta *= np.float32(self.scale)
             if hf_order:
-                perm = self._hf_rows(parts["B"])
+                perm = self._hf_rows(tb)
                 if perm is not None:
                     hf = np.empty_like(delta)
                     hf[perm] = delta
                     delta = hf
-            yield weight, delta
+            yield tb.weight, delta
 
 
 def fuse(model, adapters: LoraAdapters, *, inplace: bool = False):

@@ -414,6 +414,38 @@ def test_sample_with_an_adapter_samples_the_fused_model(tmp_path, capsys, hf_bas
     assert code == 0, err
     code, plain, err = cli(["sample", "--init-from", base_dir, *args], capsys)
     assert with_adapter == merged and with_adapter != plain
+    # a LoRA checkpoint of the same adapters samples the same text from the base it names
+    from anecy.hf import load_pretrained
+    base = load_pretrained(base_dir, seq_len=cfg.seq_len)
+    adapters = read_peft(tmp_path / "adapter", cfg)
+    rng = np.random.default_rng(0)
+    moments = [rng.random(adapters.params.size, dtype=np.float32) for _ in range(2)]
+    save_lora_checkpoint(tmp_path / "lora.ckpt", adapters,
+                         {"path": str(base_dir), "hash": base_hash(base)}, *moments, STATE)
+    code, from_ckpt, err = cli(["sample", "--ckpt", tmp_path / "lora.ckpt", *args], capsys)
+    assert code == 0, err
+    assert from_ckpt == with_adapter
+
+
+def test_init_from_a_lora_checkpoint_loads_its_fused_model_or_nothing(tmp_path, hf_base):
+    from anecy.hf import load_pretrained
+    from anecy.pretrained import load_into
+    cfg, base_dir, _ = hf_base
+    base = load_pretrained(base_dir, seq_len=cfg.seq_len)
+    path, _, adapters, _, _ = lora_checkpoint(tmp_path, cfg, base, LoraConfig(rank=2),
+                                              base_path=base_dir)
+    model = Model(cfg, seed=9)
+    load_into(model, path)
+    assert np.array_equal(model.params, fuse(base, adapters).params)
+    # a base changed since: refused, and the model is left as it was
+    changed = load_pretrained(base_dir, seq_len=cfg.seq_len)
+    changed.params[-5:] *= 2
+    save_pretrained(changed, base_dir)
+    before = Model(cfg, seed=9)
+    model = Model(cfg, seed=9)
+    with pytest.raises(CheckpointError, match="changed"):
+        load_into(model, path)
+    assert np.array_equal(model.params, before.params)
 
 
 # -- bad input, through the CLI ----------------------------------------------------------------
