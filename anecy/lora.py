@@ -402,19 +402,49 @@ def save_peft(path, adapters: LoraAdapters, base_name_or_path=None):
         f.write(json.dumps(doc, indent=2, sort_keys=True).encode())
 
 
-def _peft_layers(value, model_cfg: ModelConfig, where):
-    """LoraConfig.layers of PEFT's layers_to_transform: None, or N for the last N layers."""
-    if value is None:
-        return None
-    ids = [value] if _is_int(value) else value
-    if not isinstance(ids, list) or not ids or not all(_is_int(i) for i in ids):
+def _peft_modules(doc, model_cfg: ModelConfig, where):
+    """(targets, layers) of LoraConfig for the modules an adapter_config.json selects, matched
+    as PEFT matches them: a module whose name equals a ``target_modules`` entry or ends with
+    "." + the entry (so ``q_proj`` and ``model.layers.0.self_attn.q_proj`` both work; PEFT
+    writes ``all-linear`` out as full names), in the layers of ``layers_to_transform``.
+    anecy adapts the same targets in each of the last N layers: any other selection, or an
+    entry that is no projection of the model, is a CheckpointError."""
+    entries = doc.get("target_modules")
+    if entries == "all-linear":   # PEFT: every linear layer but the output head
+        entries = list(TARGETS)
+    if not isinstance(entries, list) or not entries \
+            or not all(isinstance(e, str) for e in entries):
+        raise CheckpointError(f"{where}: target_modules must be a list of module names "
+                              f"(anecy reads no patterns), got {entries!r}")
+    layer_ids = doc.get("layers_to_transform")
+    if _is_int(layer_ids):
+        layer_ids = [layer_ids]
+    if layer_ids is not None and (not isinstance(layer_ids, list)
+                                  or not all(_is_int(i) for i in layer_ids)):
         raise CheckpointError(f"{where}: layers_to_transform must be a layer index or a list "
-                              f"of them, got {value!r}")
+                              f"of them, got {doc['layers_to_transform']!r}")
+    mats, _ = layer_tensors(model_cfg)
+    modules = {f"model.layers.{l}.{name[:-len('.weight')]}": (l, _target_of(name))
+               for l in range(model_cfg.n_layers) for _, name, _ in mats}
+    selected = set()
+    for entry in entries:
+        hits = {key for module, key in modules.items()
+                if module == entry or module.endswith("." + entry)}
+        if not hits:
+            raise CheckpointError(f"{where}: target_modules names {entry!r}, which is not a "
+                                  f"projection of this model ({', '.join(TARGETS)} of its "
+                                  f"{model_cfg.n_layers} layers)")
+        selected |= hits
+    if layer_ids is not None:
+        selected = {(l, t) for l, t in selected if l in layer_ids}
+    layers = sorted({l for l, _ in selected})
+    targets = tuple(t for t in TARGETS if any(t == s for _, s in selected))
     L = model_cfg.n_layers
-    if sorted(set(ids)) != list(range(L - len(ids), L)) or len(ids) != len(set(ids)):
-        raise CheckpointError(f"{where}: layers_to_transform {ids} is not the last layers of "
-                              f"the model's {L} (anecy adapts the last N layers)")
-    return None if len(ids) == L else len(ids)
+    if not selected or layers != list(range(L - len(layers), L)) \
+            or len(selected) != len(layers) * len(targets):
+        raise CheckpointError(f"{where}: adapts {len(selected)} projection(s) that are not the "
+                              f"same targets in each of the last N layers (what anecy adapts)")
+    return targets, (None if len(layers) == L else len(layers))
 
 
 # PEFT options that change what the adapters compute: refused unless absent, null or
@@ -445,17 +475,11 @@ def lora_config_from_peft(doc, model_cfg: ModelConfig, where="adapter_config.jso
     for key, ok in _REFUSED.items():
         if doc.get(key) is not None and not ok(doc[key]):
             raise CheckpointError(f"{where}: {key} {doc[key]!r} is not supported")
-    targets = doc.get("target_modules")
-    if targets == "all-linear":   # PEFT: every linear layer but the output head
-        targets = list(TARGETS)
-    if not isinstance(targets, list) or not all(isinstance(t, str) for t in targets):
-        raise CheckpointError(f"{where}: target_modules must be a list of module names "
-                              f"(anecy reads no patterns), got {targets!r}")
-    r, alpha, dropout = doc.get("r"), doc.get("lora_alpha", 8), doc.get("lora_dropout", 0.0)
+    targets, layers = _peft_modules(doc, model_cfg, where)
+    # absent fields take peft.LoraConfig's defaults
+    r, alpha, dropout = doc.get("r", 8), doc.get("lora_alpha", 8), doc.get("lora_dropout", 0.0)
     try:
-        cfg = LoraConfig(rank=r, alpha=alpha, targets=tuple(targets),
-                         layers=_peft_layers(doc.get("layers_to_transform"), model_cfg, where),
-                         dropout=dropout)
+        cfg = LoraConfig(rank=r, alpha=alpha, targets=targets, layers=layers, dropout=dropout)
         cfg.check(model_cfg)
     except ConfigError as e:
         raise CheckpointError(f"{where}: {e}") from None

@@ -110,6 +110,24 @@ def test_a_peft_adapter_gives_peftmodels_logits(tmp_path, case):
         np.testing.assert_allclose(ours[name], value, rtol=1e-5, atol=1e-6, err_msg=name)
 
 
+def test_all_linear_and_bf16_adapters_from_peft(tmp_path):
+    cfg = ModelConfig(**CASES["qwen3-gqa4"])
+    hf = hf_model(cfg)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=2, target_modules="all-linear",
+                                                 task_type="CAUSAL_LM"))
+    with torch.no_grad():
+        for name, p in pm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.2)
+    pm.to(torch.bfloat16).save_pretrained(tmp_path)
+    adapters = read_peft(tmp_path, cfg)
+    assert adapters.config.targets == TARGETS      # every linear layer but the output head
+    theirs = {k.replace(".default", ""): v.float().detach().numpy()
+              for k, v in pm.named_parameters() if "lora_" in k}
+    for name, value in adapters.peft_state_dict().items():
+        np.testing.assert_array_equal(value, theirs[name])   # bf16 widened exactly
+
+
 def random_adapters(cfg, lora_cfg, seed=3):
     adapters = LoraAdapters(cfg, lora_cfg, seed=seed)
     rng = np.random.default_rng(seed)
@@ -465,39 +483,44 @@ def edit_config(src, dst, **changes):
 
 @pytest.fixture
 def bad_adapters(tmp_path, hf_base):
-    """{why: adapter directory that must be refused for hf_base's model}."""
+    """[(words of the error, adapter directory refused for hf_base's model)]."""
     cfg, base_dir, hf = hf_base
     good = tmp_path / "good"
     save_peft(good, random_adapters(cfg, LoraConfig(rank=4)), str(base_dir))
-    out = {}
+    out = []
     # another PEFT method: a LoHa adapter made by PEFT
     loha = peft.get_peft_model(hf_model(cfg), peft.LoHaConfig(r=4, target_modules=["q_proj"]))
     loha.save_pretrained(tmp_path / "loha")
-    out["LOHA"] = tmp_path / "loha"
+    out.append(("LOHA", tmp_path / "loha"))
     # an adapter made by PEFT for another shape (hidden size)
     other = ModelConfig(**dict(LLAMA_HD, rope_style="half", dim=48))
     pm = peft.get_peft_model(hf_model(other), peft.LoraConfig(r=4, target_modules=["q_proj"],
                                                               task_type="CAUSAL_LM"))
     pm.save_pretrained(tmp_path / "other")
-    out["shape"] = tmp_path / "other"
-    out["c_attn"] = edit_config(good, tmp_path / "target", target_modules=["c_attn"])
-    out["has rank 4"] = edit_config(good, tmp_path / "rank", r=8)     # tensors of rank 4
-    out["positive integer, got 0"] = edit_config(good, tmp_path / "rank0", r=0)
-    out["larger"] = edit_config(good, tmp_path / "big", r=1000)
-    out["use_dora"] = edit_config(good, tmp_path / "dora", use_dora=True)
+    out.append(("shape", tmp_path / "other"))
+    out.append(("c_attn", edit_config(good, tmp_path / "target", target_modules=["c_attn"])))
+    # r 8 in the config, tensors of rank 4
+    out.append(("has rank 4", edit_config(good, tmp_path / "rank", r=8)))
+    out.append(("positive integer, got 0", edit_config(good, tmp_path / "rank0", r=0)))
+    out.append(("larger", edit_config(good, tmp_path / "big", r=1000)))
+    out.append(("use_dora", edit_config(good, tmp_path / "dora", use_dora=True)))
+    # PEFT can adapt any set of modules; anecy the same targets in each of the last N layers
+    out.append(("last N layers", edit_config(good, tmp_path / "first", layers_to_transform=[0])))
+    out.append(("last N layers", edit_config(good, tmp_path / "mixed", target_modules=[
+        "v_proj", "model.layers.2.self_attn.q_proj"])))
     cut = edit_config(good, tmp_path / "cut")
     tensors = read_safetensors(cut / ADAPTER_WEIGHTS)
     tensors.pop(sorted(tensors)[3])
     write_safetensors(cut / ADAPTER_WEIGHTS, tensors)
-    out["lacks 1 LoRA tensor"] = cut
-    out["not a PEFT"] = tmp_path / "nothing"
+    out.append(("lacks 1 LoRA tensor", cut))
+    out.append(("not a PEFT", tmp_path / "nothing"))
     (tmp_path / "nothing").mkdir()
     return base_dir, out
 
 
 def test_bad_adapters_are_one_line_and_nothing_is_written(tmp_path, capsys, bad_adapters):
     base_dir, bad = bad_adapters
-    for words, adapter in bad.items():
+    for words, adapter in bad:
         for fmt in ("peft", "hf"):
             out = tmp_path / f"out-{fmt}"
             code, _, err = cli(["export", "--init-from", base_dir, "--adapter", adapter,
