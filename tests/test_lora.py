@@ -366,6 +366,14 @@ def test_export_of_a_lora_checkpoint_fused_and_as_peft(tmp_path, capsys, hf_base
     from transformers import AutoModelForCausalLM
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").float().eval()
     assert_close(torch_logits(merged, tokens), torch_logits(pm, tokens))
+    # adapters and a LoRA checkpoint together, or peft without adapters: one line
+    save_peft(tmp_path / "a", adapters)
+    for args, words in ((["--ckpt", path, "--adapter", tmp_path / "a"], "holds adapters"),
+                        (["--init-from", base_dir], "writes LoRA adapters")):
+        code, _, err = cli(["export", *args, "--format", "peft", "--out", tmp_path / "p2"],
+                           capsys)
+        one_line_error(code, err)
+        assert words in err and not (tmp_path / "p2").exists()
     # a base that changed since is refused, and nothing is written
     changed = load_pretrained(base_dir, seq_len=cfg.seq_len)
     changed.params[:10] += 1
