@@ -215,6 +215,7 @@ DOC_FLAGS = {
     "ane.md": ("selftest", "train"),
     "reliability.md": ("train",),
     "python-api.md": (),
+    "lora.md": ("train", "sample", "export"),
     "benchmarks.md": ("bench/bench_step.py", "bench/bench_ane_host.py"),
     "ARCHITECTURE.md": ("train", "selftest", "tools/kernel_table.py"),
 }
@@ -222,8 +223,8 @@ DOC_FLAGS = {
 # choices if listed, and the default given beside it
 DEFAULT_BESIDE_FLAG = re.compile(
     r"(--[a-z-]+)(?: \{([^}]*)\}| [A-Z]+)?`?\s+\((?:default )?([\w.-]+)(?:[,;)]| =)")
-# other programs' flags, in the commands shown for xcode-select, accelerate and torchrun
-FOREIGN_FLAGS = {"--install", "--num_processes", "--nproc-per-node", "--model"}
+# other programs' flags: xcode-select, accelerate and torchrun commands, mlx-lm's --num-layers
+FOREIGN_FLAGS = {"--install", "--num_processes", "--nproc-per-node", "--model", "--num-layers"}
 
 
 def command_variants(name):

@@ -11,10 +11,15 @@ HELP = "generate text from a checkpoint, a llama2.c .bin file or a Hugging Face 
 
 def add_arguments(p):
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", metavar="PATH", help="an anecy training checkpoint")
+    src.add_argument("--ckpt", metavar="PATH",
+                     help="an anecy training checkpoint, or a LoRA checkpoint (its base, named "
+                          "inside it, with the adapters fused)")
     src.add_argument("--init-from", metavar="PATH",
                      help="pretrained weights: a llama2.c .bin file (e.g. stories110M.bin) or a "
                           "Hugging Face directory (config.json + model.safetensors)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a PEFT LoRA adapter directory (adapter_config.json + "
+                        "adapter_model.safetensors): sample with it fused into the model")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer.model, llama2.c's tokenizer.bin, tokenizer.json or an HF "
                         "directory (default: the one the checkpoint's data was prepared with, "
@@ -53,11 +58,21 @@ def run(args) -> int:
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
     source = inspect(args.ckpt, "checkpoint") if args.ckpt else inspect(args.init_from, "init")
+    adapters = None
+    if args.adapter:   # checked before the model is loaded
+        from ..lora import read_peft
+        if source.kind == "lora":
+            raise AnecyError(f"{source.path} holds adapters already; --adapter goes with a "
+                             "base model")
+        adapters = read_peft(args.adapter, source.config)
     tok = tokenizer_for(source, args.tokenizer)
     if tok is None:
         raise AnecyError(f"no tokenizer known for {source.describe}: name one with --tokenizer "
                          "(for llama2.c models, its tokenizer.bin or Llama 2's tokenizer.model)")
     model = load(source)
+    if adapters is not None:
+        from ..lora import fuse
+        fuse(model, adapters, inplace=True)
     ids = prompt_ids(tok, args.prompt, model.config.vocab_size)
     context = source.config.seq_len
     if len(ids) > context:

@@ -83,6 +83,95 @@ def add_arguments(p, family=None):
     p.add_argument("--no-compact-vocab", action="store_true",
                    help="softmax over the full vocabulary instead of the tokens in the data")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_lora_arguments(p)
+
+
+def add_lora_arguments(p):
+    lora = p.add_argument_group("LoRA", "train low-rank adapters (as PEFT defines them) on "
+                                "frozen pretrained weights instead of every weight")
+    lora.add_argument("--lora", action="store_true",
+                      help="train LoRA adapters; needs --init-from (or --resume of a LoRA "
+                           "checkpoint)")
+    lora.add_argument("--lora-rank", type=positive_int, metavar="R",
+                      help="adapter rank (default 8)")
+    lora.add_argument("--lora-alpha", type=number, metavar="A",
+                      help="the update is scaled by A / R, as PEFT's lora_alpha (default 2R)")
+    lora.add_argument("--lora-targets", metavar="LIST",
+                      help="projections to adapt, comma-separated PEFT names (default all: "
+                           "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+    lora.add_argument("--lora-layers", type=positive_int, metavar="N",
+                      help="adapt the last N layers (default all)")
+    lora.add_argument("--lora-dropout", type=number, metavar="P",
+                      help="dropout on the adapters' input in training (default 0)")
+    lora.add_argument("--init-adapter", metavar="DIR",
+                      help="start from a PEFT LoRA adapter directory (adapter_config.json + "
+                           "adapter_model.safetensors, e.g. one trained with PEFT); its rank, "
+                           "alpha, targets and layers are used")
+
+
+# the flags that size the adapters (a resumed run or --init-adapter brings its own)
+_LORA_SHAPE_FLAGS = (("lora_rank", "--lora-rank"), ("lora_alpha", "--lora-alpha"),
+                     ("lora_targets", "--lora-targets"), ("lora_layers", "--lora-layers"))
+LORA_TRAINING_UNAVAILABLE = ("LoRA training is not available in this build (adapters can be "
+                             "exported, fused and sampled: see anecy export and anecy sample)")
+
+
+def _lora_config(args, model_config: ModelConfig):
+    """The LoraConfig of a new LoRA run: --init-adapter's (checked against the model), or
+    the flags'; either checked against the model."""
+    from ..lora import LoraConfig, read_peft
+    if args.init_adapter:
+        given = [flag for name, flag in _LORA_SHAPE_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise AnecyError(f"--init-adapter brings its own rank, alpha, targets and layers; "
+                             f"leave out {given[0]}")
+        cfg = read_peft(args.init_adapter, model_config).config
+        if args.lora_dropout is not None:
+            cfg.dropout = args.lora_dropout
+            cfg.validate()
+        return cfg
+    d = dict(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets,
+             layers=args.lora_layers, dropout=args.lora_dropout)
+    cfg = LoraConfig(**{k: v for k, v in d.items() if v is not None})
+    cfg.check(model_config)
+    return cfg
+
+
+def _check_lora_run(args, preset: str, ckpt: str):
+    """Every LoRA flag checked against the others and the model, before any work: a bad
+    combination is one line. Returns (ModelConfig, LoraConfig) of a LoRA run, or None."""
+    lora_given = [flag for name, flag in _LORA_SHAPE_FLAGS + (("lora_dropout", "--lora-dropout"),
+                                                              ("init_adapter", "--init-adapter"))
+                  if getattr(args, name) is not None]
+    resumed_lora = False
+    if args.resume and Path(ckpt).exists():
+        from ..lora import LORA_CHECKPOINT
+        resumed_lora = read_checkpoint_meta(ckpt)["meta"].get("kind") == LORA_CHECKPOINT
+    if not args.lora and not resumed_lora:
+        if lora_given:
+            raise AnecyError(f"{lora_given[0]} needs --lora")
+        return None
+    if args.scratch:
+        raise AnecyError("--lora adapts pretrained weights; it cannot start from --scratch")
+    if args.resume:
+        if args.init_adapter:
+            raise AnecyError("--init-adapter starts a new run; it cannot be combined with "
+                             "--resume")
+        if not Path(ckpt).exists():
+            return None   # the resume path says so
+        from ..lora import read_lora_checkpoint_meta
+        _, mc, lc = read_lora_checkpoint_meta(ckpt)   # a full-training checkpoint: refused
+        shape = [flag for name, flag in _LORA_SHAPE_FLAGS if getattr(args, name) is not None]
+        if shape:
+            raise AnecyError(f"a resumed LoRA run keeps its checkpoint's adapters; leave out "
+                             f"{shape[0]}")
+        return mc, lc
+    if not args.init_from:
+        raise AnecyError("--lora needs pretrained weights to adapt: give --init-from PATH "
+                         "(or --resume a LoRA checkpoint)")
+    mc = _init_config(args.init_from, ModelConfig.preset(preset),
+                      preset if args.preset else None)
+    return mc, _lora_config(args, mc)
 
 
 AUTO = "auto"    # --loss-scale auto: the backend's own scale
@@ -149,6 +238,10 @@ def run(args) -> int:
         raise AnecyError("--init-from starts a new run; it cannot be combined with "
                          "--resume or --scratch")
     backends.resolve(args.backend)
+    lora_run = _check_lora_run(args, preset, ckpt)
+    if lora_run is not None:
+        # the engine has no adapter path yet: refuse rather than pretend (nothing written)
+        raise AnecyError(LORA_TRAINING_UNAVAILABLE)
     if args.tokenizer:   # a bad path fails now, not at the first sample
         from ..tokenizer import load
         load(args.tokenizer)
