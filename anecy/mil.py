@@ -24,19 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .blob import BLOB_DESCRIPTOR_OFFSET, build_blob
-
-# KERNELS, _size, input_shape and output_shape: read through this module by anecy._packed
-from .kernel_layout import (  # noqa: F401
-    KERNEL_NAMES,
-    KERNELS,
-    Layout,
-    _size,
-    causal_mask,
-    input_shape,
-    layout,
-    output_shape,
-    rope_tables,
-)
+from .kernel_layout import KERNEL_NAMES, Layout, causal_mask, layout, rope_tables
 
 __all__ = ["MilProgram", "GENERATORS", "generate"]  # + the ten gen_<kernel> functions
 
