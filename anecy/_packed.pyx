@@ -13,8 +13,8 @@ the Apple Neural Engine reads, and differ in one thing only: what executes a pro
 Everything else is ``PackedKernels``, their common base, written once and run without
 the GIL: the engine-facing kernel methods, the Surfaces, and the staging plans.
 
-Staging plans. At bind time the layout table (``mil.KERNELS``, resolved by
-``mil.layout``) is compiled into a plain C plan per kernel call (kernel, layer): a list of
+Staging plans. At bind time the layout table (``kernel_layout.KERNELS``, resolved by
+``kernel_layout.layout``) is compiled into a plain C plan per kernel call (kernel, layer): a list of
 moves, each a rectangle of fp32 rows (an engine buffer; for weights, the engine's HF-layout
 weight, possibly transposed) and where it sits in the fp16 Surface (byte offset, rows,
 columns, row strides). A kernel call locks its input Surface, converts its activation
@@ -64,6 +64,7 @@ import re
 import numpy as np
 
 from . import mil
+from .kernel_layout import KERNEL_NAMES, KERNELS, _size, input_shape, layout, output_shape
 from .errors import ConfigError
 from .milsim import Interpreter
 from ._ane_runtime import AneError
@@ -88,31 +89,31 @@ def _snake(name):
 
 
 # Kernels with weight columns (one input Surface per layer each), and the weight-free ones.
-WEIGHTED = tuple(k for k, spec in mil.KERNELS.items()
+WEIGHTED = tuple(k for k, spec in KERNELS.items()
                  if any(b.kind == "weight" for b in spec.inputs))
-SHARED = tuple(k for k in mil.KERNEL_NAMES if k not in WEIGHTED)
+SHARED = tuple(k for k in KERNEL_NAMES if k not in WEIGHTED)
 # Kernels with one output Surface per layer: sdpaFwd's keeps that layer's q, k, v in fp16
 # until the backward's sdpaBwd1/2 read them (every other output Surface is shared).
 LAYER_OUTPUT = ("sdpaFwd",)
 
 # engine method name (Kernels.sdpa_fwd, ...) -> MIL kernel name
-METHODS = {_snake(k): k for k in mil.KERNEL_NAMES}
+METHODS = {_snake(k): k for k in KERNEL_NAMES}
 
-# The kernel ids the engine-facing methods use: each one's index in mil.KERNEL_NAMES.
-cdef int K_SDPA_FWD = mil.KERNEL_NAMES.index("sdpaFwd")
-cdef int K_WO_FWD = mil.KERNEL_NAMES.index("woFwd")
-cdef int K_FFN_FUSED = mil.KERNEL_NAMES.index("ffnFused")
-cdef int K_FFN_BWD_W2T = mil.KERNEL_NAMES.index("ffnBwdW2t")
-cdef int K_FFN_BWD_W13T = mil.KERNEL_NAMES.index("ffnBwdW13t")
-cdef int K_WOT_BWD = mil.KERNEL_NAMES.index("wotBwd")
-cdef int K_SDPA_BWD1 = mil.KERNEL_NAMES.index("sdpaBwd1")
-cdef int K_SDPA_BWD2 = mil.KERNEL_NAMES.index("sdpaBwd2")
-cdef int K_Q_BWD = mil.KERNEL_NAMES.index("qBwd")
-cdef int K_KV_BWD = mil.KERNEL_NAMES.index("kvBwd")
+# The kernel ids the engine-facing methods use: each one's index in KERNEL_NAMES.
+cdef int K_SDPA_FWD = KERNEL_NAMES.index("sdpaFwd")
+cdef int K_WO_FWD = KERNEL_NAMES.index("woFwd")
+cdef int K_FFN_FUSED = KERNEL_NAMES.index("ffnFused")
+cdef int K_FFN_BWD_W2T = KERNEL_NAMES.index("ffnBwdW2t")
+cdef int K_FFN_BWD_W13T = KERNEL_NAMES.index("ffnBwdW13t")
+cdef int K_WOT_BWD = KERNEL_NAMES.index("wotBwd")
+cdef int K_SDPA_BWD1 = KERNEL_NAMES.index("sdpaBwd1")
+cdef int K_SDPA_BWD2 = KERNEL_NAMES.index("sdpaBwd2")
+cdef int K_Q_BWD = KERNEL_NAMES.index("qBwd")
+cdef int K_KV_BWD = KERNEL_NAMES.index("kvBwd")
 
 
 def _act_blocks(str kernel, cfg):
-    return [b for b in mil.layout(kernel, cfg).inputs if b.kind == "act"]
+    return [b for b in layout(kernel, cfg).inputs if b.kind == "act"]
 
 
 # What stays fp16 between kernels (the pass-throughs): the blocks named here are never
@@ -137,14 +138,14 @@ def _pass_through_args(cfg):
     """(sdpaBwd1's argument index of probs, sdpaBwd2's argument index of probs) when
     sdpaBwd1's output holds the PASSED blocks, in order, at the very rows (and row width)
     where sdpaBwd2's input holds them, so that one Surface can serve as both; else None."""
-    outs = mil.layout("sdpaBwd1", cfg).outputs
+    outs = layout("sdpaBwd1", cfg).outputs
     ins = _act_blocks("sdpaBwd2", cfg)
     rows_out = {n: (row0, rows) for n, row0, rows in outs}
     rows_in = {b.name: (b.row0, b.rows) for b in ins}
     names_out, names_in = [n for n, _, _ in outs], [b.name for b in ins]
     if any(n not in rows_out or rows_out[n] != rows_in.get(n) for n in PASSED) \
-            or mil.input_shape("sdpaBwd2", cfg)[3] != cfg.seq_len \
-            or mil.output_shape("sdpaBwd1", cfg)[1] > mil.input_shape("sdpaBwd2", cfg)[1]:
+            or input_shape("sdpaBwd2", cfg)[3] != cfg.seq_len \
+            or output_shape("sdpaBwd1", cfg)[1] > input_shape("sdpaBwd2", cfg)[1]:
         return None
     i_out, i_in = names_out.index(PASSED[0]), names_in.index(PASSED[0])
     if tuple(names_out[i_out:i_out + 2]) != PASSED or tuple(names_in[i_in:i_in + 2]) != PASSED:
@@ -158,10 +159,10 @@ def _qkv_hold_layout(cfg):
     Surface), (-1, 0) where it reads none (sdpaBwd2's v); None if a layout does not hold
     them as whole rows of seq_len elements (the fp16 hold is then off)."""
     S = cfg.seq_len
-    fwd = mil.layout("sdpaFwd", cfg)
+    fwd = layout("sdpaFwd", cfg)
     n_acts = len(_act_blocks("sdpaFwd", cfg))
     names = [n for n, _, _ in fwd.outputs]
-    if mil.output_shape("sdpaFwd", cfg)[3] != S:
+    if output_shape("sdpaFwd", cfg)[3] != S:
         return None
     site = []
     for n, rows in zip(HELD_OUT, (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)):
@@ -170,7 +171,7 @@ def _qkv_hold_layout(cfg):
         site.append((n_acts + names.index(n), fwd.outputs[names.index(n)][1] * S))
     sites = {"sdpaFwd": site}
     for k, reads in HELD_IN.items():
-        if mil.input_shape(k, cfg)[3] != S:
+        if input_shape(k, cfg)[3] != S:
             return None
         by_name = {b.name: (i, b) for i, b in enumerate(_act_blocks(k, cfg))}
         site = []
@@ -360,23 +361,23 @@ cdef class PackedKernels(Kernels):
         self.config = cfg
         self.worker = engine.worker
         cdef Dims d = self.d
-        programs = {k: mil.generate(k, cfg) for k in mil.KERNEL_NAMES}
+        programs = {k: mil.generate(k, cfg) for k in KERNEL_NAMES}
         self.stale = True
         self.bound = False
         self.layer_surfaces, self.layer_bufs = [], []
         for _ in range(d.L):
-            pairs = {k: _fp16_surface(*mil.input_shape(k, cfg)[1::2]) for k in WEIGHTED}
+            pairs = {k: _fp16_surface(*input_shape(k, cfg)[1::2]) for k in WEIGHTED}
             self.layer_surfaces.append({k: p[0] for k, p in pairs.items()})
             self.layer_bufs.append({k: p[1] for k, p in pairs.items()})
-        pairs = {k: _fp16_surface(*mil.input_shape(k, cfg)[1::2]) for k in SHARED}
+        pairs = {k: _fp16_surface(*input_shape(k, cfg)[1::2]) for k in SHARED}
         self.shared_surfaces = {k: p[0] for k, p in pairs.items()}
         self.shared_bufs = {k: p[1] for k, p in pairs.items()}
         self.layer_output_surfaces, self.layer_out_bufs = [], []
         for _ in range(d.L):
-            pairs = {k: _fp16_surface(*mil.output_shape(k, cfg)[1::2]) for k in LAYER_OUTPUT}
+            pairs = {k: _fp16_surface(*output_shape(k, cfg)[1::2]) for k in LAYER_OUTPUT}
             self.layer_output_surfaces.append({k: p[0] for k, p in pairs.items()})
             self.layer_out_bufs.append({k: p[1] for k, p in pairs.items()})
-        pairs = {k: _fp16_surface(*mil.output_shape(k, cfg)[1::2]) for k in mil.KERNEL_NAMES
+        pairs = {k: _fp16_surface(*output_shape(k, cfg)[1::2]) for k in KERNEL_NAMES
                  if k not in LAYER_OUTPUT}
         passing = _pass_through_args(cfg) if self.share_surfaces else None
         self.pass_ok = passing is not None
@@ -384,7 +385,7 @@ cdef class PackedKernels(Kernels):
             # sdpaBwd1 writes its probs/dprobs where sdpaBwd2 reads them: one Surface
             self.pass_out_arg, self.pass_in_arg = passing
             s = self.shared_surfaces["sdpaBwd2"]
-            pairs["sdpaBwd1"] = (s, s.array(np.float16, mil.output_shape("sdpaBwd1", cfg)[1::2]))
+            pairs["sdpaBwd1"] = (s, s.array(np.float16, output_shape("sdpaBwd1", cfg)[1::2]))
         self.output_surfaces = {k: p[0] for k, p in pairs.items()}
         self.out_bufs = {k: p[1] for k, p in pairs.items()}
         self._bind_hold(cfg)
@@ -436,8 +437,8 @@ cdef class PackedKernels(Kernels):
         cdef Dims d = self.d
         cfg = self.config
         specs = []      # (call index, kernel, layer, act moves, output moves, weight moves)
-        for kid, k in enumerate(mil.KERNEL_NAMES):
-            lay = mil.layout(k, cfg)
+        for kid, k in enumerate(KERNEL_NAMES):
+            lay = layout(k, cfg)
             _, C, _, W = lay.in_shape
             _, _, _, S = lay.out_shape
             acts = [(OP_F16, a, 0, b.row0 * W + b.col0, b.rows, b.cols, W, b.cols)
@@ -466,7 +467,7 @@ cdef class PackedKernels(Kernels):
         free(self.plan)
         free(self.moves)
         free(self.weighted_calls)
-        self.plan = <Call*>calloc(len(mil.KERNEL_NAMES) * d.L, sizeof(Call))
+        self.plan = <Call*>calloc(len(KERNEL_NAMES) * d.L, sizeof(Call))
         n_moves = sum(len(a) + len(o) + len(w) for _, _, _, a, o, w in specs)
         self.moves = <Move*>calloc(n_moves, sizeof(Move))
         self.weighted_calls = <Call**>calloc(len(specs), sizeof(Call*))
@@ -557,7 +558,7 @@ cdef class PackedKernels(Kernels):
     cdef str _where(self):
         if self.err_kernel < 0:
             return "stage_weights"
-        k = mil.KERNEL_NAMES[self.err_kernel]
+        k = KERNEL_NAMES[self.err_kernel]
         return k if self.err_layer < 0 else f"{k} (layer {self.err_layer})"
 
     cdef object _pending(self):
@@ -575,7 +576,7 @@ cdef class PackedKernels(Kernels):
         """{MIL kernel name: (packing ms, unpacking ms)} summed over every call since bind:
         where ``io_ms`` goes."""
         return {k: (self.io_in_ms[i], self.io_out_ms[i])
-                for i, k in enumerate(mil.KERNEL_NAMES)}
+                for i, k in enumerate(KERNEL_NAMES)}
 
     @property
     def pending_error(self):
@@ -775,8 +776,8 @@ cdef class PackedKernels(Kernels):
 
     cdef void _trace_inputs(self, int kid, int layer, float** args):
         try:
-            ins, _ = _io(self, mil.KERNEL_NAMES[kid])
-            self._trace.append((mil.KERNEL_NAMES[kid], layer,
+            ins, _ = _io(self, KERNEL_NAMES[kid])
+            self._trace.append((KERNEL_NAMES[kid], layer,
                                 {n: _copy(args[i], c, self.d.S) for i, (n, c) in
                                  enumerate(ins)}, {}))
         except BaseException as e:
@@ -784,7 +785,7 @@ cdef class PackedKernels(Kernels):
 
     cdef void _trace_outputs(self, int kid, float** args):
         try:
-            ins, outs = _io(self, mil.KERNEL_NAMES[kid])
+            ins, outs = _io(self, KERNEL_NAMES[kid])
             got = self._trace[len(self._trace) - 1][3]
             for i, (n, c) in enumerate(outs):
                 if args[len(ins) + i] != NULL:
@@ -884,13 +885,13 @@ def _io(Kernels k, str kernel):
     """(inputs, outputs) of MIL kernel ``kernel`` for k's dimensions, from the layout
     table: lists of (name, channels), each array being fp32 [channels, seq_len]."""
     cdef Dims d = k.d
-    spec = mil.KERNELS[kernel]
+    spec = KERNELS[kernel]
     syms = dict(D=d.D, H=d.H, Q=d.Q, K=d.K, S=d.S, P=d.n_heads * d.S, HD=d.hd)
     present = lambda when: when == "" or (when == "qk_norm" and d.qk_norm)
-    C = mil._size(spec.channels, syms)
-    ins = [(b.name, mil._size(b.size, syms) if spec.packing == "channels" else C)
+    C = _size(spec.channels, syms)
+    ins = [(b.name, _size(b.size, syms) if spec.packing == "channels" else C)
            for b in spec.inputs if b.kind == "act" and present(b.when)]
-    outs = [(o.name, mil._size(o.size, syms)) for o in spec.outputs if present(o.when)]
+    outs = [(o.name, _size(o.size, syms)) for o in spec.outputs if present(o.when)]
     return ins, outs
 
 
@@ -922,7 +923,7 @@ cdef class SimKernels(PackedKernels):
             return -1
         with gil:
             try:
-                k = mil.KERNEL_NAMES[kid]
+                k = KERNEL_NAMES[kid]
                 y = self.programs[k].run(self.input_buffer(k, layer))
                 out = self.output_buffer(k, max(layer, 0))
                 np.copyto(out, y.reshape(out.shape))
@@ -987,7 +988,7 @@ cdef class AneKernels(PackedKernels):
                      for k in WEIGHTED} for l in range(d.L)]
         shared = {k: compiled[k].bind(self.input_surface(k), self.output_surface(k))
                   for k in SHARED}
-        for kid, k in enumerate(mil.KERNEL_NAMES):
+        for kid, k in enumerate(KERNEL_NAMES):
             for l in (range(d.L) if k in WEIGHTED else (0,)):
                 req = requests[l][k] if k in WEIGHTED else shared[k]
                 self.plan[kid * d.L + l].ev = (<AneKernel>compiled[k]).evaluator(req)
@@ -1001,7 +1002,7 @@ cdef class AneKernels(PackedKernels):
             raise RuntimeError("the ane backend is not bound to an Engine")
         if not 0 <= layer < self.d.L:
             raise IndexError(f"layer {layer} is outside [0, {self.d.L})")
-        cdef int kid = mil.KERNEL_NAMES.index(kernel)
+        cdef int kid = KERNEL_NAMES.index(kernel)
         cdef Call* c = &self.plan[kid * self.d.L + (layer if kernel in WEIGHTED else 0)]
         cdef char err[ERR_LEN]
         cdef int rc

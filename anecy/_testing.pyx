@@ -4,7 +4,7 @@
 - ``kernel_io`` / ``run_kernel`` / ``stage``: call one kernel of any bound Kernels (cpu,
   sim, ane) by name, without the GIL, as the engine does.
 - ``pack_activations`` / ``unpack_outputs``: one half of a packed kernel call (the
-  staging plan alone), to compare it with the numpy packing of ``anecy.mil``.
+  staging plan alone), to compare it with the numpy packing of ``anecy.kernel_layout``.
 - ``NullAneKernel`` / ``PyAneKernel``: stand-ins for ``anecy._ane_runtime.AneKernel`` that
   replace only the program execution, so that ``AneKernels``' own code runs where there
   is no ANE: in C (returns at once, or after a set delay, or fails with a set message),
@@ -17,7 +17,7 @@ import re
 
 import numpy as np
 
-from . import mil
+from .kernel_layout import KERNEL_NAMES, KERNELS
 
 from libc.string cimport strncpy
 from posix.time cimport nanosleep, timespec
@@ -30,7 +30,7 @@ from ._packed import METHODS, WEIGHTED, _io
 
 
 def _mil_name(str name):
-    if name in mil.KERNELS:
+    if name in KERNELS:
         return name
     if name in METHODS:
         return METHODS[name]
@@ -129,7 +129,7 @@ def pack_activations(PackedKernels k, str name, int layer=0, **arrays):
     a = _arrays(k, kernel, arrays, False)
     cdef float* p[MAX_ARGS]
     _pointers(a, [n for n, _ in ins], p)
-    cdef int kid = mil.KERNEL_NAMES.index(kernel), l = layer, rc
+    cdef int kid = KERNEL_NAMES.index(kernel), l = layer, rc
     with nogil:
         rc = k.pack_only(kid, l, p)
     if rc != 0:
@@ -148,7 +148,7 @@ def unpack_outputs(PackedKernels k, str name, int layer=0):
     if not 0 <= layer < d.L:
         raise IndexError(f"layer {layer} is outside [0, {d.L})")
     # sdpaBwd1/2 have one call (layer 0) in the plan
-    cdef int kid = mil.KERNEL_NAMES.index(kernel), l = layer if kernel in WEIGHTED else 0, rc
+    cdef int kid = KERNEL_NAMES.index(kernel), l = layer if kernel in WEIGHTED else 0, rc
     with nogil:
         rc = k.unpack_only(kid, l, p)
     if rc != 0:

@@ -1,8 +1,9 @@
 """The documents agree with the code: the architecture document's kernel table with
-anecy.mil.KERNELS, its section references with its headings; the README's test command with
-what .ci/run runs, its command table with anecy.cli.COMMANDS, its length and its links; the
-training flags table with the train parser and TrainConfig; every flag, default, file path
-and link the README and docs/*.md name; and docs/python-api.md's examples, run as written."""
+anecy.kernel_layout.KERNELS, its section references with its headings; the README's test
+command with what .ci/run runs, its command table with anecy.cli.COMMANDS, its length and
+its links; the training flags table with the train parser and TrainConfig; every flag,
+default, file path and link the README and docs/*.md name; and docs/python-api.md's
+examples, run as written."""
 import argparse
 import contextlib
 import importlib

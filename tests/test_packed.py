@@ -1,19 +1,27 @@
 """The staging plans of the packed backends (anecy/_packed.pyx), against their oracle: the
-numpy packing of anecy.mil (stage_weights, write_activations, unpack_output).
+numpy packing of anecy.kernel_layout (stage_weights, write_activations, unpack_output).
 
 Every kernel of every shape below (the presets' layer shapes, GQA, QK-norm, odd sizes):
-the plans' fp16 Surfaces must be bit-identical to mil's, and their fp32 outputs
-bit-identical to mil's unpacking, on values that include fp16's edge cases (subnormals,
+the plans' fp16 Surfaces must be bit-identical to that packing, and their fp32 outputs
+bit-identical to its unpacking, on values that include fp16's edge cases (subnormals,
 overflow to Inf, signed zeros, NaN payloads). Then the sdpaBwd1 -> sdpaBwd2 pass-through,
 which must give exactly what the fp32 round trip gives."""
 import numpy as np
 import pytest
 
-from anecy import Model, ModelConfig, mil
+from anecy import Model, ModelConfig
 from anecy._packed import LAYER_OUTPUT, METHODS, SHARED, WEIGHTED
 from anecy._testing import kernel_io, pack_activations, run_kernel, unpack_outputs
+from anecy.kernel_layout import (
+    KERNEL_NAMES,
+    layout,
+    new_input_buffer,
+    stage_weights,
+    unpack_output,
+    write_activations,
+)
 
-# mil's numpy packing (the oracle) warns about the values that overflow to Inf on purpose
+# kernel_layout's numpy packing (the oracle) warns about the values that overflow to Inf on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 
 SHAPES = {
@@ -68,19 +76,19 @@ def model(request):
     return request.param, cfg, m
 
 
-def test_weight_staging_is_bit_identical_to_mil(model):
+def test_weight_staging_is_bit_identical_to_numpy(model):
     _, cfg, m = model
     k = m.engine.kernels
     for layer in range(cfg.n_layers):
         pre = f"model.layers.{layer}."
         for name in WEIGHTED:
-            lay = mil.layout(name, cfg)
+            lay = layout(name, cfg)
             weights = {b.name: m.views[pre + SOURCES[b.name]] for b in lay.inputs
                        if b.kind == "weight"}
             got = k.input_buffer(name, layer).copy()
-            want = mil.new_input_buffer(name, cfg)
+            want = new_input_buffer(name, cfg)
             want[...] = np.float16(7)        # staging must write every weight and pad cell
-            mil.stage_weights(name, cfg, want, **weights)
+            stage_weights(name, cfg, want, **weights)
             for b in lay.inputs:
                 if b.kind == "act":          # not the staging's business
                     want[b.row0:b.row0 + b.rows, b.col0:b.col0 + b.cols] = \
@@ -89,7 +97,7 @@ def test_weight_staging_is_bit_identical_to_mil(model):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_activation_staging_is_bit_identical_to_mil(model, method):
+def test_activation_staging_is_bit_identical_to_numpy(model, method):
     _, cfg, m = model
     k = m.engine.kernels
     name = METHODS[method]
@@ -99,14 +107,14 @@ def test_activation_staging_is_bit_identical_to_mil(model, method):
         acts = {n: edgy(rng, (c, cfg.seq_len)) for n, c in ins}
         surface_layer = layer if name in WEIGHTED else -1
         want = k.input_buffer(name, surface_layer).copy()
-        mil.write_activations(name, cfg, want, **acts)
+        write_activations(name, cfg, want, **acts)
         pack_activations(k, method, layer, **acts)
         got = k.input_buffer(name, surface_layer)
         assert np.array_equal(bits(got), bits(want)), (name, layer)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_output_unstaging_is_bit_identical_to_mil(model, method):
+def test_output_unstaging_is_bit_identical_to_numpy(model, method):
     _, cfg, m = model
     k = m.engine.kernels
     name = METHODS[method]
@@ -117,7 +125,7 @@ def test_output_unstaging_is_bit_identical_to_mil(model, method):
         # every fp16 bit pattern is fair game: NaN payloads, subnormals, Inf
         out.view(np.uint16)[...] = rng.integers(0, 1 << 16, out.shape, dtype=np.uint16)
         got = unpack_outputs(k, method, layer)
-        want = mil.unpack_output(name, cfg, out)
+        want = unpack_output(name, cfg, out)
         assert sorted(got) == sorted(want) == sorted(n for n, _ in kernel_io(k, method)[1])
         for n in want:
             assert np.array_equal(bits(got[n]), bits(want[n])), (name, layer, n)
@@ -126,10 +134,10 @@ def test_output_unstaging_is_bit_identical_to_mil(model, method):
 def test_kernel_io_follows_the_layout_table(model):
     _, cfg, m = model
     k = m.engine.kernels
-    assert set(WEIGHTED) | set(SHARED) == set(mil.KERNEL_NAMES)
+    assert set(WEIGHTED) | set(SHARED) == set(KERNEL_NAMES)
     for method, name in METHODS.items():
         ins, outs = kernel_io(k, method)
-        lay = mil.layout(name, cfg)
+        lay = layout(name, cfg)
         assert [n for n, _ in ins] == [b.name for b in lay.inputs if b.kind == "act"]
         for (n, c), b in zip(ins, (b for b in lay.inputs if b.kind == "act")):
             assert (c, cfg.seq_len) == b.array_shape
@@ -194,7 +202,7 @@ def test_io_by_kernel_accounts_for_all_of_io():
     x = np.arange(cfg.seq_len, dtype=np.int32) % cfg.vocab_size
     m.forward_backward(x, x, 4096.0)
     by = k.io_by_kernel
-    assert sorted(by) == sorted(mil.KERNEL_NAMES)
+    assert sorted(by) == sorted(KERNEL_NAMES)
     assert all(pack > 0 and unpack > 0 for pack, unpack in by.values())
     assert sum(p + u for p, u in by.values()) == pytest.approx(k.io_ms, rel=1e-9)
 
@@ -245,7 +253,7 @@ def test_callers_other_than_the_engine_get_fp32_probs():
          for n, c in kernel_io(k, "sdpa_bwd1")[0]}
     got = run_kernel(k, "sdpa_bwd1", 0, **a)
     fp16 = k.output_buffer("sdpaBwd1")
-    want = mil.unpack_output("sdpaBwd1", cfg, fp16)
+    want = unpack_output("sdpaBwd1", cfg, fp16)
     for n in ("probs", "dprobs"):
         assert np.array_equal(got[n], want[n]) and np.any(got[n] != 0)
     k.trace = []

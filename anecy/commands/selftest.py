@@ -20,11 +20,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import __version__, mil, milsim
+from .. import __version__, backends, mil, milsim
 from .. import coreml_check as cc
+from .. import selftest_runners as runners
 from .._packed import SEPARATE_SURFACES_ENV
 from ..cli import non_negative_int
 from ..config import ModelConfig
+from ..kernel_layout import KERNEL_NAMES
 
 HELP = "check the ten ANE programs with milsim, coremltools and (on a Mac) the ANE and Core ML"
 
@@ -58,10 +60,12 @@ class _Paths:
     def __init__(self, cfg, ane_factory, predict, say):
         self.unavailable, self.failed = [], []
         self.ane = self._start("ane", "the ane backend (private API)", ane_factory,
-                               cc.ane_status, lambda: cc.ane_runner(cfg, ane_factory), say)
+                               backends.ane_status,
+                               lambda: runners.ane_runner(cfg, ane_factory), say)
         self.predict = self._start("coreml", "Core ML's public API (CPU_AND_NE)", predict,
-                                   cc.coreml_prediction_status,
-                                   lambda: predict or cc.coreml_predictor("CPU_AND_NE"), say)
+                                   runners.coreml_prediction_status,
+                                   lambda: predict or runners.coreml_predictor("CPU_AND_NE"),
+                                   say)
 
     def _start(self, path, what, stand_in, status, make, say):
         """The runner of ``path`` (``make()``), or None after saying why it is missing or
@@ -78,7 +82,7 @@ class _Paths:
             say(f"{label}: FAILED: {cc._one_line(e)}")
             self.failed.append(path)
             return None
-        say(f"{label}: runs (within {cc.DEVICE_ULPS:g} ulp of milsim)")
+        say(f"{label}: runs (within {runners.DEVICE_ULPS:g} ulp of milsim)")
         return runner
 
     def run(self, path, kernel, x, package):
@@ -126,13 +130,13 @@ def _check(kernel, cfg, x, workdir, paths, cols):
             continue
         ulps[path] = max(cc.block_ulps(kernel, cfg, y, ref).values())
         row[path] = _fmt(ulps[path])
-        if not ulps[path] <= cc.DEVICE_ULPS:
+        if not ulps[path] <= runners.DEVICE_ULPS:
             row[path] += "!"
             problems.append(f"{path} differs from milsim by {_fmt(ulps[path])} ulp")
     if "ane~coreml" in cols and len(out) == 2:
         u = max(cc.block_ulps(kernel, cfg, out["ane"], out["coreml"]).values())
         row["ane~coreml"] = _fmt(u)
-        if not u <= 2 * cc.DEVICE_ULPS:
+        if not u <= 2 * runners.DEVICE_ULPS:
             row["ane~coreml"] += "!"
             problems.append(f"ane and coreml differ by {_fmt(u)} ulp")
     return [row[c] for c in cols], problems, ulps
@@ -140,7 +144,7 @@ def _check(kernel, cfg, x, workdir, paths, cols):
 
 # The chain compounds two programs' fp16 errors: sdpaBwd2 runs on sdpaBwd1's probs, each
 # within DEVICE_ULPS of milsim's, so it is held to twice that.
-CHAIN_ULPS = 2 * cc.DEVICE_ULPS
+CHAIN_ULPS = 2 * runners.DEVICE_ULPS
 
 
 def _chain(cfg, seed, paths, say) -> bool:
@@ -157,7 +161,7 @@ def _chain(cfg, seed, paths, say) -> bool:
             "gives the two a Surface each")
         return False
     u = max(cc.block_ulps("sdpaBwd2", cfg, y,
-                          cc.sdpa_backward_chain_reference(cfg, x1, x2)).values())
+                          runners.sdpa_backward_chain_reference(cfg, x1, x2)).values())
     if u <= CHAIN_ULPS:
         say(f"{label}: {_fmt(u)} ulp of milsim's chain (within {CHAIN_ULPS:g})")
         return True
@@ -199,7 +203,7 @@ def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=
     say(_table_line(cols))
     failed, worst = [], dict.fromkeys(ran[1:], 0.0)
     with tempfile.TemporaryDirectory(prefix="anecy-selftest-") as tmp:
-        for i, kernel in enumerate(mil.KERNEL_NAMES):
+        for i, kernel in enumerate(KERNEL_NAMES):
             x = cc.random_input(kernel, cfg, seed + i)
             row, problems, ulps = _check(kernel, cfg, x, Path(tmp) / kernel, paths, cols)
             say(_table_line(row))
@@ -221,7 +225,7 @@ def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=
         note = f"; not available here: {', '.join(paths.unavailable)}"
     secs = time.perf_counter() - t0
     if failed or paths.failed or chain_failed:
-        what = [f"{len(failed)} of {len(mil.KERNEL_NAMES)} kernels ({', '.join(failed)})"] \
+        what = [f"{len(failed)} of {len(KERNEL_NAMES)} kernels ({', '.join(failed)})"] \
             if failed else []
         what += [f"the {p} path did not start" for p in paths.failed]
         what += ["the ane's sdpaBwd1 -> sdpaBwd2 chain"] if chain_failed else []
@@ -229,6 +233,6 @@ def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=
             f"({secs:.1f} s)")
         return 1
     worst_s = ", ".join(f"{p} {_fmt(u)}" for p, u in worst.items())
-    say(f"result: OK: all {len(mil.KERNEL_NAMES)} kernels agree on {', '.join(ran)} "
+    say(f"result: OK: all {len(KERNEL_NAMES)} kernels agree on {', '.join(ran)} "
         f"(worst ulp: {worst_s}){note} ({secs:.1f} s)")
     return 0
