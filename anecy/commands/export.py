@@ -2,14 +2,13 @@
 
 from pathlib import Path
 
+from ._args import add_model_source, model_source
+
 HELP = "write a checkpoint's model as a Hugging Face directory or a llama2.c .bin file"
 
 
 def add_arguments(p):
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", metavar="PATH", help="an anecy training checkpoint")
-    src.add_argument("--init-from", metavar="PATH",
-                     help="or convert pretrained weights: a llama2.c .bin or an HF directory")
+    add_model_source(p, "or convert pretrained weights: a llama2.c .bin or an HF directory")
     p.add_argument("--format", choices=("hf", "llama2c"), required=True,
                    help="hf: a directory transformers loads (config.json + model.safetensors); "
                         "llama2c: a .bin file llama2.c's run.c reads")
@@ -20,9 +19,9 @@ def add_arguments(p):
 
 def run(args) -> int:
     from ..fileio import check_writable
-    from ..pretrained import inspect, load
+    from ..pretrained import load
     out = Path(args.out)
-    source = inspect(args.ckpt, "checkpoint") if args.ckpt else inspect(args.init_from, "init")
+    source = model_source(args)
     cfg = source.config
     if args.format == "llama2c":
         from ..llama2c import check_exportable, save
