@@ -190,6 +190,23 @@ def test_metrics_and_records(tmp_path):
     assert (tmp_path / "c.ckpt").exists()
 
 
+def test_evaluation_is_the_training_loss_without_gradients():
+    mc = ModelConfig(**SMALL)
+    t = Trainer(mc, TrainConfig(steps=4, accum=2, eval_batches=3), tokens=small_tokens(),
+                log=quiet)
+    t.step()                      # mid-accumulation: the pending gradients must survive
+    grads = t.model.grads.copy()
+    got = t.evaluate()
+    assert np.array_equal(t.model.grads, grads)
+    ref = [torch.nn.functional.cross_entropy(
+               torch.from_numpy(t.model.logits(x).astype(np.float64)),
+               torch.from_numpy(t.vocab.compact(y).astype(np.int64))).item()
+           for x, y in t.sampler.val_batches(3)]
+    assert got == pytest.approx(np.mean(ref), rel=1e-6)
+    x, y = t.sampler.val_batches(1)[0]
+    assert t.model.loss(x, t.vocab.compact(y)) == t.model.forward_backward(x, t.vocab.compact(y))
+
+
 def test_nan_loss_is_a_clear_error():
     mc = ModelConfig(**SMALL)
     t = Trainer(mc, TrainConfig(steps=3, accum=1), tokens=small_tokens(), log=quiet)
