@@ -1,6 +1,6 @@
 """``anecy plot``: training curves from the metrics files ``anecy train --metrics`` writes.
 
-A metrics file has one JSON object per microstep (``anecy.trainer.StepRecord``): step,
+A metrics file has one JSON object per microstep (``anecy.report.StepRecord``): step,
 loss, lr, ms, tokens_per_s, updated, grad_norm (on steps that updated the weights),
 val_loss (on steps that evaluated) and timings. A resumed run appends to the same file;
 when steps repeat (a run started again into the same file), the later records win.
