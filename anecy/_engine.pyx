@@ -469,6 +469,18 @@ cdef class Engine:
         self.steps += 1
         return loss / self.d.S
 
+    def loss(self, tokens, targets):
+        """Mean cross-entropy of one sequence, forward only: forward_backward's loss (the
+        same softmax_xent), its gradient left in the logit buffer unused."""
+        cdef int[::1] tok = self._check_ids(tokens, "tokens", self.vocab_size)
+        cdef int[::1] tgt = self._check_ids(targets, "targets", self.V)
+        cdef double loss
+        with nogil:
+            self._forward(&tok[0])
+            loss = softmax_xent(self.logit_buf, &tgt[0], self.d.S, self.V, 1.0)
+        self.kernels.raise_pending()
+        return loss / self.d.S
+
     def logits(self, tokens):
         """Logits [S, V] of one sequence (V = the classifier rows in use)."""
         cdef int[::1] tok = self._check_ids(tokens, "tokens", self.vocab_size)

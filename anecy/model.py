@@ -183,6 +183,11 @@ class Model:
             self._cls_grad.fill(0.0)
         return loss
 
+    def loss(self, tokens, targets) -> float:
+        """Mean token cross-entropy of one sequence, forward only (evaluation): the same
+        loss forward_backward returns, no gradient."""
+        return self.engine.loss(_ids(tokens, "tokens"), _ids(targets, "targets"))
+
     def logits(self, tokens) -> np.ndarray:
         """Logits [seq_len, vocab] of one sequence (active columns only when compacted)."""
         return self.engine.logits(_ids(tokens, "tokens"))

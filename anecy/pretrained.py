@@ -14,13 +14,11 @@ from typing import Optional
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, read_checkpoint_meta
+from .checkpoint import TRAINING_CHECKPOINT, load_checkpoint, read_checkpoint_meta
 from .config import ModelConfig
-from .errors import AnecyError, CheckpointError, ConfigError
+from .corpus import NAME as BUILTIN_DATA
+from .errors import AnecyError, CheckpointError, ConfigError, cannot_read
 from .model import Model
-
-TRAINING_CHECKPOINT = "anecy-train"   # Trainer checkpoints' meta["kind"]
-BUILTIN_DATA = "built-in corpus"      # Trainer's data_name for the built-in corpus
 
 
 @dataclass
@@ -80,7 +78,7 @@ def _is_anecy_checkpoint(path: Path) -> bool:
         with open(path, "rb") as f:
             return f.read(len(MAGIC)) == MAGIC
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise cannot_read(path, e, kind=CheckpointError) from None
 
 
 def load(source: Source, seq_len: Optional[int] = None, backend: str = "cpu") -> Model:
@@ -113,12 +111,10 @@ def load_into(model: Model, source):
         from .llama2c import load_into as llama2c_load_into
         llama2c_load_into(model, source.path)
     else:
-        theirs, ours = source.config, model.config
-        diff = [f for f, v in theirs.to_dict().items()
-                if f != "seq_len" and getattr(ours, f) != v]
-        if diff:
-            raise CheckpointError(f"{source.path} holds another model (differs in "
-                                  f"{', '.join(diff)})")
+        # every field but the training window: rope_style and the rest say how the
+        # checkpoint's own layout is to be read
+        model.config.require_same(source.config, source.path,
+                                  [f for f in source.config.to_dict() if f != "seq_len"])
         # staged: a checkpoint refused half-way (checksum, NaN) leaves the model as it was
         staged = np.empty_like(model.params)
         # only the weights (and the vocabulary) are kept: the Adam moments are

@@ -1,7 +1,7 @@
 """The optimizer step on stories110m-size buffers, and what its finite check costs.
 
 The AdamW pass also checks every parameter and Adam moment for NaN/inf, in the same loop.
-Printed: the optimizer step as Trainer._update runs it (grad-norm pass + AdamW pass, two
+Printed: the optimizer step as Optimizer.update runs it (grad-norm pass + AdamW pass, two
 threads); what a separate check pass over the parameters and both moments would add
 instead; and, with ``--against``, the AdamW loop of this build and of another build
 (without the check) side by side.

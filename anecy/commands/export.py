@@ -4,18 +4,14 @@ adapters as a PEFT directory."""
 from pathlib import Path
 
 from ..errors import AnecyError
+from ._args import add_model_source, model_source
 
 HELP = ("write a checkpoint's model as a Hugging Face directory or a llama2.c .bin file, or its "
         "LoRA adapters as a PEFT directory")
 
 
 def add_arguments(p):
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", metavar="PATH",
-                     help="an anecy training checkpoint, or a LoRA checkpoint (its base, named "
-                          "inside it, with the adapters fused)")
-    src.add_argument("--init-from", metavar="PATH",
-                     help="or convert pretrained weights: a llama2.c .bin or an HF directory")
+    add_model_source(p, "or convert pretrained weights: a llama2.c .bin or an HF directory")
     p.add_argument("--adapter", metavar="DIR",
                    help="a PEFT LoRA adapter directory (adapter_config.json + "
                         "adapter_model.safetensors) for the model given: fused into it for "
@@ -31,9 +27,9 @@ def add_arguments(p):
 
 def run(args) -> int:
     from ..fileio import check_writable
-    from ..pretrained import inspect, load
+    from ..pretrained import load
     out = Path(args.out)
-    source = inspect(args.ckpt, "checkpoint") if args.ckpt else inspect(args.init_from, "init")
+    source = model_source(args)
     cfg = source.config
     adapters = None
     if args.adapter:

@@ -18,15 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .. import __version__, backends, mil, milsim
-from .. import coreml_check as cc
-from .. import selftest_runners as runners
-from .._packed import SEPARATE_SURFACES_ENV
-from ..cli import non_negative_int
+from .. import __version__
+from ..backends import ane_status
 from ..config import ModelConfig
-from ..kernel_layout import KERNEL_NAMES
+from ._args import non_negative_int
+
+# The programs, milsim and coremltools are imported where they are used, inside run(): `anecy
+# selftest --help` loads no compiled module.
 
 HELP = "check the ten ANE programs with milsim, coremltools and (on a Mac) the ANE and Core ML"
 
@@ -58,10 +56,10 @@ class _Paths:
     """The two Mac paths: set up once, each either a runner or the reason it is missing."""
 
     def __init__(self, cfg, ane_factory, predict, say):
+        from .. import selftest_runners as runners
         self.unavailable, self.failed = [], []
         self.ane = self._start("ane", "the ane backend (private API)", ane_factory,
-                               backends.ane_status,
-                               lambda: runners.ane_runner(cfg, ane_factory), say)
+                               ane_status, lambda: runners.ane_runner(cfg, ane_factory), say)
         self.predict = self._start("coreml", "Core ML's public API (CPU_AND_NE)", predict,
                                    runners.coreml_prediction_status,
                                    lambda: predict or runners.coreml_predictor("CPU_AND_NE"),
@@ -70,6 +68,8 @@ class _Paths:
     def _start(self, path, what, stand_in, status, make, say):
         """The runner of ``path`` (``make()``), or None after saying why it is missing or
         why it did not start. A stand-in (tests) is available wherever this runs."""
+        from .. import coreml_check as cc
+        from .. import selftest_runners as runners
         label = f"  {path:<12} {what}"
         ok, why = (True, "") if stand_in is not None else status()
         if not ok:
@@ -93,6 +93,9 @@ class _Paths:
 
 def _check(kernel, cfg, x, workdir, paths, cols):
     """One kernel every way: (table row, problems, {path: ulp})."""
+    from .. import coreml_check as cc
+    from .. import mil, milsim
+    from .. import selftest_runners as runners
     row = dict.fromkeys(cols, "-")
     row["kernel"] = kernel
     problems, ulps = [], {}
@@ -142,15 +145,16 @@ def _check(kernel, cfg, x, workdir, paths, cols):
     return [row[c] for c in cols], problems, ulps
 
 
-# The chain compounds two programs' fp16 errors: sdpaBwd2 runs on sdpaBwd1's probs, each
-# within DEVICE_ULPS of milsim's, so it is held to twice that.
-CHAIN_ULPS = 2 * runners.DEVICE_ULPS
-
-
 def _chain(cfg, seed, paths, say) -> bool:
     """sdpaBwd1 then sdpaBwd2 on the ane as training runs them: sdpaBwd2 reads the
     probabilities sdpaBwd1 wrote into the Surface the two share (no copy; unverified on
     hardware until this passes), against the same chain in milsim. True if they agree."""
+    from .. import coreml_check as cc
+    from .. import selftest_runners as runners
+    from .._packed import SEPARATE_SURFACES_ENV
+    # The chain compounds two programs' fp16 errors: sdpaBwd2 runs on sdpaBwd1's probs, each
+    # within DEVICE_ULPS of milsim's, so it is held to twice that.
+    chain_ulps = 2 * runners.DEVICE_ULPS
     x1 = cc.random_input("sdpaBwd1", cfg, seed + 100)
     x2 = cc.random_input("sdpaBwd2", cfg, seed + 101)
     label = "chain        sdpaBwd1 -> sdpaBwd2 through their shared Surface (ane)"
@@ -162,10 +166,10 @@ def _chain(cfg, seed, paths, say) -> bool:
         return False
     u = max(cc.block_ulps("sdpaBwd2", cfg, y,
                           runners.sdpa_backward_chain_reference(cfg, x1, x2)).values())
-    if u <= CHAIN_ULPS:
-        say(f"{label}: {_fmt(u)} ulp of milsim's chain (within {CHAIN_ULPS:g})")
+    if u <= chain_ulps:
+        say(f"{label}: {_fmt(u)} ulp of milsim's chain (within {chain_ulps:g})")
         return True
-    say(f"{label}: FAIL: {_fmt(u)} ulp from milsim's chain (more than {CHAIN_ULPS:g}); "
+    say(f"{label}: FAIL: {_fmt(u)} ulp from milsim's chain (more than {chain_ulps:g}); "
         f"training with {SEPARATE_SURFACES_ENV}=1 gives the two a Surface each")
     return False
 
@@ -176,6 +180,10 @@ def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=
     ``ane_factory`` (for ``AneKernels``) and ``predict`` (package, input -> output) stand
     in for the private-API ANE kernel and Core ML's prediction (tests); with them the two
     Mac paths run anywhere."""
+    import numpy as np
+
+    from .. import coreml_check as cc
+    from ..kernel_layout import KERNEL_NAMES
     out = out or sys.stdout
 
     def say(line=""):

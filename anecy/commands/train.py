@@ -4,10 +4,9 @@ import argparse
 from pathlib import Path
 
 from .. import backends
-from ..checkpoint import read_checkpoint_meta
-from ..cli import non_negative_int, number, positive_int
 from ..config import PRESETS, ModelConfig, TrainConfig
 from ..errors import AnecyError
+from ._args import non_negative_int, number, positive_int
 
 HELP = "train a model from scratch, from pretrained weights, or resume a checkpoint"
 
@@ -44,7 +43,8 @@ def add_arguments(p, family=None):
                    help=f"gradient-norm clip, 0 for none (default {d.clip})")
     p.add_argument("--loss-scale", type=_loss_scale, metavar="X|auto",
                    help="static loss scale, or auto: the backend's own (the default: 1 on cpu; "
-                        "on the fp16 sim/ane backends a dynamic scale from 4096, halved when "
+                        "on the fp16 sim/ane backends a dynamic scale from "
+                        f"{backends.DEFAULT_LOSS_SCALE['sim']:g}, halved when "
                         f"gradients overflow, doubled after {d.loss_scale_growth} clean "
                         "updates). On --resume, auto returns a run given a static scale to "
                         "the backend's")
@@ -145,6 +145,7 @@ def _check_lora_run(args, preset: str, ckpt: str):
                   if getattr(args, name) is not None]
     resumed_lora = False
     if args.resume and Path(ckpt).exists():
+        from ..checkpoint import read_checkpoint_meta
         from ..lora import LORA_CHECKPOINT
         resumed_lora = read_checkpoint_meta(ckpt)["meta"].get("kind") == LORA_CHECKPOINT
     if not args.lora and not resumed_lora:
@@ -217,16 +218,15 @@ def _init_config(path, preset_config: ModelConfig, preset=None) -> ModelConfig:
     theirs.seq_len = preset_config.seq_len
     if preset is None:
         return theirs
-    diff = [f for f in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                        "vocab_size", "qk_norm", "tie_embeddings", "norm_eps", "rope_theta")
-            if getattr(theirs, f) != getattr(preset_config, f)]
-    if diff:
-        raise AnecyError(f"{path} holds another model than --preset {preset} (differs in "
-                         f"{', '.join(diff)}); leave out --preset to take its shape")
+    preset_config.require_same(theirs, path, ModelConfig.WEIGHT_FIELDS,
+                               than=f" than --preset {preset}",
+                               advice="; leave out --preset to take its shape")
     return preset_config
 
 
 def run(args) -> int:
+    from .. import corpus
+    from ..checkpoint import read_checkpoint_meta
     from ..trainer import Trainer, prepare_outputs
     family = args.family
     default_preset = FAMILIES[family][1] if family else "stories110m"
@@ -261,7 +261,7 @@ def run(args) -> int:
         if args.init_from:
             mc = _init_config(args.init_from, mc, preset if args.preset else None)
         trainer = Trainer(mc, tc)
-    if trainer.model.config.vocab_size > 32000 and trainer.data_name == "built-in corpus":
+    if trainer.model.config.vocab_size > 32000 and trainer.data_name == corpus.NAME:
         print("note: the built-in corpus is written in Llama-2 token ids; for a Qwen3 "
               "model that means something, pass data pretokenized with Qwen3's tokenizer "
               "(--data)")
