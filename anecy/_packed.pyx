@@ -117,7 +117,7 @@ def _act_blocks(str kernel, cfg):
 
 
 # What stays fp16 between kernels (the pass-throughs): the blocks named here are never
-# converted when the engine passes its own buffers. sdpaBwd1's PASSED outputs lie where
+# converted when the engine asks for them as KEPT. sdpaBwd1's PASSED outputs lie where
 # sdpaBwd2 reads them (one Surface); sdpaFwd's HELD_OUT outputs stay in its per-layer
 # Surface and are copied into the HELD_IN inputs (the same q, k, v in that order; k and v
 # repeated over each group of query heads).
@@ -396,6 +396,8 @@ cdef class PackedKernels(Kernels):
         pairs = {k: _fp16_surface(*mil.output_shape(k, cfg)[1::2]) for k in mil.KERNEL_NAMES
                  if k not in LAYER_OUTPUT}
         passing = _pass_through_args(cfg) if self.share_surfaces else None
+        if passing not in (None, (4, 0)):   # the argument slots sdpa_bwd1/2 keep them at
+            raise AssertionError(f"sdpaBwd1/2 hold probs at arguments {passing}, not (4, 0)")
         self.pass_ok = passing is not None
         if self.pass_ok:
             # sdpaBwd1 writes its probs/dprobs where sdpaBwd2 reads them: one Surface

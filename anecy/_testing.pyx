@@ -79,9 +79,11 @@ cdef int _pointers(dict a, list names, float** out) except -1:
     return 0
 
 
-cdef dict _arrays(Kernels k, str kernel, dict arrays, bint with_outputs):
+cdef dict _arrays(Kernels k, str kernel, dict arrays, bint with_outputs, kept=()):
     cdef Dims d = k.d
     ins, outs = _io(k, kernel)
+    ins = [(n, c) for n, c in ins if n not in kept]
+    outs = [(n, c) for n, c in outs if n not in kept]
     if sorted(arrays) != sorted(n for n, _ in ins):
         raise TypeError(f"{kernel} takes inputs {[n for n, _ in ins]}, got {sorted(arrays)}")
     a = {}
@@ -96,12 +98,12 @@ cdef dict _arrays(Kernels k, str kernel, dict arrays, bint with_outputs):
     return a
 
 
-def run_kernel(Kernels k, str name, int layer=0, **arrays):
+def run_kernel(Kernels k, str name, int layer=0, kept=(), **arrays):
     """Run kernel ``name`` of a bound Kernels ``k`` (layer ``layer``'s weights) on the given
     fp32 [channels, seq_len] inputs, without the GIL as the engine does; returns the
-    outputs {name: fp32 array} (see kernel_io). The arrays are the caller's own, so the
-    kernels' attention state is neither read nor kept. Errors the kernels caught are
-    raised."""
+    outputs {name: fp32 array} (see kernel_io). The arrays named in ``kept`` are passed as
+    KEPT, as the engine does (part of the kernels' attention state: not given, not
+    returned); the others are the caller's own. Errors the kernels caught are raised."""
     if k.layers == NULL:
         raise RuntimeError("the Kernels object is not bound to an Engine")
     cdef Dims d = k.d
@@ -109,7 +111,12 @@ def run_kernel(Kernels k, str name, int layer=0, **arrays):
         raise IndexError(f"layer {layer} is outside [0, {d.L})")
     kernel = _mil_name(name)
     ins, outs = _io(k, kernel)
-    a = _arrays(k, kernel, arrays, True)
+    kept = set(kept)
+    if not kept <= {n for n, _ in ins + outs}:
+        raise TypeError(f"{kernel} has no arrays {sorted(kept - {n for n, _ in ins + outs})}")
+    ins = [(n, c) for n, c in ins if n not in kept]
+    outs = [(n, c) for n, c in outs if n not in kept]
+    a = _arrays(k, kernel, arrays, True, kept)
     cdef float* p[MAX_ARGS]
     cdef int l = layer
     # each kernel's arrays by name, in its method's argument order (the layout table's)

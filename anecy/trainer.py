@@ -23,6 +23,7 @@ from .data import TokenSampler, VocabMap, default_data_path, open_held_out, open
 from .errors import AnecyError, CheckpointError, ConfigError, DataError, OutputError
 from .fileio import check_writable, remove_leftovers
 from .model import Model
+from .timers import REPORT_ORDER
 
 CHECKPOINT_KIND = "anecy-train"
 
@@ -558,7 +559,7 @@ class Trainer:
         n = len(recs)
         avg = {k: sum(r.timings.get(k, 0.0) for r in recs) / n for k in recs[-1].timings}
         ms = sum(r.ms for r in recs) / n
-        parts = " ".join(f"{k}={avg[k]:.1f}" for k in _REPORT_ORDER if k in avg)
+        parts = " ".join(f"{k}={avg[k]:.1f}" for k in REPORT_ORDER if k in avg)
         return f"step {recs[-1].step} loss {recs[-1].loss:.4f} | {parts} | {ms:.1f} ms/step"
 
     def report(self, steps_this_run: int, wall_ms: float) -> dict:
@@ -578,7 +579,7 @@ class Trainer:
                  f"FLOPs/step:      {flops / 1e9:.2f} GFLOP (active vocab {self.vocab.n_active})",
                  f"sustained:       {gflops:.1f} GFLOP/s",
                  "per step:        " + " ".join(f"{k}={self.totals.get(k, 0.0) / done:.1f}"
-                                                for k in _REPORT_ORDER) + " ms"]
+                                                for k in REPORT_ORDER) + " ms"]
         for line in lines:
             self.log(line)
         if self.dynamic_scale or self.skipped:
@@ -589,6 +590,3 @@ class Trainer:
                 "flops_per_step": flops,
                 "breakdown_ms": {k: v / done for k, v in self.totals.items()}}
 
-
-_REPORT_ORDER = ("kernels", "io", "classifier", "elementwise", "rms", "dw", "dw_wait",
-                 "optimizer")
