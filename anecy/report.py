@@ -7,10 +7,7 @@ from typing import Optional
 
 from .config import step_flops
 from .errors import OutputError
-
-# the timed components, in the order the progress line and the report list them
-REPORT_ORDER = ("kernels", "io", "classifier", "elementwise", "rms", "dw", "dw_wait",
-                "optimizer")
+from .timers import REPORT_ORDER
 
 
 @dataclass

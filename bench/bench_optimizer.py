@@ -71,7 +71,7 @@ def optimizer_step(reps):
 
 def loop_side_by_side(other_dir, n=30_000_000, reps=15):
     """The single-thread AdamW loop of this build and of another, in this process."""
-    from anecy._ops import py_adamw as ours
+    from anecy._testing import py_adamw as ours
     tmp = tempfile.mkdtemp()
     try:  # the other build's _ops under a package name of its own
         os.mkdir(os.path.join(tmp, "anecy_other"))

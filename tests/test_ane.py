@@ -216,14 +216,14 @@ def test_sim_and_ane_inherit_every_packing_method():
 
 
 def test_engine_facing_kernel_methods_are_one_implementation():
-    """The cdef methods the engine calls without the GIL (qkv_held, stage_weights and the ten
-    kernels, the first 12 slots of the C method table) and PackedKernels' own cdef methods
-    (plan compilation, the call path _run, the fp16 hold, the error capture, the staging
+    """The cdef methods the engine calls without the GIL (stage_weights and the ten kernels,
+    the first 11 slots of the C method table) and PackedKernels' own cdef methods (plan
+    compilation, the call steps, the attention state, the error capture, the staging
     halves) are the same machine code for sim and ane, except _execute (slot 16), the one
     that differs; the cpu backend's are different code (so the table is really read)."""
-    n_engine = 12
-    n_packed = n_engine + 16
-    execute = n_engine + 4
+    n_engine = 11
+    n_packed = n_engine + 23
+    execute = n_engine + 5
     packed = _vtable(PackedKernels, n_packed)
     sim, ane = _vtable(SimKernels, n_packed), _vtable(AneKernels, n_packed)
     assert all(packed)

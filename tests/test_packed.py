@@ -266,3 +266,61 @@ def test_callers_other_than_the_engine_get_fp32_probs():
     assert len(bwd1) == len(bwd2) == cfg.n_layers
     for outs, ins in zip(bwd1, bwd2):
         assert np.array_equal(outs["probs"], ins["probs"]) and np.any(ins["probs"] != 0)
+
+
+# -----------------------------------------------------------------------------------------
+# the attention state: what the kernels keep, asked for as KEPT
+# -----------------------------------------------------------------------------------------
+
+QKV_OUT, QKV_IN = ("q_rope", "k_rope", "v"), ("q", "k_rep", "v_rep")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "sim"])
+@pytest.mark.parametrize("shape", ["gqa", "qwen3", "odd"])
+def test_kept_attention_state_equals_the_callers_arrays(backend, shape):
+    """sdpa_fwd(l) keeps q, k, v and sdpa_bwd1(l) probs and dprobs for the kernels after
+    them, as the engine asks (KEPT): the backward kernels then give what they give on the
+    caller's own arrays of the same tensors (k and v repeated for GQA as HF does)."""
+    cfg = SHAPES[shape]
+    m = Model(cfg, backend=backend, seed=5)      # owns the weights k reads
+    k = m.engine.kernels
+    rng = np.random.default_rng(3)
+    S, layer = cfg.seq_len, cfg.n_layers - 1
+    xnorm = rng.standard_normal((cfg.dim, S)).astype(np.float32)
+    da = rng.standard_normal((cfg.q_dim, S)).astype(np.float32)
+    fwd = run_kernel(k, "sdpa_fwd", layer, xnorm=xnorm)
+    kept_fwd = run_kernel(k, "sdpa_fwd", layer, kept=QKV_OUT, xnorm=xnorm)
+    assert sorted(kept_fwd) == sorted(set(fwd) - set(QKV_OUT))
+    assert all(np.array_equal(kept_fwd[n], fwd[n]) for n in kept_fwd)
+    ratio = cfg.n_heads // cfg.n_kv_heads
+    rep = lambda x: np.repeat(x.reshape(cfg.n_kv_heads, -1, S), ratio, 0).reshape(-1, S)  # noqa: E731
+    given = dict(q=fwd["q_rope"], k_rep=rep(fwd["k_rope"]), v_rep=rep(fwd["v"]))
+    bwd1 = run_kernel(k, "sdpa_bwd1", layer, da=da, **given)
+    bwd2 = run_kernel(k, "sdpa_bwd2", layer, probs=bwd1["probs"], dprobs=bwd1["dprobs"],
+                      q=given["q"], k_rep=given["k_rep"])
+    kept1 = run_kernel(k, "sdpa_bwd1", layer, kept=QKV_IN + ("probs", "dprobs"), da=da)
+    kept2 = run_kernel(k, "sdpa_bwd2", layer, kept=("probs", "dprobs", "q", "k_rep"))
+    # cpu reuses the forward's probabilities where a caller's arrays recompute them
+    same = np.array_equal if backend == "sim" else (
+        lambda a, b: np.allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max()))
+    assert same(kept1["dv_rep"], bwd1["dv_rep"])
+    for n in ("dq", "dk_rep"):
+        assert same(kept2[n], bwd2[n]) and np.any(bwd2[n] != 0), n
+
+
+def test_kept_state_that_was_never_kept_is_an_error():
+    """On the packed backends, a backward kernel asking for state no kernel kept fails
+    with the reason (a caller's own arrays at sdpa_fwd keep nothing)."""
+    cfg = SHAPES["gqa"]
+    m = Model(cfg, backend="sim", seed=5)
+    k = m.engine.kernels
+    S = cfg.seq_len
+    run_kernel(k, "sdpa_fwd", 0, xnorm=np.ones((cfg.dim, S), np.float32))
+    da = np.ones((cfg.q_dim, S), np.float32)
+    with pytest.raises(RuntimeError, match="no sdpa_fwd of this layer kept its q, k, v"):
+        run_kernel(k, "sdpa_bwd1", 0, kept=QKV_IN, da=da)
+    given = {n: np.ones((cfg.q_dim, S), np.float32) for n in QKV_IN}
+    run_kernel(k, "sdpa_bwd1", 0, da=da, **given)
+    with pytest.raises(RuntimeError, match="no sdpa_bwd1 of this layer kept its probs"):
+        run_kernel(k, "sdpa_bwd2", 0, kept=("probs", "dprobs"), q=given["q"],
+                   k_rep=given["k_rep"])
