@@ -5,15 +5,30 @@ else the same training loop runs on a portable CPU backend."""
 
 __version__ = "0.1.0"
 
-from .config import (  # noqa: E402
-                     ModelConfig,
-                     TrainConfig,  # noqa: E402
-                     step_flops,
-)
-from .errors import AnecyError, BackendUnavailable, CheckpointError, ConfigError, DataError  # noqa: E402
-from .model import Model  # noqa: E402
-from .trainer import StepRecord, Trainer, TrainingDiverged  # noqa: E402
+# The exports are imported on first use, so that the command line (anecy.cli, whose --help
+# needs none of them) does not load the compiled core.
+_EXPORTS = {
+    "ModelConfig": "config", "TrainConfig": "config", "step_flops": "config",
+    "AnecyError": "errors", "BackendUnavailable": "errors", "CheckpointError": "errors",
+    "ConfigError": "errors", "DataError": "errors", "TrainingDiverged": "errors",
+    "Model": "model",
+    "StepRecord": "report",
+    "Trainer": "trainer",
+}
 
 __all__ = ["ModelConfig", "Model", "TrainConfig", "Trainer", "StepRecord", "step_flops",
            "AnecyError", "BackendUnavailable", "CheckpointError", "ConfigError", "DataError",
            "TrainingDiverged", "__version__"]
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'anecy' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

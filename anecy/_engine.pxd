@@ -34,15 +34,13 @@ cdef struct LayerParams:
     float* k_norm        # [hd] or NULL
 
 
-# One layer's saved forward activations, all channel-first [C, S].
+# One layer's saved forward activations, all channel-first [C, S]. (Its q, k, v are part of
+# the attention state its Kernels keep: see Kernels.)
 cdef struct LayerActs:
     float* x_in          # [D, S]   layer input (residual stream)
     float* xnorm         # [D, S]
     float* q_raw         # [Q, S]   projections before QK-norm (QK-norm models only)
     float* k_raw         # [K, S]
-    float* q             # [Q, S]   after QK-norm and RoPE
-    float* k             # [K, S]
-    float* v             # [K, S]
     float* attn          # [Q, S]
     float* x2            # [D, S]   after the attention residual
     float* x2norm        # [D, S]
@@ -63,31 +61,35 @@ cdef struct GradSet:
     float* dv            # [K, S]
 
 
+# One zeroed allocation carved into buffers by a size table (see _engine.pyx).
+cdef class Arena:
+    cdef void* raw
+    cdef readonly Py_ssize_t floats
+    cdef int carve(self, list table) except -1
+
+
 cdef class Kernels:
     """The ten matrix kernels of the layer loop (docs/ARCHITECTURE.md, section 4).
     Subclasses: CpuKernels (here), the sim and ane backends. Weights are read through
-    `layers`, set by the Engine."""
+    `layers`, set by the Engine.
+
+    The attention state. What passes only from one attention kernel to a later one stays
+    in the backend, which owns it (cpu: fp32 buffers; sim/ane: fp16 Surfaces, or fp32
+    round trips when the pass-throughs are off): sdpa_fwd(l) keeps layer l's q, k, v (cpu
+    also its attention probabilities) for sdpa_bwd1(l) and sdpa_bwd2(l), and sdpa_bwd1(l)
+    keeps probs and dprobs for sdpa_bwd2(l). The GQA repeat of k and v for the backward is
+    the backend's too. The engine asks for kept state by passing KEPT (NULL) for those
+    arguments, and so holds no fp32 q, k, v, probs or dprobs itself. A caller that passes
+    its own arrays instead (tests, benchmarks) gets every output in fp32 and leaves the
+    kept state alone."""
     cdef Dims d
     cdef LayerParams* layers
     cdef const float* rope_cos
     cdef const float* rope_sin
     cdef public double io_ms        # time spent packing/unpacking kernel I/O
-    # The engine's own attention-probability buffers: what it passes to sdpa_bwd1 and on
-    # to sdpa_bwd2, and never reads itself (a packed backend may leave them unwritten).
-    cdef const float* engine_probs
-    cdef const float* engine_dprobs
-    # The engine's own q, k, v buffers of each layer, and its GQA-repeated k and v: what it
-    # passes to sdpa_fwd and on to sdpa_bwd1/2. A backend that keeps layer l's q, k, v
-    # itself (qkv_held) may leave them unwritten; the engine then skips the GQA repeat.
-    cdef const float** engine_q     # [L]
-    cdef const float** engine_k     # [L]
-    cdef const float** engine_v     # [L]
-    cdef const float* engine_k_rep
-    cdef const float* engine_v_rep
-    cdef object _engine_ptrs
 
-    cdef bint qkv_held(self, int l) noexcept nogil
     cdef void stage_weights(self) noexcept nogil
+    # q, k, v: KEPT, or a caller's outputs
     cdef void sdpa_fwd(self, int l, const float* xnorm, float* attn, float* q, float* k, float* v,
                        float* q_raw, float* k_raw) noexcept nogil
     cdef void wo_fwd(self, int l, const float* attn, float* o) noexcept nogil
@@ -97,10 +99,13 @@ cdef class Kernels:
     cdef void ffn_bwd_w13t(self, int l, const float* dh1, const float* dh3,
                            float* dx) noexcept nogil
     cdef void wot_bwd(self, int l, const float* dy, float* da) noexcept nogil
-    cdef void sdpa_bwd1(self, const float* q, const float* k_rep, const float* v_rep,
+    # q, k_rep, v_rep: all KEPT (layer l's from sdpa_fwd(l)) or all given; probs, dprobs:
+    # KEPT (for sdpa_bwd2(l)) or a caller's outputs
+    cdef void sdpa_bwd1(self, int l, const float* q, const float* k_rep, const float* v_rep,
                         const float* da, float* probs, float* dprobs,
                         float* dv_rep) noexcept nogil
-    cdef void sdpa_bwd2(self, const float* probs, const float* dprobs, const float* q,
+    # probs, dprobs: KEPT (sdpa_bwd1(l)'s) or given; q, k_rep: KEPT (as for sdpa_bwd1) or given
+    cdef void sdpa_bwd2(self, int l, const float* probs, const float* dprobs, const float* q,
                         const float* k_rep, float* dq, float* dk_rep) noexcept nogil
     cdef void q_bwd(self, int l, const float* dq, float* dx) noexcept nogil
     cdef void kv_bwd(self, int l, const float* dk, const float* dv, float* dx) noexcept nogil

@@ -3,13 +3,14 @@
 
 The layer loop is written once, here, and runs without the GIL. Matrix work goes
 through a Kernels object (cpu here; sim and ane elsewhere); everything between the
-kernels (norms, residuals, SwiGLU and RoPE backward, GQA repeat/reduce, classifier,
+kernels (norms, residuals, SwiGLU and RoPE backward, GQA reduce, classifier,
 cross-entropy, embedding) is shared. Weight gradients are queued on a DWWorker.
 Every buffer is allocated once, in Engine.__init__. The data flow of a step is in
 docs/ARCHITECTURE.md, section 2 (One training step); the buffer layouts in section 3."""
 
 import numpy as np
 
+from libc.stdint cimport uintptr_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
@@ -19,8 +20,9 @@ from ._ops cimport (sgemm, rmsnorm_fwd, rmsnorm_bwd, rope_fwd, rope_bwd, swiglu_
                     adamw, sumsq)
 from ._worker cimport DWWorker, GemmJob, now_ms
 from ._ops import rope_tables
+from .timers import ENGINE_TIMERS
 
-# Timer slots; names as reported by Engine.timings().
+# Timer slots, in the order of timers.ENGINE_TIMERS (the names Engine.timings() reports).
 cdef enum:
     T_KERNELS = 0
     T_RMS = 1
@@ -30,13 +32,49 @@ cdef enum:
     T_DW = 5
     N_TIMERS = 6
 
-TIMER_NAMES = ("kernels", "rms", "classifier", "elementwise", "dw_wait", "dw")
+assert ENGINE_TIMERS.index("kernels") == T_KERNELS and ENGINE_TIMERS.index("rms") == T_RMS \
+    and ENGINE_TIMERS.index("classifier") == T_CLASSIFIER \
+    and ENGINE_TIMERS.index("elementwise") == T_ELEMENTWISE \
+    and ENGINE_TIMERS.index("dw_wait") == T_DW_WAIT and ENGINE_TIMERS.index("dw") == T_DW \
+    and len(ENGINE_TIMERS) == N_TIMERS
+
+# What the engine passes for an argument that is part of the kernels' attention state
+# (see Kernels): the backend keeps it.
+cdef float* KEPT = NULL
 
 
 cdef float* _ptr(arr):
     """Address of a C-contiguous float32 array (checked once, at set-up)."""
     cdef float[::1] flat = arr.reshape(-1)
     return &flat[0]
+
+
+cdef class Arena:
+    """One zeroed allocation carved into buffers by a size table: a list of (address of a
+    float* field, floats); each buffer starts on a 64-byte boundary, a size of 0 leaves
+    its field NULL."""
+
+    def __cinit__(self):
+        self.raw = NULL
+
+    cdef int carve(self, list table) except -1:
+        cdef Py_ssize_t at = 0, n
+        cdef float* base
+        for _, n in table:
+            at += (n + 15) // 16 * 16
+        self.floats = at
+        self.raw = calloc(at + 16, sizeof(float))
+        if self.raw == NULL:
+            raise MemoryError()
+        base = <float*>((<uintptr_t>self.raw + 63) // 64 * 64)
+        at = 0
+        for field, n in table:
+            (<float**><uintptr_t>field)[0] = base + at if n else NULL
+            at += (n + 15) // 16 * 16
+        return 0
+
+    def __dealloc__(self):
+        free(self.raw)
 
 
 cdef class Kernels:
@@ -53,25 +91,6 @@ cdef class Kernels:
         self.layers = engine.weights
         self.rope_cos = _ptr(engine.rope_cos)
         self.rope_sin = _ptr(engine.rope_sin)
-        self.engine_probs = engine.probs
-        self.engine_dprobs = engine.dprobs
-        L = engine.d.L
-        self._engine_ptrs = np.zeros((3, L), np.uintp)
-        cdef size_t[:, ::1] ptrs = self._engine_ptrs
-        self.engine_q = <const float**>&ptrs[0, 0]
-        self.engine_k = <const float**>&ptrs[1, 0]
-        self.engine_v = <const float**>&ptrs[2, 0]
-        for l in range(L):
-            self.engine_q[l] = engine.acts[l].q
-            self.engine_k[l] = engine.acts[l].k
-            self.engine_v[l] = engine.acts[l].v
-        self.engine_k_rep = engine.k_rep
-        self.engine_v_rep = engine.v_rep
-
-    cdef bint qkv_held(self, int l) noexcept nogil:
-        """Whether this backend holds layer l's q, k, v from its last engine forward (the
-        engine's fp32 buffers of them were then not written)."""
-        return False
 
     cdef void stage_weights(self) noexcept nogil:
         pass
@@ -90,11 +109,11 @@ cdef class Kernels:
         pass
     cdef void wot_bwd(self, int l, const float* dy, float* da) noexcept nogil:
         pass
-    cdef void sdpa_bwd1(self, const float* q, const float* k_rep, const float* v_rep,
+    cdef void sdpa_bwd1(self, int l, const float* q, const float* k_rep, const float* v_rep,
                         const float* da, float* probs, float* dprobs,
                         float* dv_rep) noexcept nogil:
         pass
-    cdef void sdpa_bwd2(self, const float* probs, const float* dprobs, const float* q,
+    cdef void sdpa_bwd2(self, int l, const float* probs, const float* dprobs, const float* q,
                         const float* k_rep, float* dq, float* dk_rep) noexcept nogil:
         pass
     cdef void q_bwd(self, int l, const float* dq, float* dx) noexcept nogil:
@@ -106,29 +125,37 @@ cdef class Kernels:
 cdef class CpuKernels(Kernels):
     """fp32 kernels: BLAS sgemm plus the fused _ops loops.
 
-    The forward keeps each layer's attention probabilities, so the backward does not
-    recompute them (the ANE programs recompute, having no such memory). The cache of
-    layer l is used only for the engine's own q buffer of layer l, which lives as long
-    as the engine: a caller's temporary array can never be mistaken for it."""
+    Its attention state: each layer's q, k, v and attention probabilities from its
+    sdpa_fwd, so the backward does not recompute the probabilities (the ANE programs
+    recompute them, having no such memory); the GQA-repeated k, v and the dprobs of the
+    last sdpa_bwd1 (for sdpa_bwd2). A caller's own arrays get scratch of their own."""
+    cdef float* q                # [L, Q, S]
+    cdef float* k                # [L, K, S]
+    cdef float* v                # [L, K, S]
+    cdef float* probs            # [L, n_heads*S, S]
+    cdef float* k_rep            # [Q, S]   layer l's k, v repeated by sdpa_bwd1(l) (GQA)
+    cdef float* v_rep            # [Q, S]
+    cdef float* dprobs           # [n_heads*S, S]   sdpa_bwd1's, for sdpa_bwd2
+    cdef float* given_probs      # [n_heads*S, S]   probabilities of a caller's q, k, v
+    cdef const float* bwd_probs  # the probabilities sdpa_bwd1 used last (a layer's or given_probs)
     cdef float* scores           # [S, S]
-    cdef double* norm_scratch    # [S]
-    cdef float* probs_cache      # [L, n_heads*S, S]
-    cdef unsigned char* probs_valid  # [L] the cache holds the probabilities of engine_q[l]
-    cdef object _buffers
+    cdef double* norm_scratch    # [2S]
+    cdef Arena arena
 
     def bind(self, Engine engine):
         Kernels.bind(self, engine)
         d = engine.d
-        S = d.S
-        self._buffers = (np.empty(S * S, np.float32), np.empty(2 * S, np.float64),
-                         np.empty((d.L, d.n_heads * S, S), np.float32),
-                         np.zeros(d.L, np.uint8))
-        self.scores = _ptr(self._buffers[0])
-        cdef double[::1] ns = self._buffers[1]
-        self.norm_scratch = &ns[0]
-        self.probs_cache = _ptr(self._buffers[2])
-        cdef unsigned char[::1] valid = self._buffers[3]
-        self.probs_valid = &valid[0]
+        cdef Py_ssize_t S = d.S, L = d.L, square = <Py_ssize_t>d.n_heads * S * S
+        gqa = d.n_heads != d.n_kv_heads
+        self.arena = Arena()
+        self.arena.carve([
+            (<uintptr_t>&self.q, L * d.Q * S), (<uintptr_t>&self.k, L * d.K * S),
+            (<uintptr_t>&self.v, L * d.K * S), (<uintptr_t>&self.probs, L * square),
+            (<uintptr_t>&self.k_rep, d.Q * S if gqa else 0),
+            (<uintptr_t>&self.v_rep, d.Q * S if gqa else 0),
+            (<uintptr_t>&self.dprobs, square), (<uintptr_t>&self.given_probs, square),
+            (<uintptr_t>&self.scores, S * S), (<uintptr_t>&self.norm_scratch, 4 * S)])
+        self.bwd_probs = self.probs
 
     cdef void sdpa_fwd(self, int l, const float* xnorm, float* attn, float* q, float* k, float* v,
                        float* q_raw, float* k_raw) noexcept nogil:
@@ -136,6 +163,12 @@ cdef class CpuKernels(Kernels):
         cdef LayerParams* w = &self.layers[l]
         cdef int h
         cdef Py_ssize_t block = <Py_ssize_t>d.hd * d.S
+        cdef float* probs = self.given_probs
+        if q == NULL:            # KEPT: layer l's attention state
+            q = self.q + <Py_ssize_t>l * d.Q * d.S
+            k = self.k + <Py_ssize_t>l * d.K * d.S
+            v = self.v + <Py_ssize_t>l * d.K * d.S
+            probs = self.probs + <Py_ssize_t>l * d.n_heads * d.S * d.S
         # with QK-norm the raw projections are kept for its backward
         sgemm(0, 0, d.Q, d.S, d.D, 1.0, w.wq, d.D, xnorm, d.S, 0.0, q_raw if d.qk_norm else q, d.S)
         sgemm(0, 0, d.K, d.S, d.D, 1.0, w.wk, d.D, xnorm, d.S, 0.0, k_raw if d.qk_norm else k, d.S)
@@ -149,9 +182,7 @@ cdef class CpuKernels(Kernels):
                             self.norm_scratch)
         rope_fwd(q, d.n_heads, d.hd, d.S, self.rope_cos, self.rope_sin, d.rope_half)
         rope_fwd(k, d.n_kv_heads, d.hd, d.S, self.rope_cos, self.rope_sin, d.rope_half)
-        attention_fwd(q, k, v, attn, d.n_heads, d.n_kv_heads, d.hd, d.S,
-                      self.probs_cache + <Py_ssize_t>l * d.n_heads * d.S * d.S)
-        self.probs_valid[l] = q == self.engine_q[l]
+        attention_fwd(q, k, v, attn, d.n_heads, d.n_kv_heads, d.hd, d.S, probs)
 
     cdef void wo_fwd(self, int l, const float* attn, float* o) noexcept nogil:
         cdef Dims d = self.d
@@ -182,24 +213,51 @@ cdef class CpuKernels(Kernels):
         cdef Dims d = self.d
         sgemm(1, 0, d.Q, d.S, d.D, 1.0, self.layers[l].wo, d.Q, dy, d.S, 0.0, da, d.S)
 
-    cdef void sdpa_bwd1(self, const float* q, const float* k_rep, const float* v_rep,
+    cdef void sdpa_bwd1(self, int l, const float* q, const float* k_rep, const float* v_rep,
                         const float* da, float* probs, float* dprobs,
                         float* dv_rep) noexcept nogil:
-        cdef Py_ssize_t size = <Py_ssize_t>self.d.n_heads * self.d.S * self.d.S
-        cdef bint cached = False
-        cdef int l
-        for l in range(self.d.L):
-            if self.engine_q[l] == q and self.probs_valid[l]:  # layer l's forward wrote q
-                memcpy(probs, self.probs_cache + l * size, size * sizeof(float))
-                cached = True
-                break
-        attention_bwd1(q, k_rep, v_rep, da, dv_rep, probs, dprobs, self.d.n_heads, self.d.hd,
-                       self.d.S, cached)
+        cdef Dims d = self.d
+        cdef Py_ssize_t square = <Py_ssize_t>d.n_heads * d.S * d.S
+        cdef bint kept = q == NULL
+        if kept:                 # layer l's q, k, v and the probabilities of its forward
+            self._repeat_kv(l)
+            q, k_rep, v_rep = self._q(l), self._k_rep(l), self._v_rep(l)
+            self.bwd_probs = self.probs + l * square
+        else:
+            self.bwd_probs = self.given_probs
+        attention_bwd1(q, k_rep, v_rep, da, dv_rep, <float*>self.bwd_probs, self.dprobs,
+                       d.n_heads, d.hd, d.S, kept)
+        if probs != NULL:        # a caller's outputs
+            memcpy(probs, self.bwd_probs, square * sizeof(float))
+        if dprobs != NULL:
+            memcpy(dprobs, self.dprobs, square * sizeof(float))
 
-    cdef void sdpa_bwd2(self, const float* probs, const float* dprobs, const float* q,
+    cdef void sdpa_bwd2(self, int l, const float* probs, const float* dprobs, const float* q,
                         const float* k_rep, float* dq, float* dk_rep) noexcept nogil:
+        if probs == NULL:        # sdpa_bwd1(l)'s
+            probs, dprobs = self.bwd_probs, self.dprobs
+        if q == NULL:            # layer l's, k as sdpa_bwd1(l) repeated it
+            q, k_rep = self._q(l), self._k_rep(l)
         attention_bwd2(probs, dprobs, q, k_rep, dq, dk_rep, self.d.n_heads, self.d.hd, self.d.S,
                        self.scores)
+
+    # layer l's kept q, k, v; with GQA, k and v repeated over each group of query heads
+    cdef inline const float* _q(self, int l) noexcept nogil:
+        return self.q + <Py_ssize_t>l * self.d.Q * self.d.S
+
+    cdef inline const float* _k_rep(self, int l) noexcept nogil:
+        return self.k_rep if self.k_rep != NULL else self.k + <Py_ssize_t>l * self.d.K * self.d.S
+
+    cdef inline const float* _v_rep(self, int l) noexcept nogil:
+        return self.v_rep if self.v_rep != NULL else self.v + <Py_ssize_t>l * self.d.K * self.d.S
+
+    cdef inline void _repeat_kv(self, int l) noexcept nogil:
+        cdef Dims d = self.d
+        if self.k_rep != NULL:
+            gqa_repeat(self.k + <Py_ssize_t>l * d.K * d.S, self.k_rep, d.n_heads, d.n_kv_heads,
+                       d.hd, d.S)
+            gqa_repeat(self.v + <Py_ssize_t>l * d.K * d.S, self.v_rep, d.n_heads, d.n_kv_heads,
+                       d.hd, d.S)
 
     cdef void q_bwd(self, int l, const float* dq, float* dx) noexcept nogil:
         cdef Dims d = self.d
@@ -280,7 +338,8 @@ cdef class Engine:
     cdef readonly DWWorker worker
     cdef readonly bint async_dw      # dW sgemms on the worker (else inline, timed as "dw")
     cdef readonly object rope_cos, rope_sin
-    cdef object _keep                # every numpy buffer the pointers point into
+    cdef object _keep                # the weight views and classifier rows pointed into
+    cdef Arena arena                 # every buffer below and in acts and sets
 
     cdef float* embed
     cdef float* dembed
@@ -299,18 +358,15 @@ cdef class Engine:
     cdef float* dgate                # [H, S]
     cdef float* dx2norm              # [D, S]
     cdef float* da                   # [Q, S]
-    cdef float* k_rep                # [Q, S]
-    cdef float* v_rep                # [Q, S]
     cdef float* dk_rep               # [Q, S]
     cdef float* dv_rep               # [Q, S]
     cdef float* dq_rot               # [Q, S] gradient w.r.t. q after QK-norm
     cdef float* dk_rot               # [K, S]
-    cdef float* probs                # [n_heads*S, S]
-    cdef float* dprobs               # [n_heads*S, S]
     cdef float* dxnorm               # [D, S]
     cdef float* dxnorm_kv            # [D, S]
     cdef double* norm_scratch        # [2S]
     cdef double timers[N_TIMERS]
+    cdef double clock                # when the section being timed began
     cdef readonly long steps
 
     def __cinit__(self):
@@ -329,14 +385,6 @@ cdef class Engine:
         d.qk_norm, d.rope_half = cfg.qk_norm, cfg.rope_style == "half"
         self.d = d
         self.vocab_size = cfg.vocab_size
-        keep = []
-        self._keep = keep
-
-        def buf(*shape, dtype=np.float32):
-            a = np.zeros(shape, dtype)
-            keep.append(a)
-            return a
-
         L = d.L
         self.weights = <LayerParams*>calloc(L, sizeof(LayerParams))
         self.grads = <LayerParams*>calloc(L, sizeof(LayerParams))
@@ -349,7 +397,7 @@ cdef class Engine:
             names = layer_names(cfg, l)
             self._bind_layer(&self.weights[l], views, names)
             self._bind_layer(&self.grads[l], grad_views, names)
-        keep.append((views, grad_views))
+        self._keep = [(views, grad_views)]
         self.embed = _ptr(views[EMBEDDING])
         self.dembed = _ptr(grad_views[EMBEDDING])
         self.final_norm = _ptr(views[FINAL_NORM])
@@ -357,40 +405,48 @@ cdef class Engine:
         self.cls_w = _ptr(views[classifier_name(cfg)])
         self.cls_g = _ptr(grad_views[classifier_name(cfg)])
         self.V = cfg.vocab_size
-
-        D, H, Q, K, S = d.D, d.H, d.Q, d.K, d.S
-        for l in range(L):
-            a = &self.acts[l]
-            a.x_in = _ptr(buf(D, S)); a.xnorm = _ptr(buf(D, S))
-            if d.qk_norm:
-                a.q_raw = _ptr(buf(Q, S)); a.k_raw = _ptr(buf(K, S))
-            a.q = _ptr(buf(Q, S)); a.k = _ptr(buf(K, S)); a.v = _ptr(buf(K, S))
-            a.attn = _ptr(buf(Q, S)); a.x2 = _ptr(buf(D, S)); a.x2norm = _ptr(buf(D, S))
-            a.h1 = _ptr(buf(H, S)); a.h3 = _ptr(buf(H, S)); a.gate = _ptr(buf(H, S))
-        for i in range(2):
-            gs = &self.sets[i]
-            gs.dffn = _ptr(buf(D, S)); gs.dh1 = _ptr(buf(H, S)); gs.dh3 = _ptr(buf(H, S))
-            gs.do = _ptr(buf(D, S)); gs.dq = _ptr(buf(Q, S)); gs.dk = _ptr(buf(K, S))
-            gs.dv = _ptr(buf(K, S))
-            self.set_ticket[i] = 0
-        self.x_final = _ptr(buf(D, S)); self.xf_norm = _ptr(buf(D, S))
-        self.logit_buf = _ptr(buf(S, cfg.vocab_size))
-        self.g = _ptr(buf(D, S)); self.o = _ptr(buf(D, S)); self.dgate = _ptr(buf(H, S))
-        self.dx2norm = _ptr(buf(D, S)); self.da = _ptr(buf(Q, S))
-        self.k_rep = _ptr(buf(Q, S)); self.v_rep = _ptr(buf(Q, S))
-        self.dk_rep = _ptr(buf(Q, S)); self.dv_rep = _ptr(buf(Q, S))
-        self.dq_rot = _ptr(buf(Q, S)); self.dk_rot = _ptr(buf(K, S))
-        self.probs = _ptr(buf(d.n_heads * S, S)); self.dprobs = _ptr(buf(d.n_heads * S, S))
-        self.dxnorm = _ptr(buf(D, S)); self.dxnorm_kv = _ptr(buf(D, S))
-        cdef double[::1] ns = buf(2 * S, dtype=np.float64)
-        self.norm_scratch = &ns[0]
-        self.rope_cos, self.rope_sin = rope_tables(d.hd, S, cfg.rope_theta)
+        self.arena = Arena()
+        self.arena.carve(self._size_table())
+        self.set_ticket[0] = self.set_ticket[1] = 0
+        self.rope_cos, self.rope_sin = rope_tables(d.hd, d.S, cfg.rope_theta)
         self.kernels = kernels
         # the worker thread always exists: it also runs the optimizer's second half
         self.worker = DWWorker()
         self.async_dw = async_dw
         kernels.bind(self)
         self.reset_timers()
+
+    cdef list _size_table(self):
+        """Every buffer of the step: (address of its pointer, floats); each is [rows, S]."""
+        cdef Dims d = self.d
+        cdef Py_ssize_t D = d.D, H = d.H, Q = d.Q, K = d.K, S = d.S
+        cdef LayerActs* a
+        cdef GradSet* gs
+        qk = 1 if d.qk_norm else 0
+        table = []
+        for l in range(d.L):         # saved for the backward
+            a = &self.acts[l]
+            table += [(<uintptr_t>&a.x_in, D * S), (<uintptr_t>&a.xnorm, D * S),
+                      (<uintptr_t>&a.q_raw, qk * Q * S), (<uintptr_t>&a.k_raw, qk * K * S),
+                      (<uintptr_t>&a.attn, Q * S), (<uintptr_t>&a.x2, D * S),
+                      (<uintptr_t>&a.x2norm, D * S), (<uintptr_t>&a.h1, H * S),
+                      (<uintptr_t>&a.h3, H * S), (<uintptr_t>&a.gate, H * S)]
+        for i in range(2):           # read by dW jobs: two sets, alternating between layers
+            gs = &self.sets[i]
+            table += [(<uintptr_t>&gs.dffn, D * S), (<uintptr_t>&gs.dh1, H * S),
+                      (<uintptr_t>&gs.dh3, H * S), (<uintptr_t>&gs.do, D * S),
+                      (<uintptr_t>&gs.dq, Q * S), (<uintptr_t>&gs.dk, K * S),
+                      (<uintptr_t>&gs.dv, K * S)]
+        table += [(<uintptr_t>&self.x_final, D * S), (<uintptr_t>&self.xf_norm, D * S),
+                  (<uintptr_t>&self.logit_buf, S * self.vocab_size),
+                  (<uintptr_t>&self.g, D * S), (<uintptr_t>&self.o, D * S),
+                  (<uintptr_t>&self.dgate, H * S), (<uintptr_t>&self.dx2norm, D * S),
+                  (<uintptr_t>&self.da, Q * S), (<uintptr_t>&self.dk_rep, Q * S),
+                  (<uintptr_t>&self.dv_rep, Q * S), (<uintptr_t>&self.dq_rot, Q * S),
+                  (<uintptr_t>&self.dk_rot, K * S), (<uintptr_t>&self.dxnorm, D * S),
+                  (<uintptr_t>&self.dxnorm_kv, D * S),
+                  (<uintptr_t>&self.norm_scratch, 4 * S)]   # 2S doubles
+        return table
 
     def __dealloc__(self):
         free(self.weights)
@@ -435,7 +491,7 @@ cdef class Engine:
 
     def timings(self):
         """Cumulative milliseconds per component since reset_timers()."""
-        out = {name: self.timers[i] for i, name in enumerate(TIMER_NAMES)}
+        out = {name: self.timers[i] for i, name in enumerate(ENGINE_TIMERS)}
         out["io"] = self.kernels.io_ms
         out["kernels"] -= self.kernels.io_ms  # kernel time net of its own I/O
         return out
@@ -469,6 +525,18 @@ cdef class Engine:
         self.steps += 1
         return loss / self.d.S
 
+    def loss(self, tokens, targets):
+        """Mean cross-entropy of one sequence, forward only: forward_backward's loss (the
+        same softmax_xent), its gradient left in the logit buffer unused."""
+        cdef int[::1] tok = self._check_ids(tokens, "tokens", self.vocab_size)
+        cdef int[::1] tgt = self._check_ids(targets, "targets", self.V)
+        cdef double loss
+        with nogil:
+            self._forward(&tok[0])
+            loss = softmax_xent(self.logit_buf, &tgt[0], self.d.S, self.V, 1.0)
+        self.kernels.raise_pending()
+        return loss / self.d.S
+
     def logits(self, tokens):
         """Logits [S, V] of one sequence (V = the classifier rows in use)."""
         cdef int[::1] tok = self._check_ids(tokens, "tokens", self.vocab_size)
@@ -480,21 +548,182 @@ cdef class Engine:
         memcpy(&dst[0, 0], self.logit_buf, <Py_ssize_t>self.d.S * self.V * sizeof(float))
         return out
 
-    cdef inline double lap(self, int slot, double t) noexcept nogil:
-        """Charge the time since t to timer `slot`; return now, the start of the next section."""
-        cdef double now = now_ms()
-        self.timers[slot] += now - t
-        return now
+    cdef void _forward(self, const int* tokens) noexcept nogil:
+        cdef int l
+        self.clock = now_ms()
+        embedding_fwd(self.embed, tokens, self.acts[0].x_in, self.d.S, self.d.D)
+        self.charge(T_ELEMENTWISE)
+        for l in range(self.d.L):
+            self._attention_forward(l)
+            self._ffn_forward(l)
+        self._classifier_forward()
 
-    cdef inline double _dw(self, GemmJob job, double t) noexcept nogil:
-        """Queue a weight gradient on the worker, or run it here timed as "dw"; returns the
-        clock for the next section."""
+    cdef double _backward(self, const int* tokens, const int* targets,
+                          float loss_scale) noexcept nogil:
+        cdef int l
+        self.clock = now_ms()
+        cdef double loss = self._classifier_backward(targets, loss_scale)
+        for l in range(self.d.L - 1, -1, -1):
+            # the buffer set of layer l + 2 must be free before layer l rewrites it
+            self.worker.wait_for(self.set_ticket[l & 1])
+            self.charge(T_DW_WAIT)
+            self._ffn_backward(l)
+            self._attention_backward(l)
+            self.set_ticket[l & 1] = self.worker.ticket()
+        self.worker.wait_all()
+        self.charge(T_DW_WAIT)
+        embedding_bwd(self.dembed, tokens, self.g, self.d.S, self.d.D)
+        self.charge(T_ELEMENTWISE)
+        return loss
+
+    # -- the blocks of the step, forward beside backward ---------------------------------
+    # Each runs its work in sections of one kind, charging each section to its timer.
+
+    cdef void _attention_forward(self, int l) noexcept nogil:
+        # x2[D,S] = x_in + rs * Wo @ attention(rope(Wq,Wk,Wv @ rmsnorm(x_in)))
+        cdef Dims d = self.d
+        cdef LayerActs* a = &self.acts[l]
+        rmsnorm_fwd(a.x_in, self.weights[l].attn_norm, a.xnorm, d.D, d.S, d.eps,
+                    self.norm_scratch)
+        self.charge(T_RMS)
+        self.kernels.sdpa_fwd(l, a.xnorm, a.attn, KEPT, KEPT, KEPT, a.q_raw, a.k_raw)
+        self.kernels.wo_fwd(l, a.attn, self.o)
+        self.charge(T_KERNELS)
+        memcpy(a.x2, a.x_in, <Py_ssize_t>d.D * d.S * sizeof(float))
+        add_scaled(a.x2, self.o, <Py_ssize_t>d.D * d.S, d.residual_scale)
+        self.charge(T_ELEMENTWISE)
+
+    cdef void _attention_backward(self, int l) noexcept nogil:
+        # in: g = dL/dx2 [D,S]; out: g = dL/dx_in [D,S]; dWo, dWq, dWk, dWv queued; norm grads
+        cdef Dims d = self.d
+        cdef bint gqa = d.n_heads != d.n_kv_heads
+        cdef LayerActs* a = &self.acts[l]
+        cdef LayerParams* gw = &self.grads[l]
+        cdef GradSet* gs = &self.sets[l & 1]
+        # gradients land directly where they are needed when no reduction or norm follows
+        cdef float* dq_rot = self.dq_rot if d.qk_norm else gs.dq
+        cdef float* dk_rot = self.dk_rot if d.qk_norm else gs.dk
+        cdef float* dk_rep = self.dk_rep if gqa else dk_rot
+        cdef float* dv_rep = self.dv_rep if gqa else gs.dv
+        scale_copy(self.g, gs.do, <Py_ssize_t>d.D * d.S, d.residual_scale)
+        self.charge(T_ELEMENTWISE)
+        self._dw(dw_job(d.D, d.Q, d.S, gs.do, False, a.attn, gw.wo))
+        self.kernels.wot_bwd(l, gs.do, self.da)
+        self.kernels.sdpa_bwd1(l, KEPT, KEPT, KEPT, self.da, KEPT, KEPT, dv_rep)
+        self.kernels.sdpa_bwd2(l, KEPT, KEPT, KEPT, KEPT, dq_rot, dk_rep)
+        self.charge(T_KERNELS)
+        if gqa:
+            gqa_reduce(dk_rep, dk_rot, d.n_heads, d.n_kv_heads, d.hd, d.S)
+            gqa_reduce(dv_rep, gs.dv, d.n_heads, d.n_kv_heads, d.hd, d.S)
+        rope_bwd(dq_rot, d.n_heads, d.hd, d.S, self.kernels.rope_cos, self.kernels.rope_sin,
+                 d.rope_half)
+        rope_bwd(dk_rot, d.n_kv_heads, d.hd, d.S, self.kernels.rope_cos, self.kernels.rope_sin,
+                 d.rope_half)
+        self.charge(T_ELEMENTWISE)
+        if d.qk_norm:
+            self._qk_norm_backward(l, dq_rot, dk_rot)
+            self.charge(T_RMS)
+        self._dw(dw_job(d.Q, d.D, d.S, gs.dq, False, a.xnorm, gw.wq))
+        self._dw(dw_job(d.K, d.D, d.S, gs.dk, False, a.xnorm, gw.wk))
+        self._dw(dw_job(d.K, d.D, d.S, gs.dv, False, a.xnorm, gw.wv))
+        self.kernels.q_bwd(l, gs.dq, self.dxnorm)
+        self.kernels.kv_bwd(l, gs.dk, gs.dv, self.dxnorm_kv)
+        self.charge(T_KERNELS)
+        add_scaled(self.dxnorm, self.dxnorm_kv, <Py_ssize_t>d.D * d.S, 1.0)
+        self.charge(T_ELEMENTWISE)
+        rmsnorm_bwd(a.x_in, self.weights[l].attn_norm, self.dxnorm, self.g, gw.attn_norm, d.D,
+                    d.S, d.eps, 1, self.norm_scratch)
+        self.charge(T_RMS)
+
+    cdef void _qk_norm_backward(self, int l, const float* dq_rot,
+                                const float* dk_rot) noexcept nogil:
+        # per head: dq[hd,S], dk[hd,S] (w.r.t. the projections) from the gradients after the norm
+        cdef Dims d = self.d
+        cdef Py_ssize_t block = <Py_ssize_t>d.hd * d.S
+        cdef LayerActs* a = &self.acts[l]
+        cdef LayerParams* w = &self.weights[l]
+        cdef LayerParams* gw = &self.grads[l]
+        cdef GradSet* gs = &self.sets[l & 1]
+        cdef int h
+        for h in range(d.n_heads):
+            rmsnorm_bwd(a.q_raw + h * block, w.q_norm, dq_rot + h * block, gs.dq + h * block,
+                        gw.q_norm, d.hd, d.S, d.eps, 0, self.norm_scratch)
+        for h in range(d.n_kv_heads):
+            rmsnorm_bwd(a.k_raw + h * block, w.k_norm, dk_rot + h * block, gs.dk + h * block,
+                        gw.k_norm, d.hd, d.S, d.eps, 0, self.norm_scratch)
+
+    cdef void _ffn_forward(self, int l) noexcept nogil:
+        # x_next[D,S] = x2 + rs * W2 @ (silu(W1 @ x2norm) * (W3 @ x2norm)), x2norm = rmsnorm(x2)
+        cdef Dims d = self.d
+        cdef LayerActs* a = &self.acts[l]
+        cdef float* x_next = self.acts[l + 1].x_in if l + 1 < d.L else self.x_final
+        rmsnorm_fwd(a.x2, self.weights[l].ffn_norm, a.x2norm, d.D, d.S, d.eps, self.norm_scratch)
+        self.charge(T_RMS)
+        self.kernels.ffn_fused(l, a.x2norm, a.x2, x_next, a.h1, a.h3, a.gate)
+        self.charge(T_KERNELS)
+
+    cdef void _ffn_backward(self, int l) noexcept nogil:
+        # in: g = dL/dx_next [D,S]; out: g = dL/dx2 [D,S]; dW1, dW2, dW3 queued; dffn_norm
+        cdef Dims d = self.d
+        cdef LayerActs* a = &self.acts[l]
+        cdef LayerParams* gw = &self.grads[l]
+        cdef GradSet* gs = &self.sets[l & 1]
+        scale_copy(self.g, gs.dffn, <Py_ssize_t>d.D * d.S, d.residual_scale)
+        self.charge(T_ELEMENTWISE)
+        self._dw(dw_job(d.D, d.H, d.S, gs.dffn, False, a.gate, gw.w2))
+        self.kernels.ffn_bwd_w2t(l, gs.dffn, self.dgate)
+        self.charge(T_KERNELS)
+        swiglu_bwd(a.h1, a.h3, self.dgate, gs.dh1, gs.dh3, <Py_ssize_t>d.H * d.S)
+        self.charge(T_ELEMENTWISE)
+        self._dw(dw_job(d.H, d.D, d.S, gs.dh1, False, a.x2norm, gw.w1))
+        self._dw(dw_job(d.H, d.D, d.S, gs.dh3, False, a.x2norm, gw.w3))
+        self.kernels.ffn_bwd_w13t(l, gs.dh1, gs.dh3, self.dx2norm)
+        self.charge(T_KERNELS)
+        rmsnorm_bwd(a.x2, self.weights[l].ffn_norm, self.dx2norm, self.g, gw.ffn_norm, d.D, d.S,
+                    d.eps, 1, self.norm_scratch)
+        self.charge(T_RMS)
+
+    cdef void _classifier_forward(self) noexcept nogil:
+        # logits[S,V] = rmsnorm(x_final)^T @ cls_w^T
+        cdef Dims d = self.d
+        rmsnorm_fwd(self.x_final, self.final_norm, self.xf_norm, d.D, d.S, d.eps,
+                    self.norm_scratch)
+        self.charge(T_RMS)
+        sgemm(1, 1, d.S, self.V, d.D, 1.0, self.xf_norm, d.S, self.cls_w, d.D, 0.0, self.logit_buf,
+              self.V)
+        self.charge(T_CLASSIFIER)
+
+    cdef double _classifier_backward(self, const int* targets, float loss_scale) noexcept nogil:
+        # dlogits[S,V] in place of the logits; g = dL/dx_final [D,S]; dcls queued; returns the
+        # summed loss
+        cdef Dims d = self.d
+        cdef double loss = softmax_xent(self.logit_buf, targets, d.S, self.V, loss_scale / d.S)
+        # dxf_norm[D, S] = cls_w^T @ dlogits^T ; dcls[V, D] += dlogits^T @ xf_norm^T
+        sgemm(1, 1, d.D, d.S, self.V, 1.0, self.cls_w, d.D, self.logit_buf, self.V, 0.0,
+              self.dxnorm, d.S)
+        self.charge(T_CLASSIFIER)
+        self._dw(dw_job(self.V, d.D, d.S, self.logit_buf, True, self.xf_norm, self.cls_g))
+        rmsnorm_bwd(self.x_final, self.final_norm, self.dxnorm, self.g, self.dfinal_norm, d.D, d.S,
+                    d.eps, 0, self.norm_scratch)
+        self.charge(T_RMS)
+        return loss
+
+    # -- timing and the weight gradients ---------------------------------------------------
+    cdef inline void charge(self, int slot) noexcept nogil:
+        """Charge the time since the last charge (the section just run) to timer `slot`."""
+        cdef double now = now_ms()
+        self.timers[slot] += now - self.clock
+        self.clock = now
+
+    cdef inline void _dw(self, GemmJob job) noexcept nogil:
+        """Queue a weight gradient on the worker, or run it here and charge it to "dw"."""
         if self.async_dw:
             self.worker.submit(job)
-            return t
+            return
         sgemm(job.trans_a, job.trans_b, job.M, job.N, job.K, job.alpha, job.A, job.lda,
               job.B, job.ldb, job.beta, job.C, job.ldc)
-        return self.lap(T_DW, t)
+        self.charge(T_DW)
+
 
     # -- the optimizer's passes over the flat buffers, split between two threads ---------
     def grad_sumsq(self, float[::1] grads):
@@ -542,156 +771,3 @@ cdef class Engine:
                                    grad_scale, 1)
             self.worker.wait_all()
         return bool(nonfinite or first.nonfinite)
-
-    cdef void _forward(self, const int* tokens) noexcept nogil:
-        cdef Dims d = self.d
-        cdef Py_ssize_t nD = <Py_ssize_t>d.D * d.S
-        cdef LayerActs* a
-        cdef LayerParams* w
-        cdef float* x_next
-        cdef int l
-        cdef double t = now_ms()
-        embedding_fwd(self.embed, tokens, self.acts[0].x_in, d.S, d.D)
-        t = self.lap(T_ELEMENTWISE, t)
-        for l in range(d.L):
-            a = &self.acts[l]
-            w = &self.weights[l]
-            x_next = self.acts[l + 1].x_in if l + 1 < d.L else self.x_final
-            rmsnorm_fwd(a.x_in, w.attn_norm, a.xnorm, d.D, d.S, d.eps, self.norm_scratch)
-            t = self.lap(T_RMS, t)
-            self.kernels.sdpa_fwd(l, a.xnorm, a.attn, a.q, a.k, a.v, a.q_raw, a.k_raw)
-            self.kernels.wo_fwd(l, a.attn, self.o)
-            t = self.lap(T_KERNELS, t)
-            memcpy(a.x2, a.x_in, nD * sizeof(float))
-            add_scaled(a.x2, self.o, nD, d.residual_scale)
-            t = self.lap(T_ELEMENTWISE, t)
-            rmsnorm_fwd(a.x2, w.ffn_norm, a.x2norm, d.D, d.S, d.eps, self.norm_scratch)
-            t = self.lap(T_RMS, t)
-            self.kernels.ffn_fused(l, a.x2norm, a.x2, x_next, a.h1, a.h3, a.gate)
-            t = self.lap(T_KERNELS, t)
-        rmsnorm_fwd(self.x_final, self.final_norm, self.xf_norm, d.D, d.S, d.eps,
-                    self.norm_scratch)
-        t = self.lap(T_RMS, t)
-        # logits[S, V] = xf_norm^T @ cls_w^T
-        sgemm(1, 1, d.S, self.V, d.D, 1.0, self.xf_norm, d.S, self.cls_w, d.D, 0.0, self.logit_buf,
-              self.V)
-        self.lap(T_CLASSIFIER, t)
-
-    cdef double _backward(self, const int* tokens, const int* targets,
-                          float loss_scale) noexcept nogil:
-        cdef Dims d = self.d
-        cdef double loss
-        cdef int l
-        cdef double t = now_ms()
-        loss = softmax_xent(self.logit_buf, targets, d.S, self.V, loss_scale / d.S)
-        # dxf_norm[D, S] = cls_w^T @ dlogits^T ; dcls[V, D] += dlogits^T @ xf_norm^T
-        sgemm(1, 1, d.D, d.S, self.V, 1.0, self.cls_w, d.D, self.logit_buf, self.V, 0.0,
-              self.dxnorm, d.S)
-        t = self.lap(T_CLASSIFIER, t)
-        t = self._dw(dw_job(self.V, d.D, d.S, self.logit_buf, True, self.xf_norm, self.cls_g), t)
-        rmsnorm_bwd(self.x_final, self.final_norm, self.dxnorm, self.g, self.dfinal_norm, d.D, d.S,
-                    d.eps, 0, self.norm_scratch)
-        t = self.lap(T_RMS, t)
-        for l in range(d.L - 1, -1, -1):
-            # the buffer set of layer l + 2 must be free before layer l rewrites it
-            self.worker.wait_for(self.set_ticket[l & 1])
-            t = self.lap(T_DW_WAIT, t)
-            t = self._ffn_backward(l, t)
-            t = self._attention_backward(l, t)
-            self.set_ticket[l & 1] = self.worker.ticket()
-        self.worker.wait_all()
-        t = self.lap(T_DW_WAIT, t)
-        embedding_bwd(self.dembed, tokens, self.g, d.S, d.D)
-        self.lap(T_ELEMENTWISE, t)
-        return loss
-
-    cdef double _ffn_backward(self, int l, double t) noexcept nogil:
-        # FFN of layer l: x_next = x2 + rs * W2 @ (silu(W1 x2norm) * (W3 x2norm)).
-        # In: g = dL/dx_next [D, S]. Out: g = dL/dx2 [D, S]; dW1, dW2, dW3 queued, dffn_norm.
-        cdef Dims d = self.d
-        cdef LayerActs* a = &self.acts[l]
-        cdef LayerParams* gw = &self.grads[l]
-        cdef GradSet* gs = &self.sets[l & 1]
-        scale_copy(self.g, gs.dffn, <Py_ssize_t>d.D * d.S, d.residual_scale)
-        t = self.lap(T_ELEMENTWISE, t)
-        t = self._dw(dw_job(d.D, d.H, d.S, gs.dffn, False, a.gate, gw.w2), t)
-        self.kernels.ffn_bwd_w2t(l, gs.dffn, self.dgate)
-        t = self.lap(T_KERNELS, t)
-        swiglu_bwd(a.h1, a.h3, self.dgate, gs.dh1, gs.dh3, <Py_ssize_t>d.H * d.S)
-        t = self.lap(T_ELEMENTWISE, t)
-        t = self._dw(dw_job(d.H, d.D, d.S, gs.dh1, False, a.x2norm, gw.w1), t)
-        t = self._dw(dw_job(d.H, d.D, d.S, gs.dh3, False, a.x2norm, gw.w3), t)
-        self.kernels.ffn_bwd_w13t(l, gs.dh1, gs.dh3, self.dx2norm)
-        t = self.lap(T_KERNELS, t)
-        rmsnorm_bwd(a.x2, self.weights[l].ffn_norm, self.dx2norm, self.g, gw.ffn_norm, d.D, d.S,
-                    d.eps, 1, self.norm_scratch)
-        return self.lap(T_RMS, t)
-
-    cdef double _attention_backward(self, int l, double t) noexcept nogil:
-        # Attention of layer l: x2 = x + rs * Wo @ attn(q, k, v).
-        # In: g = dL/dx2 [D, S]. Out: g = dL/dx [D, S]; dWo, dWq, dWk, dWv queued, norm grads.
-        cdef Dims d = self.d
-        cdef Py_ssize_t nD = <Py_ssize_t>d.D * d.S
-        cdef Py_ssize_t block = <Py_ssize_t>d.hd * d.S
-        cdef bint gqa = d.n_heads != d.n_kv_heads
-        cdef LayerActs* a = &self.acts[l]
-        cdef LayerParams* w = &self.weights[l]
-        cdef LayerParams* gw = &self.grads[l]
-        cdef GradSet* gs = &self.sets[l & 1]
-        cdef float* dq_rot
-        cdef float* dk_rot
-        cdef float* dk_rep
-        cdef float* dv_rep
-        cdef const float* k_rep
-        cdef const float* v_rep
-        cdef int h
-        scale_copy(self.g, gs.do, nD, d.residual_scale)
-        t = self.lap(T_ELEMENTWISE, t)
-        t = self._dw(dw_job(d.D, d.Q, d.S, gs.do, False, a.attn, gw.wo), t)
-        self.kernels.wot_bwd(l, gs.do, self.da)
-        t = self.lap(T_KERNELS, t)
-        if gqa:
-            if not self.kernels.qkv_held(l):    # else the kernels repeat them as they copy
-                gqa_repeat(a.k, self.k_rep, d.n_heads, d.n_kv_heads, d.hd, d.S)
-                gqa_repeat(a.v, self.v_rep, d.n_heads, d.n_kv_heads, d.hd, d.S)
-            k_rep, v_rep = self.k_rep, self.v_rep
-        else:
-            k_rep, v_rep = a.k, a.v
-        # gradients land directly where they are needed when no reduction or norm follows
-        dq_rot = self.dq_rot if d.qk_norm else gs.dq
-        dk_rot = self.dk_rot if d.qk_norm else gs.dk
-        dk_rep = self.dk_rep if gqa else dk_rot
-        dv_rep = self.dv_rep if gqa else gs.dv
-        t = self.lap(T_ELEMENTWISE, t)
-        self.kernels.sdpa_bwd1(a.q, k_rep, v_rep, self.da, self.probs, self.dprobs, dv_rep)
-        self.kernels.sdpa_bwd2(self.probs, self.dprobs, a.q, k_rep, dq_rot, dk_rep)
-        t = self.lap(T_KERNELS, t)
-        if gqa:
-            gqa_reduce(dk_rep, dk_rot, d.n_heads, d.n_kv_heads, d.hd, d.S)
-            gqa_reduce(dv_rep, gs.dv, d.n_heads, d.n_kv_heads, d.hd, d.S)
-        rope_bwd(dq_rot, d.n_heads, d.hd, d.S, self.kernels.rope_cos, self.kernels.rope_sin,
-                 d.rope_half)
-        rope_bwd(dk_rot, d.n_kv_heads, d.hd, d.S, self.kernels.rope_cos, self.kernels.rope_sin,
-                 d.rope_half)
-        t = self.lap(T_ELEMENTWISE, t)
-        if d.qk_norm:
-            for h in range(d.n_heads):
-                rmsnorm_bwd(a.q_raw + h * block, w.q_norm, dq_rot + h * block,
-                            gs.dq + h * block, gw.q_norm, d.hd, d.S, d.eps, 0,
-                            self.norm_scratch)
-            for h in range(d.n_kv_heads):
-                rmsnorm_bwd(a.k_raw + h * block, w.k_norm, dk_rot + h * block,
-                            gs.dk + h * block, gw.k_norm, d.hd, d.S, d.eps, 0,
-                            self.norm_scratch)
-            t = self.lap(T_RMS, t)
-        t = self._dw(dw_job(d.Q, d.D, d.S, gs.dq, False, a.xnorm, gw.wq), t)
-        t = self._dw(dw_job(d.K, d.D, d.S, gs.dk, False, a.xnorm, gw.wk), t)
-        t = self._dw(dw_job(d.K, d.D, d.S, gs.dv, False, a.xnorm, gw.wv), t)
-        self.kernels.q_bwd(l, gs.dq, self.dxnorm)
-        self.kernels.kv_bwd(l, gs.dk, gs.dv, self.dxnorm_kv)
-        t = self.lap(T_KERNELS, t)
-        add_scaled(self.dxnorm, self.dxnorm_kv, nD, 1.0)
-        t = self.lap(T_ELEMENTWISE, t)
-        rmsnorm_bwd(a.x_in, w.attn_norm, self.dxnorm, self.g, gw.attn_norm, d.D, d.S, d.eps,
-                    1, self.norm_scratch)
-        return self.lap(T_RMS, t)

@@ -1,9 +1,10 @@
 # cython: language_level=3
 """Numeric kernels of anecy (see _ops.pxd for the shapes).
 
-The cdef functions are what the engine calls in its nogil layer loop; the
-``py_*`` functions below are thin Python entry points used by the tests and by
-Python-level code that runs once (never per layer)."""
+The cdef functions are what the engine calls in its nogil layer loop; the few Python
+functions at the end (fp16 conversion, RoPE tables) are for Python-level code that runs
+once (never per layer). The tests reach the cdef functions through the ``py_*`` entry
+points of ``anecy._testing``."""
 
 import sys
 
@@ -475,8 +476,8 @@ cdef void add_scaled(float* dst, const float* src, Py_ssize_t n, float alpha) no
 
 
 # =======================================================================================
-# Python entry points (tests, one-off Python-level work). Arrays are checked here, so the
-# kernels above never see a wrong shape.
+# Python entry points for one-off Python-level work (the tests' py_* entry points to the
+# loops above are in anecy._testing).
 
 def _same_len(a, b, what):
     if a.shape[0] != b.shape[0]:
@@ -534,47 +535,6 @@ def fp16_path():
     return anecy_fp16_path().decode()
 
 
-def py_sgemm(bint trans_a, bint trans_b, const float[:, ::1] A, const float[:, ::1] B,
-             float alpha=1.0):
-    """op(A) @ op(B) through the sgemm the engine uses."""
-    cdef int M = A.shape[1] if trans_a else A.shape[0]
-    cdef int K = A.shape[0] if trans_a else A.shape[1]
-    cdef int KB = B.shape[1] if trans_b else B.shape[0]
-    cdef int N = B.shape[0] if trans_b else B.shape[1]
-    if K != KB:
-        raise ValueError(f"inner dimensions differ: {K} and {KB}")
-    out = np.zeros((M, N), np.float32)
-    cdef float[:, ::1] C = out
-    if M and N:
-        sgemm(trans_a, trans_b, M, N, K, alpha, &A[0, 0], A.shape[1], &B[0, 0], B.shape[1], 0.0,
-              &C[0, 0], N)
-    return out
-
-
-def py_rmsnorm_fwd(const float[:, ::1] x, const float[::1] w, float eps):
-    if w.shape[0] != x.shape[0]:
-        raise ValueError("weight length must equal the channel count")
-    out = np.empty_like(np.asarray(x))
-    cdef float[:, ::1] y = out
-    cdef double[::1] scratch = np.empty(x.shape[1], np.float64)
-    rmsnorm_fwd(&x[0, 0], &w[0], &y[0, 0], x.shape[0], x.shape[1], eps, &scratch[0])
-    return out
-
-
-def py_rmsnorm_bwd(const float[:, ::1] x, const float[::1] w, const float[:, ::1] dy, float eps):
-    """Returns (dx, dw)."""
-    if w.shape[0] != x.shape[0] or dy.shape[0] != x.shape[0] or dy.shape[1] != x.shape[1]:
-        raise ValueError("rmsnorm_bwd: x, w and dy do not agree")
-    dx_arr = np.empty_like(np.asarray(x))
-    dw_arr = np.zeros(x.shape[0], np.float32)
-    cdef float[:, ::1] dx = dx_arr
-    cdef float[::1] dw = dw_arr
-    cdef double[::1] scratch = np.empty(2 * x.shape[1], np.float64)
-    rmsnorm_bwd(&x[0, 0], &w[0], &dy[0, 0], &dx[0, 0], &dw[0], x.shape[0], x.shape[1], eps, 0,
-                &scratch[0])
-    return dx_arr, dw_arr
-
-
 def rope_tables(int head_dim, int seq_len, double theta):
     """cos and sin tables [head_dim/2, seq_len], computed in float32 as HF does."""
     exponent = np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / np.float32(head_dim)
@@ -585,210 +545,5 @@ def rope_tables(int head_dim, int seq_len, double theta):
             np.ascontiguousarray(np.sin(angles), np.float32))
 
 
-def py_rope(float[:, ::1] x, int n_heads, const float[:, ::1] cos_t, const float[:, ::1] sin_t,
-            bint half, bint backward=False):
-    """Rotate x [n_heads*hd, S] in place."""
-    cdef int hd = x.shape[0] // n_heads
-    if hd * n_heads != x.shape[0] or hd % 2 or cos_t.shape[0] != hd // 2 \
-            or cos_t.shape[1] != x.shape[1] or sin_t.shape[0] != cos_t.shape[0] \
-            or sin_t.shape[1] != cos_t.shape[1]:
-        raise ValueError("rope: shapes do not agree")
-    if backward:
-        rope_bwd(&x[0, 0], n_heads, hd, x.shape[1], &cos_t[0, 0], &sin_t[0, 0], half)
-    else:
-        rope_fwd(&x[0, 0], n_heads, hd, x.shape[1], &cos_t[0, 0], &sin_t[0, 0], half)
-
-
-def py_swiglu_fwd(const float[::1] h1, const float[::1] h3):
-    _same_len(h1, h3, "swiglu")
-    out = np.empty(h1.shape[0], np.float32)
-    cdef float[::1] g = out
-    if h1.shape[0]:
-        swiglu_fwd(&h1[0], &h3[0], &g[0], h1.shape[0])
-    return out
-
-
-def py_swiglu_bwd(const float[::1] h1, const float[::1] h3, const float[::1] dgate):
-    _same_len(h1, h3, "swiglu")
-    _same_len(h1, dgate, "swiglu")
-    a = np.empty(h1.shape[0], np.float32)
-    b = np.empty(h1.shape[0], np.float32)
-    cdef float[::1] dh1 = a
-    cdef float[::1] dh3 = b
-    if h1.shape[0]:
-        swiglu_bwd(&h1[0], &h3[0], &dgate[0], &dh1[0], &dh3[0], h1.shape[0])
-    return a, b
-
-
-def py_attention_fwd(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v,
-                     int n_heads, int n_kv_heads):
-    _check_heads(q.shape[0], n_heads, n_kv_heads)
-    cdef int S = q.shape[1]
-    cdef int hd = q.shape[0] // n_heads
-    if k.shape[0] != n_kv_heads * hd or v.shape[0] != k.shape[0] \
-            or k.shape[1] != S or v.shape[1] != S:
-        raise ValueError("attention: shapes do not agree")
-    out = np.empty_like(np.asarray(q))
-    cdef float[:, ::1] o = out
-    cdef float[::1] probs = np.empty(n_heads * S * S, np.float32)
-    attention_fwd(&q[0, 0], &k[0, 0], &v[0, 0], &o[0, 0], n_heads, n_kv_heads, hd, S, &probs[0])
-    return out
-
-
-def py_attention_bwd(const float[:, ::1] q, const float[:, ::1] k_rep, const float[:, ::1] v_rep,
-                     const float[:, ::1] da, int n_heads):
-    """Returns (dq, dk_rep, dv_rep, probs, dprobs) for q, k_rep, v_rep, da of [n_heads*hd, S]."""
-    _check_heads(q.shape[0], n_heads, n_heads)
-    cdef int S = q.shape[1]
-    cdef int hd = q.shape[0] // n_heads
-    for shape in (k_rep.shape, v_rep.shape, da.shape):
-        if shape[0] != q.shape[0] or shape[1] != S:
-            raise ValueError("attention: shapes do not agree")
-    shape = (q.shape[0], S)
-    dq_a, dk_a, dv_a = (np.empty(shape, np.float32) for _ in range(3))
-    p_a = np.empty((n_heads * S, S), np.float32)
-    dp_a = np.empty((n_heads * S, S), np.float32)
-    cdef float[:, ::1] dq = dq_a, dk = dk_a, dv = dv_a, p = p_a, dp = dp_a
-    cdef float[::1] scratch = np.empty(S * S, np.float32)
-    attention_bwd1(&q[0, 0], &k_rep[0, 0], &v_rep[0, 0], &da[0, 0], &dv[0, 0], &p[0, 0],
-                   &dp[0, 0], n_heads, hd, S, 0)
-    attention_bwd2(&p[0, 0], &dp[0, 0], &q[0, 0], &k_rep[0, 0], &dq[0, 0], &dk[0, 0], n_heads,
-                   hd, S, &scratch[0])
-    return dq_a, dk_a, dv_a, p_a, dp_a
-
-
-def _check_heads(rows, n_heads, n_kv_heads):
-    if n_heads < 1 or n_kv_heads < 1 or n_heads % n_kv_heads or rows % n_heads \
-            or rows // n_heads == 0:
-        raise ValueError(f"{rows} rows do not split into {n_heads} heads "
-                         f"({n_kv_heads} key/value heads)")
-
-
-def py_gqa_repeat(const float[:, ::1] src, int n_heads, int n_kv_heads):
-    _check_heads(src.shape[0] * (n_heads // max(n_kv_heads, 1)), n_heads, n_kv_heads)
-    if src.shape[0] % n_kv_heads:
-        raise ValueError(f"{src.shape[0]} rows do not split into {n_kv_heads} heads")
-    cdef int S = src.shape[1]
-    cdef int hd = src.shape[0] // n_kv_heads
-    out = np.empty((n_heads * hd, S), np.float32)
-    cdef float[:, ::1] dst = out
-    gqa_repeat(&src[0, 0], &dst[0, 0], n_heads, n_kv_heads, hd, S)
-    return out
-
-
-def py_gqa_reduce(const float[:, ::1] src, int n_heads, int n_kv_heads):
-    _check_heads(src.shape[0], n_heads, n_kv_heads)
-    cdef int S = src.shape[1]
-    cdef int hd = src.shape[0] // n_heads
-    out = np.empty((n_kv_heads * hd, S), np.float32)
-    cdef float[:, ::1] dst = out
-    gqa_reduce(&src[0, 0], &dst[0, 0], n_heads, n_kv_heads, hd, S)
-    return out
-
-
-def py_softmax_xent(const float[:, ::1] logits, const int[::1] targets, float grad_scale=1.0):
-    """Returns (summed loss, dlogits) for logits [S, V]."""
-    cdef int S = logits.shape[0], V = logits.shape[1]
-    if targets.shape[0] != S:
-        raise ValueError("one target per row")
-    for t in np.asarray(targets):
-        if not 0 <= t < V:
-            raise ValueError(f"target {t} outside [0, {V})")
-    work = np.array(logits, np.float32, copy=True)
-    cdef float[:, ::1] w = work
-    cdef double loss = softmax_xent(&w[0, 0], &targets[0], S, V, grad_scale)
-    return loss, work
-
-
-# The Accelerate versions of RMSNorm and softmax/CE (_accel.h), called directly whatever the
-# platform: on macOS over Accelerate itself (what rmsnorm_fwd & co. run there), elsewhere
-# over _vdsp_portable.h, so that their algebra is tested against the portable loops.
+# Whether RMSNorm and softmax/CE go through Accelerate (_accel.h): macOS builds.
 ACCELERATE = bool(ANECY_ACCELERATE)
-
-
-def py_accel_rmsnorm_fwd(const float[:, ::1] x, const float[::1] w, float eps):
-    if w.shape[0] != x.shape[0]:
-        raise ValueError("weight length must equal the channel count")
-    out = np.empty_like(np.asarray(x))
-    cdef float[:, ::1] y = out
-    cdef float[::1] scratch = np.empty(4 * x.shape[1], np.float32)
-    anecy_accel_rmsnorm_fwd(&x[0, 0], &w[0], &y[0, 0], x.shape[0], x.shape[1], eps,
-                            &scratch[0])
-    return out
-
-
-def py_accel_rmsnorm_bwd(const float[:, ::1] x, const float[::1] w, const float[:, ::1] dy,
-                         float eps, float[:, ::1] dx_acc=None):
-    """Returns (dx, dw); with dx_acc, dx is added to it (the accumulate mode)."""
-    if w.shape[0] != x.shape[0] or dy.shape[0] != x.shape[0] or dy.shape[1] != x.shape[1]:
-        raise ValueError("rmsnorm_bwd: x, w and dy do not agree")
-    dx_arr = np.empty_like(np.asarray(x)) if dx_acc is None else np.asarray(dx_acc)
-    dw_arr = np.zeros(x.shape[0], np.float32)
-    cdef float[:, ::1] dx = dx_arr
-    cdef float[::1] dw = dw_arr
-    cdef float[::1] scratch = np.empty(4 * x.shape[1], np.float32)
-    anecy_accel_rmsnorm_bwd(&x[0, 0], &w[0], &dy[0, 0], &dx[0, 0], &dw[0], x.shape[0],
-                            x.shape[1], eps, dx_acc is not None, &scratch[0])
-    return dx_arr, dw_arr
-
-
-def py_accel_softmax_xent(const float[:, ::1] logits, const int[::1] targets,
-                          float grad_scale=1.0):
-    cdef int S = logits.shape[0], V = logits.shape[1]
-    if targets.shape[0] != S or (S and not 0 <= np.min(targets) <= np.max(targets) < V):
-        raise ValueError("one target in [0, V) per row")
-    work = np.array(logits, np.float32, copy=True)
-    cdef float[:, ::1] w = work
-    cdef double loss = anecy_accel_softmax_xent(&w[0, 0], &targets[0], S, V, grad_scale)
-    return loss, work
-
-
-def py_embedding_fwd(const float[:, ::1] E, const int[::1] tokens):
-    cdef int S = tokens.shape[0], D = E.shape[1]
-    if np.any(np.asarray(tokens) < 0) or np.any(np.asarray(tokens) >= E.shape[0]):
-        raise ValueError("token id outside the embedding table")
-    out = np.empty((D, S), np.float32)
-    cdef float[:, ::1] x = out
-    embedding_fwd(&E[0, 0], &tokens[0], &x[0, 0], S, D)
-    return out
-
-
-def py_embedding_bwd(float[:, ::1] dE, const int[::1] tokens, const float[:, ::1] dx):
-    if np.any(np.asarray(tokens) < 0) or np.any(np.asarray(tokens) >= dE.shape[0]) \
-            or dx.shape[0] != dE.shape[1] or dx.shape[1] != tokens.shape[0]:
-        raise ValueError("embedding_bwd: shapes or token ids do not agree")
-    embedding_bwd(&dE[0, 0], &tokens[0], &dx[0, 0], tokens.shape[0], dE.shape[1])
-
-
-def py_adamw(float[::1] p, float[::1] g, float[::1] m, float[::1] v, double lr,
-             double beta1, double beta2, double eps, double weight_decay, long step,
-             double grad_scale=1.0, bint zero_grad=False):
-    """One AdamW update in place; zero_grad=True also clears g on the way. Returns True
-    when a parameter or moment came out NaN or infinite."""
-    _same_len(p, g, "adamw")
-    _same_len(p, m, "adamw")
-    _same_len(p, v, "adamw")
-    if step < 1:
-        raise ValueError("step counts from 1")
-    cdef bint nonfinite = False
-    if p.shape[0]:
-        with nogil:
-            nonfinite = adamw(&p[0], &g[0], &m[0], &v[0], p.shape[0], lr, beta1, beta2, eps,
-                              weight_decay, step, grad_scale, zero_grad)
-    return nonfinite
-
-
-def py_expf(const float[::1] x):
-    """anecy's vectorisable exp (as the softmax and SiLU loops use it)."""
-    out = np.empty(x.shape[0], np.float32)
-    cdef float[::1] y = out
-    cdef Py_ssize_t i
-    for i in range(x.shape[0]):
-        y[i] = anecy_expf(x[i])
-    return out
-
-
-def py_sumsq(const float[::1] x):
-    if x.shape[0] == 0:
-        return 0.0
-    return sumsq(&x[0], x.shape[0])

@@ -2,7 +2,7 @@
 
 from libc.stdint cimport uint16_t
 
-from ._engine cimport Kernels
+from ._engine cimport Kernels, Arena
 from ._worker cimport DWWorker
 from ._ane_runtime cimport SurfaceMem, Evaluator
 
@@ -19,6 +19,10 @@ cdef enum:
     OP_ZERO = 2       # fp16 rows := 0
     OP_F32 = 3        # fp16 rows -> fp32 rows
     MAX_ARGS = 8      # pointer arguments of a kernel call (sdpa_fwd: 1 in, 6 out)
+    # where a tensor of the attention state is kept
+    KEPT_NONE = 0     # nowhere (not kept, or its kernel failed)
+    KEPT_FP16 = 1     # in a Surface, where the next kernel copies or reads it
+    KEPT_FP32 = 2     # in the backend's fp32 buffers (pass-throughs off, tracing)
     ERR_LEN = 1024
     # what raise_pending() raises for an error recorded in C
     ERR_RUNTIME = 0
@@ -49,8 +53,8 @@ cdef struct Call:         # one kernel call: (kernel, layer)
 
 
 
-cdef struct HoldSite:      # where one kernel call has q, k, v (k_rep, v_rep): -1 if absent
-    int arg[3]            # the call's pointer argument index of each
+cdef struct HoldSite:      # where one kernel call has q, k, v (k_rep, v_rep)
+    int arg[3]            # the call's pointer argument index of each, -1 if absent
     Py_ssize_t off[3]     # element offset of each in the Surface
 
 
@@ -73,17 +77,27 @@ cdef class PackedKernels(Kernels):
     cdef DWWorker worker                # the engine's: takes half of the weight staging
     cdef bint bound
     cdef bint stale                     # no stage_weights() has succeeded since bind()
-    # pass-through of probs/dprobs: sdpaBwd1's output Surface is sdpaBwd2's input Surface
-    cdef public bint passthrough        # probs and q, k, v stay fp16 (off: fp32 round trips)
+    # What stays fp16 between kernels (see the module docstring): sdpaBwd1's output Surface
+    # is sdpaBwd2's input Surface (pass_ok), sdpaFwd's per-layer output Surface holds that
+    # layer's q, k, v where sdpaBwd1/2 can copy them from (hold_ok)
+    cdef bint _passthrough              # use both when the layouts allow (off: fp32 round trips)
     cdef public bint share_surfaces     # read by bind(): sdpaBwd1's output is sdpaBwd2's input
-    cdef bint pass_ok                   # the layouts allow it (the Surface is shared)
-    cdef bint probs_held                # that Surface holds the engine's probs/dprobs
-    cdef int pass_out_arg, pass_in_arg  # first of the two outputs / inputs concerned
-    # the fp16 hold of q, k, v: sdpaFwd's per-layer output Surface keeps them for sdpaBwd1/2
-    cdef bint hold_ok                   # the layouts allow it
+    cdef bint pass_ok                   # the layouts allow the probs pass-through
+    cdef bint hold_ok                   # the layouts allow the fp16 hold of q, k, v
     cdef HoldSite hold_fwd, hold_bwd1, hold_bwd2
-    cdef unsigned char* qkv_valid       # [L] sdpaFwd's Surface of layer l holds the engine's
-    cdef object _valid                  #     q, k, v of layer l (not written in fp32)
+    # The attention state (Kernels): where each kept tensor is, KEPT_NONE/FP16/FP32
+    cdef int* qkv_kept                  # [L] layer l's q, k, v, kept by sdpa_fwd(l)
+    cdef int probs_kept                 # probs/dprobs, kept by sdpa_bwd1(probs_layer)
+    cdef int probs_layer
+    cdef int rep_layer                  # the layer k_rep32/v_rep32 hold (-1: none)
+    cdef Arena fp32_state               # the fp32 round trips' buffers (allocated when needed)
+    cdef float* q32                     # [L, Q, S]
+    cdef float* k32                     # [L, K, S]
+    cdef float* v32                     # [L, K, S]
+    cdef float* k_rep32                 # [Q, S]
+    cdef float* v_rep32                 # [Q, S]
+    cdef float* probs32                 # [n_heads*S, S]
+    cdef float* dprobs32                # [n_heads*S, S]
     cdef readonly long held_calls       # sdpaBwd1/2 calls that read the held q, k, v
     # the first error since the last raise_pending()
     cdef bint failed
@@ -101,6 +115,7 @@ cdef class PackedKernels(Kernels):
 
     cdef void _compile_plan(self) except *
     cdef void _bind_hold(self, cfg) except *
+    cdef int _need_fp32_state(self) except -1
     cdef object _weight_sources(self, int l)
     cdef int _put(self, int i, list moves) except -1
     cdef int _execute(self, Call* c, int kid, int layer) noexcept nogil
@@ -108,14 +123,24 @@ cdef class PackedKernels(Kernels):
     cdef void _fail_exc(self, int kid, int layer, object exc)
     cdef str _where(self)
     cdef object _pending(self)
+    # one kernel call: _start, _pack, _exec, _unpack (each False after a failure, the
+    # call's outputs then NaN); _run is the four in a row
+    cdef Call* _call(self, int kid, int layer) noexcept nogil
+    cdef bint _start(self, Call* c, int kid, int layer, float** args) noexcept nogil
+    cdef bint _pack(self, Call* c, int kid, int layer, float** args) noexcept nogil
+    cdef bint _exec(self, Call* c, int kid, int layer, float** args) noexcept nogil
+    cdef bint _unpack(self, Call* c, int kid, int layer, float** args) noexcept nogil
     cdef void _run(self, int kid, int layer, float** args) noexcept nogil
-    cdef int _take_held(self, int kid, int layer, float** args, bint* held_in) noexcept nogil
-    cdef int _copy_held(self, int kid, int held, const bint* held_in, char* base) noexcept nogil
+    # the attention state
+    cdef bint _keeps_fp16(self) noexcept nogil
+    cdef int _kept_qkv(self, int kid, int l, float** q, float** k_rep,
+                       float** v_rep) noexcept nogil
+    cdef bint _copy_held(self, Call* c, int kid, int l, HoldSite* site,
+                         float** args) noexcept nogil
     cdef void _trace_inputs(self, int kid, int layer, float** args)
     cdef void _trace_outputs(self, int kid, float** args)
     cdef int pack_only(self, int kid, int layer, float** args) noexcept nogil
     cdef int unpack_only(self, int kid, int layer, float** args) noexcept nogil
-
 
 cdef class SimKernels(PackedKernels):
     cdef readonly object programs       # MIL kernel name -> milsim.Interpreter

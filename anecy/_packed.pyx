@@ -13,8 +13,8 @@ the Apple Neural Engine reads, and differ in one thing only: what executes a pro
 Everything else is ``PackedKernels``, their common base, written once and run without
 the GIL: the engine-facing kernel methods, the Surfaces, and the staging plans.
 
-Staging plans. At bind time the layout table (``mil.KERNELS``, resolved by
-``mil.layout``) is compiled into a plain C plan per kernel call (kernel, layer): a list of
+Staging plans. At bind time the layout table (``kernel_layout.KERNELS``, resolved by
+``kernel_layout.layout``) is compiled into a plain C plan per kernel call (kernel, layer): a list of
 moves, each a rectangle of fp32 rows (an engine buffer; for weights, the engine's HF-layout
 weight, possibly transposed) and where it sits in the fp16 Surface (byte offset, rows,
 columns, row strides). A kernel call locks its input Surface, converts its activation
@@ -24,22 +24,22 @@ into the engine's buffers the same way. Weight staging (``stage_weights``, after
 optimizer update) runs the weight moves of every layer, split between this thread and
 the engine's worker thread. No dict, numpy object or Python call is made per kernel.
 
-Pass-through. sdpaBwd1's probs/dprobs outputs are read by nothing on the CPU: the engine
-only hands its own ``probs``/``dprobs`` buffers from sdpa_bwd1 on to sdpa_bwd2. The layout
-table puts them at the same rows of sdpaBwd1's output and of sdpaBwd2's input, so one
-Surface is both: sdpaBwd1's program writes them where sdpaBwd2's program reads them, and
-when a call passes the engine's very buffers (``Kernels.engine_probs``), nothing is
-converted or copied (the engine's fp32 ``probs``/``dprobs`` are then left unwritten; the
-host still unpacks dv_rep from the rows after them before sdpaBwd2's q and k_rep are packed
-over those rows). Any other caller (tests, ``trace``) gets them in fp32 as before.
+The attention state (``Kernels``). What the CPU never reads stays fp16 where the layouts
+allow it (``passthrough``, on by default), and is otherwise kept in fp32 buffers of this
+backend; the engine passes KEPT (NULL) for it either way and holds none of it.
 
-The q, k, v hold. Likewise q, k, v are read on the CPU by nothing but sdpaBwd1/2. When
-sdpaFwd is called with the engine's own q, k, v buffers of its layer, they are not
-unpacked: they stay in fp16 in that layer's sdpaFwd output Surface, and sdpaBwd1/2, when
-called with the engine's q of that layer (and its k, v, or its GQA-repeat buffers), copy
-them from there into their input Surfaces, repeating k and v over each group of query
-heads as the programs read them. ``qkv_held(l)`` tells the engine that the fp32 q, k, v of
-layer l were left unwritten, so that it skips its own GQA repeat.
+- probs and dprobs, from sdpaBwd1 to sdpaBwd2. The layout table puts them at the same rows
+  of sdpaBwd1's output and of sdpaBwd2's input, so one Surface is both: sdpaBwd1's program
+  writes them where sdpaBwd2's program reads them, and nothing is converted or copied (the
+  host still unpacks dv_rep from the rows after them before sdpaBwd2's q and k_rep are
+  packed over those rows).
+- q, k, v, from sdpaFwd to sdpaBwd1/2. sdpaFwd has one output Surface per layer, so they
+  stay there in fp16 until the backward, and sdpaBwd1/2 copy them into their input
+  Surfaces, repeating k and v over each group of query heads as the programs read them.
+
+Each kernel method reads as pack, execute, unpack; the three attention methods say, before
+packing, where their kept tensors come from or go to. A caller's own arrays (tests,
+``trace``) are converted as given, in fp32, and leave the kept state alone.
 
 Buffers: every weight-bearing kernel has one input Surface per layer (its weight columns
 staged by stage_weights(), its activation columns rewritten by each call); the two
@@ -64,17 +64,19 @@ import re
 import numpy as np
 
 from . import mil
+from .kernel_layout import KERNEL_NAMES, KERNELS, _size, input_shape, layout, output_shape
 from .errors import ConfigError
 from .milsim import Interpreter
 from ._ane_runtime import AneError
 
-from libc.stdint cimport uint16_t
+from libc.stdint cimport uint16_t, uintptr_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset, strncpy
 from libc.math cimport NAN
 
-from ._engine cimport Kernels, Dims, LayerParams
+from ._engine cimport Kernels, Dims, LayerParams, Arena
 from ._worker cimport now_ms, DWWorker
+from ._ops cimport gqa_repeat
 from ._ane_runtime cimport (Surface, SurfaceMem, surface_lock, surface_unlock, AneKernel,
                             AneRequest, Evaluator)
 
@@ -88,35 +90,35 @@ def _snake(name):
 
 
 # Kernels with weight columns (one input Surface per layer each), and the weight-free ones.
-WEIGHTED = tuple(k for k, spec in mil.KERNELS.items()
+WEIGHTED = tuple(k for k, spec in KERNELS.items()
                  if any(b.kind == "weight" for b in spec.inputs))
-SHARED = tuple(k for k in mil.KERNEL_NAMES if k not in WEIGHTED)
+SHARED = tuple(k for k in KERNEL_NAMES if k not in WEIGHTED)
 # Kernels with one output Surface per layer: sdpaFwd's keeps that layer's q, k, v in fp16
 # until the backward's sdpaBwd1/2 read them (every other output Surface is shared).
 LAYER_OUTPUT = ("sdpaFwd",)
 
 # engine method name (Kernels.sdpa_fwd, ...) -> MIL kernel name
-METHODS = {_snake(k): k for k in mil.KERNEL_NAMES}
+METHODS = {_snake(k): k for k in KERNEL_NAMES}
 
-# The kernel ids the engine-facing methods use: each one's index in mil.KERNEL_NAMES.
-cdef int K_SDPA_FWD = mil.KERNEL_NAMES.index("sdpaFwd")
-cdef int K_WO_FWD = mil.KERNEL_NAMES.index("woFwd")
-cdef int K_FFN_FUSED = mil.KERNEL_NAMES.index("ffnFused")
-cdef int K_FFN_BWD_W2T = mil.KERNEL_NAMES.index("ffnBwdW2t")
-cdef int K_FFN_BWD_W13T = mil.KERNEL_NAMES.index("ffnBwdW13t")
-cdef int K_WOT_BWD = mil.KERNEL_NAMES.index("wotBwd")
-cdef int K_SDPA_BWD1 = mil.KERNEL_NAMES.index("sdpaBwd1")
-cdef int K_SDPA_BWD2 = mil.KERNEL_NAMES.index("sdpaBwd2")
-cdef int K_Q_BWD = mil.KERNEL_NAMES.index("qBwd")
-cdef int K_KV_BWD = mil.KERNEL_NAMES.index("kvBwd")
+# The kernel ids the engine-facing methods use: each one's index in KERNEL_NAMES.
+cdef int K_SDPA_FWD = KERNEL_NAMES.index("sdpaFwd")
+cdef int K_WO_FWD = KERNEL_NAMES.index("woFwd")
+cdef int K_FFN_FUSED = KERNEL_NAMES.index("ffnFused")
+cdef int K_FFN_BWD_W2T = KERNEL_NAMES.index("ffnBwdW2t")
+cdef int K_FFN_BWD_W13T = KERNEL_NAMES.index("ffnBwdW13t")
+cdef int K_WOT_BWD = KERNEL_NAMES.index("wotBwd")
+cdef int K_SDPA_BWD1 = KERNEL_NAMES.index("sdpaBwd1")
+cdef int K_SDPA_BWD2 = KERNEL_NAMES.index("sdpaBwd2")
+cdef int K_Q_BWD = KERNEL_NAMES.index("qBwd")
+cdef int K_KV_BWD = KERNEL_NAMES.index("kvBwd")
 
 
 def _act_blocks(str kernel, cfg):
-    return [b for b in mil.layout(kernel, cfg).inputs if b.kind == "act"]
+    return [b for b in layout(kernel, cfg).inputs if b.kind == "act"]
 
 
 # What stays fp16 between kernels (the pass-throughs): the blocks named here are never
-# converted when the engine passes its own buffers. sdpaBwd1's PASSED outputs lie where
+# converted when the engine asks for them as KEPT. sdpaBwd1's PASSED outputs lie where
 # sdpaBwd2 reads them (one Surface); sdpaFwd's HELD_OUT outputs stay in its per-layer
 # Surface and are copied into the HELD_IN inputs (the same q, k, v in that order; k and v
 # repeated over each group of query heads).
@@ -137,14 +139,14 @@ def _pass_through_args(cfg):
     """(sdpaBwd1's argument index of probs, sdpaBwd2's argument index of probs) when
     sdpaBwd1's output holds the PASSED blocks, in order, at the very rows (and row width)
     where sdpaBwd2's input holds them, so that one Surface can serve as both; else None."""
-    outs = mil.layout("sdpaBwd1", cfg).outputs
+    outs = layout("sdpaBwd1", cfg).outputs
     ins = _act_blocks("sdpaBwd2", cfg)
     rows_out = {n: (row0, rows) for n, row0, rows in outs}
     rows_in = {b.name: (b.row0, b.rows) for b in ins}
     names_out, names_in = [n for n, _, _ in outs], [b.name for b in ins]
     if any(n not in rows_out or rows_out[n] != rows_in.get(n) for n in PASSED) \
-            or mil.input_shape("sdpaBwd2", cfg)[3] != cfg.seq_len \
-            or mil.output_shape("sdpaBwd1", cfg)[1] > mil.input_shape("sdpaBwd2", cfg)[1]:
+            or input_shape("sdpaBwd2", cfg)[3] != cfg.seq_len \
+            or output_shape("sdpaBwd1", cfg)[1] > input_shape("sdpaBwd2", cfg)[1]:
         return None
     i_out, i_in = names_out.index(PASSED[0]), names_in.index(PASSED[0])
     if tuple(names_out[i_out:i_out + 2]) != PASSED or tuple(names_in[i_in:i_in + 2]) != PASSED:
@@ -158,10 +160,10 @@ def _qkv_hold_layout(cfg):
     Surface), (-1, 0) where it reads none (sdpaBwd2's v); None if a layout does not hold
     them as whole rows of seq_len elements (the fp16 hold is then off)."""
     S = cfg.seq_len
-    fwd = mil.layout("sdpaFwd", cfg)
+    fwd = layout("sdpaFwd", cfg)
     n_acts = len(_act_blocks("sdpaFwd", cfg))
     names = [n for n, _, _ in fwd.outputs]
-    if mil.output_shape("sdpaFwd", cfg)[3] != S:
+    if output_shape("sdpaFwd", cfg)[3] != S:
         return None
     site = []
     for n, rows in zip(HELD_OUT, (cfg.q_dim, cfg.kv_dim, cfg.kv_dim)):
@@ -170,7 +172,7 @@ def _qkv_hold_layout(cfg):
         site.append((n_acts + names.index(n), fwd.outputs[names.index(n)][1] * S))
     sites = {"sdpaFwd": site}
     for k, reads in HELD_IN.items():
-        if mil.input_shape(k, cfg)[3] != S:
+        if input_shape(k, cfg)[3] != S:
             return None
         by_name = {b.name: (i, b) for i, b in enumerate(_act_blocks(k, cfg))}
         site = []
@@ -324,7 +326,8 @@ cdef class PackedKernels(Kernels):
         self.config = None
         self.err_exc = None
         self.stale = True
-        self.passthrough = True
+        self._passthrough = True
+        self.qkv_kept = NULL
         # one Surface for sdpaBwd1's output and sdpaBwd2's input, unless the environment
         # asks for separate ones (a way around a device that would not allow it)
         self.share_surfaces = os.environ.get(SEPARATE_SURFACES_ENV, "") != "1"
@@ -334,6 +337,7 @@ cdef class PackedKernels(Kernels):
         self._trace = None
 
     def __dealloc__(self):
+        free(self.qkv_kept)
         free(self.plan)
         free(self.moves)
         free(self.weighted_calls)
@@ -348,8 +352,22 @@ cdef class PackedKernels(Kernels):
 
     @trace.setter
     def trace(self, value):
+        if value is not None and self.bound:
+            self._need_fp32_state()
         self._trace = value
         self.tracing = value is not None
+
+    @property
+    def passthrough(self):
+        """Whether the attention state stays fp16 where the layouts allow it (off: it makes
+        fp32 round trips through this backend's buffers, with the same results)."""
+        return self._passthrough
+
+    @passthrough.setter
+    def passthrough(self, bint on):
+        if not on and self.bound:
+            self._need_fp32_state()
+        self._passthrough = on
 
     def bind(self, engine):
         """Dims, weights and RoPE tables (Kernels.bind), then: generate the ten programs,
@@ -360,38 +378,42 @@ cdef class PackedKernels(Kernels):
         self.config = cfg
         self.worker = engine.worker
         cdef Dims d = self.d
-        programs = {k: mil.generate(k, cfg) for k in mil.KERNEL_NAMES}
+        programs = {k: mil.generate(k, cfg) for k in KERNEL_NAMES}
         self.stale = True
         self.bound = False
         self.layer_surfaces, self.layer_bufs = [], []
         for _ in range(d.L):
-            pairs = {k: _fp16_surface(*mil.input_shape(k, cfg)[1::2]) for k in WEIGHTED}
+            pairs = {k: _fp16_surface(*input_shape(k, cfg)[1::2]) for k in WEIGHTED}
             self.layer_surfaces.append({k: p[0] for k, p in pairs.items()})
             self.layer_bufs.append({k: p[1] for k, p in pairs.items()})
-        pairs = {k: _fp16_surface(*mil.input_shape(k, cfg)[1::2]) for k in SHARED}
+        pairs = {k: _fp16_surface(*input_shape(k, cfg)[1::2]) for k in SHARED}
         self.shared_surfaces = {k: p[0] for k, p in pairs.items()}
         self.shared_bufs = {k: p[1] for k, p in pairs.items()}
         self.layer_output_surfaces, self.layer_out_bufs = [], []
         for _ in range(d.L):
-            pairs = {k: _fp16_surface(*mil.output_shape(k, cfg)[1::2]) for k in LAYER_OUTPUT}
+            pairs = {k: _fp16_surface(*output_shape(k, cfg)[1::2]) for k in LAYER_OUTPUT}
             self.layer_output_surfaces.append({k: p[0] for k, p in pairs.items()})
             self.layer_out_bufs.append({k: p[1] for k, p in pairs.items()})
-        pairs = {k: _fp16_surface(*mil.output_shape(k, cfg)[1::2]) for k in mil.KERNEL_NAMES
+        pairs = {k: _fp16_surface(*output_shape(k, cfg)[1::2]) for k in KERNEL_NAMES
                  if k not in LAYER_OUTPUT}
         passing = _pass_through_args(cfg) if self.share_surfaces else None
+        if passing not in (None, (4, 0)):   # the argument slots sdpa_bwd1/2 keep them at
+            raise AssertionError(f"sdpaBwd1/2 hold probs at arguments {passing}, not (4, 0)")
         self.pass_ok = passing is not None
         if self.pass_ok:
             # sdpaBwd1 writes its probs/dprobs where sdpaBwd2 reads them: one Surface
-            self.pass_out_arg, self.pass_in_arg = passing
             s = self.shared_surfaces["sdpaBwd2"]
-            pairs["sdpaBwd1"] = (s, s.array(np.float16, mil.output_shape("sdpaBwd1", cfg)[1::2]))
+            pairs["sdpaBwd1"] = (s, s.array(np.float16, output_shape("sdpaBwd1", cfg)[1::2]))
         self.output_surfaces = {k: p[0] for k, p in pairs.items()}
         self.out_bufs = {k: p[1] for k, p in pairs.items()}
         self._bind_hold(cfg)
         self._compile_plan()
+        self.fp32_state = None
+        if not (self.pass_ok and self.hold_ok and self._passthrough) or self.tracing:
+            self._need_fp32_state()
         self.err_exc = None
         self.failed = False
-        self.probs_held = False
+        self.probs_kept, self.probs_layer, self.rep_layer = KEPT_NONE, -1, -1
         self.calls = 0
         self.passed_through = 0
         memset(self.io_in_ms, 0, sizeof(self.io_in_ms))
@@ -405,24 +427,36 @@ cdef class PackedKernels(Kernels):
         sites = _qkv_hold_layout(cfg)
         self.hold_ok = sites is not None
         self.held_calls = 0
-        self._valid = np.zeros(self.d.L, np.uint8)
-        cdef unsigned char[::1] valid = self._valid
-        self.qkv_valid = &valid[0]
+        free(self.qkv_kept)
+        self.qkv_kept = <int*>calloc(self.d.L, sizeof(int))
+        if self.qkv_kept == NULL:
+            raise MemoryError()
         if not self.hold_ok:
             return
         _set_site(&self.hold_fwd, sites["sdpaFwd"])
         _set_site(&self.hold_bwd1, sites["sdpaBwd1"])
         _set_site(&self.hold_bwd2, sites["sdpaBwd2"])
 
-    cdef bint qkv_held(self, int l) noexcept nogil:
-        return self.hold_ok and self.qkv_valid[l]
+    cdef int _need_fp32_state(self) except -1:
+        """Allocate the fp32 round trips' buffers, once (they are needed only when the
+        attention state cannot, or is not to, stay fp16)."""
+        if self.fp32_state is not None:
+            return 0
+        cdef Dims d = self.d
+        cdef Py_ssize_t S = d.S, square = <Py_ssize_t>d.n_heads * S * S
+        arena = Arena()
+        arena.carve([(<uintptr_t>&self.q32, d.L * d.Q * S), (<uintptr_t>&self.k32, d.L * d.K * S),
+                     (<uintptr_t>&self.v32, d.L * d.K * S), (<uintptr_t>&self.k_rep32, d.Q * S),
+                     (<uintptr_t>&self.v_rep32, d.Q * S), (<uintptr_t>&self.probs32, square),
+                     (<uintptr_t>&self.dprobs32, square)])
+        self.fp32_state = arena
+        return 0
 
     @property
     def holds_qkv(self):
-        """Per layer: whether sdpaFwd's output Surface of that layer holds the engine's q, k,
-        v of that layer in fp16 for the backward (its fp32 buffers of them were then not
-        written by the forward)."""
-        return [bool(self.hold_ok and self.qkv_valid[l]) for l in range(self.d.L)]
+        """Per layer: whether its q, k, v are kept in fp16 in sdpaFwd's output Surface of
+        that layer for the backward (never converted to fp32)."""
+        return [self.qkv_kept[l] == KEPT_FP16 for l in range(self.d.L)]
 
     # -- compiling the plan -------------------------------------------------------------------
     cdef object _weight_sources(self, int l):
@@ -436,8 +470,8 @@ cdef class PackedKernels(Kernels):
         cdef Dims d = self.d
         cfg = self.config
         specs = []      # (call index, kernel, layer, act moves, output moves, weight moves)
-        for kid, k in enumerate(mil.KERNEL_NAMES):
-            lay = mil.layout(k, cfg)
+        for kid, k in enumerate(KERNEL_NAMES):
+            lay = layout(k, cfg)
             _, C, _, W = lay.in_shape
             _, _, _, S = lay.out_shape
             acts = [(OP_F16, a, 0, b.row0 * W + b.col0, b.rows, b.cols, W, b.cols)
@@ -466,7 +500,7 @@ cdef class PackedKernels(Kernels):
         free(self.plan)
         free(self.moves)
         free(self.weighted_calls)
-        self.plan = <Call*>calloc(len(mil.KERNEL_NAMES) * d.L, sizeof(Call))
+        self.plan = <Call*>calloc(len(KERNEL_NAMES) * d.L, sizeof(Call))
         n_moves = sum(len(a) + len(o) + len(w) for _, _, _, a, o, w in specs)
         self.moves = <Move*>calloc(n_moves, sizeof(Move))
         self.weighted_calls = <Call**>calloc(len(specs), sizeof(Call*))
@@ -557,7 +591,7 @@ cdef class PackedKernels(Kernels):
     cdef str _where(self):
         if self.err_kernel < 0:
             return "stage_weights"
-        k = mil.KERNEL_NAMES[self.err_kernel]
+        k = KERNEL_NAMES[self.err_kernel]
         return k if self.err_layer < 0 else f"{k} (layer {self.err_layer})"
 
     cdef object _pending(self):
@@ -575,7 +609,7 @@ cdef class PackedKernels(Kernels):
         """{MIL kernel name: (packing ms, unpacking ms)} summed over every call since bind:
         where ``io_ms`` goes."""
         return {k: (self.io_in_ms[i], self.io_out_ms[i])
-                for i, k in enumerate(mil.KERNEL_NAMES)}
+                for i, k in enumerate(KERNEL_NAMES)}
 
     @property
     def pending_error(self):
@@ -624,159 +658,146 @@ cdef class PackedKernels(Kernels):
         self.raise_pending()
 
     # -- one kernel call ----------------------------------------------------------------------
-    cdef void _run(self, int kid, int layer, float** args) noexcept nogil:
-        """Convert the activation arguments into the call's input Surface, execute, convert
-        its output Surface into the output arguments (NULL: not wanted). args holds the
-        activation pointers then the output pointers, in the layout table's order."""
-        cdef Call* c = &self.plan[kid * self.d.L + (layer if layer >= 0 else 0)]
-        cdef double t0, t1, t2, t3
-        cdef bint held_in[3]
-        cdef int held
-        if kid == K_SDPA_FWD and self.hold_ok:
-            self.qkv_valid[layer] = False    # until this call succeeds in holding them
+    # args holds the call's activation pointers then its output pointers, in the layout
+    # table's order; NULL: a block filled otherwise (packing) or not wanted (unpacking).
+    cdef Call* _call(self, int kid, int layer) noexcept nogil:
+        return &self.plan[kid * self.d.L + (layer if layer >= 0 else 0)]
+
+    cdef bint _start(self, Call* c, int kid, int layer, float** args) noexcept nogil:
+        """Whether the call may run: no earlier call failed, the weights are staged."""
         if self.failed:                  # an earlier call failed: poison, do not run
             fill_nan(c.outs, c.n_outs, args)
-            return
+            return False
         if self.stale:
             self._fail_c(kid, layer, ERR_RUNTIME,
                          b"the weights are not staged: no stage_weights() has succeeded "
                          b"since bind() (or the last one failed)")
             fill_nan(c.outs, c.n_outs, args)
-            return
-        t0 = now_ms()
-        if kid == K_SDPA_BWD2 and self.pass_ok:
-            if self.probs_held and args[self.pass_in_arg] == self.engine_probs \
-                    and args[self.pass_in_arg + 1] == self.engine_dprobs:
-                # already in place: sdpaBwd1 wrote them into this very Surface
-                args[self.pass_in_arg] = NULL
-                args[self.pass_in_arg + 1] = NULL
-                self.passed_through += 1
-            else:
-                self.probs_held = False     # the caller's probs overwrite the held ones
-        if kid == K_SDPA_BWD1:
-            self.probs_held = False
-            if self.passthrough and self.pass_ok and not self.tracing \
-                    and args[self.pass_out_arg] == self.engine_probs \
-                    and args[self.pass_out_arg + 1] == self.engine_dprobs:
-                args[self.pass_out_arg] = NULL
-                args[self.pass_out_arg + 1] = NULL
-                self.probs_held = True
-        held = self._take_held(kid, layer, args, held_in)
+            return False
+        return True
+
+    cdef bint _pack(self, Call* c, int kid, int layer, float** args) noexcept nogil:
+        """Convert the activation arguments into the call's input Surface."""
+        cdef double t0
         if self.tracing:
             with gil:
                 self._trace_inputs(kid, layer, args)
+        t0 = now_ms()
         if surface_lock(c.inp) != 0:
             self._fail_c(kid, layer, ERR_RUNTIME, b"could not lock the input Surface")
             fill_nan(c.outs, c.n_outs, args)
-            return
+            return False
         run_in_moves(c.acts, c.n_acts, c.inp.base, args)
-        if held >= 0 and kid != K_SDPA_FWD \
-                and self._copy_held(kid, held, held_in, c.inp.base) != 0:
-            surface_unlock(c.inp)
-            fill_nan(c.outs, c.n_outs, args)
-            return
         surface_unlock(c.inp)
-        t1 = now_ms()
+        t0 = now_ms() - t0
+        self.io_ms += t0
+        self.io_in_ms[kid] += t0
+        return True
+
+    cdef bint _exec(self, Call* c, int kid, int layer, float** args) noexcept nogil:
         if self._execute(c, kid, layer) != 0:
-            self.probs_held = False
             fill_nan(c.outs, c.n_outs, args)
-            return
-        t2 = now_ms()
+            return False
+        return True
+
+    cdef bint _unpack(self, Call* c, int kid, int layer, float** args) noexcept nogil:
+        """Convert the call's output Surface into the output arguments."""
+        cdef double t0 = now_ms()
         if surface_lock(c.out) != 0:
-            self.probs_held = False
             self._fail_c(kid, layer, ERR_RUNTIME, b"could not lock the output Surface")
             fill_nan(c.outs, c.n_outs, args)
-            return
+            return False
         run_out_moves(c.outs, c.n_outs, c.out.base, args)
         surface_unlock(c.out)
-        if held >= 0 and kid == K_SDPA_FWD:
-            self.qkv_valid[layer] = True
-        t3 = now_ms()
-        self.io_ms += (t1 - t0) + (t3 - t2)
-        self.io_in_ms[kid] += t1 - t0
-        self.io_out_ms[kid] += t3 - t2
+        t0 = now_ms() - t0
+        self.io_ms += t0
+        self.io_out_ms[kid] += t0
         self.calls += 1
         if self.tracing:
             with gil:
                 self._trace_outputs(kid, args)
+        return True
 
-    cdef int _take_held(self, int kid, int layer, float** args, bint* held_in) noexcept nogil:
-        """The fp16 hold of q, k, v, before a call's packing. sdpaFwd: when the call writes
-        the engine's own q, k, v of its layer, returns the layer and drops those outputs
-        from args (they stay in fp16 in its output Surface). sdpaBwd1/2: when q is the
-        engine's q of a layer held so, returns that layer and drops from args each of q,
-        k_rep, v_rep that is the engine's (held_in[i]); _copy_held fills them. Else -1."""
-        cdef HoldSite* site
-        cdef int l, i
-        held_in[0] = held_in[1] = held_in[2] = False
-        if not self.hold_ok:
-            return -1
-        if kid == K_SDPA_FWD:
-            site = &self.hold_fwd
-            if self.passthrough and not self.tracing \
-                    and args[site.arg[0]] == self.engine_q[layer] \
-                    and args[site.arg[1]] == self.engine_k[layer] \
-                    and args[site.arg[2]] == self.engine_v[layer]:
-                for i in range(3):
-                    args[site.arg[i]] = NULL
-                return layer
-            return -1
-        if kid != K_SDPA_BWD1 and kid != K_SDPA_BWD2:
-            return -1
-        site = &self.hold_bwd1 if kid == K_SDPA_BWD1 else &self.hold_bwd2
-        for l in range(self.d.L):
-            if self.qkv_valid[l] and args[site.arg[0]] == self.engine_q[l]:
-                held_in[0] = True
-                # the engine passes its GQA-repeat buffers (left unfilled: qkv_held) or,
-                # without GQA, the layer's own k and v
-                held_in[1] = site.arg[1] >= 0 and (args[site.arg[1]] == self.engine_k[l]
-                                                   or args[site.arg[1]] == self.engine_k_rep)
-                held_in[2] = site.arg[2] >= 0 and (args[site.arg[2]] == self.engine_v[l]
-                                                   or args[site.arg[2]] == self.engine_v_rep)
-                for i in range(3):
-                    if held_in[i]:
-                        args[site.arg[i]] = NULL
-                self.held_calls += 1
-                return l
-        return -1
+    cdef void _run(self, int kid, int layer, float** args) noexcept nogil:
+        cdef Call* c = self._call(kid, layer)
+        if self._start(c, kid, layer, args) and self._pack(c, kid, layer, args) \
+                and self._exec(c, kid, layer, args):
+            self._unpack(c, kid, layer, args)
 
-    cdef int _copy_held(self, int kid, int held, const bint* held_in, char* base) noexcept nogil:
-        """Copy layer ``held``'s q, k, v (as held_in says) from its sdpaFwd output Surface into
-        this call's locked input Surface at ``base``, k and v repeated over each group of
-        query heads (GQA) as the programs read them; 0, or -1 after recording the error."""
+    # -- the attention state ------------------------------------------------------------------
+    cdef bint _keeps_fp16(self) noexcept nogil:
+        """Whether kept tensors stay fp16 (else they go through the fp32 buffers)."""
+        return self._passthrough and not self.tracing
+
+    cdef int _kept_qkv(self, int kid, int l, float** q, float** k_rep,
+                       float** v_rep) noexcept nogil:
+        """Where sdpaBwd1/2 of layer l find the q, k, v that sdpa_fwd(l) kept. KEPT_FP16:
+        in its output Surface (q, k_rep, v_rep stay NULL; _copy_held fills them in);
+        KEPT_FP32: q, k_rep, v_rep point at the fp32 buffers, k and v repeated over each
+        group of query heads; KEPT_NONE after recording the error (none kept)."""
         cdef Dims d = self.d
-        cdef SurfaceMem* src = self.plan[K_SDPA_FWD * d.L + held].out
+        cdef int kept = self.qkv_kept[l]
+        if kept == KEPT_NONE:
+            self._fail_c(kid, l, ERR_RUNTIME, b"no sdpa_fwd of this layer kept its q, k, v")
+        elif kept == KEPT_FP32:
+            q[0] = self.q32 + <Py_ssize_t>l * d.Q * d.S
+            if d.n_heads == d.n_kv_heads:
+                k_rep[0] = self.k32 + <Py_ssize_t>l * d.K * d.S
+                v_rep[0] = self.v32 + <Py_ssize_t>l * d.K * d.S
+                return kept
+            if self.rep_layer != l:
+                gqa_repeat(self.k32 + <Py_ssize_t>l * d.K * d.S, self.k_rep32, d.n_heads,
+                           d.n_kv_heads, d.hd, d.S)
+                gqa_repeat(self.v32 + <Py_ssize_t>l * d.K * d.S, self.v_rep32, d.n_heads,
+                           d.n_kv_heads, d.hd, d.S)
+                self.rep_layer = l
+            k_rep[0], v_rep[0] = self.k_rep32, self.v_rep32
+        return kept
+
+    cdef bint _copy_held(self, Call* c, int kid, int l, HoldSite* site,
+                         float** args) noexcept nogil:
+        """Copy layer l's q, k, v from its sdpaFwd output Surface into this call's input
+        Surface at `site` (sdpaBwd2 reads no v), k and v repeated over each group of query
+        heads (GQA) as the programs read them."""
+        cdef Dims d = self.d
+        cdef SurfaceMem* src = self._call(K_SDPA_FWD, l).out
         cdef Py_ssize_t block = <Py_ssize_t>d.hd * d.S
         cdef int ratio = d.n_heads // d.n_kv_heads
-        cdef HoldSite* site = &self.hold_bwd1 if kid == K_SDPA_BWD1 else &self.hold_bwd2
-        cdef uint16_t* dst = <uint16_t*>base
-        cdef const uint16_t* held_base
+        cdef const uint16_t* held
+        cdef uint16_t* dst
         cdef int i, h
+        cdef double t0 = now_ms()
+        if surface_lock(c.inp) != 0:
+            self._fail_c(kid, l, ERR_RUNTIME, b"could not lock the input Surface")
+            fill_nan(c.outs, c.n_outs, args)
+            return False
         if surface_lock(src) != 0:
-            self._fail_c(kid, -1, ERR_RUNTIME, b"could not lock sdpaFwd's output Surface")
-            return -1
-        held_base = <const uint16_t*>src.base
-        if held_in[0]:
-            memcpy(dst + site.off[0], held_base + self.hold_fwd.off[0],
-                   <Py_ssize_t>d.Q * d.S * sizeof(uint16_t))
+            surface_unlock(c.inp)
+            self._fail_c(kid, l, ERR_RUNTIME, b"could not lock sdpaFwd's output Surface")
+            fill_nan(c.outs, c.n_outs, args)
+            return False
+        held, dst = <const uint16_t*>src.base, <uint16_t*>c.inp.base
+        memcpy(dst + site.off[0], held + self.hold_fwd.off[0],
+               <Py_ssize_t>d.Q * d.S * sizeof(uint16_t))
         for i in range(1, 3):
-            if not held_in[i]:
+            if site.arg[i] < 0:
                 continue
-            if ratio == 1:
-                memcpy(dst + site.off[i], held_base + self.hold_fwd.off[i],
-                       <Py_ssize_t>d.K * d.S * sizeof(uint16_t))
-            else:
-                for h in range(d.n_heads):
-                    memcpy(dst + site.off[i] + h * block,
-                           held_base + self.hold_fwd.off[i] + (h // ratio) * block,
-                           block * sizeof(uint16_t))
+            for h in range(d.n_heads):
+                memcpy(dst + site.off[i] + h * block,
+                       held + self.hold_fwd.off[i] + (h // ratio) * block,
+                       block * sizeof(uint16_t))
         surface_unlock(src)
-        return 0
+        surface_unlock(c.inp)
+        self.held_calls += 1
+        t0 = now_ms() - t0
+        self.io_ms += t0
+        self.io_in_ms[kid] += t0
+        return True
 
     cdef void _trace_inputs(self, int kid, int layer, float** args):
         try:
-            ins, _ = _io(self, mil.KERNEL_NAMES[kid])
-            self._trace.append((mil.KERNEL_NAMES[kid], layer,
+            ins, _ = _io(self, KERNEL_NAMES[kid])
+            self._trace.append((KERNEL_NAMES[kid], layer,
                                 {n: _copy(args[i], c, self.d.S) for i, (n, c) in
                                  enumerate(ins)}, {}))
         except BaseException as e:
@@ -784,7 +805,7 @@ cdef class PackedKernels(Kernels):
 
     cdef void _trace_outputs(self, int kid, float** args):
         try:
-            ins, outs = _io(self, mil.KERNEL_NAMES[kid])
+            ins, outs = _io(self, KERNEL_NAMES[kid])
             got = self._trace[len(self._trace) - 1][3]
             for i, (n, c) in enumerate(outs):
                 if args[len(ins) + i] != NULL:
@@ -812,13 +833,27 @@ cdef class PackedKernels(Kernels):
         surface_unlock(c.out)
         return 0
 
-    # -- the ten kernels (docs/ARCHITECTURE.md) -----------------------------------------------
+    # -- the ten kernels (docs/ARCHITECTURE.md): pack, execute, unpack --------------------------
     cdef void sdpa_fwd(self, int l, const float* xnorm, float* attn, float* q, float* k, float* v,
                        float* q_raw, float* k_raw) noexcept nogil:
+        cdef Dims d = self.d
+        cdef Call* c = self._call(K_SDPA_FWD, l)
+        cdef int keep = KEPT_NONE
         cdef float* a[MAX_ARGS]
+        self.qkv_kept[l] = KEPT_NONE     # until this call has run
+        if self.rep_layer == l:
+            self.rep_layer = -1
+        if q == NULL:                    # KEPT: left in the output Surface, or unpacked to fp32
+            keep = KEPT_FP16 if self.hold_ok and self._keeps_fp16() else KEPT_FP32
+            if keep == KEPT_FP32:
+                q = self.q32 + <Py_ssize_t>l * d.Q * d.S
+                k = self.k32 + <Py_ssize_t>l * d.K * d.S
+                v = self.v32 + <Py_ssize_t>l * d.K * d.S
         a[0], a[1], a[2], a[3], a[4] = <float*>xnorm, attn, q, k, v
         a[5], a[6] = q_raw, k_raw
-        self._run(K_SDPA_FWD, l, a)
+        if self._start(c, K_SDPA_FWD, l, a) and self._pack(c, K_SDPA_FWD, l, a) \
+                and self._exec(c, K_SDPA_FWD, l, a) and self._unpack(c, K_SDPA_FWD, l, a):
+            self.qkv_kept[l] = keep
 
     cdef void wo_fwd(self, int l, const float* attn, float* o) noexcept nogil:
         cdef float* a[MAX_ARGS]
@@ -847,20 +882,63 @@ cdef class PackedKernels(Kernels):
         a[0], a[1] = <float*>dy, da
         self._run(K_WOT_BWD, l, a)
 
-    cdef void sdpa_bwd1(self, const float* q, const float* k_rep, const float* v_rep,
+    cdef void sdpa_bwd1(self, int l, const float* q, const float* k_rep, const float* v_rep,
                         const float* da, float* probs, float* dprobs,
                         float* dv_rep) noexcept nogil:
+        cdef Call* c = self._call(K_SDPA_BWD1, -1)
+        cdef int held = KEPT_NONE
+        cdef int keep = KEPT_NONE
         cdef float* a[MAX_ARGS]
         a[0], a[1], a[2], a[3] = <float*>q, <float*>k_rep, <float*>v_rep, <float*>da
         a[4], a[5], a[6] = probs, dprobs, dv_rep
-        self._run(K_SDPA_BWD1, -1, a)
+        self.probs_kept = KEPT_NONE      # this call's output overwrites them
+        if not self._start(c, K_SDPA_BWD1, -1, a):
+            return
+        if q == NULL:                    # KEPT: layer l's, from sdpa_fwd(l)
+            held = self._kept_qkv(K_SDPA_BWD1, l, &a[0], &a[1], &a[2])
+            if held == KEPT_NONE:
+                fill_nan(c.outs, c.n_outs, a)
+                return
+        if probs == NULL:                # KEPT: left where sdpaBwd2 reads them, or in fp32
+            keep = KEPT_FP16 if self.pass_ok and self._keeps_fp16() else KEPT_FP32
+            if keep == KEPT_FP32:
+                a[4], a[5] = self.probs32, self.dprobs32
+        if self._pack(c, K_SDPA_BWD1, -1, a) \
+                and (held != KEPT_FP16 or self._copy_held(c, K_SDPA_BWD1, l, &self.hold_bwd1, a)) \
+                and self._exec(c, K_SDPA_BWD1, -1, a) and self._unpack(c, K_SDPA_BWD1, -1, a):
+            self.probs_kept, self.probs_layer = keep, l
 
-    cdef void sdpa_bwd2(self, const float* probs, const float* dprobs, const float* q,
+    cdef void sdpa_bwd2(self, int l, const float* probs, const float* dprobs, const float* q,
                         const float* k_rep, float* dq, float* dk_rep) noexcept nogil:
+        cdef Call* c = self._call(K_SDPA_BWD2, -1)
+        cdef int held = KEPT_NONE
+        cdef float* unused
         cdef float* a[MAX_ARGS]
         a[0], a[1], a[2], a[3] = <float*>probs, <float*>dprobs, <float*>q, <float*>k_rep
         a[4], a[5] = dq, dk_rep
-        self._run(K_SDPA_BWD2, -1, a)
+        if not self._start(c, K_SDPA_BWD2, -1, a):
+            return
+        if probs == NULL:                # KEPT: sdpa_bwd1(l)'s
+            if self.probs_kept == KEPT_NONE or self.probs_layer != l:
+                self._fail_c(K_SDPA_BWD2, l, ERR_RUNTIME,
+                             b"no sdpa_bwd1 of this layer kept its probs and dprobs")
+                fill_nan(c.outs, c.n_outs, a)
+                return
+            if self.probs_kept == KEPT_FP32:
+                a[0], a[1] = self.probs32, self.dprobs32
+            else:                        # already in place: sdpaBwd1 wrote this very Surface
+                self.passed_through += 1
+        elif self.probs_kept == KEPT_FP16:
+            self.probs_kept = KEPT_NONE  # the caller's probs overwrite the kept ones
+        if q == NULL:                    # KEPT: layer l's, from sdpa_fwd(l)
+            held = self._kept_qkv(K_SDPA_BWD2, l, &a[2], &a[3], &unused)
+            if held == KEPT_NONE:
+                fill_nan(c.outs, c.n_outs, a)
+                return
+        if self._pack(c, K_SDPA_BWD2, -1, a) \
+                and (held != KEPT_FP16 or self._copy_held(c, K_SDPA_BWD2, l, &self.hold_bwd2, a)) \
+                and self._exec(c, K_SDPA_BWD2, -1, a):
+            self._unpack(c, K_SDPA_BWD2, -1, a)
 
     cdef void q_bwd(self, int l, const float* dq, float* dx) noexcept nogil:
         cdef float* a[MAX_ARGS]
@@ -871,7 +949,6 @@ cdef class PackedKernels(Kernels):
         cdef float* a[MAX_ARGS]
         a[0], a[1], a[2] = <float*>dk, <float*>dv, dx
         self._run(K_KV_BWD, l, a)
-
 
 cdef object _copy(const float* p, Py_ssize_t rows, Py_ssize_t cols):
     if p == NULL:
@@ -884,13 +961,13 @@ def _io(Kernels k, str kernel):
     """(inputs, outputs) of MIL kernel ``kernel`` for k's dimensions, from the layout
     table: lists of (name, channels), each array being fp32 [channels, seq_len]."""
     cdef Dims d = k.d
-    spec = mil.KERNELS[kernel]
+    spec = KERNELS[kernel]
     syms = dict(D=d.D, H=d.H, Q=d.Q, K=d.K, S=d.S, P=d.n_heads * d.S, HD=d.hd)
     present = lambda when: when == "" or (when == "qk_norm" and d.qk_norm)
-    C = mil._size(spec.channels, syms)
-    ins = [(b.name, mil._size(b.size, syms) if spec.packing == "channels" else C)
+    C = _size(spec.channels, syms)
+    ins = [(b.name, _size(b.size, syms) if spec.packing == "channels" else C)
            for b in spec.inputs if b.kind == "act" and present(b.when)]
-    outs = [(o.name, mil._size(o.size, syms)) for o in spec.outputs if present(o.when)]
+    outs = [(o.name, _size(o.size, syms)) for o in spec.outputs if present(o.when)]
     return ins, outs
 
 
@@ -922,7 +999,7 @@ cdef class SimKernels(PackedKernels):
             return -1
         with gil:
             try:
-                k = mil.KERNEL_NAMES[kid]
+                k = KERNEL_NAMES[kid]
                 y = self.programs[k].run(self.input_buffer(k, layer))
                 out = self.output_buffer(k, max(layer, 0))
                 np.copyto(out, y.reshape(out.shape))
@@ -987,7 +1064,7 @@ cdef class AneKernels(PackedKernels):
                      for k in WEIGHTED} for l in range(d.L)]
         shared = {k: compiled[k].bind(self.input_surface(k), self.output_surface(k))
                   for k in SHARED}
-        for kid, k in enumerate(mil.KERNEL_NAMES):
+        for kid, k in enumerate(KERNEL_NAMES):
             for l in (range(d.L) if k in WEIGHTED else (0,)):
                 req = requests[l][k] if k in WEIGHTED else shared[k]
                 self.plan[kid * d.L + l].ev = (<AneKernel>compiled[k]).evaluator(req)
@@ -1001,7 +1078,7 @@ cdef class AneKernels(PackedKernels):
             raise RuntimeError("the ane backend is not bound to an Engine")
         if not 0 <= layer < self.d.L:
             raise IndexError(f"layer {layer} is outside [0, {self.d.L})")
-        cdef int kid = mil.KERNEL_NAMES.index(kernel)
+        cdef int kid = KERNEL_NAMES.index(kernel)
         cdef Call* c = &self.plan[kid * self.d.L + (layer if kernel in WEIGHTED else 0)]
         cdef char err[ERR_LEN]
         cdef int rc

@@ -16,20 +16,21 @@ def available():
     ``resolve("auto")`` picks ``ane`` when it is listed, else ``cpu``; ``sim`` (the ANE's
     programs run by a slow numpy interpreter, for testing) is never picked by ``auto``."""
     names = ["cpu", "sim"]
-    if _ane_status()[0]:
+    if ane_status()[0]:
         names.append("ane")
     return names
 
 
-def _ane_status():
-    """(usable, why not) for the Apple Neural Engine in this process."""
+def ane_status():
+    """(usable, why not) for the Apple Neural Engine in this process: the one check, read by
+    ``available`` and by ``anecy selftest``."""
     from ._ane_runtime import ane_available
     return ane_available()
 
 
 def _why_unavailable(name):
     if name == "ane":
-        ok, why = _ane_status()
+        ok, why = ane_status()
         if not ok:
             return f"the ane backend is unavailable: {why}"
         return "the ane backend is not part of this build"
@@ -63,16 +64,21 @@ DYNAMIC_LOSS_SCALE = {"cpu": False, "sim": True, "ane": True}
 DEFAULT_ASYNC_DW = {"cpu": False, "sim": True, "ane": True}
 
 
-def make_kernels(name):
-    """A fresh Kernels object for a resolved backend name."""
-    name = resolve(name)
+def kernels_class(name):
+    """The Kernels class of backend ``name``, whether or not this machine can run it: the
+    one place that knows which module holds each."""
     if name == "cpu":
         from ._engine import CpuKernels
-        return CpuKernels()
+        return CpuKernels
     if name == "sim":
         from ._packed import SimKernels
-        return SimKernels()
+        return SimKernels
     if name == "ane":
         from ._packed import AneKernels
-        return AneKernels()
+        return AneKernels
     raise BackendUnavailable(_why_unavailable(name))
+
+
+def make_kernels(name):
+    """A fresh Kernels object for a resolved backend name."""
+    return kernels_class(resolve(name))()

@@ -48,11 +48,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CheckpointError
+from .errors import CheckpointError, cannot_read
 from .fileio import StagedWrite
 
 FORMAT_VERSION = 1
 MAGIC = b"ANECYCKP"
+TRAINING_CHECKPOINT = "anecy-train"   # meta["kind"] of a Trainer's checkpoints
 END_MARKER = b"CEND"
 ALIGN = 64
 # bytes per write/read+CRC step: big enough for full speed, small enough for the cache
@@ -271,7 +272,7 @@ def read_checkpoint_meta(path) -> dict:
         try:
             doc, _, _ = _read_header(f, path)
         except OSError as e:
-            raise CheckpointError(f"checkpoint {path}: cannot read: {e.strerror or e}") from None
+            raise cannot_read(f"checkpoint {path}", e, kind=CheckpointError) from None
     arrays = {e["name"]: {k: e[k] for k in ("dtype", "shape", "offset", "nbytes")}
               for e in doc["arrays"]}
     return {"format_version": FORMAT_VERSION, "meta": doc["meta"], "arrays": arrays}
@@ -283,7 +284,7 @@ def _open(path):
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint {path}: no such file") from None
     except OSError as e:
-        raise CheckpointError(f"checkpoint {path}: cannot open: {e.strerror or e}") from None
+        raise cannot_read(f"checkpoint {path}", e, kind=CheckpointError) from None
 
 
 def _read_into(f, buf: memoryview, crc: int, path) -> int:
@@ -365,7 +366,7 @@ def load_checkpoint(
             crc = zlib.crc32(_read_exact(f, total - _TRAILER.size - pos, path, "payload"), crc)
             stored, marker = _TRAILER.unpack(_read_exact(f, _TRAILER.size, path, "checksum"))
         except OSError as e:
-            raise CheckpointError(f"checkpoint {path}: cannot read: {e.strerror or e}") from None
+            raise cannot_read(f"checkpoint {path}", e, kind=CheckpointError) from None
     if marker != END_MARKER or stored != crc:
         err = CheckpointError(f"checkpoint {path}: corrupt (checksum mismatch)")
         err.into_partial = bool(into)    # for callers: their into= arrays were written to

@@ -8,43 +8,11 @@ import argparse
 import importlib
 import sys
 
+from .commands._args import Parser
 from .errors import AnecyError
 
 # command name -> module in anecy.commands, in the order `anecy --help` lists them
 COMMANDS = ("train", "prepare", "download", "plot", "sample", "export", "eval", "selftest")
-
-
-class Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line and status 2, as for every other bad input
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def integer(minimum, what):
-    """An argparse type: an integer >= minimum (``what`` describes it in the error)."""
-    def parse(text):
-        try:
-            value = int(text)
-        except ValueError:
-            value = None
-        if value is None or value < minimum:
-            raise argparse.ArgumentTypeError(f"expected {what} integer, got {text!r}")
-        return value
-    return parse
-
-
-positive_int = integer(1, "a positive")
-non_negative_int = integer(0, "a non-negative")
-
-
-def number(text):
-    """An argparse type: a finite float."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if value != value or value in (float("inf"), float("-inf")):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
 
 
 def run_command(prog: str, run, args) -> int:

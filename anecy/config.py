@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
 from .backends import BACKENDS
-from .errors import ConfigError
+from .errors import CheckpointError, ConfigError
 
 ROPE_STYLES = ("interleaved", "half")
 
@@ -90,6 +90,27 @@ class ModelConfig:
         emb = self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
         return emb + self.n_layers * per_layer + self.dim
 
+    # -- comparison ------------------------------------------------------------------------
+    # The fields that decide what a model's weights are and mean, whatever file holds them
+    # (seq_len is only the training window; rope_style and residual_scale say how a format's
+    # weights are read, which each reader checks for itself).
+    WEIGHT_FIELDS = ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "vocab_size", "qk_norm", "tie_embeddings", "norm_eps", "rope_theta")
+
+    def differences(self, other: "ModelConfig", names=None) -> list:
+        """The names of the fields (``names``, default all) in which ``other`` differs."""
+        names = names or [f.name for f in fields(self)]
+        return [n for n in names if getattr(self, n) != getattr(other, n)]
+
+    def require_same(self, theirs: "ModelConfig", source, names=None, *, than: str = "",
+                     advice: str = ""):
+        """CheckpointError "<source> holds another model<than> (differs in ...)<advice>"
+        unless ``theirs`` (the model in ``source``) agrees on ``names`` (default: all)."""
+        diff = self.differences(theirs, names)
+        if diff:
+            raise CheckpointError(f"{source} holds another model{than} (differs in "
+                                  f"{', '.join(diff)}){advice}")
+
     # -- serialisation ---------------------------------------------------------------------
     def to_dict(self) -> dict:
         return asdict(self)
@@ -147,8 +168,8 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8
     loss_scale: Optional[float] = None  # static loss scale; None: the backend's default
-                                        # (1 on cpu; dynamic from 4096 on fp16 backends);
-                                        # unscaled before clip
+                                        # (backends.DEFAULT_LOSS_SCALE, dynamic on fp16
+                                        # backends); unscaled before clip
     loss_scale_growth: int = 2000   # clean updates before a dynamic loss scale doubles
     seed: int = 0
     compact_vocab: bool = True

@@ -11,7 +11,7 @@ stronger one. This module has Apple's toolchain read every generated program:
   inference compute every op; each output block must lie within ``VALUE_ULPS`` fp16 ulps
   (of the block's largest value) of milsim's result on the same input.
 - **blobs**: every BLOBFILE is read by coremltools' own blob storage reader and must hold
-  the values anecy's reader (``mil.read_blob``) finds.
+  the values anecy's reader (``blob.read_blob``) finds.
 - **package**: the program is serialized to an iOS18 ``.mlpackage`` with an empty pass
   pipeline (so it stays as written), and the weights stored there must read back bit for
   bit.
@@ -42,13 +42,13 @@ from pathlib import Path
 import numpy as np
 
 from . import mil, milsim
+from .blob import read_blob
 from .errors import BackendUnavailable
+from .kernel_layout import layout, pack_input
 
-__all__ = ["CheckFailure", "ProgramCheck", "VALUE_ULPS", "DEVICE_ULPS", "load_coremltools",
+__all__ = ["CheckFailure", "ProgramCheck", "VALUE_ULPS", "load_coremltools",
            "check_program", "check_kernel", "block_ulps", "random_input", "write_blobs",
-           "check_package", "coreml_prediction_status", "coreml_predictor",
-           "ane_kernels_class", "ane_status", "ane_runner", "with_probs_of",
-           "sdpa_backward_chain_reference"]
+           "check_package"]
 
 # coremltools' const-folded values against milsim's, in fp16 ulps of each output block's
 # largest value: one for the output's own rounding, one for what the ops before it that
@@ -57,11 +57,6 @@ __all__ = ["CheckFailure", "ProgramCheck", "VALUE_ULPS", "DEVICE_ULPS", "load_co
 # measurements (2 is reached, never exceeded). A wrong op, parameter or layout errs by
 # hundreds of ulps.
 VALUE_ULPS = 2.0
-# A device (the ANE, or Core ML's prediction) against milsim. The sim backend's fp16 error
-# against exact arithmetic is bounded by up to 16 U = 2^-7 of a block's largest value, i.e.
-# 8-16 ulps (tests/fp16_bounds.py); an independent fp16 implementation held to the same
-# bound can differ from milsim by twice that. Unverified on hardware.
-DEVICE_ULPS = 32.0
 
 _OPSET = "iOS18"
 
@@ -175,7 +170,7 @@ def random_input(kernel: str, cfg, seed: int = 0) -> np.ndarray:
     """A packed fp16 input [1, C, 1, W] for ``kernel`` whose values keep its outputs of
     order one, as in training: activations N(0, 1), weight matrices N(0, 1/C) (C: the
     kernel's input channels), norm weights near 1."""
-    lay = mil.layout(kernel, cfg)
+    lay = layout(kernel, cfg)
     rng = np.random.default_rng(seed)
     C = lay.in_shape[1]
     arrays = {}
@@ -186,7 +181,7 @@ def random_input(kernel: str, cfg, seed: int = 0) -> np.ndarray:
         if b.kind == "weight":
             a = 1 + 0.1 * a if b.place == "vec" else a / np.sqrt(C)
         arrays[b.name] = a
-    return mil.pack_input(kernel, cfg, **arrays).reshape(lay.in_shape)
+    return pack_input(kernel, cfg, **arrays).reshape(lay.in_shape)
 
 
 def _ulp(v) -> float:
@@ -197,7 +192,7 @@ def _ulp(v) -> float:
 def block_ulps(kernel: str, cfg, got, ref) -> dict[str, float]:
     """Per output block of ``kernel``: max |got - ref| in fp16 ulps of the block's largest
     |ref| (inf if either holds a non-finite value where the other does not)."""
-    lay = mil.layout(kernel, cfg)
+    lay = layout(kernel, cfg)
     _, C, _, S = lay.out_shape
     g = np.asarray(got, np.float32).reshape(C, S)
     r = np.asarray(ref, np.float32).reshape(C, S)
@@ -276,7 +271,7 @@ def _const_value(kernel, st, blob_files, counter):
                                                 f"in the program's blob set")
         got = _read_blob_ct(kernel, blob_files[path], offset, path)
         try:
-            ours = mil.read_blob(blob_files[path].read_bytes(), offset)
+            ours = read_blob(blob_files[path].read_bytes(), offset)
         except ValueError as e:
             raise CheckFailure(kernel, "blobs", f"{path}: coremltools reads it but anecy's "
                                                 f"reader does not: {e}") from None
@@ -411,7 +406,7 @@ def check_package(program, package) -> int:
     for st in parsed.stmts:
         v = st.attrs.get("val")
         if st.op == "const" and v is not None and v[0] == "blob":
-            want[st.var] = mil.read_blob(program.blobs[v[2]], v[3])
+            want[st.var] = read_blob(program.blobs[v[2]], v[3])
     package = Path(package)
     spec = ct.utils.load_spec(str(package))
     if spec.specificationVersion != _SPEC_VERSION:
@@ -510,126 +505,3 @@ def check_kernel(kernel: str, cfg, seed: int | None = 0, workdir=None,
     only when ``seed`` is None)."""
     x = None if seed is None else random_input(kernel, cfg, seed)
     return check_program(mil.generate(kernel, cfg), cfg, x, workdir, package)
-
-
-# =========================================================================================
-# Core ML's public prediction API (macOS)
-# =========================================================================================
-
-def coreml_prediction_status():
-    """(usable, why not) for running a package through Core ML's public API here."""
-    if sys.platform != "darwin":
-        return False, f"Core ML runs only on macOS (this is {sys.platform})"
-    try:
-        load_coremltools()
-    except BackendUnavailable as e:
-        return False, str(e)
-    try:
-        with _quiet():
-            from coremltools.libcoremlpython import _MLModelProxy  # noqa: F401
-    except ImportError as e:
-        return False, f"coremltools has no Core ML bindings here ({e})"
-    return True, ""
-
-
-def coreml_predictor(compute_units: str = "CPU_AND_NE"):
-    """A function (package path, fp16 input) -> fp16 output through
-    ``coremltools.models.MLModel(..., compute_units=...)``. macOS only."""
-    ct = load_coremltools()
-    units = getattr(ct.ComputeUnit, compute_units)
-
-    def predict(package, x):
-        model = ct.models.MLModel(str(package), compute_units=units)
-        spec = model.get_spec()
-        name_in = spec.description.input[0].name
-        name_out = spec.description.output[0].name
-        y = model.predict({name_in: np.asarray(x, np.float16)})[name_out]
-        return np.asarray(y).astype(np.float16)
-    return predict
-
-
-
-# =========================================================================================
-# The ane backend (private API, macOS on Apple Silicon)
-# =========================================================================================
-
-def ane_kernels_class():
-    """The ane backend's Kernels class. The one place that knows which module holds it."""
-    from ._packed import AneKernels
-    return AneKernels
-
-
-def ane_status():
-    """(usable, why not) for the Apple Neural Engine in this process."""
-    from ._ane_runtime import ane_available
-    return ane_available()
-
-
-def ane_runner(cfg, kernel_factory=None):
-    """A function (kernel, fp16 input [1, C, 1, W]) -> fp16 output [1, C', 1, S] that runs
-    the ane backend's own compiled program on exactly that input: an ``AneKernels`` bound to
-    a cpu Model of ``cfg`` (which gives it its Surfaces and compiles the ten programs once),
-    the input written into the kernel's input Surface, then ``execute``. The input carries
-    its weights, so nothing is staged. ``kernel_factory`` replaces the private-API
-    ``AneKernel`` (tests)."""
-    from .model import Model
-    AneKernels = ane_kernels_class()
-    model = Model(cfg, backend="cpu", seed=0)
-    kernels = AneKernels() if kernel_factory is None else AneKernels(kernel_factory)
-    kernels.bind(model.engine)
-
-    def run(kernel, x):
-        lay = mil.layout(kernel, cfg)
-        src, dst = kernels.input_surface(kernel, 0), kernels.output_surface(kernel)
-        with src:
-            kernels.input_buffer(kernel, 0)[...] = np.asarray(x, np.float16).reshape(
-                lay.in_shape[1], lay.in_shape[3])
-        kernels.execute(kernel, 0)     # the ANE must not run on locked Surfaces
-        with dst:
-            y = np.array(kernels.output_buffer(kernel), np.float16)
-        return y.reshape(lay.out_shape)
-    def chain(x1, x2):
-        """sdpaBwd1 on x1, then sdpaBwd2 on the probs/dprobs sdpaBwd1 left for it, with
-        x2's q and k_rep packed around them, as training runs the two (their shared
-        Surface: sdpaBwd1's output is sdpaBwd2's input); sdpaBwd2's fp16 output."""
-        y1 = run("sdpaBwd1", x1)
-        lay = mil.layout("sdpaBwd2", cfg)
-        x = with_probs_of(cfg, x2, y1).reshape(lay.in_shape[1], lay.in_shape[3])
-        dst = kernels.input_surface("sdpaBwd2")
-        shared = kernels.output_surface("sdpaBwd1") is dst
-        buf = kernels.input_buffer("sdpaBwd2")
-        with dst:
-            for b in lay.inputs:
-                if not (shared and b.name in ("probs", "dprobs")):
-                    rows, cols = slice(b.row0, b.row0 + b.rows), slice(b.col0, b.col0 + b.cols)
-                    buf[rows, cols] = x[rows, cols]
-        kernels.execute("sdpaBwd2", 0)
-        with kernels.output_surface("sdpaBwd2"):
-            y = np.array(kernels.output_buffer("sdpaBwd2"), np.float16)
-        return y.reshape(lay.out_shape)
-
-    run.model = model        # the kernels view its weights: keep them alive with run
-    run.kernels = kernels
-    run.chain = chain
-    return run
-
-
-def with_probs_of(cfg, x2, y1) -> np.ndarray:
-    """sdpaBwd2's packed input ``x2`` with its probs and dprobs replaced by those of
-    sdpaBwd1's output ``y1``: what training feeds sdpaBwd2."""
-    lay1, lay2 = mil.layout("sdpaBwd1", cfg), mil.layout("sdpaBwd2", cfg)
-    S = cfg.seq_len
-    out = np.asarray(y1, np.float16).reshape(lay1.out_shape[1], S)
-    x = np.array(x2, np.float16).reshape(lay2.in_shape[1], lay2.in_shape[3])
-    rows1 = {n: (r0, n_rows) for n, r0, n_rows in lay1.outputs}
-    for b in lay2.inputs:
-        if b.name in ("probs", "dprobs"):
-            r0, n_rows = rows1[b.name]
-            x[b.row0:b.row0 + b.rows, b.col0:b.col0 + b.cols] = out[r0:r0 + n_rows]
-    return x.reshape(lay2.in_shape)
-
-
-def sdpa_backward_chain_reference(cfg, x1, x2) -> np.ndarray:
-    """milsim's sdpaBwd1 on x1, then its sdpaBwd2 on with_probs_of(x2, that output)."""
-    y1 = milsim.run(mil.generate("sdpaBwd1", cfg), x1)
-    return milsim.run(mil.generate("sdpaBwd2", cfg), with_probs_of(cfg, x2, y1))

@@ -18,6 +18,7 @@ import numpy as np
 
 BOS = 1
 DEFAULT_TOKENS = 1_500_000
+NAME = "built-in corpus"   # how runs, checkpoints and samplers name these tokens
 
 BUILTIN_NOTICE = (
     "no TinyStories token file found: training on anecy's built-in corpus of simple stories; "

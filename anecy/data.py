@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataError
+from . import corpus
+from .errors import DataError, cannot_read
 
 DEFAULT_DATA = "tinystories_data00.bin"
 SIDECAR_FORMAT = "anecy-tokens-1"
@@ -29,17 +30,27 @@ def _chunks(tokens):
         yield start, np.asarray(tokens[start:start + _CHUNK])
 
 
-def _check_ids(tokens, vocab_size, where):
-    if np.asarray(tokens[:0]).dtype.kind not in "iu":  # 3.7 must not be read as token 3
-        raise DataError(f"{where}: token ids must be integers, got {tokens.dtype}")
-    for start, chunk in _chunks(tokens):
-        if chunk.size and chunk.min() < 0:
-            i = int(np.argmax(chunk < 0))
-            raise DataError(f"{where}: token id {chunk[i]} at position {start + i} is negative")
-        if chunk.max() >= vocab_size:
-            i = int(np.argmax(chunk >= vocab_size))
-            raise DataError(f"{where}: token id {chunk[i]} at position {start + i} is not below "
-                            f"vocab_size {vocab_size}")
+def first_bad_id(ids, vocab_size):
+    """(position, id) of the first id outside [0, vocab_size) in ``ids`` (an array, a token
+    file's memmap, a list), or None when there is none."""
+    for start, chunk in _chunks(ids):
+        if not chunk.size or (chunk.min() >= 0 and chunk.max() < vocab_size):
+            continue
+        i = int(np.argmax((chunk < 0) | (chunk >= vocab_size)))
+        return start + i, chunk[i]
+    return None
+
+
+def check_ids(tokens, vocab_size, where):
+    """DataError naming ``where`` unless ``tokens`` are integer ids below ``vocab_size``."""
+    dtype = np.asarray(tokens[:0]).dtype
+    if dtype.kind not in "iu":  # 3.7 must not be read as token 3
+        raise DataError(f"{where}: token ids must be integers, got {dtype}")
+    bad = first_bad_id(tokens, vocab_size)
+    if bad is not None:
+        i, value = bad
+        why = "is negative" if value < 0 else f"is not below vocab_size {vocab_size}"
+        raise DataError(f"{where}: token id {value} at position {i} {why}")
 
 
 def token_dtype(vocab_size) -> np.dtype:
@@ -66,7 +77,7 @@ def read_sidecar(path) -> "dict | None":
     except FileNotFoundError:
         return None
     except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{side}: cannot read token file sidecar ({e})") from None
+        raise cannot_read(side, e, "token file sidecar", DataError) from None
     try:
         meta = json.loads(text)
     except ValueError as e:
@@ -96,7 +107,7 @@ def open_tokens(path, vocab_size, seq_len) -> np.ndarray:
     except FileNotFoundError:
         raise DataError(f"{path}: no such token file") from None
     except OSError as e:
-        raise DataError(f"{path}: cannot read token file ({e.strerror or e})") from None
+        raise cannot_read(path, e, "token file", DataError) from None
     meta = read_sidecar(path)
     if meta is None:
         dtype = token_dtype(vocab_size)
@@ -119,7 +130,7 @@ def open_tokens(path, vocab_size, seq_len) -> np.ndarray:
     if n < seq_len + 1:
         raise DataError(f"{path}: {n} tokens, need at least seq_len + 1 = {seq_len + 1}")
     tokens = np.memmap(path, dtype=dtype, mode="r")
-    _check_ids(tokens, vocab_size, path)
+    check_ids(tokens, vocab_size, path)
     return tokens
 
 
@@ -147,6 +158,29 @@ def open_held_out(path, vocab_size, seq_len) -> "np.ndarray | None":
 def default_data_path() -> Path:
     """``$ANECY_DATA`` if set, else tinystories_data00.bin in the working directory."""
     return Path(os.environ.get("ANECY_DATA") or DEFAULT_DATA)
+
+
+def load_training_data(cfg, data_path=None, tokens=None, log=print):
+    """(tokens, their name, held-out tokens or None) for training ``cfg``: the given token
+    array, else the named file, else the default TinyStories file, else the built-in corpus
+    (logging a notice that says how to get TinyStories). A token file's held-out part is the
+    file `anecy prepare --val-frac` wrote beside it."""
+    if tokens is not None:
+        tokens = np.asarray(tokens)
+        check_ids(tokens, cfg.vocab_size, "given tokens")
+        return tokens, "given tokens", None
+    path = Path(data_path) if data_path is not None else default_data_path()
+    if data_path is None and not path.exists():
+        if cfg.vocab_size < 32000:
+            raise DataError(f"no token file at {path}, and the {corpus.NAME} needs the Llama-2 "
+                            f"vocabulary (32000 tokens; this model has {cfg.vocab_size})")
+        log(corpus.BUILTIN_NOTICE)
+        return corpus.builtin_tokens(), corpus.NAME, None
+    tokens = open_tokens(path, cfg.vocab_size, cfg.seq_len)
+    held_out = open_held_out(path, cfg.vocab_size, cfg.seq_len)
+    if held_out is not None:
+        log(f"held-out data: {held_out.filename}")
+    return tokens, str(data_path if data_path is not None else path), held_out
 
 
 class TokenSampler:
@@ -233,7 +267,7 @@ class VocabMap:
         held-out tokens)."""
         used = np.zeros(vocab_size, dtype=bool)
         for array in (tokens, *more):
-            _check_ids(array, vocab_size, "token data")
+            check_ids(array, vocab_size, "token data")
             for _, chunk in _chunks(array):
                 used |= np.bincount(chunk, minlength=vocab_size) > 0
         return cls(np.flatnonzero(used), vocab_size)

@@ -21,10 +21,10 @@ split.
 import shutil
 from pathlib import Path
 
-from . import tokenizer as tokenizers
-from .data import open_tokens, read_sidecar
 from .errors import AnecyError
-from .prepare import check_writable, prepare, write_sidecar
+
+# The tokenizers, token files and the preparing are imported inside the functions that use
+# them: `anecy download --help` reads the names below and loads no more.
 
 DATASET_REPO = "roneneldan/TinyStories"
 TRAIN_FILE = "TinyStories-train.txt"
@@ -95,7 +95,9 @@ def fetch(repo_id: str, filename: str, repo_type: str, directory: Path,
                          "online") from None
 
 
-def check_llama2(path) -> "tokenizers.Tokenizer":
+def check_llama2(path):
+    """The Llama 2 tokenizer at ``path`` (a Tokenizer), checked on a probe sentence."""
+    from . import tokenizer as tokenizers
     tok = tokenizers.load(path)
     text, ids = LLAMA2_PROBE
     if tok.vocab_size != 32000 or tok.encode(text) != ids:
@@ -148,6 +150,7 @@ def _copy_range(src: Path, dst: Path, start: int, end: int):
 
 
 def _already_prepared(path: Path) -> bool:
+    from .data import open_tokens, read_sidecar
     try:
         meta = read_sidecar(path)
         return meta is not None and open_tokens(path, meta["vocab_size"], 0) is not None
@@ -162,6 +165,8 @@ def tinystories(directory=".", shards=1, repo=DATASET_REPO, train_file=TRAIN_FIL
     """Fetch TinyStories and the Llama-2 tokenizer and prepare the first ``shards`` of
     ``SHARDS`` training shards and the validation file in ``directory``; returns the paths
     of the training shards."""
+    from .data import read_sidecar
+    from .prepare import check_writable, prepare, write_sidecar
     if not 1 <= shards <= SHARDS:
         raise AnecyError(f"--shards must be between 1 and {SHARDS}, got {shards}")
     directory = Path(directory)

@@ -28,3 +28,14 @@ class BackendUnavailable(AnecyError, RuntimeError):
 
 class OutputError(AnecyError):
     """An output file (checkpoint, metrics, export) that cannot be written."""
+
+
+class TrainingDiverged(AnecyError):
+    """The loss, the gradient, a parameter or an Adam moment became NaN or infinite."""
+
+
+def cannot_read(path, error: Exception, what: str = "", kind=AnecyError) -> AnecyError:
+    """The one-line error for a file that is there but cannot be read: ``{path}: cannot read
+    [what] ({why})``, as a ``kind`` (an AnecyError subclass) to raise ``from None``."""
+    why = getattr(error, "strerror", None) or error
+    return kind(f"{path}: cannot read{' ' + what if what else ''} ({why})")

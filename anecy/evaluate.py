@@ -1,9 +1,8 @@
 """Scoring a model on held-out tokens: mean cross-entropy and perplexity over a token file.
 
-The loss of a position is log-sum-exp of its logits minus the target's logit, with the row's
-maximum subtracted first (a stable log-softmax), so it is the same number whatever the
-logits' scale. ``anecy eval`` scores every non-overlapping window of
-``seq_len + 1`` tokens (inputs and their next tokens) over the full vocabulary."""
+``anecy eval`` scores every non-overlapping window of ``seq_len + 1`` tokens (inputs and
+their next tokens) over the full vocabulary, with the engine's own cross-entropy
+(``Model.loss``, the forward pass and stable log-softmax of training, without a gradient)."""
 
 import math
 import time
@@ -11,20 +10,6 @@ import time
 import numpy as np
 
 from .model import Model
-
-
-def token_losses(logits, targets) -> np.ndarray:
-    """Cross-entropy [S] (float64) of each position: logits [S, V], targets [S] (column
-    indices). exp runs in float32 on logits minus their row's maximum (all <= 0, so nothing
-    overflows) and is summed in float64: half the memory traffic of a float64 pass over a
-    [S, V] array, at float32's 1e-7 relative error per term."""
-    logits = np.asarray(logits, np.float32)
-    targets = np.asarray(targets, np.int64)
-    mx = logits.max(axis=1, keepdims=True)
-    shifted = logits - mx
-    np.exp(shifted, out=shifted)
-    lse = np.log(shifted.sum(axis=1, dtype=np.float64)) + mx[:, 0].astype(np.float64)
-    return lse - logits[np.arange(len(targets)), targets].astype(np.float64)
 
 
 def windows(n_tokens: int, seq_len: int, max_windows=None) -> int:
@@ -47,7 +32,7 @@ def evaluate(model: Model, tokens, max_windows=None, progress: bool = False) -> 
     try:
         for w in range(n):
             window = np.asarray(tokens[w * S:w * S + S + 1], np.int64)
-            total += float(token_losses(model.logits(window[:-1]), window[1:]).sum())
+            total += model.loss(window[:-1], window[1:]) * S   # every window has S targets
             bar.update(S)
             bar.set_postfix(loss=f"{total / ((w + 1) * S):.4f}", refresh=False)
     finally:

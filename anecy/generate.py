@@ -19,6 +19,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from ._ops import rope_tables
+from .data import first_bad_id
 from .errors import AnecyError, ConfigError
 from .model import Model
 
@@ -144,7 +145,7 @@ class Decoder:
             raise ConfigError("no tokens to decode")
         if p1 > self.max_len:
             raise ConfigError(f"{p1} positions exceed the context of {self.max_len} tokens")
-        if ids.min() < 0 or ids.max() >= cfg.vocab_size:
+        if first_bad_id(ids, cfg.vocab_size) is not None:
             raise ConfigError(f"token ids must be in [0, {cfg.vocab_size})")
         nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         x = self.embed[ids]                                                      # [T, D]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, cannot_read
 from .fileio import atomic_write
 from .model import Model
 
@@ -139,7 +139,7 @@ def _read_safetensors_header(path: Path):
     except IsADirectoryError:
         raise CheckpointError(f"{path}: is a directory") from None
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise cannot_read(path, e, kind=CheckpointError) from None
     try:
         header = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
@@ -244,7 +244,7 @@ def read_config(path) -> dict:
         why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 JSON"
         raise CheckpointError(f"{cfg_file}: not valid JSON ({why})") from None
     except OSError as e:
-        raise CheckpointError(f"{cfg_file}: cannot read ({e.strerror or e})") from None
+        raise cannot_read(cfg_file, e, kind=CheckpointError) from None
     if not isinstance(cfg, dict):
         raise CheckpointError(f"{cfg_file}: must hold a JSON object, not a "
                               f"{type(cfg).__name__}")
@@ -304,12 +304,7 @@ def load_into(model: Model, path):
     is read and checked before the first weight is written: a refused load leaves the
     model as it was."""
     theirs = read_model_config(path, seq_len=model.config.seq_len)
-    ours = model.config
-    diff = [f for f in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                        "vocab_size", "qk_norm", "tie_embeddings", "rope_theta", "norm_eps")
-            if getattr(theirs, f) != getattr(ours, f)]
-    if diff:
-        raise CheckpointError(f"{path} holds another model (differs in {', '.join(diff)})")
+    model.config.require_same(theirs, path, ModelConfig.WEIGHT_FIELDS)
     try:
         model.load_hf_state_dict(load_state_dict(path))
     except ConfigError as e:

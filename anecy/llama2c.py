@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ModelConfig
-from .errors import CheckpointError, ConfigError
+from .errors import CheckpointError, ConfigError, cannot_read
 from .fileio import atomic_write
 from .model import Model, _is_rope_permuted, _rope_row_perm, param_layout
 
@@ -93,7 +93,7 @@ def _open(path):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot open: {e.strerror or e}") from None
+        raise cannot_read(path, e, kind=CheckpointError) from None
 
 
 def read_config(path, seq_len=None):
@@ -103,7 +103,7 @@ def read_config(path, seq_len=None):
         try:
             cfg, version, _ = _read_header(f, path)
         except OSError as e:
-            raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+            raise cannot_read(path, e, kind=CheckpointError) from None
     if seq_len is not None:
         cfg.seq_len = seq_len
         cfg.validate()
@@ -157,11 +157,7 @@ def load_into(model: Model, path):
                 raise CheckpointError(f"{path}: a llama2.c model cannot load into this model "
                                       "(it needs interleaved RoPE, no QK-norm, no residual "
                                       "scale)")
-            diff = [name for name in _FIELDS[:-1] + ("tie_embeddings", "norm_eps", "rope_theta")
-                    if getattr(theirs, name) != getattr(ours, name)]
-            if diff:
-                raise CheckpointError(f"{path} holds another model (differs in "
-                                      f"{', '.join(diff)})")
+            ours.require_same(theirs, path, ModelConfig.WEIGHT_FIELDS)
             layout = _layout(theirs, version)
             expected = start + 4 * sum(n for _, n in layout)
             size = os.fstat(f.fileno()).st_size
@@ -179,7 +175,7 @@ def load_into(model: Model, path):
                 lo, hi = model.offsets[name]
                 _read_exact(f, memoryview(staged[lo:hi].view(np.uint8)), path)
         except OSError as e:
-            raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+            raise cannot_read(path, e, kind=CheckpointError) from None
     if not _all_finite(staged):
         raise CheckpointError(f"{path}: holds NaN or infinite weights")
     model.params[...] = staged

@@ -29,7 +29,7 @@ from typing import Callable
 
 import numpy as np
 
-from .mil import read_blob
+from .blob import read_blob
 
 __all__ = ["MilError", "Type", "Op", "Interpreter", "parse", "check", "run", "OPS"]
 

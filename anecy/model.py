@@ -72,6 +72,17 @@ def _is_rope_permuted(name):
     return name.endswith(("q_proj.weight", "k_proj.weight", "q_norm.weight", "k_norm.weight"))
 
 
+def hf_row_order(cfg: ModelConfig, name: str, rows: int):
+    """Row index that maps HF's (half) order onto cfg's order for the tensor ``name`` with
+    ``rows`` rows (whole heads of q/k rows), or None when the orders agree: ``ours =
+    theirs[perm]`` and ``theirs[perm] = ours``. Also used for tensors whose rows are q_proj's
+    or k_proj's output channels, such as their LoRA B matrices."""
+    if cfg.rope_style == "half" or not _is_rope_permuted(name):
+        return None
+    hd = cfg.head_dim
+    return (np.arange(rows // hd)[:, None] * hd + _rope_row_perm(hd)[None, :]).reshape(-1)
+
+
 class Model:
     """A Llama-family transformer with exact gradients.
 
@@ -172,6 +183,11 @@ class Model:
             self._cls_grad.fill(0.0)
         return loss
 
+    def loss(self, tokens, targets) -> float:
+        """Mean token cross-entropy of one sequence, forward only (evaluation): the same
+        loss forward_backward returns, no gradient."""
+        return self.engine.loss(_ids(tokens, "tokens"), _ids(targets, "targets"))
+
     def logits(self, tokens) -> np.ndarray:
         """Logits [seq_len, vocab] of one sequence (active columns only when compacted)."""
         return self.engine.logits(_ids(tokens, "tokens"))
@@ -185,11 +201,7 @@ class Model:
     # -- HF names and shapes ---------------------------------------------------------------
     def _hf_perm(self, name):
         """Row index that maps HF's (half) order onto this config's order, or None."""
-        if self.config.rope_style == "half" or not _is_rope_permuted(name):
-            return None
-        hd = self.config.head_dim
-        rows = self.views[name].shape[0]
-        return (np.arange(rows // hd)[:, None] * hd + _rope_row_perm(hd)[None, :]).reshape(-1)
+        return hf_row_order(self.config, name, self.views[name].shape[0])
 
     def load_hf_state_dict(self, state_dict):
         """Copy weights given with HF names and shapes (numpy arrays or torch tensors).

@@ -1,6 +1,6 @@
 """``anecy plot``: training curves from the metrics files ``anecy train --metrics`` writes.
 
-A metrics file has one JSON object per microstep (``anecy.trainer.StepRecord``): step,
+A metrics file has one JSON object per microstep (``anecy.report.StepRecord``): step,
 loss, lr, ms, tokens_per_s, updated, grad_norm (on steps that updated the weights),
 val_loss (on steps that evaluated) and timings. A resumed run appends to the same file;
 when steps repeat (a run started again into the same file), the later records win.
@@ -11,7 +11,7 @@ import json
 import math
 from pathlib import Path
 
-from .errors import AnecyError
+from .errors import AnecyError, cannot_read
 from .fileio import atomic_write
 from .prepare import check_writable
 
@@ -42,7 +42,7 @@ def read_metrics(path) -> list:
     except UnicodeDecodeError:
         raise AnecyError(f"{path}: not a text file") from None
     except OSError as e:
-        raise AnecyError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise cannot_read(path, e) from None
     if not by_step:
         raise AnecyError(f"{path}: no metrics records (empty file)")
     return [by_step[s] for s in sorted(by_step)]

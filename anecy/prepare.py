@@ -28,7 +28,7 @@ import numpy as np
 
 from . import tokenizer as tokenizers
 from .data import SIDECAR_FORMAT, sidecar_path, token_dtype
-from .errors import AnecyError
+from .errors import AnecyError, cannot_read
 from .fileio import atomic_write
 
 # documents per task handed to a worker: big enough to amortise the pickling
@@ -68,7 +68,7 @@ def _lines(path: Path):
         raise AnecyError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte "
                          f"{e.start} of the line)") from None
     except OSError as e:
-        raise AnecyError(f"{path}: cannot read ({e.strerror or e})") from None
+        raise cannot_read(path, e) from None
 
 
 def jsonl_documents(path: Path):
@@ -183,7 +183,7 @@ def _check_inputs(paths):
         except FileNotFoundError:
             raise AnecyError(f"{p}: no such file") from None
         except OSError as e:
-            raise AnecyError(f"{p}: cannot read ({e.strerror or e})") from None
+            raise cannot_read(p, e) from None
 
 
 def check_writable(path: Path):

@@ -1,6 +1,6 @@
 """Model weights from every source anecy reads, found in one place: an anecy training
-checkpoint, a llama2.c ``.bin`` file, or a Hugging Face directory; and the tokenizer that goes
-with them.
+checkpoint, a LoRA checkpoint (its base, named inside it, with its adapters fused), a llama2.c
+``.bin`` file, or a Hugging Face directory; and the tokenizer that goes with them.
 
 A training checkpoint holds the whole model (with vocabulary compaction too: only the
 classifier's softmax was restricted, every row is stored), its model config, the active
@@ -14,34 +14,32 @@ from typing import Optional
 
 import numpy as np
 
-from .checkpoint import load_checkpoint, read_checkpoint_meta
+from .checkpoint import TRAINING_CHECKPOINT, load_checkpoint, read_checkpoint_meta
 from .config import ModelConfig
-from .errors import AnecyError, CheckpointError, ConfigError
+from .corpus import NAME as BUILTIN_DATA
+from .errors import AnecyError, CheckpointError, ConfigError, cannot_read
 from .model import Model
-
-TRAINING_CHECKPOINT = "anecy-train"   # Trainer checkpoints' meta["kind"]
-BUILTIN_DATA = "built-in corpus"      # Trainer's data_name for the built-in corpus
 
 
 @dataclass
 class Source:
     """Where a model's weights come from, read from its header alone."""
     path: Path
-    kind: str                    # "checkpoint" | "llama2c" | "hf"
+    kind: str                    # "checkpoint" | "lora" | "llama2c" | "hf"
     config: ModelConfig          # seq_len: the context length the model was made for
     meta: dict = field(default_factory=dict)   # a training checkpoint's meta
 
     @property
     def describe(self) -> str:
-        what = {"checkpoint": "anecy checkpoint", "llama2c": "llama2.c checkpoint",
-                "hf": "Hugging Face directory"}[self.kind]
+        what = {"checkpoint": "anecy checkpoint", "lora": "anecy LoRA checkpoint",
+                "llama2c": "llama2.c checkpoint", "hf": "Hugging Face directory"}[self.kind]
         return f"{what} {self.path}"
 
 
 def inspect(path, kind: str = "auto") -> Source:
-    """The Source at ``path``: a directory is HF, a file an anecy training checkpoint (by its
-    magic) or else a llama2.c file. ``kind`` "checkpoint" accepts training checkpoints only;
-    "init" (pretrained weights) and "auto" accept all three."""
+    """The Source at ``path``: a directory is HF, a file an anecy training or LoRA checkpoint
+    (by its magic) or else a llama2.c file. ``kind`` "checkpoint" accepts anecy checkpoints
+    only; "init" (pretrained weights) and "auto" accept all four."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or directory")
@@ -54,6 +52,10 @@ def inspect(path, kind: str = "auto") -> Source:
         return Source(path, "hf", config_from_hf(hf, seq_len=int(context)))
     if _is_anecy_checkpoint(path):
         meta = read_checkpoint_meta(path)["meta"]
+        from .lora import LORA_CHECKPOINT, read_lora_checkpoint_meta
+        if meta.get("kind") == LORA_CHECKPOINT:
+            meta, cfg, _ = read_lora_checkpoint_meta(path)
+            return Source(path, "lora", cfg, meta)
         if meta.get("kind") != TRAINING_CHECKPOINT or "model_config" not in meta:
             raise CheckpointError(f"{path}: not a training checkpoint (kind "
                                   f"{meta.get('kind')!r})")
@@ -76,7 +78,7 @@ def _is_anecy_checkpoint(path: Path) -> bool:
         with open(path, "rb") as f:
             return f.read(len(MAGIC)) == MAGIC
     except OSError as e:
-        raise CheckpointError(f"{path}: cannot read: {e.strerror or e}") from None
+        raise cannot_read(path, e, kind=CheckpointError) from None
 
 
 def load(source: Source, seq_len: Optional[int] = None, backend: str = "cpu") -> Model:
@@ -100,6 +102,8 @@ def load_into(model: Model, source):
     own active vocabulary is left alone."""
     if not isinstance(source, Source):
         source = inspect(source)
+    if source.kind == "lora":
+        return _load_lora_into(model, source)
     if source.kind == "hf":
         from .hf import load_into as hf_load_into
         hf_load_into(model, source.path)
@@ -107,12 +111,10 @@ def load_into(model: Model, source):
         from .llama2c import load_into as llama2c_load_into
         llama2c_load_into(model, source.path)
     else:
-        theirs, ours = source.config, model.config
-        diff = [f for f, v in theirs.to_dict().items()
-                if f != "seq_len" and getattr(ours, f) != v]
-        if diff:
-            raise CheckpointError(f"{source.path} holds another model (differs in "
-                                  f"{', '.join(diff)})")
+        # every field but the training window: rope_style and the rest say how the
+        # checkpoint's own layout is to be read
+        model.config.require_same(source.config, source.path,
+                                  [f for f in source.config.to_dict() if f != "seq_len"])
         # staged: a checkpoint refused half-way (checksum, NaN) leaves the model as it was
         staged = np.empty_like(model.params)
         # only the weights (and the vocabulary) are kept: the Adam moments are
@@ -126,6 +128,35 @@ def load_into(model: Model, source):
         model.weights_changed()
         return arrays.get("active_ids")
     return None
+
+
+def base_of(source: Source) -> Source:
+    """The base model a LoRA checkpoint adapts (the Source its meta names)."""
+    path = source.meta["base"]["path"]
+    if not Path(path).exists():
+        raise CheckpointError(f"{source.path}: its base model {path} is gone")
+    return inspect(path, "init")
+
+
+def _load_lora_into(model: Model, source: Source):
+    """A LoRA checkpoint's base with its adapters fused, into ``model``. The base is loaded
+    and checked (its content hash must be the checkpoint's) in a Model of its own first, so
+    that a refused one leaves ``model`` as it was."""
+    from .lora import base_hash, fuse, load_lora_checkpoint
+    _, adapters, arrays = load_lora_checkpoint(source.path)
+    base = load(base_of(source), seq_len=model.config.seq_len)
+    if base_hash(base) != source.meta["base"]["hash"]:
+        raise CheckpointError(f"{source.path}: its base {source.meta['base']['path']} has "
+                              "changed since the adapters were trained (content hash differs)")
+    fuse(base, adapters, inplace=True)
+    theirs, ours = base.config, model.config
+    diff = [f for f, v in theirs.to_dict().items() if f != "seq_len" and getattr(ours, f) != v]
+    if diff:
+        raise CheckpointError(f"{source.path} holds another model (differs in "
+                              f"{', '.join(diff)})")
+    model.params[...] = base.params
+    model.weights_changed()
+    return arrays.get("active_ids")
 
 
 # -- tokenizers ----------------------------------------------------------------------------
@@ -158,7 +189,7 @@ def tokenizer_for(source: Source, given=None):
     from . import tokenizer
     if given:
         return tokenizer.load(given)
-    if source.kind == "checkpoint":
+    if source.kind in ("checkpoint", "lora"):
         named = (source.meta.get("train_config") or {}).get("tokenizer")
         if named and Path(named).exists():
             return tokenizer.load(named)
@@ -166,7 +197,10 @@ def tokenizer_for(source: Source, given=None):
         if data and data != BUILTIN_DATA and not Path(data).is_file() \
                 and (source.path.parent / data).is_file():
             data = str(source.path.parent / data)
-        return tokenizer_for_data(data)
+        found = tokenizer_for_data(data)
+        if found is None and source.kind == "lora" and Path(source.meta["base"]["path"]).exists():
+            return tokenizer_for(base_of(source))   # the base's own (an HF directory's)
+        return found
     names = ("tokenizer.json", "tokenizer.model")
     if source.kind == "hf" and any((source.path / n).is_file() for n in names):
         return tokenizer.load(source.path)

@@ -18,7 +18,9 @@ import re
 import struct
 from pathlib import Path
 
-from .errors import AnecyError
+from . import corpus
+from .data import first_bad_id
+from .errors import AnecyError, cannot_read
 
 KINDS = ("sentencepiece", "llama2c", "hf", "builtin")
 DATA_EXTRA = 'pip install "anecy[data]"'
@@ -100,9 +102,9 @@ def _first_line(e):
 
 
 def _check_range(ids, vocab_size):
-    for i in ids:
-        if not 0 <= i < vocab_size:
-            raise AnecyError(f"token id {i} is outside the vocabulary of {vocab_size} tokens")
+    bad = first_bad_id(ids, vocab_size)
+    if bad is not None:
+        raise AnecyError(f"token id {bad[1]} is outside the vocabulary of {vocab_size} tokens")
 
 
 # -- llama2.c tokenizer.bin ---------------------------------------------------------------------
@@ -132,7 +134,7 @@ class Llama2cTokenizer(Tokenizer):
         try:
             data = Path(path).read_bytes()
         except OSError as e:
-            raise AnecyError(f"{path}: cannot read tokenizer ({e.strerror or e})") from None
+            raise cannot_read(path, e, "tokenizer") from None
         if len(data) < 4:
             raise AnecyError(f"{path}: {len(data)} bytes, too short for a llama2.c tokenizer.bin")
         (max_len,) = struct.unpack_from("<i", data, 0)
@@ -234,13 +236,11 @@ class Llama2cTokenizer(Tokenizer):
     def decode(self, ids):
         # SentencePiece's rules: control tokens are invisible, <unk> reads " ⁇ ", runs of byte
         # tokens are UTF-8, and the first visible piece loses its leading (dummy-prefix) space.
+        ids = [int(i) for i in ids]
+        _check_range(ids, self.vocab_size)
         out = bytearray()
         first = True
         for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise AnecyError(f"token id {i} is outside the vocabulary of "
-                                 f"{self.vocab_size} tokens")
             if i in self.control:
                 continue
             if i in self.byte_value:
@@ -329,26 +329,23 @@ class BuiltinTokenizer(Tokenizer):
     ids the corpus never uses read as " ⁇ ". It cannot encode: that needs the Llama-2
     tokenizer itself."""
     kind = "builtin"
-    path = "built-in corpus"
+    path = corpus.NAME
     vocab_size = 32000
     bos_id, eos_id = 1, 2
 
     def __init__(self):
-        from .corpus import _IDS
         self.text = {_NEWLINE_ID: "\n", **_BUILTIN_SUBWORDS}
-        self.text.update((ids[0], piece) for piece, ids in _IDS.items() if len(ids) == 1)
+        self.text.update((ids[0], piece) for piece, ids in corpus._IDS.items() if len(ids) == 1)
 
     def _encode(self, text):
         raise AnecyError("the built-in corpus comes pretokenized and has no tokenizer to encode "
                          "with; use the Llama-2 tokenizer (--tokenizer tokenizer.model)")
 
     def decode(self, ids):
+        ids = [int(i) for i in ids]
+        _check_range(ids, self.vocab_size)
         out, first = [], True
         for i in ids:
-            i = int(i)
-            if not 0 <= i < self.vocab_size:
-                raise AnecyError(f"token id {i} is outside the vocabulary of "
-                                 f"{self.vocab_size} tokens")
             if i in (self.bos_id, self.eos_id):
                 continue
             piece = self.text.get(i, " \u2047 ")
@@ -401,7 +398,7 @@ def load(path) -> Tokenizer:
     try:
         kind = _kind_of_file(path)
     except OSError as e:
-        raise AnecyError(f"{path}: cannot read tokenizer ({e.strerror or e})") from None
+        raise cannot_read(path, e, "tokenizer") from None
     cls = {"hf": HFTokenizer, "sentencepiece": SentencePieceTokenizer,
            "llama2c": Llama2cTokenizer}[kind]
     return cls(path)

@@ -1,7 +1,7 @@
 """The optimizer step on stories110m-size buffers, and what its finite check costs.
 
 The AdamW pass also checks every parameter and Adam moment for NaN/inf, in the same loop.
-Printed: the optimizer step as Trainer._update runs it (grad-norm pass + AdamW pass, two
+Printed: the optimizer step as Optimizer.update runs it (grad-norm pass + AdamW pass, two
 threads); what a separate check pass over the parameters and both moments would add
 instead; and, with ``--against``, the AdamW loop of this build and of another build
 (without the check) side by side.
@@ -71,7 +71,7 @@ def optimizer_step(reps):
 
 def loop_side_by_side(other_dir, n=30_000_000, reps=15):
     """The single-thread AdamW loop of this build and of another, in this process."""
-    from anecy._ops import py_adamw as ours
+    from anecy._testing import py_adamw as ours
     tmp = tempfile.mkdtemp()
     try:  # the other build's _ops under a package name of its own
         os.mkdir(os.path.join(tmp, "anecy_other"))

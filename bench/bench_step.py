@@ -24,7 +24,8 @@ import time
 import numpy as np
 
 import anecy
-from anecy._ops import BLAS_NAME, py_sgemm
+from anecy._ops import BLAS_NAME
+from anecy._testing import py_sgemm
 from anecy.config import ModelConfig, step_flops
 from anecy.corpus import builtin_tokens
 from anecy.data import TokenSampler

@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anecy._ops import (
-    ACCELERATE,
+from anecy._ops import ACCELERATE
+from anecy._testing import (
     py_accel_rmsnorm_bwd,
     py_accel_rmsnorm_fwd,
     py_accel_softmax_xent,

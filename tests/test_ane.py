@@ -46,6 +46,7 @@ from anecy._testing import (
     run_kernel,
     stage,
 )
+from anecy.kernel_layout import KERNEL_NAMES, column_offsets, input_shape, output_shape
 from anecy.milsim import Interpreter
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,14 +216,14 @@ def test_sim_and_ane_inherit_every_packing_method():
 
 
 def test_engine_facing_kernel_methods_are_one_implementation():
-    """The cdef methods the engine calls without the GIL (qkv_held, stage_weights and the ten
-    kernels, the first 12 slots of the C method table) and PackedKernels' own cdef methods
-    (plan compilation, the call path _run, the fp16 hold, the error capture, the staging
+    """The cdef methods the engine calls without the GIL (stage_weights and the ten kernels,
+    the first 11 slots of the C method table) and PackedKernels' own cdef methods (plan
+    compilation, the call steps, the attention state, the error capture, the staging
     halves) are the same machine code for sim and ane, except _execute (slot 16), the one
     that differs; the cpu backend's are different code (so the table is really read)."""
-    n_engine = 12
-    n_packed = n_engine + 16
-    execute = n_engine + 4
+    n_engine = 11
+    n_packed = n_engine + 23
+    execute = n_engine + 5
     packed = _vtable(PackedKernels, n_packed)
     sim, ane = _vtable(SimKernels, n_packed), _vtable(AneKernels, n_packed)
     assert all(packed)
@@ -245,27 +246,27 @@ def test_sim_buffers_are_surfaces(sim_model):
     cfg, m = sim_model
     sim = m.engine.kernels
     seen = set()
-    for name in mil.KERNEL_NAMES:
+    for name in KERNEL_NAMES:
         layers = range(cfg.n_layers) if name in _packed.WEIGHTED else [-1]
         for layer in layers:
             s = sim.input_surface(name, layer)
             buf = sim.input_buffer(name, layer)
-            _, C, _, W = mil.input_shape(name, cfg)
+            _, C, _, W = input_shape(name, cfg)
             assert isinstance(s, Surface) and s.nbytes == max(2 * C * W, 49152)
             assert buf.dtype == np.float16 and buf.shape == (C, W)
             assert buf.ctypes.data == s.address and np.shares_memory(buf, s.array(np.uint8))
             assert s.locked == 0
             seen.add(s.address)
         out = sim.output_surface(name)
-        _, C2, _, S = mil.output_shape(name, cfg)
+        _, C2, _, S = output_shape(name, cfg)
         assert isinstance(out, Surface) and out.nbytes == max(2 * C2 * S, 49152)
         assert sim.output_buffer(name).ctypes.data == out.address
     # one input Surface per layer and weighted kernel, one per shared kernel
     assert len(seen) == cfg.n_layers * len(_packed.WEIGHTED) + len(_packed.SHARED)
     # the staged weight columns live in the Surface itself
     wo = m.views["model.layers.1.self_attn.o_proj.weight"]
-    col0, cols = mil.column_offsets("woFwd", cfg)["Wo"]
-    staged = sim.input_surface("woFwd", 1).array(np.float16, mil.input_shape("woFwd", cfg)[1::2])
+    col0, cols = column_offsets("woFwd", cfg)["Wo"]
+    staged = sim.input_surface("woFwd", 1).array(np.float16, input_shape("woFwd", cfg)[1::2])
     assert np.array_equal(staged[:, col0:col0 + cols], wo.T.astype(np.float16))
     assert sim.compile_ms > 0
 
@@ -325,7 +326,7 @@ def test_fake_ane_kernels_compile_once_and_bind_per_layer(sim_model, fake):
     ane = AneKernels(kernel_factory=fake)
     assert ane.backend == "ane" and ane.kernel_factory is fake
     ane.bind(m.engine)
-    assert fake.compiles == 10 and sorted(ane.compiled) == sorted(mil.KERNEL_NAMES)
+    assert fake.compiles == 10 and sorted(ane.compiled) == sorted(KERNEL_NAMES)
     assert ane.compile_ms > 0
     for layer in range(cfg.n_layers):
         for name in _packed.WEIGHTED:
@@ -335,7 +336,7 @@ def test_fake_ane_kernels_compile_once_and_bind_per_layer(sim_model, fake):
     # sdpaFwd's output Surface is one per layer (it holds q, k, v for the backward); the
     # other kernels' are shared by the layers
     outs = {name: {ane.output_surface(name, l).address for l in range(cfg.n_layers)}
-            for name in mil.KERNEL_NAMES}
+            for name in KERNEL_NAMES}
     assert {k for k, v in outs.items() if len(v) == cfg.n_layers} == {"sdpaFwd"}
     assert all(len(v) == 1 for k, v in outs.items() if k != "sdpaFwd")
     for name in _packed.SHARED:
@@ -345,7 +346,7 @@ def test_fake_ane_kernels_compile_once_and_bind_per_layer(sim_model, fake):
     again = AneKernels(kernel_factory=fake)
     again.bind(m.engine)
     assert fake.compiles == 10
-    assert all(again.compiled[k] is ane.compiled[k] for k in mil.KERNEL_NAMES)
+    assert all(again.compiled[k] is ane.compiled[k] for k in KERNEL_NAMES)
     # rows narrower than 32 elements are refused before anything is compiled
     short = Model(ModelConfig(**dict(CONFIGS["gqa"], seq_len=16)), backend="sim")
     with pytest.raises(ConfigError, match="seq_len >= 32"):

@@ -151,10 +151,49 @@ def test_anecy_command_trains_and_lists_commands(tmp_path):
     assert one_line_error(bad).startswith("anecy train: error:")
 
 
+# Run in a fresh interpreter: every --help the command line offers, then the names of the
+# modules it loaded that are compiled (anecy's Cython core) or SciPy.
+HELP_IMPORTS = """
+import contextlib, io, sys
+from anecy import cli
+with contextlib.redirect_stdout(io.StringIO()) as text:
+    for argv in (["--help"], *([name, "--help"] for name in cli.COMMANDS)):
+        with contextlib.suppress(SystemExit):
+            cli.anecy_main(argv)
+    for family in ("stories", "qwen"):
+        with contextlib.suppress(SystemExit):
+            cli.main(["--help"], family=family)
+assert "usage: train_qwen.py" in text.getvalue(), text.getvalue()
+print(sorted(name for name, module in list(sys.modules.items())
+             if name.split(".")[0] == "scipy" or name.startswith("anecy._")
+             or name.startswith("anecy") and str(getattr(module, "__file__", "")).endswith(".so")))
+"""
+
+
+def test_help_loads_no_compiled_module():
+    proc = subprocess.run([sys.executable, "-c", HELP_IMPORTS], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"
+
+
+def test_the_package_exports_load_on_first_use():
+    import anecy
+    from anecy import Model, ModelConfig, TrainConfig, Trainer, TrainingDiverged
+    from anecy.model import Model as model_class
+    from anecy.trainer import Trainer as trainer_class
+    assert Model is model_class and Trainer is trainer_class
+    assert ModelConfig.preset("tiny").dim == 64 and TrainConfig().steps > 0
+    assert issubclass(TrainingDiverged, anecy.AnecyError)
+    assert set(anecy.__all__) <= set(dir(anecy))
+    with pytest.raises(AttributeError):
+        anecy.no_such_name  # noqa: B018
+
+
 def test_flag_defaults_come_from_train_config():
     from anecy import TrainConfig
-    from anecy.cli import Parser
     from anecy.commands import train
+    from anecy.commands._args import Parser
     p = Parser()
     train.add_arguments(p, family="stories")
     helps = {a.dest: a.help for a in p._actions}

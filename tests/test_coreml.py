@@ -40,8 +40,10 @@ import pytest
 
 from anecy import coreml_check as cc
 from anecy import mil, milsim
+from anecy.blob import BLOB_DESCRIPTOR_OFFSET
 from anecy.config import ModelConfig
 from anecy.errors import BackendUnavailable
+from anecy.kernel_layout import KERNEL_NAMES, input_shape, layout, rope_tables
 from conftest import require
 
 VALUE_PRESETS = ("tiny", "qwen3-tiny", "stories15m")
@@ -78,7 +80,7 @@ def _assert_checked(res, prog, cfg, values):
     assert res.package is not None and (res.package / "Manifest.json").is_file()
     assert res.package_weights == res.blobs
     if values:
-        blocks = [name for name, _, _ in mil.layout(prog.kernel, cfg).outputs]
+        blocks = [name for name, _, _ in layout(prog.kernel, cfg).outputs]
         assert sorted(res.value_ulps) == sorted(blocks)
         worst = max(res.value_ulps.values())
         assert worst <= cc.VALUE_ULPS, (prog.kernel, res.value_ulps)
@@ -89,7 +91,7 @@ def _assert_checked(res, prog, cfg, values):
 @pytest.mark.parametrize("name", VALUE_PRESETS + tuple(EXTRA))
 def test_every_program_passes_coremltools_with_milsims_values(name, tmp_path):
     cfg = _config(name)
-    for kernel in mil.KERNEL_NAMES:
+    for kernel in KERNEL_NAMES:
         prog = mil.generate(kernel, cfg)
         x = cc.random_input(kernel, cfg, seed=0)
         res = cc.check_program(prog, cfg, x, tmp_path / kernel)
@@ -99,7 +101,7 @@ def test_every_program_passes_coremltools_with_milsims_values(name, tmp_path):
 @pytest.mark.parametrize("name", SHAPE_PRESETS)
 def test_full_size_programs_pass_coremltools_types(name, tmp_path):
     cfg = ModelConfig.preset(name)
-    for kernel in mil.KERNEL_NAMES:
+    for kernel in KERNEL_NAMES:
         res = cc.check_kernel(kernel, cfg, seed=None, workdir=tmp_path / kernel)
         _assert_checked(res, mil.generate(kernel, cfg), cfg, values=False)
 
@@ -110,10 +112,10 @@ def test_blobs_read_the_same_through_coremltools(tmp_path):
     prog = mil.generate("sdpaFwd", cfg)
     files = cc.write_blobs(prog, tmp_path)
     assert sorted(files) == sorted(prog.blobs)
-    cos, _ = mil.rope_tables(cfg)
+    cos, _ = rope_tables(cfg)
     f = files["@model_path/weights/rope_cos.bin"]
     assert f == tmp_path / "weights" / "rope_cos.bin"
-    got = np.asarray(_BlobStorageReader(str(f)).read_fp16_data(mil.BLOB_DESCRIPTOR_OFFSET))
+    got = np.asarray(_BlobStorageReader(str(f)).read_fp16_data(BLOB_DESCRIPTOR_OFFSET))
     assert got.view(np.float16).tobytes() == cos.tobytes()
 
 
@@ -121,7 +123,7 @@ def test_random_input_keeps_outputs_of_order_one():
     cfg = ModelConfig.preset("stories15m")
     for kernel in ("ffnFused", "sdpaFwd"):
         x = cc.random_input(kernel, cfg, seed=3)
-        assert x.shape == mil.input_shape(kernel, cfg) and x.dtype == np.float16
+        assert x.shape == input_shape(kernel, cfg) and x.dtype == np.float16
         y = milsim.run(mil.generate(kernel, cfg), x)
         assert np.all(np.isfinite(y)) and 0.5 < np.max(np.abs(y)) < 200
     assert not np.array_equal(cc.random_input("woFwd", cfg, 0), cc.random_input("woFwd", cfg, 1))

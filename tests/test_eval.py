@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from anecy import Model, ModelConfig, TrainConfig, Trainer
 from anecy.cli import anecy_main
 from anecy.corpus import builtin_tokens
-from anecy.evaluate import token_losses, windows
+from anecy.evaluate import windows
 from anecy.hf import save_pretrained
 
 
@@ -91,16 +91,7 @@ def test_eval_text_output(tmp_path, capsys, trained):
     assert f"3 windows of {cfg.seq_len}" in out
 
 
-def test_token_losses_are_stable():
-    """Logits far beyond exp's range give the same losses as their shifted copy."""
-    rng = np.random.default_rng(0)
-    logits = rng.standard_normal((5, 7)).astype(np.float32)
-    targets = rng.integers(0, 7, 5)
-    ref = token_losses(logits, targets)
-    np.testing.assert_allclose(token_losses(logits + 1e4, targets), ref, rtol=1e-3)
-    torch_ref = torch.nn.functional.cross_entropy(torch.from_numpy(logits),
-                                                  torch.from_numpy(targets), reduction="none")
-    np.testing.assert_allclose(ref, torch_ref.numpy(), rtol=1e-6)
+def test_windows():
     assert windows(10 * 8 + 1, 8) == 10 and windows(10 * 8, 8) == 9
     assert windows(10 * 8 + 1, 8, max_windows=3) == 3
 

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 from anecy import mil
+from anecy.blob import build_blob
 from anecy.config import ModelConfig
+from anecy.kernel_layout import KERNEL_NAMES, input_shape, output_shape
 from anecy.milsim import Interpreter, MilError, check, parse, run
 
 QWEN3_06B = ModelConfig(dim=1024, hidden_dim=3072, n_layers=28, n_heads=16, n_kv_heads=8,
@@ -71,7 +73,7 @@ def line_of(lines, fragment):
 
 def base_blobs():
     m = (np.arange(32).reshape(4, 8) % 3 - 1).astype(np.float16)
-    return {MASK_PATH: mil.build_blob(m)}, m
+    return {MASK_PATH: build_blob(m)}, m
 
 
 def base_input(seed=0):
@@ -228,15 +230,15 @@ def test_missing_blob():
 
 def test_blob_of_wrong_size():
     n = line_of(BASE, "BLOBFILE")
-    small = {MASK_PATH: mil.build_blob(np.zeros(31, np.float16))}
+    small = {MASK_PATH: build_blob(np.zeros(31, np.float16))}
     assert f"line {n}:" in rejected(BASE, blobs=small, must_say="31")
-    truncated = {MASK_PATH: mil.build_blob(np.zeros(32, np.float16))[:-2]}
+    truncated = {MASK_PATH: build_blob(np.zeros(32, np.float16))[:-2]}
     assert f"line {n}:" in rejected(BASE, blobs=truncated)
 
 
 def test_blob_with_bad_header():
     n = line_of(BASE, "BLOBFILE")
-    blob = bytearray(mil.build_blob(np.zeros(32, np.float16)))
+    blob = bytearray(build_blob(np.zeros(32, np.float16)))
     blob[64] = 0
     assert f"line {n}:" in rejected(BASE, blobs={MASK_PATH: bytes(blob)}, must_say="DEADBEEF")
 
@@ -317,20 +319,20 @@ def test_rejections_in_generated_programs():
 def test_full_size_programs_type_check(name):
     cfg = ModelConfig.preset("stories110m") if name == "stories110m" else QWEN3_06B
     t0 = time.perf_counter()
-    for kernel in mil.KERNEL_NAMES:
+    for kernel in KERNEL_NAMES:
         prog = mil.generate(kernel, cfg)
         out = check(prog)
-        assert out.shape == mil.output_shape(kernel, cfg), kernel
-        assert Interpreter(prog).input_type.shape == mil.input_shape(kernel, cfg), kernel
+        assert out.shape == output_shape(kernel, cfg), kernel
+        assert Interpreter(prog).input_type.shape == input_shape(kernel, cfg), kernel
     # shape-only checking never touches activation-sized data
     assert time.perf_counter() - t0 < 30
 
 
 def test_full_size_layouts():
     cfg = QWEN3_06B
-    assert mil.input_shape("sdpaFwd", cfg) == (1, 1024, 1, 256 + 2048 + 2 * 1024 + 32)
-    assert mil.output_shape("sdpaFwd", cfg) == (1, 2 * 2048 + 2 * 1024 + 2048 + 1024, 1, 256)
-    assert mil.input_shape("sdpaBwd2", cfg) == (1, 2 * 16 * 256 + 2 * 2048, 1, 256)
+    assert input_shape("sdpaFwd", cfg) == (1, 1024, 1, 256 + 2048 + 2 * 1024 + 32)
+    assert output_shape("sdpaFwd", cfg) == (1, 2 * 2048 + 2 * 1024 + 2048 + 1024, 1, 256)
+    assert input_shape("sdpaBwd2", cfg) == (1, 2 * 16 * 256 + 2 * 2048, 1, 256)
     cfg = ModelConfig.preset("stories110m")
-    assert mil.input_shape("sdpaFwd", cfg) == (1, 768, 1, 256 + 3 * 768)
-    assert mil.input_shape("ffnFused", cfg) == (1, 768, 1, 2 * 256 + 3 * 2048)
+    assert input_shape("sdpaFwd", cfg) == (1, 768, 1, 256 + 3 * 768)
+    assert input_shape("ffnFused", cfg) == (1, 768, 1, 2 * 256 + 3 * 2048)

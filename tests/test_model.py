@@ -174,17 +174,18 @@ def test_init_follows_llama2c():
     assert not np.array_equal(other.params, same.params)
 
 
-def test_cached_attention_probabilities_serve_only_the_engines_own_buffers():
-    # the cpu backend keeps each layer's probabilities from the forward; a kernel called
-    # on other arrays (whatever their addresses) must compute its own
-    from anecy._ops import py_attention_bwd
-    from anecy._testing import run_kernel
+def test_cached_attention_probabilities_serve_only_the_kept_state():
+    # the cpu backend keeps each layer's probabilities from the forward (its attention
+    # state, asked for by the engine); a kernel called on a caller's own arrays must
+    # compute its own, and leave the kept state as it was
+    from anecy._testing import py_attention_bwd, run_kernel
     cfg = ModelConfig(**CASES["mha-tied-half"])
     m = Model(cfg)
     tok = np.arange(cfg.seq_len, dtype=np.int32) % cfg.vocab_size
     rng = np.random.default_rng(0)
+    first = m.forward_backward(tok, tok)
     for _ in range(20):  # temporaries are freed and their memory reused in between
-        m.forward_backward(tok, tok)
+        assert m.forward_backward(tok, tok) == first
         # a forward on temporary arrays, whose q output is freed at once
         run_kernel(m.engine.kernels, "sdpa_fwd", 0,
                    xnorm=rng.standard_normal((cfg.dim, cfg.seq_len)).astype(np.float32))

@@ -1,5 +1,5 @@
-"""The numeric kernels of anecy._ops (through their py_* entry points) against plain
-numpy references written here, mostly in float64.
+"""The numeric kernels of anecy._ops (through their py_* entry points in anecy._testing)
+against plain numpy references written here, mostly in float64.
 
 Layouts are channel-first [C, S] row-major float32. Sizes deliberately include ones
 that are not multiples of any SIMD width (1, 3, 7, 17, 33, 65) next to typical ones.
@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 import torch
 
-from anecy._ops import (
+from anecy._ops import rope_tables
+from anecy._testing import (
     py_adamw,
     py_attention_bwd,
     py_attention_fwd,
@@ -33,7 +34,6 @@ from anecy._ops import (
     py_sumsq,
     py_swiglu_bwd,
     py_swiglu_fwd,
-    rope_tables,
 )
 
 U = 2.0 ** -24  # float32 unit roundoff
@@ -997,7 +997,7 @@ def test_sumsq_large_values_do_not_overflow_float32():
 
 
 def test_vectorised_exp_is_within_2_ulp():
-    from anecy._ops import py_expf
+    from anecy._testing import py_expf
     x = np.concatenate([np.linspace(-87.3, 88.7, 2_000_001, dtype=np.float32),
                         np.array([0.0, -0.0, 1e-30, -1e-30, 88.72, -87.33], np.float32)])
     got = py_expf(x)

@@ -1,19 +1,27 @@
 """The staging plans of the packed backends (anecy/_packed.pyx), against their oracle: the
-numpy packing of anecy.mil (stage_weights, write_activations, unpack_output).
+numpy packing of anecy.kernel_layout (stage_weights, write_activations, unpack_output).
 
 Every kernel of every shape below (the presets' layer shapes, GQA, QK-norm, odd sizes):
-the plans' fp16 Surfaces must be bit-identical to mil's, and their fp32 outputs
-bit-identical to mil's unpacking, on values that include fp16's edge cases (subnormals,
+the plans' fp16 Surfaces must be bit-identical to that packing, and their fp32 outputs
+bit-identical to its unpacking, on values that include fp16's edge cases (subnormals,
 overflow to Inf, signed zeros, NaN payloads). Then the sdpaBwd1 -> sdpaBwd2 pass-through,
 which must give exactly what the fp32 round trip gives."""
 import numpy as np
 import pytest
 
-from anecy import Model, ModelConfig, mil
+from anecy import Model, ModelConfig
 from anecy._packed import LAYER_OUTPUT, METHODS, SHARED, WEIGHTED
 from anecy._testing import kernel_io, pack_activations, run_kernel, unpack_outputs
+from anecy.kernel_layout import (
+    KERNEL_NAMES,
+    layout,
+    new_input_buffer,
+    stage_weights,
+    unpack_output,
+    write_activations,
+)
 
-# mil's numpy packing (the oracle) warns about the values that overflow to Inf on purpose
+# kernel_layout's numpy packing (the oracle) warns about the values that overflow to Inf on purpose
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast")
 
 SHAPES = {
@@ -68,19 +76,19 @@ def model(request):
     return request.param, cfg, m
 
 
-def test_weight_staging_is_bit_identical_to_mil(model):
+def test_weight_staging_is_bit_identical_to_numpy(model):
     _, cfg, m = model
     k = m.engine.kernels
     for layer in range(cfg.n_layers):
         pre = f"model.layers.{layer}."
         for name in WEIGHTED:
-            lay = mil.layout(name, cfg)
+            lay = layout(name, cfg)
             weights = {b.name: m.views[pre + SOURCES[b.name]] for b in lay.inputs
                        if b.kind == "weight"}
             got = k.input_buffer(name, layer).copy()
-            want = mil.new_input_buffer(name, cfg)
+            want = new_input_buffer(name, cfg)
             want[...] = np.float16(7)        # staging must write every weight and pad cell
-            mil.stage_weights(name, cfg, want, **weights)
+            stage_weights(name, cfg, want, **weights)
             for b in lay.inputs:
                 if b.kind == "act":          # not the staging's business
                     want[b.row0:b.row0 + b.rows, b.col0:b.col0 + b.cols] = \
@@ -89,7 +97,7 @@ def test_weight_staging_is_bit_identical_to_mil(model):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_activation_staging_is_bit_identical_to_mil(model, method):
+def test_activation_staging_is_bit_identical_to_numpy(model, method):
     _, cfg, m = model
     k = m.engine.kernels
     name = METHODS[method]
@@ -99,14 +107,14 @@ def test_activation_staging_is_bit_identical_to_mil(model, method):
         acts = {n: edgy(rng, (c, cfg.seq_len)) for n, c in ins}
         surface_layer = layer if name in WEIGHTED else -1
         want = k.input_buffer(name, surface_layer).copy()
-        mil.write_activations(name, cfg, want, **acts)
+        write_activations(name, cfg, want, **acts)
         pack_activations(k, method, layer, **acts)
         got = k.input_buffer(name, surface_layer)
         assert np.array_equal(bits(got), bits(want)), (name, layer)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_output_unstaging_is_bit_identical_to_mil(model, method):
+def test_output_unstaging_is_bit_identical_to_numpy(model, method):
     _, cfg, m = model
     k = m.engine.kernels
     name = METHODS[method]
@@ -117,7 +125,7 @@ def test_output_unstaging_is_bit_identical_to_mil(model, method):
         # every fp16 bit pattern is fair game: NaN payloads, subnormals, Inf
         out.view(np.uint16)[...] = rng.integers(0, 1 << 16, out.shape, dtype=np.uint16)
         got = unpack_outputs(k, method, layer)
-        want = mil.unpack_output(name, cfg, out)
+        want = unpack_output(name, cfg, out)
         assert sorted(got) == sorted(want) == sorted(n for n, _ in kernel_io(k, method)[1])
         for n in want:
             assert np.array_equal(bits(got[n]), bits(want[n])), (name, layer, n)
@@ -126,10 +134,10 @@ def test_output_unstaging_is_bit_identical_to_mil(model, method):
 def test_kernel_io_follows_the_layout_table(model):
     _, cfg, m = model
     k = m.engine.kernels
-    assert set(WEIGHTED) | set(SHARED) == set(mil.KERNEL_NAMES)
+    assert set(WEIGHTED) | set(SHARED) == set(KERNEL_NAMES)
     for method, name in METHODS.items():
         ins, outs = kernel_io(k, method)
-        lay = mil.layout(name, cfg)
+        lay = layout(name, cfg)
         assert [n for n, _ in ins] == [b.name for b in lay.inputs if b.kind == "act"]
         for (n, c), b in zip(ins, (b for b in lay.inputs if b.kind == "act")):
             assert (c, cfg.seq_len) == b.array_shape
@@ -194,7 +202,7 @@ def test_io_by_kernel_accounts_for_all_of_io():
     x = np.arange(cfg.seq_len, dtype=np.int32) % cfg.vocab_size
     m.forward_backward(x, x, 4096.0)
     by = k.io_by_kernel
-    assert sorted(by) == sorted(mil.KERNEL_NAMES)
+    assert sorted(by) == sorted(KERNEL_NAMES)
     assert all(pack > 0 and unpack > 0 for pack, unpack in by.values())
     assert sum(p + u for p, u in by.values()) == pytest.approx(k.io_ms, rel=1e-9)
 
@@ -245,7 +253,7 @@ def test_callers_other_than_the_engine_get_fp32_probs():
          for n, c in kernel_io(k, "sdpa_bwd1")[0]}
     got = run_kernel(k, "sdpa_bwd1", 0, **a)
     fp16 = k.output_buffer("sdpaBwd1")
-    want = mil.unpack_output("sdpaBwd1", cfg, fp16)
+    want = unpack_output("sdpaBwd1", cfg, fp16)
     for n in ("probs", "dprobs"):
         assert np.array_equal(got[n], want[n]) and np.any(got[n] != 0)
     k.trace = []
@@ -258,3 +266,61 @@ def test_callers_other_than_the_engine_get_fp32_probs():
     assert len(bwd1) == len(bwd2) == cfg.n_layers
     for outs, ins in zip(bwd1, bwd2):
         assert np.array_equal(outs["probs"], ins["probs"]) and np.any(ins["probs"] != 0)
+
+
+# -----------------------------------------------------------------------------------------
+# the attention state: what the kernels keep, asked for as KEPT
+# -----------------------------------------------------------------------------------------
+
+QKV_OUT, QKV_IN = ("q_rope", "k_rope", "v"), ("q", "k_rep", "v_rep")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "sim"])
+@pytest.mark.parametrize("shape", ["gqa", "qwen3", "odd"])
+def test_kept_attention_state_equals_the_callers_arrays(backend, shape):
+    """sdpa_fwd(l) keeps q, k, v and sdpa_bwd1(l) probs and dprobs for the kernels after
+    them, as the engine asks (KEPT): the backward kernels then give what they give on the
+    caller's own arrays of the same tensors (k and v repeated for GQA as HF does)."""
+    cfg = SHAPES[shape]
+    m = Model(cfg, backend=backend, seed=5)      # owns the weights k reads
+    k = m.engine.kernels
+    rng = np.random.default_rng(3)
+    S, layer = cfg.seq_len, cfg.n_layers - 1
+    xnorm = rng.standard_normal((cfg.dim, S)).astype(np.float32)
+    da = rng.standard_normal((cfg.q_dim, S)).astype(np.float32)
+    fwd = run_kernel(k, "sdpa_fwd", layer, xnorm=xnorm)
+    kept_fwd = run_kernel(k, "sdpa_fwd", layer, kept=QKV_OUT, xnorm=xnorm)
+    assert sorted(kept_fwd) == sorted(set(fwd) - set(QKV_OUT))
+    assert all(np.array_equal(kept_fwd[n], fwd[n]) for n in kept_fwd)
+    ratio = cfg.n_heads // cfg.n_kv_heads
+    rep = lambda x: np.repeat(x.reshape(cfg.n_kv_heads, -1, S), ratio, 0).reshape(-1, S)  # noqa: E731
+    given = dict(q=fwd["q_rope"], k_rep=rep(fwd["k_rope"]), v_rep=rep(fwd["v"]))
+    bwd1 = run_kernel(k, "sdpa_bwd1", layer, da=da, **given)
+    bwd2 = run_kernel(k, "sdpa_bwd2", layer, probs=bwd1["probs"], dprobs=bwd1["dprobs"],
+                      q=given["q"], k_rep=given["k_rep"])
+    kept1 = run_kernel(k, "sdpa_bwd1", layer, kept=QKV_IN + ("probs", "dprobs"), da=da)
+    kept2 = run_kernel(k, "sdpa_bwd2", layer, kept=("probs", "dprobs", "q", "k_rep"))
+    # cpu reuses the forward's probabilities where a caller's arrays recompute them
+    same = np.array_equal if backend == "sim" else (
+        lambda a, b: np.allclose(a, b, rtol=1e-5, atol=1e-6 * np.abs(b).max()))
+    assert same(kept1["dv_rep"], bwd1["dv_rep"])
+    for n in ("dq", "dk_rep"):
+        assert same(kept2[n], bwd2[n]) and np.any(bwd2[n] != 0), n
+
+
+def test_kept_state_that_was_never_kept_is_an_error():
+    """On the packed backends, a backward kernel asking for state no kernel kept fails
+    with the reason (a caller's own arrays at sdpa_fwd keep nothing)."""
+    cfg = SHAPES["gqa"]
+    m = Model(cfg, backend="sim", seed=5)
+    k = m.engine.kernels
+    S = cfg.seq_len
+    run_kernel(k, "sdpa_fwd", 0, xnorm=np.ones((cfg.dim, S), np.float32))
+    da = np.ones((cfg.q_dim, S), np.float32)
+    with pytest.raises(RuntimeError, match="no sdpa_fwd of this layer kept its q, k, v"):
+        run_kernel(k, "sdpa_bwd1", 0, kept=QKV_IN, da=da)
+    given = {n: np.ones((cfg.q_dim, S), np.float32) for n in QKV_IN}
+    run_kernel(k, "sdpa_bwd1", 0, da=da, **given)
+    with pytest.raises(RuntimeError, match="no sdpa_bwd1 of this layer kept its probs"):
+        run_kernel(k, "sdpa_bwd2", 0, kept=("probs", "dprobs"), q=given["q"],
+                   k_rep=given["k_rep"])

@@ -18,6 +18,8 @@ from anecy._testing import PyAneKernel
 from anecy.commands import selftest
 from anecy.config import ModelConfig
 from anecy.errors import BackendUnavailable
+from anecy.kernel_layout import KERNEL_NAMES, input_shape
+from anecy.selftest_runners import with_probs_of
 from conftest import require
 
 # the library function takes any config: a small one keeps the stand-in runs quick
@@ -50,7 +52,7 @@ def test_selftest_reports_here(capsys):
     assert any(s.startswith("  ane ") and "unavailable" in s and "Linux" in s for s in lines)
     assert any(s.startswith("  coreml ") and "unavailable: Core ML runs only on macOS" in s
                for s in lines)
-    for kernel in mil.KERNEL_NAMES:
+    for kernel in KERNEL_NAMES:
         row = next(s.split() for s in lines if s.split()[:1] == [kernel])
         # kernel, ops, coremltools ok, ulp <= 2, ane n/a, coreml n/a
         assert row[2] == "ok" and float(row[3]) <= cc.VALUE_ULPS and row[4:] == ["n/a", "n/a"]
@@ -149,10 +151,10 @@ def test_selftest_three_ways_with_stand_ins(stand_in_ane):
                            predict=_predict_with_milsim(SMALL, calls))
     report = out.getvalue()
     assert rc == 0, report
-    assert calls == list(mil.KERNEL_NAMES)
-    for i, kernel in enumerate(mil.KERNEL_NAMES):
+    assert calls == list(KERNEL_NAMES)
+    for i, kernel in enumerate(KERNEL_NAMES):
         first = stand_in_ane.seen[kernel][0]
-        assert np.array_equal(first.reshape(mil.input_shape(kernel, SMALL)),
+        assert np.array_equal(first.reshape(input_shape(kernel, SMALL)),
                               cc.random_input(kernel, SMALL, 4 + i))
         row = next(s.split() for s in report.splitlines() if s.split()[:1] == [kernel])
         assert row[2] == "ok" and row[4:] == ["0", "0", "0"], row
@@ -162,9 +164,9 @@ def test_selftest_three_ways_with_stand_ins(stand_in_ane):
             "milsim's chain") in report
     x1 = cc.random_input("sdpaBwd1", SMALL, 104)
     y1 = milsim.run(mil.generate("sdpaBwd1", SMALL), x1)
-    seen2 = stand_in_ane.seen["sdpaBwd2"][-1].reshape(mil.input_shape("sdpaBwd2", SMALL))
-    assert np.array_equal(seen2, cc.with_probs_of(SMALL, cc.random_input("sdpaBwd2", SMALL, 105),
-                                                  y1))
+    seen2 = stand_in_ane.seen["sdpaBwd2"][-1].reshape(input_shape("sdpaBwd2", SMALL))
+    assert np.array_equal(seen2, with_probs_of(SMALL, cc.random_input("sdpaBwd2", SMALL, 105),
+                                               y1))
     assert report.splitlines()[-1].startswith(
         "result: OK: all 10 kernels agree on milsim, coremltools, ane, coreml")
 

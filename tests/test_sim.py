@@ -72,7 +72,7 @@ def sim_and_cpu(fields, seed=0):
 
 
 def kernel_inputs(cpu, cfg, name, layer, rng):
-    """Inputs of realistic scale, as test_mil.py draws them: activations ~ N(0, 1), q and k
+    """Inputs of realistic scale, as kernel_cases.py draws them: activations ~ N(0, 1), q and k
     with gain 2 so that the attention is clearly non-uniform."""
     ins, _ = kernel_io(cpu, name)
     S = cfg.seq_len
@@ -81,7 +81,7 @@ def kernel_inputs(cpu, cfg, name, layer, rng):
         a["q"] *= 2
         a["k_rep"] *= 2
     if name == "sdpa_bwd2":
-        # real probabilities; dprobs ~ N(0, 4) as in test_mil
+        # real probabilities; dprobs ~ N(0, 4) as in kernel_cases.py
         a["probs"] = run_kernel(cpu, "sdpa_bwd1", layer, q=a["q"], k_rep=a["k_rep"],
                                 v_rep=a["q"], da=a["q"])["probs"]
         a["dprobs"] *= 2

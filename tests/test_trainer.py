@@ -67,7 +67,7 @@ def test_adamw_schedule_and_clip_match_torch():
                 group["lr"] = tc.lr_at(step)
             opt.step()
             opt.zero_grad()
-    assert trainer.updates == 5
+    assert trainer.optimizer.updates == 5
     assert any(clipped) and not all(clipped)  # both sides of the clip were exercised
     ours = trainer.model.hf_state_dict()
     for name, p in hf.named_parameters():
@@ -106,8 +106,8 @@ def test_resume_is_bit_identical(tmp_path, stop_at):
     losses += [resumed.step().loss for _ in range(10 - stop_at)]
     assert losses == straight_losses
     assert np.array_equal(resumed.model.params, straight.model.params)
-    assert np.array_equal(resumed.adam_m, straight.adam_m)
-    assert np.array_equal(resumed.adam_v, straight.adam_v)
+    assert np.array_equal(resumed.optimizer.m, straight.optimizer.m)
+    assert np.array_equal(resumed.optimizer.v, straight.optimizer.v)
 
 
 def test_resume_rejects_other_model_and_other_data(tmp_path):
@@ -190,6 +190,23 @@ def test_metrics_and_records(tmp_path):
     assert (tmp_path / "c.ckpt").exists()
 
 
+def test_evaluation_is_the_training_loss_without_gradients():
+    mc = ModelConfig(**SMALL)
+    t = Trainer(mc, TrainConfig(steps=4, accum=2, eval_batches=3), tokens=small_tokens(),
+                log=quiet)
+    t.step()                      # mid-accumulation: the pending gradients must survive
+    grads = t.model.grads.copy()
+    got = t.evaluate()
+    assert np.array_equal(t.model.grads, grads)
+    ref = [torch.nn.functional.cross_entropy(
+               torch.from_numpy(t.model.logits(x).astype(np.float64)),
+               torch.from_numpy(t.vocab.compact(y).astype(np.int64))).item()
+           for x, y in t.sampler.val_batches(3)]
+    assert got == pytest.approx(np.mean(ref), rel=1e-6)
+    x, y = t.sampler.val_batches(1)[0]
+    assert t.model.loss(x, t.vocab.compact(y)) == t.model.forward_backward(x, t.vocab.compact(y))
+
+
 def test_nan_loss_is_a_clear_error():
     mc = ModelConfig(**SMALL)
     t = Trainer(mc, TrainConfig(steps=3, accum=1), tokens=small_tokens(), log=quiet)
@@ -228,15 +245,17 @@ def sim_config(tmp_path, **kw):
 def test_dynamic_loss_scale_skips_one_update_and_halves_the_scale(tmp_path):
     mc, tokens = ModelConfig(**SMALL), small_tokens()
     t = overflow_at(Trainer(mc, sim_config(tmp_path), tokens=tokens, log=quiet), {3})
-    assert t.dynamic_scale and t.loss_scale == 4096.0
+    assert t.optimizer.scale.dynamic and t.optimizer.scale.value == 4096.0
     recs = [t.step() for _ in range(2)]          # update 1 (clean)
     before = t.model.params.copy()
     recs += [t.step() for _ in range(2)]         # microsteps 3-4: the overflowing update
     assert recs[3].skipped and not recs[3].updated and recs[3].grad_norm is None
     assert np.array_equal(t.model.params, before) and not t.model.grads.any()
-    assert (t.loss_scale, t.skipped, t.updates, t.clean_updates) == (2048.0, 1, 1, 0)
+    scale = t.optimizer.scale
+    assert (scale.value, scale.skipped, t.optimizer.updates, scale.clean_updates) == \
+        (2048.0, 1, 1, 0)
     recs += [t.step() for _ in range(4)]         # two clean updates: the scale doubles
-    assert (t.loss_scale, t.skipped, t.updates) == (4096.0, 1, 3)
+    assert (scale.value, scale.skipped, t.optimizer.updates) == (4096.0, 1, 3)
     assert [r.skipped for r in recs] == [False, False, False, True] + [False] * 4
     assert [r.loss_scale for r in recs] == [4096.0] * 4 + [2048.0] * 4
     summary = t.report(8, 1.0)
@@ -249,30 +268,31 @@ def test_resume_across_a_skipped_update_is_bit_identical(tmp_path, stop_at):
     mc, tokens = ModelConfig(**SMALL), small_tokens()
     straight = overflow_at(Trainer(mc, sim_config(tmp_path), tokens=tokens, log=quiet), {3})
     straight_losses = [straight.step().loss for _ in range(12)]
-    assert straight.skipped == 1
+    assert straight.optimizer.scale.skipped == 1
 
     first = overflow_at(Trainer(mc, sim_config(tmp_path), tokens=tokens, log=quiet), {3})
     losses = [first.step().loss for _ in range(stop_at)]
     first.save()
     resumed = Trainer.resume(tmp_path / "sim.ckpt", tokens=tokens, log=quiet)
-    assert (resumed.loss_scale, resumed.clean_updates, resumed.skipped) == \
-        (first.loss_scale, first.clean_updates, first.skipped)
+    ours, theirs = resumed.optimizer.scale, first.optimizer.scale
+    assert (ours.value, ours.clean_updates, ours.skipped) == \
+        (theirs.value, theirs.clean_updates, theirs.skipped)
     losses += [resumed.step().loss for _ in range(12 - stop_at)]
     assert losses == straight_losses
     # the run that saved goes on exactly as if it had not (the save's check leaves no trace)
     assert [first.step().loss for _ in range(12 - stop_at)] == straight_losses[stop_at:]
     for t in (resumed, first):
         assert np.array_equal(t.model.params, straight.model.params)
-        assert np.array_equal(t.adam_m, straight.adam_m)
-        assert np.array_equal(t.adam_v, straight.adam_v)
-        assert t.loss_scale == straight.loss_scale
+        assert np.array_equal(t.optimizer.m, straight.optimizer.m)
+        assert np.array_equal(t.optimizer.v, straight.optimizer.v)
+        assert t.optimizer.scale.value == straight.optimizer.scale.value
 
 
 def test_a_static_scale_or_the_cpu_backend_stops_on_a_non_finite_gradient(tmp_path):
     mc, tokens = ModelConfig(**SMALL), small_tokens()
     for cfg in (sim_config(tmp_path, loss_scale=1024.0), sim_config(tmp_path, backend="cpu")):
         t = overflow_at(Trainer(mc, cfg, tokens=tokens, log=quiet), {3})
-        assert not t.dynamic_scale
+        assert not t.optimizer.scale.dynamic
         t.step(), t.step(), t.step()
         with pytest.raises(TrainingDiverged, match="gradient norm is (inf|nan) at step 4"):
             t.step()
@@ -285,12 +305,12 @@ def test_a_checkpoint_waits_until_its_state_gives_a_finite_loss(tmp_path):
     path = tmp_path / "run.ckpt"
     t = Trainer(mc, TrainConfig(steps=20, accum=1, ckpt_path=str(path)), tokens=tokens, log=quiet)
     t.step(), t.step()
-    t._save_when_checked()   # after an update: written, held back
-    assert not path.exists() and t._staged is not None
+    t.guard.save_when_checked()   # after an update: written, held back
+    assert not path.exists() and t.guard.staged is not None
     t.step()                 # its state gave a finite loss: now it is the checkpoint
-    assert load_checkpoint(path)[0]["step"] == 2 and t._staged is None
+    assert load_checkpoint(path)[0]["step"] == 2 and t.guard.staged is None
     good = path.read_bytes()
-    t._save_when_checked()   # step 3, held back; then its weights turn out to give NaN
+    t.guard.save_when_checked()   # step 3, held back; then its weights turn out to give NaN
     t.model.views["model.norm.weight"][:] = np.float32(3e38)
     t.model.weights_changed()
     with pytest.raises(TrainingDiverged, match=r"last good state is checkpoint .*run.ckpt "
@@ -313,7 +333,7 @@ def test_save_checks_a_state_that_has_not_run_yet(tmp_path):
     assert not t.model.grads.any()
     t.model.views["model.norm.weight"][:] = np.float32(3e38)
     t.model.weights_changed()
-    t._checked = False       # as after an update that made these weights
+    t.guard.checked = False       # as after an update that made these weights
     with pytest.raises(TrainingDiverged, match="checked before saving"):
         t.save()
     assert t.sampler.drawn == drawn

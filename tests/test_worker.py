@@ -239,7 +239,7 @@ def test_create_and_delete_many_models_does_not_hang_or_leak_threads():
 
 @pytest.mark.parametrize("n, n_decay", [(1, 0), (1, 1), (7, 5), (1001, 1000), (4096, 17)])
 def test_two_thread_optimizer_passes_equal_the_single_pass(n, n_decay):
-    from anecy._ops import py_adamw, py_sumsq
+    from anecy._testing import py_adamw, py_sumsq
     engine = make(BASE, False).engine
     rng = np.random.default_rng(n)
     p, g, m, v = (rng.standard_normal(n).astype(np.float32) for _ in range(4))

@@ -1,6 +1,6 @@
 """anecy download: data sets from the Hugging Face hub, prepared for training."""
 
-from ..cli import non_negative_int, positive_int
+from ._args import non_negative_int, positive_int
 
 HELP = "download TinyStories and the Llama-2 tokenizer and prepare them for training"
 

@@ -1,6 +1,6 @@
 """anecy plot: training curves from metrics files."""
 
-from ..cli import non_negative_int
+from ._args import non_negative_int
 
 HELP = "plot loss, held-out loss, learning rate and tokens/s from metrics files"
 

@@ -1,6 +1,6 @@
 """anecy prepare: text or JSONL to a token file (and its sidecar) for training."""
 
-from ..cli import non_negative_int, number
+from ._args import non_negative_int, number
 
 HELP = "tokenize text or JSONL documents into a token file for training"
 

@@ -3,18 +3,18 @@
 import sys
 import time
 
-from ..cli import non_negative_int, number
 from ..errors import AnecyError
+from ._args import add_model_source, model_source, non_negative_int, number
 
 HELP = "generate text from a checkpoint, a llama2.c .bin file or a Hugging Face directory"
 
 
 def add_arguments(p):
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", metavar="PATH", help="an anecy training checkpoint")
-    src.add_argument("--init-from", metavar="PATH",
-                     help="pretrained weights: a llama2.c .bin file (e.g. stories110M.bin) or a "
-                          "Hugging Face directory (config.json + model.safetensors)")
+    add_model_source(p, "pretrained weights: a llama2.c .bin file (e.g. stories110M.bin) or a "
+                        "Hugging Face directory (config.json + model.safetensors)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a PEFT LoRA adapter directory (adapter_config.json + "
+                        "adapter_model.safetensors): sample with it fused into the model")
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer.model, llama2.c's tokenizer.bin, tokenizer.json or an HF "
                         "directory (default: the one the checkpoint's data was prepared with, "
@@ -40,24 +40,35 @@ def prompt_ids(tok, prompt: str, vocab_size: int) -> list:
     ids = tok.encode(prompt, bos=bos) if prompt else ([tok.bos_id] if bos else [])
     if not ids:
         raise AnecyError(f"tokenizer {tok.path} has no BOS token: give a --prompt")
-    bad = [i for i in ids if i >= vocab_size]
-    if bad:
-        raise AnecyError(f"the prompt has token id {bad[0]}, outside the model's vocabulary of "
+    from ..data import first_bad_id
+    bad = first_bad_id(ids, vocab_size)
+    if bad is not None:
+        raise AnecyError(f"the prompt has token id {bad[1]}, outside the model's vocabulary of "
                          f"{vocab_size} tokens: is {tok.path} this model's tokenizer?")
     return ids
 
 
 def run(args) -> int:
     from ..generate import Decoder, SamplingConfig, generate, stream_text
-    from ..pretrained import inspect, load, tokenizer_for
+    from ..pretrained import load, tokenizer_for
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
-    source = inspect(args.ckpt, "checkpoint") if args.ckpt else inspect(args.init_from, "init")
+    source = model_source(args)
+    adapters = None
+    if args.adapter:   # checked before the model is loaded
+        from ..lora import read_peft
+        if source.kind == "lora":
+            raise AnecyError(f"{source.path} holds adapters already; --adapter goes with a "
+                             "base model")
+        adapters = read_peft(args.adapter, source.config)
     tok = tokenizer_for(source, args.tokenizer)
     if tok is None:
         raise AnecyError(f"no tokenizer known for {source.describe}: name one with --tokenizer "
                          "(for llama2.c models, its tokenizer.bin or Llama 2's tokenizer.model)")
     model = load(source)
+    if adapters is not None:
+        from ..lora import fuse
+        fuse(model, adapters, inplace=True)
     ids = prompt_ids(tok, args.prompt, model.config.vocab_size)
     context = source.config.seq_len
     if len(ids) > context:

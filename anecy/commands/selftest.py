@@ -18,13 +18,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-from .. import __version__, mil, milsim
-from .. import coreml_check as cc
-from .._packed import SEPARATE_SURFACES_ENV
-from ..cli import non_negative_int
+from .. import __version__
+from ..backends import ane_status
 from ..config import ModelConfig
+from ._args import non_negative_int
+
+# The programs, milsim and coremltools are imported where they are used, inside run(): `anecy
+# selftest --help` loads no compiled module.
 
 HELP = "check the ten ANE programs with milsim, coremltools and (on a Mac) the ANE and Core ML"
 
@@ -56,16 +56,20 @@ class _Paths:
     """The two Mac paths: set up once, each either a runner or the reason it is missing."""
 
     def __init__(self, cfg, ane_factory, predict, say):
+        from .. import selftest_runners as runners
         self.unavailable, self.failed = [], []
         self.ane = self._start("ane", "the ane backend (private API)", ane_factory,
-                               cc.ane_status, lambda: cc.ane_runner(cfg, ane_factory), say)
+                               ane_status, lambda: runners.ane_runner(cfg, ane_factory), say)
         self.predict = self._start("coreml", "Core ML's public API (CPU_AND_NE)", predict,
-                                   cc.coreml_prediction_status,
-                                   lambda: predict or cc.coreml_predictor("CPU_AND_NE"), say)
+                                   runners.coreml_prediction_status,
+                                   lambda: predict or runners.coreml_predictor("CPU_AND_NE"),
+                                   say)
 
     def _start(self, path, what, stand_in, status, make, say):
         """The runner of ``path`` (``make()``), or None after saying why it is missing or
         why it did not start. A stand-in (tests) is available wherever this runs."""
+        from .. import coreml_check as cc
+        from .. import selftest_runners as runners
         label = f"  {path:<12} {what}"
         ok, why = (True, "") if stand_in is not None else status()
         if not ok:
@@ -78,7 +82,7 @@ class _Paths:
             say(f"{label}: FAILED: {cc._one_line(e)}")
             self.failed.append(path)
             return None
-        say(f"{label}: runs (within {cc.DEVICE_ULPS:g} ulp of milsim)")
+        say(f"{label}: runs (within {runners.DEVICE_ULPS:g} ulp of milsim)")
         return runner
 
     def run(self, path, kernel, x, package):
@@ -89,6 +93,9 @@ class _Paths:
 
 def _check(kernel, cfg, x, workdir, paths, cols):
     """One kernel every way: (table row, problems, {path: ulp})."""
+    from .. import coreml_check as cc
+    from .. import mil, milsim
+    from .. import selftest_runners as runners
     row = dict.fromkeys(cols, "-")
     row["kernel"] = kernel
     problems, ulps = [], {}
@@ -126,27 +133,28 @@ def _check(kernel, cfg, x, workdir, paths, cols):
             continue
         ulps[path] = max(cc.block_ulps(kernel, cfg, y, ref).values())
         row[path] = _fmt(ulps[path])
-        if not ulps[path] <= cc.DEVICE_ULPS:
+        if not ulps[path] <= runners.DEVICE_ULPS:
             row[path] += "!"
             problems.append(f"{path} differs from milsim by {_fmt(ulps[path])} ulp")
     if "ane~coreml" in cols and len(out) == 2:
         u = max(cc.block_ulps(kernel, cfg, out["ane"], out["coreml"]).values())
         row["ane~coreml"] = _fmt(u)
-        if not u <= 2 * cc.DEVICE_ULPS:
+        if not u <= 2 * runners.DEVICE_ULPS:
             row["ane~coreml"] += "!"
             problems.append(f"ane and coreml differ by {_fmt(u)} ulp")
     return [row[c] for c in cols], problems, ulps
-
-
-# The chain compounds two programs' fp16 errors: sdpaBwd2 runs on sdpaBwd1's probs, each
-# within DEVICE_ULPS of milsim's, so it is held to twice that.
-CHAIN_ULPS = 2 * cc.DEVICE_ULPS
 
 
 def _chain(cfg, seed, paths, say) -> bool:
     """sdpaBwd1 then sdpaBwd2 on the ane as training runs them: sdpaBwd2 reads the
     probabilities sdpaBwd1 wrote into the Surface the two share (no copy; unverified on
     hardware until this passes), against the same chain in milsim. True if they agree."""
+    from .. import coreml_check as cc
+    from .. import selftest_runners as runners
+    from .._packed import SEPARATE_SURFACES_ENV
+    # The chain compounds two programs' fp16 errors: sdpaBwd2 runs on sdpaBwd1's probs, each
+    # within DEVICE_ULPS of milsim's, so it is held to twice that.
+    chain_ulps = 2 * runners.DEVICE_ULPS
     x1 = cc.random_input("sdpaBwd1", cfg, seed + 100)
     x2 = cc.random_input("sdpaBwd2", cfg, seed + 101)
     label = "chain        sdpaBwd1 -> sdpaBwd2 through their shared Surface (ane)"
@@ -157,11 +165,11 @@ def _chain(cfg, seed, paths, say) -> bool:
             "gives the two a Surface each")
         return False
     u = max(cc.block_ulps("sdpaBwd2", cfg, y,
-                          cc.sdpa_backward_chain_reference(cfg, x1, x2)).values())
-    if u <= CHAIN_ULPS:
-        say(f"{label}: {_fmt(u)} ulp of milsim's chain (within {CHAIN_ULPS:g})")
+                          runners.sdpa_backward_chain_reference(cfg, x1, x2)).values())
+    if u <= chain_ulps:
+        say(f"{label}: {_fmt(u)} ulp of milsim's chain (within {chain_ulps:g})")
         return True
-    say(f"{label}: FAIL: {_fmt(u)} ulp from milsim's chain (more than {CHAIN_ULPS:g}); "
+    say(f"{label}: FAIL: {_fmt(u)} ulp from milsim's chain (more than {chain_ulps:g}); "
         f"training with {SEPARATE_SURFACES_ENV}=1 gives the two a Surface each")
     return False
 
@@ -172,6 +180,10 @@ def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=
     ``ane_factory`` (for ``AneKernels``) and ``predict`` (package, input -> output) stand
     in for the private-API ANE kernel and Core ML's prediction (tests); with them the two
     Mac paths run anywhere."""
+    import numpy as np
+
+    from .. import coreml_check as cc
+    from ..kernel_layout import KERNEL_NAMES
     out = out or sys.stdout
 
     def say(line=""):
@@ -199,7 +211,7 @@ def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=
     say(_table_line(cols))
     failed, worst = [], dict.fromkeys(ran[1:], 0.0)
     with tempfile.TemporaryDirectory(prefix="anecy-selftest-") as tmp:
-        for i, kernel in enumerate(mil.KERNEL_NAMES):
+        for i, kernel in enumerate(KERNEL_NAMES):
             x = cc.random_input(kernel, cfg, seed + i)
             row, problems, ulps = _check(kernel, cfg, x, Path(tmp) / kernel, paths, cols)
             say(_table_line(row))
@@ -221,7 +233,7 @@ def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=
         note = f"; not available here: {', '.join(paths.unavailable)}"
     secs = time.perf_counter() - t0
     if failed or paths.failed or chain_failed:
-        what = [f"{len(failed)} of {len(mil.KERNEL_NAMES)} kernels ({', '.join(failed)})"] \
+        what = [f"{len(failed)} of {len(KERNEL_NAMES)} kernels ({', '.join(failed)})"] \
             if failed else []
         what += [f"the {p} path did not start" for p in paths.failed]
         what += ["the ane's sdpaBwd1 -> sdpaBwd2 chain"] if chain_failed else []
@@ -229,6 +241,6 @@ def selftest(cfg, name: str, seed: int = 0, out=None, ane_factory=None, predict=
             f"({secs:.1f} s)")
         return 1
     worst_s = ", ".join(f"{p} {_fmt(u)}" for p, u in worst.items())
-    say(f"result: OK: all {len(mil.KERNEL_NAMES)} kernels agree on {', '.join(ran)} "
+    say(f"result: OK: all {len(KERNEL_NAMES)} kernels agree on {', '.join(ran)} "
         f"(worst ulp: {worst_s}){note} ({secs:.1f} s)")
     return 0

@@ -4,10 +4,9 @@ import argparse
 from pathlib import Path
 
 from .. import backends
-from ..checkpoint import read_checkpoint_meta
-from ..cli import non_negative_int, number, positive_int
 from ..config import PRESETS, ModelConfig, TrainConfig
 from ..errors import AnecyError
+from ._args import non_negative_int, number, positive_int
 
 HELP = "train a model from scratch, from pretrained weights, or resume a checkpoint"
 
@@ -44,7 +43,8 @@ def add_arguments(p, family=None):
                    help=f"gradient-norm clip, 0 for none (default {d.clip})")
     p.add_argument("--loss-scale", type=_loss_scale, metavar="X|auto",
                    help="static loss scale, or auto: the backend's own (the default: 1 on cpu; "
-                        "on the fp16 sim/ane backends a dynamic scale from 4096, halved when "
+                        "on the fp16 sim/ane backends a dynamic scale from "
+                        f"{backends.DEFAULT_LOSS_SCALE['sim']:g}, halved when "
                         f"gradients overflow, doubled after {d.loss_scale_growth} clean "
                         "updates). On --resume, auto returns a run given a static scale to "
                         "the backend's")
@@ -83,6 +83,96 @@ def add_arguments(p, family=None):
     p.add_argument("--no-compact-vocab", action="store_true",
                    help="softmax over the full vocabulary instead of the tokens in the data")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_lora_arguments(p)
+
+
+def add_lora_arguments(p):
+    lora = p.add_argument_group("LoRA", "train low-rank adapters (as PEFT defines them) on "
+                                "frozen pretrained weights instead of every weight")
+    lora.add_argument("--lora", action="store_true",
+                      help="train LoRA adapters; needs --init-from (or --resume of a LoRA "
+                           "checkpoint)")
+    lora.add_argument("--lora-rank", type=positive_int, metavar="R",
+                      help="adapter rank (default 8)")
+    lora.add_argument("--lora-alpha", type=number, metavar="A",
+                      help="the update is scaled by A / R, as PEFT's lora_alpha (default 2R)")
+    lora.add_argument("--lora-targets", metavar="LIST",
+                      help="projections to adapt, comma-separated PEFT names (default all: "
+                           "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj)")
+    lora.add_argument("--lora-layers", type=positive_int, metavar="N",
+                      help="adapt the last N layers (default all)")
+    lora.add_argument("--lora-dropout", type=number, metavar="P",
+                      help="dropout on the adapters' input in training (default 0)")
+    lora.add_argument("--init-adapter", metavar="DIR",
+                      help="start from a PEFT LoRA adapter directory (adapter_config.json + "
+                           "adapter_model.safetensors, e.g. one trained with PEFT); its rank, "
+                           "alpha, targets and layers are used")
+
+
+# the flags that size the adapters (a resumed run or --init-adapter brings its own)
+_LORA_SHAPE_FLAGS = (("lora_rank", "--lora-rank"), ("lora_alpha", "--lora-alpha"),
+                     ("lora_targets", "--lora-targets"), ("lora_layers", "--lora-layers"))
+LORA_TRAINING_UNAVAILABLE = ("LoRA training is not available in this build (adapters can be "
+                             "exported, fused and sampled: see anecy export and anecy sample)")
+
+
+def _lora_config(args, model_config: ModelConfig):
+    """The LoraConfig of a new LoRA run: --init-adapter's (checked against the model), or
+    the flags'; either checked against the model."""
+    from ..lora import LoraConfig, read_peft
+    if args.init_adapter:
+        given = [flag for name, flag in _LORA_SHAPE_FLAGS if getattr(args, name) is not None]
+        if given:
+            raise AnecyError(f"--init-adapter brings its own rank, alpha, targets and layers; "
+                             f"leave out {given[0]}")
+        cfg = read_peft(args.init_adapter, model_config).config
+        if args.lora_dropout is not None:
+            cfg.dropout = args.lora_dropout
+            cfg.validate()
+        return cfg
+    d = dict(rank=args.lora_rank, alpha=args.lora_alpha, targets=args.lora_targets,
+             layers=args.lora_layers, dropout=args.lora_dropout)
+    cfg = LoraConfig(**{k: v for k, v in d.items() if v is not None})
+    cfg.check(model_config)
+    return cfg
+
+
+def _check_lora_run(args, preset: str, ckpt: str):
+    """Every LoRA flag checked against the others and the model, before any work: a bad
+    combination is one line. Returns (ModelConfig, LoraConfig) of a LoRA run, or None."""
+    lora_given = [flag for name, flag in _LORA_SHAPE_FLAGS + (("lora_dropout", "--lora-dropout"),
+                                                              ("init_adapter", "--init-adapter"))
+                  if getattr(args, name) is not None]
+    resumed_lora = False
+    if args.resume and Path(ckpt).exists():
+        from ..checkpoint import read_checkpoint_meta
+        from ..lora import LORA_CHECKPOINT
+        resumed_lora = read_checkpoint_meta(ckpt)["meta"].get("kind") == LORA_CHECKPOINT
+    if not args.lora and not resumed_lora:
+        if lora_given:
+            raise AnecyError(f"{lora_given[0]} needs --lora")
+        return None
+    if args.scratch:
+        raise AnecyError("--lora adapts pretrained weights; it cannot start from --scratch")
+    if args.resume:
+        if args.init_adapter:
+            raise AnecyError("--init-adapter starts a new run; it cannot be combined with "
+                             "--resume")
+        if not Path(ckpt).exists():
+            return None   # the resume path says so
+        from ..lora import read_lora_checkpoint_meta
+        _, mc, lc = read_lora_checkpoint_meta(ckpt)   # a full-training checkpoint: refused
+        shape = [flag for name, flag in _LORA_SHAPE_FLAGS if getattr(args, name) is not None]
+        if shape:
+            raise AnecyError(f"a resumed LoRA run keeps its checkpoint's adapters; leave out "
+                             f"{shape[0]}")
+        return mc, lc
+    if not args.init_from:
+        raise AnecyError("--lora needs pretrained weights to adapt: give --init-from PATH "
+                         "(or --resume a LoRA checkpoint)")
+    mc = _init_config(args.init_from, ModelConfig.preset(preset),
+                      preset if args.preset else None)
+    return mc, _lora_config(args, mc)
 
 
 AUTO = "auto"    # --loss-scale auto: the backend's own scale
@@ -128,16 +218,15 @@ def _init_config(path, preset_config: ModelConfig, preset=None) -> ModelConfig:
     theirs.seq_len = preset_config.seq_len
     if preset is None:
         return theirs
-    diff = [f for f in ("dim", "hidden_dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
-                        "vocab_size", "qk_norm", "tie_embeddings", "norm_eps", "rope_theta")
-            if getattr(theirs, f) != getattr(preset_config, f)]
-    if diff:
-        raise AnecyError(f"{path} holds another model than --preset {preset} (differs in "
-                         f"{', '.join(diff)}); leave out --preset to take its shape")
+    preset_config.require_same(theirs, path, ModelConfig.WEIGHT_FIELDS,
+                               than=f" than --preset {preset}",
+                               advice="; leave out --preset to take its shape")
     return preset_config
 
 
 def run(args) -> int:
+    from .. import corpus
+    from ..checkpoint import read_checkpoint_meta
     from ..trainer import Trainer, prepare_outputs
     family = args.family
     default_preset = FAMILIES[family][1] if family else "stories110m"
@@ -149,6 +238,10 @@ def run(args) -> int:
         raise AnecyError("--init-from starts a new run; it cannot be combined with "
                          "--resume or --scratch")
     backends.resolve(args.backend)
+    lora_run = _check_lora_run(args, preset, ckpt)
+    if lora_run is not None:
+        # the engine has no adapter path yet: refuse rather than pretend (nothing written)
+        raise AnecyError(LORA_TRAINING_UNAVAILABLE)
     if args.tokenizer:   # a bad path fails now, not at the first sample
         from ..tokenizer import load
         load(args.tokenizer)
@@ -168,7 +261,7 @@ def run(args) -> int:
         if args.init_from:
             mc = _init_config(args.init_from, mc, preset if args.preset else None)
         trainer = Trainer(mc, tc)
-    if trainer.model.config.vocab_size > 32000 and trainer.data_name == "built-in corpus":
+    if trainer.model.config.vocab_size > 32000 and trainer.data_name == corpus.NAME:
         print("note: the built-in corpus is written in Llama-2 token ids; for a Qwen3 "
               "model that means something, pass data pretokenized with Qwen3's tokenizer "
               "(--data)")

@@ -1,0 +1,106 @@
+"""What a training run tells: the record of each microstep (StepRecord, one JSON line of the
+metrics file), the progress line every ten microsteps, and the Efficiency Report at the end."""
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from .config import step_flops
+from .errors import OutputError
+from .timers import REPORT_ORDER
+
+
+@dataclass
+class StepRecord:
+    """What one microstep did. `grad_norm` is set on microsteps that updated the weights."""
+    step: int
+    loss: float
+    lr: float
+    ms: float
+    tokens_per_s: float
+    updated: bool
+    grad_norm: Optional[float] = None
+    skipped: bool = False          # the update was skipped: fp16 gradients overflowed
+    loss_scale: float = 1.0
+    val_loss: Optional[float] = None
+    timings: dict = field(default_factory=dict)   # ms of this microstep per component
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+class MetricsFile:
+    """The metrics file: one StepRecord per line, appended and flushed as the run goes. A
+    write that fails (disk full) is kept in ``error`` for the run to stop on."""
+
+    def __init__(self, path):
+        self.path, self.error = path, None
+        try:
+            self.file = open(path, "a")
+        except OSError as e:
+            raise OutputError(f"cannot write the metrics file {path}: {e.strerror or e}") from None
+
+    def write(self, rec: StepRecord) -> bool:
+        """False once a write has failed."""
+        try:
+            self.file.write(rec.to_json() + "\n")
+            self.file.flush()
+        except OSError as e:
+            self.error = e.strerror or str(e)
+        return self.error is None
+
+    def close(self):
+        try:
+            self.file.close()
+        except OSError:
+            pass
+
+    def failure(self, step: int, saved) -> OutputError:
+        return OutputError(f"cannot write the metrics file {self.path}: {self.error}; stopped "
+                           f"at step {step}" + (f", checkpoint {saved}" if saved else ""))
+
+
+def run_header(t) -> str:
+    """The line a run starts with: the model, the backend and loss scale, the data."""
+    mc = t.mc
+    return (f"model: {mc.n_params / 1e6:.1f}M params, {mc.n_layers} layers, dim {mc.dim}, "
+            f"seq {mc.seq_len}; backend {t.backend}{t.optimizer.scale.describe()}; "
+            f"data: {t.data_name}")
+
+
+def progress_line(recs) -> str:
+    """The loss of the last record and the mean ms per component of all of them."""
+    n = len(recs)
+    avg = {k: sum(r.timings.get(k, 0.0) for r in recs) / n for k in recs[-1].timings}
+    ms = sum(r.ms for r in recs) / n
+    parts = " ".join(f"{k}={avg[k]:.1f}" for k in REPORT_ORDER if k in avg)
+    return f"step {recs[-1].step} loss {recs[-1].loss:.4f} | {parts} | {ms:.1f} ms/step"
+
+
+def efficiency_report(t, steps_this_run: int, wall_ms: float) -> dict:
+    """Log the Efficiency Report of Trainer ``t`` and return its figures."""
+    mc, opt = t.mc, t.optimizer
+    done = max(1, t.step_count)
+    ms_per_step = t.train_ms / done
+    flops = step_flops(mc, active_vocab=t.vocab.n_active)
+    gflops = flops / (ms_per_step * 1e6) if ms_per_step > 0 else 0.0
+    lines = ["=== Efficiency Report ===",
+             f"steps:           {t.step_count} ({steps_this_run} this run, "
+             f"{opt.updates} optimizer updates, {opt.scale.skipped} skipped)",
+             f"wall time:       {wall_ms / 1e3:.1f} s",
+             f"setup time:      {t.setup_ms:.0f} ms (data, model, backend)",
+             f"train time:      {t.train_ms / 1e3:.1f} s",
+             f"avg train:       {ms_per_step:.1f} ms/step",
+             f"FLOPs/step:      {flops / 1e9:.2f} GFLOP (active vocab {t.vocab.n_active})",
+             f"sustained:       {gflops:.1f} GFLOP/s",
+             "per step:        " + " ".join(f"{k}={t.totals.get(k, 0.0) / done:.1f}"
+                                            for k in REPORT_ORDER) + " ms"]
+    for line in lines:
+        t.log(line)
+    if opt.scale.dynamic or opt.scale.skipped:
+        t.log(f"loss scale:      dynamic, now {opt.scale.value:g} ({opt.scale.skipped} "
+              f"updates skipped: fp16 gradients overflowed)")
+    return {"steps": t.step_count, "updates": opt.updates, "skipped": opt.scale.skipped,
+            "ms_per_step": ms_per_step, "gflops": gflops,
+            "flops_per_step": flops,
+            "breakdown_ms": {k: v / done for k, v in t.totals.items()}}
