@@ -396,3 +396,41 @@ def test_a_malformed_config_beside_the_tokenizer_is_one_error(tmp_path, bpe_dir)
     with pytest.raises(AnecyError, match="config.json"):
         save(model_for(QWEN3), tmp_path / "m.gguf", T.load(tmp_path / "tokenizer.json"))
     assert not (tmp_path / "m.gguf").exists()
+
+
+def test_adapters_are_fused_into_the_gguf_file_and_eval(tmp_path, capsys, bpe_dir):
+    """--adapter DIR: the GGUF file holds base + adapters, as lora.fuse makes them, and
+    `anecy eval --adapter` scores that fused model."""
+    from anecy.lora import LoraAdapters, LoraConfig, fuse, save_peft
+    model = model_for(LLAMA, rope_style="half")
+    save_pretrained(model, tmp_path / "hf")
+    adapters = LoraAdapters(model.config, LoraConfig(rank=4), seed=3)
+    rng = np.random.default_rng(3)
+    for t in adapters.layout:
+        if t.part == "B":   # PEFT starts B at zero; non-zero so that fusing changes the model
+            adapters.views[t.name][...] = rng.standard_normal(t.shape) * 0.2
+    save_peft(tmp_path / "adapter", adapters, str(tmp_path / "hf"))
+    out = tmp_path / "m.gguf"
+    code, stdout, err = export(["--init-from", tmp_path / "hf", "--adapter", tmp_path / "adapter",
+                                "--format", "gguf", "--out", out, "--tokenizer", bpe_dir], capsys)
+    assert code == 0, err
+    assert "fused" in stdout
+    fused = fuse(model, adapters)
+    x = tokens_for(model.config)
+    ours = fused.logits(x)
+    assert np.abs(model.logits(x) - ours).max() > 1e-2 * np.abs(ours).max()
+    np.testing.assert_allclose(hf_logits(tmp_path, "m.gguf", x), ours, rtol=0,
+                               atol=2e-5 * np.abs(ours).max())
+    # eval of base + adapter is eval of the fused model
+    data = tmp_path / "val.bin"
+    np.random.default_rng(5).integers(0, 416, 3 * 32 + 1).astype("<u2").tofile(data)
+    assert anecy_main(["eval", "--init-from", str(tmp_path / "hf"), "--adapter",
+                       str(tmp_path / "adapter"), "--data", str(data), "--json",
+                       "--seq-len", "32"]) == 0
+    ours = json.loads(capsys.readouterr().out)
+    save_pretrained(fused, tmp_path / "fused")
+    assert anecy_main(["eval", "--init-from", str(tmp_path / "fused"), "--data", str(data),
+                       "--json", "--seq-len", "32"]) == 0
+    theirs = json.loads(capsys.readouterr().out)
+    assert ours["windows"] == theirs["windows"] == 3
+    assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-6)
