@@ -9,12 +9,14 @@ model's is refused. Files without a sidecar (llama2.c's own) take the dtype from
 vocabulary size.
 """
 
-import json
+import errno
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
+from . import jsonio
 from .errors import DataError
 
 DEFAULT_DATA = "tinystories_data00.bin"
@@ -62,13 +64,13 @@ def read_sidecar(path) -> "dict | None":
     held-out file (path relative to the token file's directory), ``train`` on that file."""
     side = sidecar_path(path)
     try:
-        text = side.read_text(encoding="utf-8")
+        text = side.read_bytes()
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{side}: cannot read token file sidecar ({e})") from None
+    except OSError as e:
+        raise DataError(f"{side}: cannot read token file sidecar ({e.strerror or e})") from None
     try:
-        meta = json.loads(text)
+        meta = jsonio.loads(text)
     except ValueError as e:
         raise DataError(f"{side}: corrupt token file sidecar ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
@@ -91,11 +93,21 @@ def open_tokens(path, vocab_size, seq_len) -> np.ndarray:
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not a token file")
     try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None   # said below, by the open
+    if mode is not None and not stat.S_ISREG(mode):   # a FIFO would hang the open
+        from .fileio import file_kind
+        raise DataError(f"{path}: is {file_kind(mode)}, not a token file (training maps "
+                        "the file; a regular file is needed)")
+    try:
         with open(path, "rb"):
             size = os.path.getsize(path)
     except FileNotFoundError:
         raise DataError(f"{path}: no such token file") from None
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise DataError(f"{path}: a symlink loop, not a token file") from None
         raise DataError(f"{path}: cannot read token file ({e.strerror or e})") from None
     meta = read_sidecar(path)
     if meta is None:

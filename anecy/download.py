@@ -24,7 +24,8 @@ from pathlib import Path
 from . import tokenizer as tokenizers
 from .data import open_tokens, read_sidecar
 from .errors import AnecyError
-from .prepare import check_writable, prepare, write_sidecar
+from .fileio import check_writable
+from .prepare import prepare, write_sidecar
 
 DATASET_REPO = "roneneldan/TinyStories"
 TRAIN_FILE = "TinyStories-train.txt"
