@@ -6,6 +6,7 @@ val_loss (on steps that evaluated) and timings. A resumed run appends to the sam
 when steps repeat (a run started again into the same file), the later records win.
 """
 
+import errno
 import io
 import math
 from numbers import Real
@@ -70,7 +71,8 @@ def read_metrics(path) -> list:
     except UnicodeDecodeError:
         raise AnecyError(f"{path}: not a text file") from None
     except OSError as e:
-        raise AnecyError(f"{path}: cannot read ({e.strerror or e})") from None
+        why = "a symlink loop" if e.errno == errno.ELOOP else (e.strerror or e)
+        raise AnecyError(f"{path}: cannot read ({why})") from None
     if not by_step:
         raise AnecyError(f"{path}: no metrics records (empty file)")
     return [by_step[s] for s in sorted(by_step)]

@@ -32,16 +32,17 @@ def _require(module: str, what: str):
                          f"run `{DATA_EXTRA}`") from None
 
 
-def check_text(text: str, where: str) -> None:
+def check_text(text: str, where: str, from_argv: bool = False) -> None:
     """Raise AnecyError (one line, starting with ``where``: a file and line, or "the
     prompt") unless ``text`` is valid Unicode that UTF-8 can encode. Python strings can
-    hold lone surrogates (a JSON escape "\\ud800", or bytes that are not UTF-8 on a command
-    line, which Python keeps as U+DC80..U+DCFF); no tokenizer can take them."""
+    hold lone surrogates (a JSON escape "\\ud800"; ``from_argv``, bytes that are not UTF-8
+    on a command line, which Python keeps as U+DC80..U+DCFF); no tokenizer can take them."""
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
         c = ord(text[e.start])
-        what = (f"the byte 0x{c - 0xDC00:02x}, which is not UTF-8" if 0xDC80 <= c <= 0xDCFF
+        what = (f"the byte 0x{c - 0xDC00:02x}, which is not UTF-8"
+                if from_argv and 0xDC80 <= c <= 0xDCFF
                 else f"a lone surrogate U+{c:04X}, which is not a character")
         raise AnecyError(f"{where}: not valid UTF-8 text ({what}, at character "
                          f"{e.start})") from None

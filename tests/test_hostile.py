@@ -123,14 +123,21 @@ def unix_socket(name):
     return make
 
 
+class Held:
+    """A lock file this process holds open while a case runs."""
+
+    def __init__(self, fd):
+        self.fd = fd
+
+
 def held_lock(name):
-    """The run lock of ``name`` held by this process (as another run would hold it); the
-    returned fd is closed after the case."""
+    """The run lock of ``name`` held by this process (as another run would hold it); it is
+    released after the case."""
     def make(d, w):
         fd = os.open(d / f"{name}.lock", os.O_RDWR | os.O_CREAT)
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.write(fd, f"{os.getpid()}\n".encode())
-        return fd
+        return Held(fd)
     return make
 
 
@@ -624,15 +631,15 @@ def test_hostile_input_is_one_line_status_2_and_loses_nothing(world, tmp_path, a
                                                               setup):
     d = tmp_path / "case"
     d.mkdir()
-    fds = [fd for make in setup if isinstance(fd := make(d, world), int)]
+    held = [h for make in setup if isinstance(h := make(d, world), Held)]
     cmd = _command(argv, d, world)
     before, devices = _snapshot(d, world), _devices(cmd)
     env = {k: v for k, v in os.environ.items() if k != "ANECY_DATA"}
     try:
         proc = subprocess.run(cmd, cwd=d, capture_output=True, timeout=TIMEOUT, env=env)
     finally:
-        for fd in fds:
-            os.close(fd)
+        for h in held:
+            os.close(h.fd)
     err = proc.stderr.decode("utf-8", "replace")
     lines = err.strip().splitlines()
     assert proc.returncode == 2, f"exit {proc.returncode}: {err}"

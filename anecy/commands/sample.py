@@ -65,7 +65,7 @@ def run(args) -> int:
     from ..tokenizer import check_text
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
-    check_text(args.prompt, "the prompt")   # before any loading: a bad prompt is cheap to find
+    check_text(args.prompt, "the prompt", from_argv=True)   # before any loading
     source = inspect(args.ckpt, "checkpoint") if args.ckpt else inspect(args.init_from, "init")
     tok = tokenizer_for(source, args.tokenizer)
     if tok is None:
