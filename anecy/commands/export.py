@@ -21,11 +21,11 @@ def add_arguments(p):
 
 def run(args) -> int:
     from ..errors import AnecyError
-    from ..fileio import check_writable
-    from ..pretrained import inspect, load
     if args.version is not None and args.format != "llama2c":
         raise AnecyError(f"--version is the llama2.c format's; it does not apply to "
                          f"--format {args.format}")
+    from ..fileio import check_writable
+    from ..pretrained import inspect, load
     out = Path(args.out)
     source = inspect(args.ckpt, "checkpoint") if args.ckpt else inspect(args.init_from, "init")
     cfg = source.config
