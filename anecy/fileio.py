@@ -92,14 +92,16 @@ class StagedWrite:
 
     def commit(self) -> Path:
         """Rename the complete temporary over ``path`` (and make the rename durable). A
-        ``path`` that is not a regular file (a device, a FIFO, a socket, a directory: it may
-        have appeared since the output was checked) is never replaced: OutputError."""
+        ``path`` that is a device, a FIFO or a socket (it may have appeared since the output
+        was checked) is never replaced: OutputError. (A directory there makes the rename
+        itself fail.)"""
         from .errors import OutputError
         try:
             st = os.lstat(self.path)
         except OSError:
             st = None
-        if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)
+                                   or stat.S_ISDIR(st.st_mode)):
             self.discard()
             raise OutputError(f"cannot write {self.path}: it is {file_kind(st.st_mode)}, "
                               "not a regular file")
