@@ -9,13 +9,13 @@ model's is refused. Files without a sidecar (llama2.c's own) take the dtype from
 vocabulary size.
 """
 
-import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
-from . import corpus
+from . import corpus, jsonio
 from .errors import DataError, cannot_read
 
 DEFAULT_DATA = "tinystories_data00.bin"
@@ -73,13 +73,13 @@ def read_sidecar(path) -> "dict | None":
     held-out file (path relative to the token file's directory), ``train`` on that file."""
     side = sidecar_path(path)
     try:
-        text = side.read_text(encoding="utf-8")
+        text = side.read_bytes()
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise cannot_read(side, e, "token file sidecar", DataError) from None
     try:
-        meta = json.loads(text)
+        meta = jsonio.loads(text)
     except ValueError as e:
         raise DataError(f"{side}: corrupt token file sidecar ({e})") from None
     if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
@@ -101,6 +101,14 @@ def open_tokens(path, vocab_size, seq_len) -> np.ndarray:
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not a token file")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None   # said below, by the open
+    if mode is not None and not stat.S_ISREG(mode):   # a FIFO would hang the open
+        from .fileio import file_kind
+        raise DataError(f"{path}: is {file_kind(mode)}, not a token file (training maps "
+                        "the file; a regular file is needed)")
     try:
         with open(path, "rb"):
             size = os.path.getsize(path)

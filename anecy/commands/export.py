@@ -21,16 +21,22 @@ def add_arguments(p):
                         "llama2c: a .bin file llama2.c's run.c reads; peft: the LoRA adapters "
                         "as a directory PEFT's PeftModel.from_pretrained loads")
     p.add_argument("--out", metavar="PATH", required=True, help="the directory or file to write")
-    p.add_argument("--version", type=int, choices=(0, 1), default=0,
-                   help="llama2.c format version: 0 (legacy, what run.c reads; default) or 1")
+    p.add_argument("--version", type=int, choices=(0, 1),
+                   help="llama2.c format version: 0 (legacy, what run.c reads; default) or 1; "
+                        "for --format llama2c only")
 
 
 def run(args) -> int:
+    if args.version is not None and args.format != "llama2c":
+        raise AnecyError(f"--version is the llama2.c format's; it does not apply to "
+                         f"--format {args.format}")
     from ..fileio import check_writable
     from ..pretrained import load
     out = Path(args.out)
     source = model_source(args)
     cfg = source.config
+    # the weights read: the file, or an HF directory's files (an export must not land on them)
+    inputs = [source.path] + (sorted(source.path.iterdir()) if source.path.is_dir() else [])
     adapters = None
     if args.adapter:
         from ..lora import read_peft
@@ -38,8 +44,10 @@ def run(args) -> int:
             raise AnecyError(f"{source.path} holds adapters already; --adapter goes with a "
                              "base model")
         adapters = read_peft(args.adapter, cfg)   # checked before anything is loaded
+        adapter_dir = Path(args.adapter)
+        inputs += sorted(adapter_dir.iterdir()) if adapter_dir.is_dir() else []
     if args.format == "peft":
-        from ..lora import ADAPTER_WEIGHTS, load_lora_checkpoint, save_peft
+        from ..lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_lora_checkpoint, save_peft
         if source.kind == "lora":
             meta, adapters, _ = load_lora_checkpoint(source.path)
             base_name = meta["base"]["path"]
@@ -48,24 +56,27 @@ def run(args) -> int:
                              "(--ckpt) or a base model and --adapter DIR")
         else:
             base_name = str(source.path)
-        check_writable(out / ADAPTER_WEIGHTS, what="PEFT adapter file", make_parents=True)
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            check_writable(out / name, what="PEFT adapter file", make_parents=True,
+                           inputs=inputs)
         save_peft(out, adapters, base_name)
         print(f"wrote {out} (peft) from {source.describe}")
         return 0
     if args.format == "llama2c":
         from ..llama2c import check_exportable, save
         check_exportable(cfg)
-        check_writable(out, what="llama2.c file")
+        check_writable(out, what="llama2.c file", inputs=inputs)
     else:
         from ..hf import config_to_hf
         config_to_hf(cfg)
-        check_writable(out / "model.safetensors", what="HF model file", make_parents=True)
+        for name in ("config.json", "model.safetensors"):
+            check_writable(out / name, what="HF model file", make_parents=True, inputs=inputs)
     model = load(source)
     if adapters is not None:
         from ..lora import fuse
         fuse(model, adapters, inplace=True)
     if args.format == "llama2c":
-        save(model, out, version=args.version, seq_len=cfg.seq_len)
+        save(model, out, version=args.version or 0, seq_len=cfg.seq_len)
     else:
         from ..hf import save_pretrained
         save_pretrained(model, out)

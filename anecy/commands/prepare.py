@@ -23,7 +23,7 @@ def add_arguments(p):
                    help="split plain text into documents at TEXT (e.g. '<|endoftext|>') "
                         "instead of at blank lines")
     p.add_argument("--workers", type=non_negative_int, default=0, metavar="N",
-                   help="worker processes (default 0: one per core)")
+                   help="worker processes, at most one per core (default 0: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

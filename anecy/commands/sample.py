@@ -1,5 +1,6 @@
 """anecy sample: generate text from a trained checkpoint, a llama2.c .bin or an HF directory."""
 
+import argparse
 import sys
 import time
 
@@ -30,8 +31,19 @@ def add_arguments(p):
                         "(default 0.9)")
     p.add_argument("--top-k", type=non_negative_int, default=0, metavar="K",
                    help="sample among the K most likely tokens, 0 for all (default 0)")
-    p.add_argument("--seed", type=non_negative_int, metavar="S",
-                   help="seed of the sampler (default: a fresh one)")
+    p.add_argument("--seed", type=_seed, metavar="S",
+                   help=f"seed of the sampler, 0 to 2^{SEED_BITS}-1 (default: a fresh one)")
+
+
+SEED_BITS = 64   # the sampler's generator (PCG64) takes seeds of up to 64 bits as they are
+
+
+def _seed(text):
+    """--seed: a non-negative integer of at most SEED_BITS bits."""
+    value = non_negative_int(text)
+    if value >= 1 << SEED_BITS:
+        raise argparse.ArgumentTypeError(f"expected a seed below 2^{SEED_BITS}, got {text!r}")
+    return value
 
 
 def prompt_ids(tok, prompt: str, vocab_size: int) -> list:
@@ -51,8 +63,10 @@ def prompt_ids(tok, prompt: str, vocab_size: int) -> list:
 def run(args) -> int:
     from ..generate import Decoder, SamplingConfig, generate, stream_text
     from ..pretrained import load, tokenizer_for
+    from ..tokenizer import check_text
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
+    check_text(args.prompt, "the prompt", from_argv=True)   # before any loading
     source = model_source(args)
     adapters = None
     if args.adapter:   # checked before the model is loaded
