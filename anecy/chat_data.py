@@ -114,7 +114,10 @@ class ChatTemplate:
             whole = self.render(_PROBE)
         except RecordError as e:
             raise AnecyError(f"{self.source}: {e} on a user and an assistant turn") from None
-        for i in whole[len(prompt):] if whole[:len(prompt)] == prompt else ():
+        common = 0   # the answer starts after the tokens the two renderings share
+        while common < min(len(prompt), len(whole)) and prompt[common] == whole[common]:
+            common += 1
+        for i in whole[common:]:
             if i in self.special_ids:
                 return i
         raise AnecyError(f"{self.source}: the chat template writes no special token after an "

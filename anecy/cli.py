@@ -11,7 +11,7 @@ import sys
 from .errors import AnecyError
 
 # command name -> module in anecy.commands, in the order `anecy --help` lists them
-COMMANDS = ("train", "prepare", "download", "plot", "sample", "export", "selftest")
+COMMANDS = ("train", "prepare", "download", "plot", "sample", "chat", "export", "selftest")
 
 
 class Parser(argparse.ArgumentParser):

@@ -10,11 +10,7 @@ HELP = "generate text from a checkpoint, a llama2.c .bin file or a Hugging Face 
 
 
 def add_arguments(p):
-    src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--ckpt", metavar="PATH", help="an anecy training checkpoint")
-    src.add_argument("--init-from", metavar="PATH",
-                     help="pretrained weights: a llama2.c .bin file (e.g. stories110M.bin) or a "
-                          "Hugging Face directory (config.json + model.safetensors)")
+    add_source_arguments(p)
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer.model, llama2.c's tokenizer.bin, tokenizer.json or an HF "
                         "directory (default: the one the checkpoint's data was prepared with, "
@@ -23,6 +19,20 @@ def add_arguments(p):
     p.add_argument("--max-new-tokens", type=non_negative_int, default=256, metavar="N",
                    help="tokens to generate at most (default 256; fewer at BOS/EOS or at the "
                         "end of the model's context)")
+    add_sampling_arguments(p)
+
+
+def add_source_arguments(p):
+    """--ckpt or --init-from: the model (anecy sample's and anecy chat's)."""
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--ckpt", metavar="PATH", help="an anecy training checkpoint")
+    src.add_argument("--init-from", metavar="PATH",
+                     help="pretrained weights: a llama2.c .bin file (e.g. stories110M.bin) or a "
+                          "Hugging Face directory (config.json + model.safetensors)")
+
+
+def add_sampling_arguments(p):
+    """--temperature, --top-p, --top-k and --seed (anecy sample's and anecy chat's)."""
     p.add_argument("--temperature", type=number, default=1.0, metavar="T",
                    help="0 is greedy (default 1.0)")
     p.add_argument("--top-p", type=number, default=0.9, metavar="P",
