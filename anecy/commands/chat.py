@@ -70,8 +70,8 @@ class Chat:
 
     def turn(self, text) -> str:
         """Send ``text`` as the user's message; stream the reply and return it. Ctrl-C stops
-        the reply: what was shown stays in the conversation (a turn stopped before its first
-        token is dropped)."""
+        the reply: what was shown stays in the conversation as the answer (a turn stopped
+        before any text was shown is dropped)."""
         from ..generate import stream_text
         messages = self.messages + [{"role": "user", "content": text}]
         ids = self.template.render(self.conversation(messages), add_generation_prompt=True)
@@ -89,14 +89,18 @@ class Chat:
 
         start = time.perf_counter()
         tokens = pieces = None
+        shown = []
+        stopped = False
         try:
             self.session.feed(ids)
             tokens = self.session.reply(self.max_new_tokens, self.template.stop_ids)
             pieces = stream_text(self.template.decode, [], collect(tokens))
             for piece in pieces:
                 self.write(piece)
+                shown.append(piece)
         except KeyboardInterrupt:
-            if not generated:
+            stopped = True
+            if not "".join(shown):
                 self.write("\n")
                 return ""
         finally:
@@ -108,7 +112,7 @@ class Chat:
                          "prefill_s": (times[0] if times else time.perf_counter()) - start,
                          "decode_s": times[-1] - times[0] if times else 0.0}
         self.write("\n")
-        reply = self.template.decode(generated)
+        reply = "".join(shown) if stopped else self.template.decode(generated)
         self.messages = messages + [{"role": "assistant", "content": reply}]
         if self.session.decoder.pos == self.session.max_len:
             self.log(f"(the context of {self.session.max_len} tokens is full: /reset to start "
