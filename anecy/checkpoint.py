@@ -48,6 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import jsonio
 from .errors import CheckpointError, cannot_read
 from .fileio import StagedWrite
 
@@ -225,8 +226,8 @@ def _read_header(f, path) -> tuple[dict, int, int]:
     if zlib.crc32(header) != header_crc:
         raise CheckpointError(f"checkpoint {path}: corrupt (header checksum mismatch)")
     try:
-        doc = json.loads(header.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        doc = jsonio.loads(header)
+    except ValueError as e:
         raise CheckpointError(f"checkpoint {path}: malformed header JSON ({e})") from None
     _validate_table(doc, path, _PREFIX.size + header_len, total - _TRAILER.size)
     return doc, zlib.crc32(header, zlib.crc32(raw)), total

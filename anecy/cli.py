@@ -12,7 +12,8 @@ from .commands._args import Parser
 from .errors import AnecyError
 
 # command name -> module in anecy.commands, in the order `anecy --help` lists them
-COMMANDS = ("train", "prepare", "download", "plot", "sample", "export", "eval", "selftest")
+COMMANDS = ("train", "prepare", "download", "plot", "sample", "chat", "export", "eval",
+            "selftest")
 
 
 def run_command(prog: str, run, args) -> int:
@@ -36,13 +37,18 @@ def _command(name):
     return importlib.import_module(f".commands.{name}", __package__)
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(command=None) -> argparse.ArgumentParser:
+    """The parser of every command, or (``command``) of that one only: the others' modules,
+    some of which load the engine, are then not imported."""
     from . import __version__
     p = Parser(prog="anecy", description="Train Llama-family transformers on one machine: "
                "prepare data, train, sample, export.")
     p.add_argument("--version", action="version", version=f"anecy {__version__}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
     for name in COMMANDS:
+        if command is not None and name != command:
+            sub.add_parser(name)
+            continue
         module = _command(name)
         c = sub.add_parser(name, help=module.HELP, description=module.HELP)
         module.add_arguments(c)
@@ -52,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def anecy_main(argv=None) -> int:
     """The ``anecy`` console script."""
-    parser = build_parser()
+    words = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("-")]
+    parser = build_parser(words[0] if words and words[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help(sys.stderr)

@@ -7,22 +7,32 @@ beside each one (``tokens.bin.json``) naming its tokenizer, vocabulary size and 
 it is there, the dtype comes from it, and a file tokenized for a larger vocabulary than the
 model's is refused. Files without a sidecar (llama2.c's own) take the dtype from the model's
 vocabulary size.
+
+Examples files (``anecy prepare --format ...``, sidecar format ``anecy-tokens-2``) hold whole
+training examples, each token with a flag saying whether the loss scores it: the ids file
+is the same flat array (every example's ids back to back), and two files beside it say
+where each example starts (``<file>.examples``: little-endian uint64 offsets, one per
+example and a last one equal to the token count) and which tokens are scored
+(``<file>.mask``: one bit per token, token i in bit i % 8 of byte i // 8). An example's
+first token is never scored: nothing before it predicts it. ``read_examples`` reads them.
 """
 
-import json
 import os
+import stat
 from pathlib import Path
 
 import numpy as np
 
-from . import corpus
+from . import corpus, jsonio
 from .errors import DataError, cannot_read
 
 DEFAULT_DATA = "tinystories_data00.bin"
-SIDECAR_FORMAT = "anecy-tokens-1"
+SIDECAR_FORMAT = "anecy-tokens-1"     # a token stream
+EXAMPLES_FORMAT = "anecy-tokens-2"    # examples with loss masks (module docstring)
 _DTYPES = {"uint16": np.dtype("<u2"), "uint32": np.dtype("<u4")}
 # Scans go chunk by chunk so that a multi-gigabyte file is never loaded whole.
 _CHUNK = 1 << 22
+_MASK_CHUNK = 1 << 18   # bytes of a packed mask: 2M tokens' flags
 
 
 def _chunks(tokens):
@@ -65,28 +75,45 @@ def sidecar_path(path) -> Path:
     return path.with_name(path.name + ".json")
 
 
+def offsets_path(path) -> Path:
+    """tokens.bin -> tokens.bin.examples: where each example of an examples file starts"""
+    path = Path(path)
+    return path.with_name(path.name + ".examples")
+
+
+def mask_path(path) -> Path:
+    """tokens.bin -> tokens.bin.mask: the loss mask of an examples file, one bit a token"""
+    path = Path(path)
+    return path.with_name(path.name + ".mask")
+
+
 def read_sidecar(path) -> "dict | None":
     """The sidecar ``anecy prepare`` wrote beside the token file ``path``, or None when there
     is none. Its keys: format, tokenizer {kind, path}, vocab_size, dtype (uint16 | uint32),
     bos_id, eos_id, separator (bos | eos | none), documents, tokens, split (all | train |
     val), sources; ``val`` {path, fraction, documents, tokens} on a training file with a
-    held-out file (path relative to the token file's directory), ``train`` on that file."""
+    held-out file (path relative to the token file's directory), ``train`` on that file.
+    An examples file's sidecar (format EXAMPLES_FORMAT) has examples and scored_tokens in
+    place of documents and separator, and seq_len, max_example_tokens, mask_prompt,
+    chat_template and what prepare truncated and dropped (docs/chat.md)."""
     side = sidecar_path(path)
     try:
-        text = side.read_text(encoding="utf-8")
+        text = side.read_bytes()
     except FileNotFoundError:
         return None
-    except (OSError, UnicodeDecodeError) as e:
+    except OSError as e:
         raise cannot_read(side, e, "token file sidecar", DataError) from None
     try:
-        meta = json.loads(text)
+        meta = jsonio.loads(text)
     except ValueError as e:
         raise DataError(f"{side}: corrupt token file sidecar ({e})") from None
-    if not isinstance(meta, dict) or meta.get("format") != SIDECAR_FORMAT:
+    if not isinstance(meta, dict) or meta.get("format") not in (SIDECAR_FORMAT, EXAMPLES_FORMAT):
         raise DataError(f"{side}: not an anecy token file sidecar (format "
                         f"{meta.get('format') if isinstance(meta, dict) else None!r})")
-    for key, kind in (("vocab_size", int), ("dtype", str), ("tokens", int),
-                      ("tokenizer", dict)):
+    required = [("vocab_size", int), ("dtype", str), ("tokens", int), ("tokenizer", dict)]
+    if meta["format"] == EXAMPLES_FORMAT:
+        required += [("examples", int), ("scored_tokens", int), ("seq_len", int)]
+    for key, kind in required:
         if not isinstance(meta.get(key), kind):
             raise DataError(f"{side}: corrupt token file sidecar ({key!r} missing or not "
                             f"{kind.__name__})")
@@ -101,6 +128,14 @@ def open_tokens(path, vocab_size, seq_len) -> np.ndarray:
     path = Path(path)
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not a token file")
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        mode = None   # said below, by the open
+    if mode is not None and not stat.S_ISREG(mode):   # a FIFO would hang the open
+        from .fileio import file_kind
+        raise DataError(f"{path}: is {file_kind(mode)}, not a token file (training maps "
+                        "the file; a regular file is needed)")
     try:
         with open(path, "rb"):
             size = os.path.getsize(path)
@@ -118,6 +153,10 @@ def open_tokens(path, vocab_size, seq_len) -> np.ndarray:
             raise DataError(f"{path}: tokenized for {meta['vocab_size']} tokens "
                             f"({tok.get('kind')} tokenizer {tok.get('path')}), more than the "
                             f"model's vocabulary of {vocab_size}")
+        if meta["format"] == EXAMPLES_FORMAT:
+            raise DataError(f"{path}: holds examples with loss masks (anecy prepare --format), "
+                            "which anecy train does not read yet: it trains on token streams "
+                            "(prepare without --format)")
         if meta["tokens"] * dtype.itemsize != size:
             raise DataError(f"{path}: {size} bytes, but its sidecar says {meta['tokens']} "
                             f"{meta['dtype']} tokens; the file and {sidecar_path(path).name} "
@@ -153,6 +192,136 @@ def open_held_out(path, vocab_size, seq_len) -> "np.ndarray | None":
         raise DataError(f"{path}: its held-out file {val} is missing (the sidecar names it; "
                         "prepare the data again, or delete the sidecar to train without it)")
     return open_tokens(val, vocab_size, seq_len)
+
+
+class Examples:
+    """The examples of an examples file (``open_examples``), checked: ``len(ex)`` of them,
+    ``ex[k]`` the ``(ids, loss_mask)`` of the k-th (int32 ids, bool mask), ``lengths``
+    their token counts. ``tokens`` maps the ids file, ``offsets`` the starts (one more than
+    there are examples) and ``mask_bits`` the packed mask (see the module docstring)."""
+
+    def __init__(self, path, tokens, offsets, mask_bits, meta):
+        self.path, self.tokens, self.offsets = Path(path), tokens, offsets
+        self.mask_bits, self.meta = mask_bits, meta
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def __getitem__(self, k):
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"example {k} of {len(self)}")
+        k %= len(self)
+        start, end = int(self.offsets[k]), int(self.offsets[k + 1])
+        return (np.asarray(self.tokens[start:end], dtype=np.int32),
+                unpack_mask(self.mask_bits, start, end))
+
+    def __iter__(self):
+        for k in range(len(self)):
+            yield self[k]
+
+
+def unpack_mask(mask_bits, start, end) -> np.ndarray:
+    """The flags of tokens start..end-1 (bool) from a packed mask (one bit per token, token
+    i in bit i % 8 of byte i // 8)."""
+    first, last = start // 8, (end + 7) // 8
+    bits = np.unpackbits(np.asarray(mask_bits[first:last]), bitorder="little")
+    return bits[start - 8 * first:end - 8 * first].astype(bool)
+
+
+def _file_size(path, what):
+    path = Path(path)
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not {what}")
+    try:
+        with open(path, "rb"):
+            return os.path.getsize(path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such file ({what})") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read {what} ({e.strerror or e})") from None
+
+
+def open_examples(path, vocab_size=None) -> Examples:
+    """The examples file ``path`` (written by ``anecy prepare --format``), checked against
+    its sidecar: sizes, offsets, ids below the sidecar's vocabulary (and below
+    ``vocab_size``, a model's, when given), and masks that score at least one token of every
+    example and never an example's first token."""
+    path = Path(path)
+    size = _file_size(path, "a token file")
+    meta = read_sidecar(path)
+    if meta is None or meta["format"] != EXAMPLES_FORMAT:
+        raise DataError(f"{path}: not an examples file (its sidecar {sidecar_path(path).name} "
+                        f"{'is missing' if meta is None else 'is of a token stream'}); "
+                        "anecy prepare --format writes them")
+    if vocab_size is not None and meta["vocab_size"] > vocab_size:
+        tok = meta["tokenizer"]
+        raise DataError(f"{path}: tokenized for {meta['vocab_size']} tokens "
+                        f"({tok.get('kind')} tokenizer {tok.get('path')}), more than the "
+                        f"model's vocabulary of {vocab_size}")
+    dtype, n_tokens, n_examples = _DTYPES[meta["dtype"]], meta["tokens"], meta["examples"]
+    offsets_file, mask_file = offsets_path(path), mask_path(path)
+
+    def lying(why):
+        return DataError(f"{path}: {why}; the files do not belong together (prepare it again)")
+
+    if size != n_tokens * dtype.itemsize:
+        raise lying(f"{size} bytes, but its sidecar says {n_tokens} {meta['dtype']} tokens")
+    size = _file_size(offsets_file, "the example offsets")
+    if n_examples < 1 or size != 8 * (n_examples + 1):
+        raise lying(f"{offsets_file.name} has {size} bytes, the sidecar says {n_examples} "
+                    f"examples ({8 * (n_examples + 1)} bytes of uint64 offsets)")
+    size = _file_size(mask_file, "the loss mask")
+    if size != (n_tokens + 7) // 8:
+        raise lying(f"{mask_file.name} has {size} bytes, {n_tokens} tokens need "
+                    f"{(n_tokens + 7) // 8}")
+    offsets = np.fromfile(offsets_file, dtype="<u8").astype(np.int64)
+    lengths = np.diff(offsets)
+    if offsets[0] != 0 or offsets[-1] != n_tokens or (lengths < 2).any():
+        bad = int(np.argmax(lengths < 2)) if (lengths < 2).any() else None
+        raise lying(f"{offsets_file.name} does not cut {n_tokens} tokens into examples of 2 "
+                    "tokens or more" + (f" (example {bad})" if bad is not None else ""))
+    if int(lengths.max()) > meta["seq_len"]:
+        raise lying(f"example {int(np.argmax(lengths))} has {int(lengths.max())} tokens, more "
+                    f"than the sidecar's seq_len {meta['seq_len']}")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
+    check_ids(tokens, meta["vocab_size"], path)
+    mask_bits = np.memmap(mask_file, dtype=np.uint8, mode="r")
+    # scored tokens before each offset, counted chunk by chunk
+    before = np.zeros(n_examples + 1, np.int64)
+    scored = 0
+    for start in range(0, len(mask_bits), _MASK_CHUNK):
+        bits = np.unpackbits(np.asarray(mask_bits[start:start + _MASK_CHUNK]),
+                             bitorder="little")
+        first = 8 * start
+        if first + bits.size > n_tokens and bits[n_tokens - first:].any():
+            raise lying(f"{mask_file.name} flags tokens past the last of {n_tokens}")
+        cum = np.concatenate([[0], np.cumsum(bits, dtype=np.int64)]) + scored
+        inside = (offsets >= first) & (offsets < first + bits.size)
+        before[inside] = cum[offsets[inside] - first]
+        heads = offsets[:-1][(offsets[:-1] >= first) & (offsets[:-1] < first + bits.size)]
+        if bits[heads - first].any():
+            k = int(np.searchsorted(offsets, heads[np.argmax(bits[heads - first])]))
+            raise lying(f"{mask_file.name} scores the first token of example {k}")
+        scored = int(cum[-1])
+    before[offsets == n_tokens] = scored
+    if scored != meta["scored_tokens"]:
+        raise lying(f"{mask_file.name} scores {scored} tokens, the sidecar says "
+                    f"{meta['scored_tokens']}")
+    per_example = np.diff(before)
+    if (per_example < 1).any():
+        raise lying(f"example {int(np.argmax(per_example < 1))} has no scored token")
+    return Examples(path, tokens, offsets, mask_bits, meta)
+
+
+def read_examples(path, vocab_size=None):
+    """The ``(ids, loss_mask)`` numpy arrays (int32 ids, bool flags: True where the loss
+    scores the token) of each example of the examples file ``path``, in order, after
+    ``open_examples``' checks."""
+    return iter(open_examples(path, vocab_size))
 
 
 def default_data_path() -> Path:

@@ -166,7 +166,8 @@ def tinystories(directory=".", shards=1, repo=DATASET_REPO, train_file=TRAIN_FIL
     ``SHARDS`` training shards and the validation file in ``directory``; returns the paths
     of the training shards."""
     from .data import read_sidecar
-    from .prepare import check_writable, prepare, write_sidecar
+    from .fileio import check_writable
+    from .prepare import prepare, write_sidecar
     if not 1 <= shards <= SHARDS:
         raise AnecyError(f"--shards must be between 1 and {SHARDS}, got {shards}")
     directory = Path(directory)

@@ -5,6 +5,8 @@ exist) is one of these, with a one-line message; the CLIs print that line and
 exit with status 2 instead of showing a traceback.
 """
 
+import errno
+
 
 class AnecyError(Exception):
     """Base class of all user-facing anecy errors."""
@@ -37,5 +39,8 @@ class TrainingDiverged(AnecyError):
 def cannot_read(path, error: Exception, what: str = "", kind=AnecyError) -> AnecyError:
     """The one-line error for a file that is there but cannot be read: ``{path}: cannot read
     [what] ({why})``, as a ``kind`` (an AnecyError subclass) to raise ``from None``."""
-    why = getattr(error, "strerror", None) or error
+    if getattr(error, "errno", None) == errno.ELOOP:
+        why = "a symlink loop"
+    else:
+        why = getattr(error, "strerror", None) or error
     return kind(f"{path}: cannot read{' ' + what if what else ''} ({why})")

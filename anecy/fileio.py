@@ -6,9 +6,12 @@ fsync'ed and renamed over the target, so the target is either the old file or th
 new one. The temporary is named ``<name>.tmp-<pid>``: ``temp_path`` is the one place that
 knows the pattern, and ``remove_leftovers`` removes the temporaries a killed writer left.
 ``check_writable`` lets a command find out, before any long work, that it could not write
-its output."""
+its output, and of every other way the output could go wrong (see there)."""
 
+import errno
 import os
+import stat
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -62,7 +65,14 @@ class StagedWrite:
         self.file = None
 
     def __enter__(self):
-        self.file = open(self.tmp, "wb")
+        # the temporary's name is this process's: anything already there (a leftover of an
+        # earlier writer with our pid, or a FIFO planted to make us hang) is replaced
+        try:
+            os.unlink(self.tmp)
+        except OSError:
+            pass
+        self.file = os.fdopen(os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666),
+                              "wb")
         return self.file
 
     def __exit__(self, exc_type, exc, tb):
@@ -81,7 +91,20 @@ class StagedWrite:
         return False
 
     def commit(self) -> Path:
-        """Rename the complete temporary over ``path`` (and make the rename durable)."""
+        """Rename the complete temporary over ``path`` (and make the rename durable). A
+        ``path`` that is a device, a FIFO or a socket (it may have appeared since the output
+        was checked) is never replaced: OutputError. (A directory there makes the rename
+        itself fail.)"""
+        from .errors import OutputError
+        try:
+            st = os.lstat(self.path)
+        except OSError:
+            st = None
+        if st is not None and not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)
+                                   or stat.S_ISDIR(st.st_mode)):
+            self.discard()
+            raise OutputError(f"cannot write {self.path}: it is {file_kind(st.st_mode)}, "
+                              "not a regular file")
         try:
             os.replace(self.tmp, self.path)
         except BaseException:
@@ -162,22 +185,77 @@ def remove_leftovers(path) -> list:
     return removed
 
 
+def file_kind(mode: int) -> str:
+    """What a file of ``mode`` (``os.stat``'s st_mode) is, in words: "a regular file", ..."""
+    for test, name in ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"),
+                       (stat.S_ISFIFO, "a named pipe"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISLNK, "a symbolic link")):
+        if test(mode):
+            return name
+    return "a special file"
+
+
+def missing(path) -> str:
+    """Why ``path``, which cannot be opened, is not there, in a few words: "no such file",
+    "a symlink loop", "a path through a file, not a directory"."""
+    try:
+        os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            return "a symlink loop"
+        if e.errno == errno.ENOTDIR:
+            return "a path through a file, not a directory"
+        if e.errno == errno.ENOENT:
+            return "no such file"
+        return e.strerror or str(e)
+    return "no such file"
+
+
+def same_file(a, b) -> bool:
+    """Whether the paths ``a`` and ``b`` name one file (symlinks followed, hard links
+    seen through); False when either does not exist."""
+    try:
+        return os.path.samefile(a, b)
+    except (OSError, ValueError):
+        return False
+
+
 def check_writable(path, *, what: str = "output", append: bool = False,
-                   make_parents: bool = False) -> None:
+                   make_parents: bool = False, inputs=()) -> None:
     """Raise OutputError (one line naming ``path``) unless ``path`` can be written: by
     ``atomic_write`` (a temporary beside it, renamed over it), or, with ``append``, opened
     for appending. With ``make_parents`` a missing directory is fine when it could be made.
-    The test is a real one (a probe file created and removed, or the file opened for
-    appending and closed), so permissions, read-only filesystems and paths such as /proc
-    are judged by the system itself."""
+
+    This is the one place that vets an output before any work. Refused: an output that is
+    the same file as one of ``inputs`` (a corpus must not be overwritten with its own
+    tokens); one that exists and is not a regular file (a directory, a device, a FIFO, a
+    socket; for ``append``, character devices such as /dev/null are fine, since appending
+    replaces nothing); a symlink loop; and a directory that cannot take the file. The last
+    test is a real one (a probe file created and removed, or the file opened for appending
+    and closed), so permissions, read-only filesystems and paths such as /proc are judged
+    by the system itself."""
     from .errors import OutputError
     path = Path(path)
 
     def fail(why):
         raise OutputError(f"cannot write the {what} {path}: {why}")
 
-    if path.is_dir():
-        fail("it is a directory")
+    try:
+        st = os.stat(path)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            fail("it is a symlink loop")
+        st = None   # not there (or under a file: said below, about the directory)
+    if st is not None:
+        if stat.S_ISDIR(st.st_mode):
+            fail("it is a directory")
+        if not stat.S_ISREG(st.st_mode) and not (append and stat.S_ISCHR(st.st_mode)):
+            fail(f"it is {file_kind(st.st_mode)}, not a regular file")
+        for source in inputs:
+            if source is not None and same_file(path, source):
+                fail("it is also an input" + (f" ({source})" if str(source) != str(path)
+                                               else ""))
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         if parent.exists() or not make_parents:
@@ -187,11 +265,13 @@ def check_writable(path, *, what: str = "output", append: bool = False,
             ancestor = ancestor.parent
         if not ancestor.is_dir():
             fail(f"{ancestor} is not a directory")
-        if not os.access(ancestor, os.W_OK | os.X_OK):
-            fail(f"no permission to create directories in {ancestor}")
+        try:   # a real test, as below: root passes os.access on /proc, then cannot mkdir
+            os.rmdir(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=ancestor))
+        except OSError as e:
+            fail(f"cannot create directories in {ancestor} ({e.strerror or e})")
         return
     try:
-        if append:
+        if append and st is not None:   # (a new file is probed below: none is left)
             with open(path, "ab"):
                 pass
         else:

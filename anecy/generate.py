@@ -215,37 +215,92 @@ def sample(logits, cfg: SamplingConfig, rng: np.random.Generator) -> int:
     return int(min(np.searchsorted(cdf, rng.random() * cdf[-1], side="right"), len(cdf) - 1))
 
 
+class Session:
+    """Decoding that keeps its place: the Decoder's cache holds the keys and values of
+    ``tokens``, and ``feed(ids)`` makes it hold ``ids`` instead by computing only the
+    positions from the first token where the two differ, so a conversation that grows by a
+    turn prefills only that turn. ``prefilled`` counts the positions fed that way (prompts,
+    not the tokens ``reply`` generates). The sampler's generator lives as long as the
+    session: a seeded conversation is reproducible."""
+
+    def __init__(self, model: Model, max_len: int | None = None,
+                 sampling: SamplingConfig | None = None, decoder: Decoder | None = None):
+        self.decoder = decoder or Decoder(model, max_len)
+        self.decoder.reset()
+        self.sampling = sampling or SamplingConfig()
+        self.rng = np.random.Generator(np.random.PCG64(self.sampling.seed))
+        self.tokens = []       # the ids whose keys and values the cache holds, in order
+        self.prefilled = 0
+        self.logits = None     # after the last of ``tokens``
+
+    @property
+    def max_len(self) -> int:
+        return self.decoder.max_len
+
+    def reset(self):
+        """Forget every position."""
+        self.tokens, self.logits = [], None
+        self.decoder.reset()
+
+    def feed(self, ids: Sequence[int]) -> np.ndarray:
+        """Make the cache hold ``ids`` (a non-empty list) and return the logits after the
+        last of them."""
+        ids = [int(t) for t in ids]
+        if not ids:
+            raise ConfigError("the prompt needs at least one token (a BOS token, say)")
+        if len(ids) > self.max_len:
+            raise ConfigError(f"the prompt has {len(ids)} tokens, more than the context of "
+                              f"{self.max_len}")
+        keep = 0
+        for a, b in zip(self.tokens, ids):
+            if a != b:
+                break
+            keep += 1
+        keep = min(keep, len(ids) - 1)   # the logits after the last token come from feeding it
+        del self.tokens[keep:]
+        self.logits = None
+        self.decoder.pos = keep
+        logits = self.decoder.step(ids[keep:])
+        self.tokens.extend(ids[keep:])
+        self.prefilled += len(ids) - keep
+        self.logits = logits
+        return logits
+
+    def reply(self, max_new_tokens: int, stop_ids: Sequence[int] = ()) -> Iterator[int]:
+        """Yield up to ``max_new_tokens`` ids following the tokens fed, one at a time as
+        they are decided, each fed back before the next is picked (the last one is not: the
+        next ``feed`` does it). Stops early at a token of ``stop_ids`` (not yielded, not
+        fed) or at the end of the context. BLAS runs DECODE_BLAS_THREADS threads until the
+        generator ends (or is closed)."""
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
+                or max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+        if self.logits is None:
+            raise ConfigError("nothing to reply to: feed the prompt first")
+        stop = {int(s) for s in stop_ids}
+        with threadpool_limits(DECODE_BLAS_THREADS, user_api="blas"):
+            for i in range(max_new_tokens):
+                token = sample(self.logits, self.sampling, self.rng)
+                if token in stop:
+                    return
+                yield token
+                if i + 1 == max_new_tokens or self.decoder.pos == self.max_len:
+                    return
+                logits = self.decoder.step([token])
+                self.tokens.append(token)
+                self.logits = logits
+
+
 def generate(model: Model, prompt: Sequence[int], max_new_tokens: int,
              sampling: SamplingConfig | None = None, stop_ids: Sequence[int] = (),
              decoder: Decoder | None = None) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` token ids following ``prompt`` (a non-empty list of
-    ids), one at a time as they are decided. Stops early at a token of ``stop_ids`` (not
-    yielded) or at the end of the context (the model's seq_len, or the decoder's max_len).
-    BLAS runs DECODE_BLAS_THREADS threads until the generator ends (or is closed)."""
-    sampling = sampling or SamplingConfig()
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
-            or max_new_tokens < 0:
-        raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
-    prompt = [int(t) for t in prompt]
-    if not prompt:
-        raise ConfigError("the prompt needs at least one token (a BOS token, say)")
-    dec = decoder or Decoder(model)
-    dec.reset()
-    if len(prompt) > dec.max_len:
-        raise ConfigError(f"the prompt has {len(prompt)} tokens, more than the context of "
-                          f"{dec.max_len}")
-    rng = np.random.Generator(np.random.PCG64(sampling.seed))
-    stop = {int(s) for s in stop_ids}
-    logits = dec.step(prompt)
-    with threadpool_limits(DECODE_BLAS_THREADS, user_api="blas"):
-        for i in range(max_new_tokens):
-            token = sample(logits, sampling, rng)
-            if token in stop:
-                return
-            yield token
-            if i + 1 == max_new_tokens or dec.pos == dec.max_len:
-                return
-            logits = dec.step([token])
+    ids), one at a time as they are decided: a fresh Session's reply to the prompt. Stops
+    early at a token of ``stop_ids`` (not yielded) or at the end of the context (the
+    model's seq_len, or the decoder's max_len)."""
+    session = Session(model, sampling=sampling, decoder=decoder)
+    session.feed(prompt)
+    yield from session.reply(max_new_tokens, stop_ids)
 
 
 def stream_text(decode, prompt: Sequence[int], tokens: Iterator[int]) -> Iterator[str]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import jsonio
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError, cannot_read
 from .fileio import atomic_write
@@ -141,9 +142,9 @@ def _read_safetensors_header(path: Path):
     except OSError as e:
         raise cannot_read(path, e, kind=CheckpointError) from None
     try:
-        header = json.loads(raw.decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON)") from None
+        header = jsonio.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header (not JSON: {e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
     if not isinstance(header.pop("__metadata__", {}), dict):
@@ -239,10 +240,9 @@ def read_config(path) -> dict:
     if not cfg_file.is_file():
         raise CheckpointError(f"{path}: no config.json (not an HF model directory)")
     try:
-        cfg = json.loads(cfg_file.read_bytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError) as e:
-        why = e.msg if isinstance(e, json.JSONDecodeError) else "not UTF-8 JSON"
-        raise CheckpointError(f"{cfg_file}: not valid JSON ({why})") from None
+        cfg = jsonio.loads(cfg_file.read_bytes())
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
     except OSError as e:
         raise cannot_read(cfg_file, e, kind=CheckpointError) from None
     if not isinstance(cfg, dict):
@@ -261,9 +261,11 @@ def read_model_config(path, seq_len: int = 256) -> ModelConfig:
 
 def _shard_map(index: Path) -> dict:
     try:
-        doc = json.loads(index.read_bytes().decode("utf-8"))
-    except (ValueError, UnicodeDecodeError, RecursionError, OSError):
-        raise CheckpointError(f"{index}: malformed shard index (not JSON)") from None
+        doc = jsonio.loads(index.read_bytes())
+    except OSError as e:
+        raise CheckpointError(f"{index}: cannot read ({e.strerror or e})") from None
+    except ValueError as e:
+        raise CheckpointError(f"{index}: malformed shard index (not JSON: {e})") from None
     weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
     if not isinstance(weight_map, dict) or not all(
             isinstance(s, str) and s and Path(s).name == s and s not in (".", "..")
@@ -314,7 +316,11 @@ def load_into(model: Model, path):
 def save_pretrained(model: Model, path):
     """Write config.json and model.safetensors that transformers' from_pretrained loads."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from .errors import OutputError
+        raise OutputError(f"cannot make the directory {path}: {e.strerror or e}") from None
     config = config_to_hf(model.config)
     write_safetensors(path / "model.safetensors", model.hf_state_dict())
     with atomic_write(path / "config.json") as f:

@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import jsonio
 from .config import ModelConfig
 from .errors import CheckpointError, ConfigError
 from .model import hf_row_order, layer_tensors
@@ -499,7 +500,7 @@ def read_peft(path, model_cfg: ModelConfig) -> LoraAdapters:
         raise CheckpointError(f"adapter {path}: no {ADAPTER_CONFIG} (not a PEFT adapter "
                               "directory)")
     try:
-        doc = json.loads(cfg_file.read_bytes().decode("utf-8"))
+        doc = jsonio.loads(cfg_file.read_bytes().decode("utf-8"))
     except (ValueError, UnicodeDecodeError, RecursionError):
         raise CheckpointError(f"{cfg_file}: not valid JSON") from None
     except OSError as e:

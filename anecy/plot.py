@@ -7,16 +7,37 @@ when steps repeat (a run started again into the same file), the later records wi
 """
 
 import io
-import json
 import math
+from numbers import Real
 from pathlib import Path
 
+from . import jsonio
 from .errors import AnecyError, cannot_read
-from .fileio import atomic_write
-from .prepare import check_writable
+from .fileio import atomic_write, check_writable, missing
 
 PLOT_EXTRA = 'pip install "anecy[plot]"'
 _REQUIRED = ("step", "loss", "lr", "ms", "tokens_per_s")
+_OPTIONAL = ("val_loss", "grad_norm")   # numbers, or null on steps without them
+
+
+def _field_error(rec) -> "str | None":
+    """What is wrong with the types of a metrics record's fields, or None."""
+    def number(v):
+        return isinstance(v, Real) and not isinstance(v, bool)
+
+    def kind(v):
+        return {type(None): "null", bool: "true/false", str: "a string", list: "a list",
+                dict: "an object", float: "a fraction"}.get(type(v), type(v).__name__)
+
+    if not (isinstance(rec["step"], int) and not isinstance(rec["step"], bool)):
+        return f'"step" is {kind(rec["step"])}, not an integer'
+    for key in _REQUIRED[1:]:
+        if not number(rec[key]):
+            return f'"{key}" is {kind(rec[key])}, not a number'
+    for key in _OPTIONAL:
+        if rec.get(key) is not None and not number(rec[key]):
+            return f'"{key}" is {kind(rec[key])}, not a number or null'
+    return None
 
 
 def read_metrics(path) -> list:
@@ -29,16 +50,23 @@ def read_metrics(path) -> list:
                 if not line.strip():
                     continue
                 try:
-                    rec = json.loads(line)
-                except ValueError:
-                    raise AnecyError(f"{path}:{lineno}: not a JSON line") from None
+                    rec = jsonio.loads(line)
+                except ValueError as e:
+                    raise AnecyError(f"{path}:{lineno}: not a JSON line ({e})") from None
                 if not isinstance(rec, dict) or any(k not in rec for k in _REQUIRED):
                     raise AnecyError(f"{path}:{lineno}: not a metrics record (needs "
                                      f"{', '.join(_REQUIRED)}; written by anecy train "
                                      "--metrics)")
+                wrong = _field_error(rec)
+                if wrong:
+                    raise AnecyError(f"{path}:{lineno}: {wrong}")
                 by_step[rec["step"]] = rec
     except FileNotFoundError:
-        raise AnecyError(f"{path}: no such metrics file") from None
+        why = missing(path)
+        raise AnecyError(f"{path}: " + ("no such metrics file" if why == "no such file"
+                                        else why)) from None
+    except IsADirectoryError:
+        raise AnecyError(f"{path}: is a directory, not a metrics file") from None
     except UnicodeDecodeError:
         raise AnecyError(f"{path}: not a text file") from None
     except OSError as e:
@@ -88,7 +116,7 @@ def plot(paths, out, tokens_axis=False, window=20, title=None):
     fmt = out.suffix.lower().lstrip(".")
     if fmt not in ("png", "svg", "pdf", "jpg", "jpeg"):
         raise AnecyError(f"{out}: unknown image format {out.suffix!r} (use .png, .svg or .pdf)")
-    check_writable(out)
+    check_writable(out, what="plot", inputs=paths)
     runs = [read_metrics(p) for p in paths]
     plt = _pyplot()
 

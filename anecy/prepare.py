@@ -15,55 +15,47 @@ encoded in chunks by a pool of worker processes; the output order is the input o
 the result does not depend on the number of workers.
 """
 
+import errno
 import json
 import os
 import signal
+import stat
 import sys
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import chain
 from pathlib import Path
 
 import numpy as np
 
+from . import jsonio
 from . import tokenizer as tokenizers
 from .data import SIDECAR_FORMAT, sidecar_path, token_dtype
 from .errors import AnecyError, cannot_read
-from .fileio import atomic_write
+from .fileio import atomic_write, check_writable, file_kind, missing
+from .tokenizer import check_text
 
 # documents per task handed to a worker: big enough to amortise the pickling
 CHUNK_DOCS = 256
 # inputs below this many bytes are encoded in the calling process unless workers are asked for
 SMALL_INPUT = 1 << 20
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
+BOM = "\ufeff"   # a UTF-8 byte-order mark, which some editors put first: not text
 
 
 # -- reading documents ---------------------------------------------------------------------------
 
-def is_jsonl(path: Path) -> bool:
-    """JSONL by extension, else by content: the first non-blank line is a JSON object with
-    a "text" field."""
-    if path.suffix.lower() in JSONL_SUFFIXES:
-        return True
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for line in f:
-            if line.strip():
-                try:
-                    obj = json.loads(line)
-                except ValueError:
-                    return False
-                return isinstance(obj, dict) and "text" in obj
-    return False
-
-
-def _lines(path: Path):
-    """(line number, line, bytes) of a UTF-8 text file, with a one-line error naming the
-    line of a bad byte."""
+def _lines(path: Path, f):
+    """(line number, line, bytes) of the UTF-8 text in the open binary file ``f``, with a
+    one-line error naming the line of a bad byte. A leading byte-order mark is dropped."""
     lineno = 0
     try:
-        with open(path, "rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                yield lineno, raw.decode("utf-8").replace("\r\n", "\n"), len(raw)
+        for lineno, raw in enumerate(f, 1):
+            line = raw.decode("utf-8").replace("\r\n", "\n")
+            if lineno == 1 and line.startswith(BOM):
+                line = line[1:]
+            yield lineno, line, len(raw)
     except UnicodeDecodeError as e:
         raise AnecyError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte "
                          f"{e.start} of the line)") from None
@@ -71,13 +63,23 @@ def _lines(path: Path):
         raise cannot_read(path, e) from None
 
 
-def jsonl_documents(path: Path):
-    """(text, bytes read) of each line of a JSONL file; blank lines are skipped."""
-    for lineno, line, size in _lines(path):
+def _is_jsonl_line(line: str) -> bool:
+    """Whether the first non-blank line of a file says JSONL: a JSON object with "text"."""
+    try:
+        obj = jsonio.loads(line)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and "text" in obj
+
+
+def jsonl_documents(path: Path, lines):
+    """(text, bytes read) of each of the ``lines`` of a JSONL file; blank lines are
+    skipped."""
+    for lineno, line, size in lines:
         if not line.strip():
             continue
         try:
-            obj = json.loads(line)
+            obj = jsonio.loads(line)
         except ValueError as e:
             raise AnecyError(f"{path}:{lineno}: not a JSON line ({e})") from None
         if not isinstance(obj, dict) or "text" not in obj:
@@ -85,54 +87,80 @@ def jsonl_documents(path: Path):
         if not isinstance(obj["text"], str):
             raise AnecyError(f"{path}:{lineno}: \"text\" is a {type(obj['text']).__name__}, "
                              "not a string")
+        check_text(obj["text"], f"{path}:{lineno}")
         yield obj["text"], size
 
 
-def text_documents(path: Path, separator=None):
-    """(text, bytes read) of each document of a plain text file: runs of lines between blank
-    lines, or, with ``separator``, the text between occurrences of it."""
-    lines, size = [], 0
-    for _, line, read in _lines(path):
+def text_documents(lines, separator=None):
+    """(text, bytes read) of each document of the ``lines`` of a plain text file: runs of
+    lines between blank lines, or, with ``separator``, the text between occurrences of it."""
+    lines_, size = [], 0
+    for _, line, read in lines:
         size += read
         if separator is None:
             if line.strip():
-                lines.append(line)
+                lines_.append(line)
                 continue
             parts = [""]
         else:
             parts = line.split(separator)
             if len(parts) == 1:
-                lines.append(line)
+                lines_.append(line)
                 continue
-        lines.append(parts[0])
-        yield "".join(lines), size
+        lines_.append(parts[0])
+        yield "".join(lines_), size
         for middle in parts[1:-1]:
             yield middle, 0
-        lines, size = [parts[-1]], 0
-    if lines:
-        yield "".join(lines), size
+        lines_, size = [parts[-1]], 0
+    if lines_:
+        yield "".join(lines_), size
+
+
+def _file_documents(path: Path, f, separator):
+    """The documents of one open input, read in a single pass (so a pipe works): the
+    first non-blank line decides JSONL (by the extension, else by its content) or text."""
+    lines = _lines(path, f)
+    head = []
+    for item in lines:
+        head.append(item)
+        if item[1].strip():
+            break
+    first = head[-1][1] if head else ""
+    lines = chain(head, lines)
+    if path.suffix.lower() in JSONL_SUFFIXES or (first.strip() and _is_jsonl_line(first)):
+        return jsonl_documents(path, lines)
+    if path.suffix.lower() == ".json":
+        raise AnecyError(f"{path}: a .json file that is not JSON lines; anecy reads JSONL, "
+                         'one {"text": ...} object per line')
+    return text_documents(lines, separator)
+
+
+def _open_input(path: Path):
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise AnecyError(f"{path}: {missing(path)}") from None
+    except IsADirectoryError:
+        raise AnecyError(f"{path}: is a directory, not a text or JSONL file") from None
+    except OSError as e:
+        what = missing(path) if e.errno == errno.ELOOP else (e.strerror or e)
+        raise AnecyError(f"{path}: cannot read ({what})") from None
 
 
 def documents(paths, separator=None):
-    """(stripped text, bytes read) of every non-empty document of the inputs, in order."""
-    for path in paths:
-        path = Path(path)
-        if is_jsonl(path):
-            docs = jsonl_documents(path)
-        elif path.suffix.lower() == ".json":
-            raise AnecyError(f"{path}: a .json file that is not JSON lines; anecy reads JSONL, "
-                             'one {"text": ...} object per line')
-        else:
-            docs = text_documents(path, separator)
-        pending = 0   # bytes of skipped empty documents, reported with the next one
-        for text, size in docs:
-            text = text.strip()
-            pending += size
-            if text:
-                yield text, pending
-                pending = 0
-        if pending:
-            yield "", pending
+    """(stripped text, bytes read) of every non-empty document of the inputs, in order.
+    Each input is opened once and read once, front to back."""
+    for path in map(Path, paths):
+        with _open_input(path) as f:
+            pending = 0   # bytes of skipped empty documents, reported with the next one
+            for text, size in _file_documents(path, f, separator):
+                text = text.strip()
+                pending += size
+                if text:
+                    yield text, pending
+                    pending = 0
+            if pending:
+                yield "", pending
 
 
 # -- encoding in worker processes ----------------------------------------------------------------
@@ -172,30 +200,50 @@ def val_path_for(out: Path) -> Path:
 
 
 def _check_inputs(paths):
+    """Every input is there and can be read as a stream, found without opening it (an open
+    would consume a pipe): regular files, named pipes and character devices such as
+    /dev/stdin or process substitution's /dev/fd/N."""
     if not paths:
         raise AnecyError("no input files")
     for p in map(Path, paths):
-        if p.is_dir():
-            raise AnecyError(f"{p}: is a directory, not a text or JSONL file")
         try:
-            with open(p, "rb"):
-                pass
-        except FileNotFoundError:
-            raise AnecyError(f"{p}: no such file") from None
-        except OSError as e:
-            raise cannot_read(p, e) from None
+            mode = os.stat(p).st_mode
+        except OSError:
+            raise AnecyError(f"{p}: {missing(p)}") from None
+        if stat.S_ISDIR(mode):
+            raise AnecyError(f"{p}: is a directory, not a text or JSONL file")
+        if not (stat.S_ISREG(mode) or stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)):
+            raise AnecyError(f"{p}: is {file_kind(mode)}, not a text or JSONL file")
+        if not os.access(p, os.R_OK):
+            raise AnecyError(f"{p}: cannot read (permission denied)")
 
 
-def check_writable(path: Path):
-    """Fail now, not after the work, if ``path`` cannot be written."""
-    if path.is_dir():
-        raise AnecyError(f"{path}: is a directory; name the token file to write")
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise AnecyError(f"{path}: directory {parent} does not exist")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists()
-                                                      and not os.access(path, os.W_OK)):
-        raise AnecyError(f"{path}: not writable")
+def _input_bytes(paths) -> int:
+    """Bytes in the inputs that are regular files (a pipe's length is not known)."""
+    total = 0
+    for p in paths:
+        st = os.stat(p)
+        total += st.st_size if stat.S_ISREG(st.st_mode) else 0
+    return total
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system says)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def worker_count(requested, total_bytes: int) -> int:
+    """The processes to encode with: ``requested``, or (None) one per core, but one for
+    an input under ``SMALL_INPUT`` bytes, where starting a worker costs more than the
+    encoding; never more than the cores, which would only add start-up time and memory
+    (1000 workers took a minute on a corpus one process encodes in a second)."""
+    cores = available_cores()
+    if requested is None:
+        return 1 if total_bytes < SMALL_INPUT else cores
+    return max(1, min(requested, cores))
 
 
 def _separator_of(tok):
@@ -244,19 +292,18 @@ def prepare(inputs, tokenizer, out, val_frac=0.0, separator=None, workers=None,
         raise AnecyError("the document separator cannot be empty")
     _check_inputs(inputs)
     outputs = [out] + ([val_path_for(out)] if val_frac else [])
+    sources = list(inputs) + [tokenizer]
     for p in outputs:
-        check_writable(p)
-        check_writable(sidecar_path(p))
+        check_writable(p, what="token file", inputs=sources)
+        check_writable(sidecar_path(p), what="sidecar", inputs=sources)
     tok = tokenizers.load(tokenizer)
     dtype = token_dtype(tok.vocab_size)
     sep = _separator_of(tok)
     if sep == "none":
         log(f"note: tokenizer {tok.path} has neither BOS nor EOS; documents are written "
             "back to back with nothing between them")
-    total_bytes = sum(Path(p).stat().st_size for p in inputs)
-    if workers is None:   # starting a worker costs more than encoding a small input
-        workers = 1 if total_bytes < SMALL_INPUT else (os.cpu_count() or 1)
-    workers = max(1, workers)
+    total_bytes = _input_bytes(inputs)
+    workers = worker_count(workers, total_bytes)
     train, val = Split(out), Split(val_path_for(out))
     n_docs = 0
 

@@ -42,7 +42,10 @@ def inspect(path, kind: str = "auto") -> Source:
     only; "init" (pretrained weights) and "auto" accept all four."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such file or directory")
+        from .fileio import missing
+        why = missing(path)
+        raise CheckpointError(f"{path}: " + ("no such file or directory"
+                                            if why == "no such file" else why))
     if path.is_dir():
         if kind == "checkpoint":
             raise CheckpointError(f"{path}: is a directory, not an anecy checkpoint")

@@ -13,12 +13,11 @@ when the vocabulary has no such token), ``encode(text, bos=False, eos=False)`` a
 """
 
 import heapq
-import json
 import re
 import struct
 from pathlib import Path
 
-from . import corpus
+from . import corpus, jsonio
 from .data import first_bad_id
 from .errors import AnecyError, cannot_read
 
@@ -34,6 +33,22 @@ def _require(module: str, what: str):
                          f"run `{DATA_EXTRA}`") from None
 
 
+def check_text(text: str, where: str, from_argv: bool = False) -> None:
+    """Raise AnecyError (one line, starting with ``where``: a file and line, or "the
+    prompt") unless ``text`` is valid Unicode that UTF-8 can encode. Python strings can
+    hold lone surrogates (a JSON escape "\\ud800"; ``from_argv``, bytes that are not UTF-8
+    on a command line, which Python keeps as U+DC80..U+DCFF); no tokenizer can take them."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        c = ord(text[e.start])
+        what = (f"the byte 0x{c - 0xDC00:02x}, which is not UTF-8"
+                if from_argv and 0xDC80 <= c <= 0xDCFF
+                else f"a lone surrogate U+{c:04X}, which is not a character")
+        raise AnecyError(f"{where}: not valid UTF-8 text ({what}, at character "
+                         f"{e.start})") from None
+
+
 class Tokenizer:
     """Text <-> token ids. Subclasses set the attributes and implement the two methods."""
     kind: str = ""
@@ -44,6 +59,7 @@ class Tokenizer:
 
     def encode(self, text: str, bos: bool = False, eos: bool = False) -> list:
         """The ids of ``text``, after BOS if ``bos``, before EOS if ``eos``."""
+        check_text(text, "text to encode")
         ids = self._encode(text)
         if bos:
             ids.insert(0, self._special("bos"))
@@ -286,9 +302,11 @@ class HFTokenizer(Tokenizer):
 
         if config_path.is_file():
             try:
-                cfg = json.loads(config_path.read_text(encoding="utf-8"))
+                cfg = jsonio.loads(config_path.read_bytes())
             except (OSError, ValueError) as e:
                 raise AnecyError(f"{config_path}: unreadable ({_first_line(e)})") from None
+            if not isinstance(cfg, dict):
+                raise AnecyError(f"{config_path}: must hold a JSON object")
             return token_id(cfg.get("bos_token")), token_id(cfg.get("eos_token"))
         bos = token_id("<s>")
         eos = next((i for i in map(token_id, ("</s>", "<|endoftext|>")) if i is not None), None)
@@ -394,7 +412,10 @@ def load(path) -> Tokenizer:
             raise AnecyError(f"{path}: a directory without tokenizer.json, tokenizer.model or "
                              "tokenizer.bin")
     if not path.exists():
-        raise AnecyError(f"{path}: no such tokenizer file")
+        from .fileio import missing
+        why = missing(path)
+        raise AnecyError(f"{path}: " + ("no such tokenizer file" if why == "no such file"
+                                        else f"{why} (a tokenizer)"))
     try:
         kind = _kind_of_file(path)
     except OSError as e:

@@ -106,3 +106,50 @@ def test_check_writable(tmp_path):
                             ("/proc/anecy-test", {}, "cannot write the output")]:
         with pytest.raises(OutputError, match=words):
             check_writable(path, **kw)
+
+
+def test_check_writable_refuses_inputs_special_files_and_loops(tmp_path):
+    (tmp_path / "corpus.txt").write_text("the user's text")
+    os.symlink("corpus.txt", tmp_path / "link.txt")
+    os.link(tmp_path / "corpus.txt", tmp_path / "hard.txt")
+    os.mkfifo(tmp_path / "pipe")
+    os.symlink("loop", tmp_path / "loop")
+    inputs = [tmp_path / "corpus.txt"]
+    for path, kw, words in [
+            (tmp_path / "corpus.txt", {"inputs": inputs}, "it is also an input$"),
+            (tmp_path / "link.txt", {"inputs": inputs}, "also an input .*corpus.txt"),
+            (tmp_path / "hard.txt", {"inputs": inputs}, "also an input"),
+            (tmp_path / "pipe", {}, "it is a named pipe, not a regular file"),
+            (tmp_path / "pipe", {"append": True}, "named pipe"),
+            (tmp_path / "loop", {}, "it is a symlink loop"),
+            ("/dev/null", {}, "it is a character device, not a regular file")]:
+        with pytest.raises(OutputError, match=words):
+            check_writable(path, **kw)
+    check_writable(tmp_path / "other.txt", inputs=inputs)   # a new file is no input
+    check_writable("/dev/null", append=True)                 # appending replaces nothing
+    assert os.stat(tmp_path / "pipe").st_mode & 0o170000 == 0o010000
+    assert (tmp_path / "corpus.txt").read_text() == "the user's text"
+    # no probe is left, and a new append target is not created by the check
+    check_writable(tmp_path / "new.jsonl", append=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "corpus.txt", "hard.txt", "link.txt", "loop", "pipe"]
+
+
+def test_a_staged_write_never_renames_over_a_fifo(tmp_path):
+    # a FIFO that appears between the check and the rename stays a FIFO
+    target = tmp_path / "out.bin"
+    staged = StagedWrite(target, fsync=False)
+    with staged as f:
+        f.write(b"new")
+    os.mkfifo(target)
+    with pytest.raises(OutputError, match="named pipe, not a regular file"):
+        staged.commit()
+    assert os.listdir(tmp_path) == ["out.bin"] and not os.path.isfile(target)
+
+
+def test_a_planted_temporary_does_not_hang_the_writer(tmp_path):
+    os.mkfifo(temp_path(tmp_path / "out.bin"))
+    with atomic_write(tmp_path / "out.bin", fsync=False) as f:
+        f.write(b"data")
+    assert (tmp_path / "out.bin").read_bytes() == b"data"
+    assert os.listdir(tmp_path) == ["out.bin"]

@@ -119,7 +119,7 @@ def test_plot_command(tmp_path, runs):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
     for args, needle in (((tmp_path / "no.jsonl", "-o", tmp_path / "q.png"), "no.jsonl"),
-                         ((runs[0], "-o", tmp_path / "nodir" / "q.png"), "does not exist"),
+                         ((runs[0], "-o", tmp_path / "nodir" / "q.png"), "no directory"),
                          ((runs[0], "-o", tmp_path / "q.gif"), "unknown image format")):
         r = anecy(*args)
         assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr

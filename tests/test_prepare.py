@@ -232,13 +232,13 @@ def test_unwritable_output_fails_before_the_work(tmp_path):
     good.write_text("Once upon a time.\n")
     r = run_anecy("prepare", good, "--tokenizer", tmp_path / "nope.model",
                   "--out", tmp_path / "no-such-dir" / "t.bin")
-    one_line_error(r, "no-such-dir", "does not exist")
+    one_line_error(r, "no-such-dir", "no directory")
     r = run_anecy("prepare", good, "--tokenizer", tmp_path / "nope.model", "--out", tmp_path)
     one_line_error(r, "is a directory")
     (tmp_path / "t.val.bin").mkdir()
     r = run_anecy("prepare", good, "--tokenizer", tmp_path / "nope.model",
                   "--out", tmp_path / "t.bin", "--val-frac", "0.5")
-    one_line_error(r, "t.val.bin: is a directory")
+    one_line_error(r, "t.val.bin: it is a directory")
 
 
 def test_prepare_command_end_to_end(tmp_path, corpus):
@@ -320,3 +320,62 @@ def test_documents_are_encoded_by_every_worker(tmp_path, monkeypatch):
             log=lambda *_: None)
     assert {p.name for p in tmp_path.glob("pid-*")} == {f"pid-{os.getpid()}"}
     assert (tmp_path / "one.bin").read_bytes() == (tmp_path / "two.bin").read_bytes()
+
+
+# -- inputs read once: pipes, process substitution; BOMs alike ----------------------------------
+
+def test_a_named_pipe_is_read_once_to_its_end(tmp_path):
+    # opened twice (to check it, then to read it), a pipe hung, or, with a writer that
+    # reopens, gave another document count than was sent
+    import threading
+    tok_dir = _word_level(tmp_path, 10)
+    pipe = tmp_path / "in.txt"
+    os.mkfifo(pipe)
+
+    def writer():
+        with open(pipe, "w") as f:
+            for i in range(400):
+                f.write(f"w{i % 10} w1\n\n")
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    meta = prepare([pipe], tok_dir, tmp_path / "t.bin", workers=1, progress=False,
+                   log=lambda *_: None)
+    t.join(timeout=60)
+    assert meta["documents"] == 400 and meta["tokens"] == 1200
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "t.bin", "t.bin.json",
+                                                          "tok"]
+
+
+@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="process substitution needs /dev/fd")
+def test_process_substitution(tmp_path):
+    tok_dir = _word_level(tmp_path, 10)
+    script = (f"{sys.executable} -m anecy prepare --no-progress --tokenizer {tok_dir} "
+              f"--out {tmp_path / 't.bin'} <(for i in $(seq 250); do printf 'w3 w4\\n\\n'; "
+              "done) <(printf '{\"text\": \"w5\"}\\n')")
+    r = subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert r.returncode == 0, r.stderr
+    ids = np.fromfile(tmp_path / "t.bin", dtype="<u2").tolist()
+    assert ids == [11, 3, 4] * 250 + [11, 5]      # 11: <s>; the JSONL one found by content
+
+
+def test_a_byte_order_mark_is_dropped_in_text_and_jsonl_alike(tmp_path):
+    tok_dir = _word_level(tmp_path, 10)
+    (tmp_path / "a.txt").write_text("\ufeffw1 w2\n", encoding="utf-8")
+    (tmp_path / "a.jsonl").write_text('\ufeff{"text": "w1 w2"}\n', encoding="utf-8")
+    (tmp_path / "b.txt").write_text('\ufeff{"text": "w1 w2"}\n', encoding="utf-8")
+    for name in ("a.txt", "a.jsonl", "b.txt"):
+        prepare([tmp_path / name], tok_dir, tmp_path / f"{name}.bin", workers=1,
+                progress=False, log=lambda *_: None)
+        assert np.fromfile(tmp_path / f"{name}.bin", dtype="<u2").tolist() == [11, 1, 2], name
+
+
+def test_workers_are_capped_at_the_cores():
+    from anecy.prepare import SMALL_INPUT, available_cores, worker_count
+    cores = available_cores()
+    assert 1 <= cores <= (os.cpu_count() or 1)
+    assert worker_count(1000, 10) == cores
+    assert worker_count(1, SMALL_INPUT * 10) == 1
+    assert worker_count(None, 10) == 1
+    assert worker_count(None, SMALL_INPUT) == cores

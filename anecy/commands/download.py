@@ -31,7 +31,7 @@ def add_arguments(p):
                    help=f"the tokenizer's file in it ({TOKENIZER_FILE})")
     p.add_argument("--force", action="store_true", help="prepare again files already prepared")
     p.add_argument("--workers", type=non_negative_int, default=0, metavar="N",
-                   help="tokenizer processes (default 0: one per core)")
+                   help="tokenizer processes, at most one per core (default 0: one per core)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

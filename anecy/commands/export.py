@@ -23,8 +23,9 @@ def add_arguments(p):
                         "tokenizer, what llama.cpp and Ollama run; peft: the LoRA adapters "
                         "as a directory PEFT's PeftModel.from_pretrained loads")
     p.add_argument("--out", metavar="PATH", required=True, help="the directory or file to write")
-    p.add_argument("--version", type=int, choices=(0, 1), default=0,
-                   help="llama2.c format version: 0 (legacy, what run.c reads; default) or 1")
+    p.add_argument("--version", type=int, choices=(0, 1),
+                   help="llama2.c format version: 0 (legacy, what run.c reads; default) or 1; "
+                        "for --format llama2c only")
     p.add_argument("--dtype", choices=("f32", "f16", "q8_0"),
                    help="GGUF tensor type (default f32); norm weights always stay f32")
     p.add_argument("--tokenizer", metavar="PATH",
@@ -34,6 +35,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
+    if args.version is not None and args.format != "llama2c":
+        raise AnecyError(f"--version is the llama2.c format's; it does not apply to "
+                         f"--format {args.format}")
     from ..fileio import check_writable
     from ..pretrained import load, tokenizer_for
     out = Path(args.out)
@@ -42,6 +46,8 @@ def run(args) -> int:
                          "only")
     source = model_source(args)
     cfg = source.config
+    # the weights read: the file, or an HF directory's files (an export must not land on them)
+    inputs = [source.path] + (sorted(source.path.iterdir()) if source.path.is_dir() else [])
     adapters = None
     if args.adapter:
         from ..lora import read_peft
@@ -49,8 +55,10 @@ def run(args) -> int:
             raise AnecyError(f"{source.path} holds adapters already; --adapter goes with a "
                              "base model")
         adapters = read_peft(args.adapter, cfg)   # checked before anything is loaded
+        adapter_dir = Path(args.adapter)
+        inputs += sorted(adapter_dir.iterdir()) if adapter_dir.is_dir() else []
     if args.format == "peft":
-        from ..lora import ADAPTER_WEIGHTS, load_lora_checkpoint, save_peft
+        from ..lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, load_lora_checkpoint, save_peft
         if source.kind == "lora":
             meta, adapters, _ = load_lora_checkpoint(source.path)
             base_name = meta["base"]["path"]
@@ -59,7 +67,9 @@ def run(args) -> int:
                              "(--ckpt) or a base model and --adapter DIR")
         else:
             base_name = str(source.path)
-        check_writable(out / ADAPTER_WEIGHTS, what="PEFT adapter file", make_parents=True)
+        for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+            check_writable(out / name, what="PEFT adapter file", make_parents=True,
+                           inputs=inputs)
         save_peft(out, adapters, base_name)
         print(f"wrote {out} (peft) from {source.describe}")
         return 0
@@ -71,15 +81,16 @@ def run(args) -> int:
             raise AnecyError(f"no tokenizer known for {source.describe}, and a GGUF file holds "
                              "its tokenizer: name one with --tokenizer")
         check_tokenizer(tok, cfg.vocab_size)
-        check_writable(out, what="GGUF file")
+        check_writable(out, what="GGUF file", inputs=inputs + [Path(tok.path)])
     elif args.format == "llama2c":
         from ..llama2c import check_exportable, save
         check_exportable(cfg)
-        check_writable(out, what="llama2.c file")
+        check_writable(out, what="llama2.c file", inputs=inputs)
     else:
         from ..hf import config_to_hf
         config_to_hf(cfg)
-        check_writable(out / "model.safetensors", what="HF model file", make_parents=True)
+        for name in ("config.json", "model.safetensors"):
+            check_writable(out / name, what="HF model file", make_parents=True, inputs=inputs)
     model = load(source)
     if adapters is not None:
         from ..lora import fuse
@@ -89,7 +100,7 @@ def run(args) -> int:
         save_gguf(model, out, tok, dtype=args.dtype or "f32", context_length=cfg.seq_len,
                   name=source.path.stem, progress=sys.stderr.isatty())
     elif args.format == "llama2c":
-        save(model, out, version=args.version, seq_len=cfg.seq_len)
+        save(model, out, version=args.version or 0, seq_len=cfg.seq_len)
     else:
         from ..hf import save_pretrained
         save_pretrained(model, out)

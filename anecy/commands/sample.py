@@ -1,5 +1,6 @@
 """anecy sample: generate text from a trained checkpoint, a llama2.c .bin or an HF directory."""
 
+import argparse
 import sys
 import time
 
@@ -10,11 +11,7 @@ HELP = "generate text from a checkpoint, a llama2.c .bin file or a Hugging Face 
 
 
 def add_arguments(p):
-    add_model_source(p, "pretrained weights: a llama2.c .bin file (e.g. stories110M.bin) or a "
-                        "Hugging Face directory (config.json + model.safetensors)")
-    p.add_argument("--adapter", metavar="DIR",
-                   help="a PEFT LoRA adapter directory (adapter_config.json + "
-                        "adapter_model.safetensors): sample with it fused into the model")
+    add_source_arguments(p)
     p.add_argument("--tokenizer", metavar="PATH",
                    help="tokenizer.model, llama2.c's tokenizer.bin, tokenizer.json or an HF "
                         "directory (default: the one the checkpoint's data was prepared with, "
@@ -23,6 +20,43 @@ def add_arguments(p):
     p.add_argument("--max-new-tokens", type=non_negative_int, default=256, metavar="N",
                    help="tokens to generate at most (default 256; fewer at BOS/EOS or at the "
                         "end of the model's context)")
+    add_sampling_arguments(p)
+
+
+def add_source_arguments(p):
+    """--ckpt or --init-from, and --adapter: the model (anecy sample's and anecy chat's)."""
+    add_model_source(p, "pretrained weights: a llama2.c .bin file (e.g. stories110M.bin) or a "
+                        "Hugging Face directory (config.json + model.safetensors)")
+    p.add_argument("--adapter", metavar="DIR",
+                   help="a PEFT LoRA adapter directory (adapter_config.json + "
+                        "adapter_model.safetensors): the model with it fused")
+
+
+def source_and_adapters(args):
+    """The model source --ckpt/--init-from names and the PEFT adapters of --adapter (None),
+    checked before any weights are loaded."""
+    source = model_source(args)
+    if not args.adapter:
+        return source, None
+    from ..lora import read_peft
+    if source.kind == "lora":
+        raise AnecyError(f"{source.path} holds adapters already; --adapter goes with a "
+                         "base model")
+    return source, read_peft(args.adapter, source.config)
+
+
+def load_model(source, adapters):
+    """The model of ``source`` with ``adapters`` (or None) fused."""
+    from ..pretrained import load
+    model = load(source)
+    if adapters is not None:
+        from ..lora import fuse
+        fuse(model, adapters, inplace=True)
+    return model
+
+
+def add_sampling_arguments(p):
+    """--temperature, --top-p, --top-k and --seed (anecy sample's and anecy chat's)."""
     p.add_argument("--temperature", type=number, default=1.0, metavar="T",
                    help="0 is greedy (default 1.0)")
     p.add_argument("--top-p", type=number, default=0.9, metavar="P",
@@ -30,8 +64,19 @@ def add_arguments(p):
                         "(default 0.9)")
     p.add_argument("--top-k", type=non_negative_int, default=0, metavar="K",
                    help="sample among the K most likely tokens, 0 for all (default 0)")
-    p.add_argument("--seed", type=non_negative_int, metavar="S",
-                   help="seed of the sampler (default: a fresh one)")
+    p.add_argument("--seed", type=_seed, metavar="S",
+                   help=f"seed of the sampler, 0 to 2^{SEED_BITS}-1 (default: a fresh one)")
+
+
+SEED_BITS = 64   # the sampler's generator (PCG64) takes seeds of up to 64 bits as they are
+
+
+def _seed(text):
+    """--seed: a non-negative integer of at most SEED_BITS bits."""
+    value = non_negative_int(text)
+    if value >= 1 << SEED_BITS:
+        raise argparse.ArgumentTypeError(f"expected a seed below 2^{SEED_BITS}, got {text!r}")
+    return value
 
 
 def prompt_ids(tok, prompt: str, vocab_size: int) -> list:
@@ -50,25 +95,17 @@ def prompt_ids(tok, prompt: str, vocab_size: int) -> list:
 
 def run(args) -> int:
     from ..generate import Decoder, SamplingConfig, generate, stream_text
-    from ..pretrained import load, tokenizer_for
+    from ..pretrained import tokenizer_for
+    from ..tokenizer import check_text
     sampling = SamplingConfig(temperature=args.temperature, top_p=args.top_p,
                               top_k=args.top_k, seed=args.seed)
-    source = model_source(args)
-    adapters = None
-    if args.adapter:   # checked before the model is loaded
-        from ..lora import read_peft
-        if source.kind == "lora":
-            raise AnecyError(f"{source.path} holds adapters already; --adapter goes with a "
-                             "base model")
-        adapters = read_peft(args.adapter, source.config)
+    check_text(args.prompt, "the prompt", from_argv=True)   # before any loading
+    source, adapters = source_and_adapters(args)
     tok = tokenizer_for(source, args.tokenizer)
     if tok is None:
         raise AnecyError(f"no tokenizer known for {source.describe}: name one with --tokenizer "
                          "(for llama2.c models, its tokenizer.bin or Llama 2's tokenizer.model)")
-    model = load(source)
-    if adapters is not None:
-        from ..lora import fuse
-        fuse(model, adapters, inplace=True)
+    model = load_model(source, adapters)
     ids = prompt_ids(tok, args.prompt, model.config.vocab_size)
     context = source.config.seq_len
     if len(ids) > context:

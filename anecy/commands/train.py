@@ -1,6 +1,7 @@
 """anecy train (and train_stories.py / train_qwen.py): train a model, or resume one."""
 
 import argparse
+import os
 from pathlib import Path
 
 from .. import backends
@@ -60,6 +61,9 @@ def add_arguments(p, family=None):
                    help="microsteps between checkpoints, 0 for only at the end "
                         f"(default {d.ckpt_every})")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start a new run even though --ckpt already exists, replacing it "
+                        "(without it, a new run refuses an existing checkpoint)")
     p.add_argument("--scratch", action="store_true",
                    help="start from random weights (the default when not resuming)")
     p.add_argument("--init-from", metavar="PATH",
@@ -224,7 +228,56 @@ def _init_config(path, preset_config: ModelConfig, preset=None) -> ModelConfig:
     return preset_config
 
 
+def _inputs(tc: TrainConfig) -> list:
+    """The files a run reads besides its checkpoint: none of them may be an output."""
+    from ..data import default_data_path, held_out_path, sidecar_path
+    data = tc.data_path or (default_data_path() if default_data_path().exists() else None)
+    files = [tc.init_from, tc.tokenizer]
+    if data:
+        files += [data, sidecar_path(data)]
+        try:
+            val = held_out_path(data)
+        except AnecyError:   # a corrupt sidecar: the data loader says so, in its words
+            val = None
+        if val is not None:
+            files += [val, sidecar_path(val)]
+    return [f for f in files if f]
+
+
+def _check_outputs(tc: TrainConfig) -> None:
+    """The run's checkpoint and metrics file, vetted before any work (see
+    ``fileio.check_writable``)."""
+    from ..fileio import check_writable, same_file
+    inputs = _inputs(tc)
+    check_writable(tc.ckpt_path, what="checkpoint", make_parents=True, inputs=inputs)
+    if tc.metrics_path:
+        check_writable(tc.metrics_path, what="metrics file", append=True,
+                       inputs=inputs + [tc.ckpt_path])
+        if Path(tc.metrics_path).resolve() == Path(tc.ckpt_path).resolve() \
+                or same_file(tc.metrics_path, tc.ckpt_path):
+            raise AnecyError(f"--metrics {tc.metrics_path} is the checkpoint; name another "
+                             "file")
+
+
+def _hold_outputs(tc: TrainConfig, stack) -> None:
+    """Lock the checkpoint and the metrics file for the run's whole life (``runlock``):
+    a second run on either is refused, naming this one's PID."""
+    import stat
+
+    from ..runlock import held
+    stack.enter_context(held(tc.ckpt_path, "checkpoint"))
+    if tc.metrics_path:
+        try:
+            special = not stat.S_ISREG(Path(tc.metrics_path).stat().st_mode)
+        except OSError:
+            special = False
+        if not special:   # /dev/null: nothing to interleave, and no lock file in /dev
+            stack.enter_context(held(tc.metrics_path, "metrics file"))
+
+
 def run(args) -> int:
+    from contextlib import ExitStack
+
     from .. import corpus
     from ..checkpoint import read_checkpoint_meta
     from ..trainer import Trainer, prepare_outputs
@@ -237,6 +290,9 @@ def run(args) -> int:
     if args.init_from and (args.resume or args.scratch):
         raise AnecyError("--init-from starts a new run; it cannot be combined with "
                          "--resume or --scratch")
+    if args.overwrite and args.resume:
+        raise AnecyError("--overwrite starts a new run over the checkpoint; it cannot be "
+                         "combined with --resume")
     backends.resolve(args.backend)
     lora_run = _check_lora_run(args, preset, ckpt)
     if lora_run is not None:
@@ -251,19 +307,26 @@ def run(args) -> int:
                              "--resume first, or name one with --ckpt)")
         saved = read_checkpoint_meta(ckpt)["meta"].get("train_config", {})
         tc = _train_config(args, TrainConfig.from_dict(saved), ckpt)
-        prepare_outputs(tc)  # before any long work: a run must not be computed, then lost
-        given = ModelConfig.preset(args.preset) if args.preset else None
-        trainer = Trainer.resume(ckpt, tc, model_config=given)
     else:
         tc = _train_config(args, TrainConfig(), ckpt)
-        prepare_outputs(tc)
-        mc = ModelConfig.preset(preset)
-        if args.init_from:
-            mc = _init_config(args.init_from, mc, preset if args.preset else None)
-        trainer = Trainer(mc, tc)
-    if trainer.model.config.vocab_size > 32000 and trainer.data_name == corpus.NAME:
-        print("note: the built-in corpus is written in Llama-2 token ids; for a Qwen3 "
-              "model that means something, pass data pretokenized with Qwen3's tokenizer "
-              "(--data)")
-    summary = trainer.run(progress=not args.no_progress)
+    _check_outputs(tc)
+    with ExitStack() as stack:
+        _hold_outputs(tc, stack)
+        if not args.resume and not args.overwrite and os.path.lexists(ckpt):
+            raise AnecyError(f"{ckpt} already exists: resume it with --resume, or pass "
+                             "--overwrite to start over")
+        prepare_outputs(tc)  # before any long work: a run must not be computed, then lost
+        if args.resume:
+            given = ModelConfig.preset(args.preset) if args.preset else None
+            trainer = Trainer.resume(ckpt, tc, model_config=given)
+        else:
+            mc = ModelConfig.preset(preset)
+            if args.init_from:
+                mc = _init_config(args.init_from, mc, preset if args.preset else None)
+            trainer = Trainer(mc, tc)
+        if trainer.model.config.vocab_size > 32000 and trainer.data_name == corpus.NAME:
+            print("note: the built-in corpus is written in Llama-2 token ids; for a Qwen3 "
+                  "model that means something, pass data pretokenized with Qwen3's tokenizer "
+                  "(--data)")
+        summary = trainer.run(progress=not args.no_progress)
     return 130 if summary["interrupted"] else 0
