@@ -218,6 +218,7 @@ DOC_FLAGS = {
     "reliability.md": ("train",),
     "python-api.md": (),
     "lora.md": ("train", "sample", "export"),
+    "chat.md": ("prepare", "chat", "train", "sample"),
     "gguf.md": ("export", "eval"),
     "benchmarks.md": ("bench/bench_step.py", "bench/bench_ane_host.py"),
     "ARCHITECTURE.md": ("train", "selftest", "tools/kernel_table.py"),
