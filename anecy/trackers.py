@@ -2,16 +2,19 @@
 TensorBoard and Weights & Biases, each optional and in its own extra.
 
 A tracker never holds training up and never stops it. The loop hands each StepRecord's
-scalars to a queue, and one worker thread feeds the trackers from it, so a tracker that is
-slow (a network, a full disk) costs the loop nothing. A tracker that raises, at its start, a
-log or its finish, is one warning line on stderr and is dropped; the others and the run go
-on. At the end the run waits at most ``FINISH_TIMEOUT_S`` for the trackers to finish writing.
+scalars to the trackers' queues, and each tracker has a thread that feeds it from its queue,
+so a tracker that is slow (a network, a full disk) costs the loop and the other trackers
+nothing. A tracker that raises, at its start, a log or its finish, is one warning line on
+stderr and is dropped; the others and the run go on. At the end the run waits at most
+``FINISH_TIMEOUT_S`` for the trackers to finish writing.
 
 Only the process that writes the metrics file reports to trackers (anecy trains in one)."""
 
 import importlib
+import itertools
 import os
 import queue
+import socket
 import sys
 import threading
 import time
@@ -19,11 +22,10 @@ from pathlib import Path
 
 NAMES = ("tensorboard", "wandb")
 # what ``--report-to NAME`` needs importable (each NAME is also the extra that installs it)
-MODULES = {"tensorboard": ("tensorboard.summary.writer.event_file_writer",
+MODULES = {"tensorboard": ("tensorboard.summary.writer.record_writer",
                            "tensorboard.plugins.hparams.summary_v2"),
            "wandb": ("wandb",)}
 FINISH_TIMEOUT_S = 30.0     # the longest a run waits at its end for a tracker to finish
-TENSORBOARD_FLUSH_S = 10    # TensorBoard's writer thread flushes its event file this often
 
 
 def parse_names(text: str) -> tuple:
@@ -82,29 +84,39 @@ def hyperparameters(configs: dict) -> dict:
 
 
 class TensorBoard:
-    """Event files in ``directory``, written with the ``tensorboard`` package's own event
-    writer (no TensorFlow, no PyTorch): scalars per step, the configs as HParams."""
+    """An event file in ``directory``, written with the ``tensorboard`` package's own record
+    writer and protos (no TensorFlow, no PyTorch): the configs as HParams, then the scalars
+    of each step. The writes are synchronous, in the trackers' thread, so that a failure
+    (a full disk) reaches that thread as an exception, and its one warning line."""
     name = "tensorboard"
+    files = itertools.count()           # this process's event files, numbered
 
     def __init__(self, directory):
         self.directory = Path(directory)
         self.writer = None
 
     def start(self, configs: dict):
+        from tensorboard.compat.proto.event_pb2 import Event
         from tensorboard.plugins.hparams.summary_v2 import hparams_pb
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.summary.writer.record_writer import RecordWriter
         self.directory.mkdir(parents=True, exist_ok=True)
-        self.writer = EventFileWriter(str(self.directory), flush_secs=TENSORBOARD_FLUSH_S)
-        self._write(0, hparams_pb(hyperparameters(configs)))
+        # the name TensorBoard's own writers give event files (TensorBoard reads "tfevents")
+        name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}."
+                f"{os.getpid()}.{next(self.files)}")
+        self.writer = RecordWriter(open(self.directory / name, "xb"))
+        self._write(Event(wall_time=time.time(), file_version="brain.Event:2"))
+        self._write(Event(wall_time=time.time(), step=0,
+                          summary=hparams_pb(hyperparameters(configs))))
 
     def log(self, step: int, scalars: dict):
-        from tensorboard.compat.proto.summary_pb2 import Summary
-        self._write(step, Summary(value=[Summary.Value(tag=tag, simple_value=v)
-                                         for tag, v in scalars.items()]))
-
-    def _write(self, step, summary):
         from tensorboard.compat.proto.event_pb2 import Event
-        self.writer.add_event(Event(wall_time=time.time(), step=step, summary=summary))
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        self._write(Event(wall_time=time.time(), step=step, summary=Summary(
+            value=[Summary.Value(tag=tag, simple_value=v) for tag, v in scalars.items()])))
+
+    def _write(self, event):
+        self.writer.write(event.SerializeToString())
+        self.writer.flush()
 
     def finish(self):
         if self.writer is not None:
@@ -169,18 +181,47 @@ def _failed(tracker, when: str, e: BaseException) -> None:
     warn(f"{tracker.name} failed at its {when} ({why}); training goes on without it")
 
 
+class Feed:
+    """One tracker and the thread that calls it, in order, with what its queue holds; a
+    tracker that raises is reported once, released as far as it lets itself be, and called
+    no more."""
+
+    def __init__(self, tracker):
+        self.tracker = tracker
+        self.queue = queue.SimpleQueue()
+        self.failed = False
+        self.thread = threading.Thread(target=self._work, name=f"anecy-{tracker.name}",
+                                       daemon=True)
+
+    def _work(self):
+        while True:
+            method, args = self.queue.get()
+            if not self.failed:
+                try:
+                    getattr(self.tracker, method)(*args)
+                except BaseException as e:   # whatever a tracker does, the run goes on
+                    self.failed = True
+                    _failed(self.tracker, method, e)
+                    if method != "finish":
+                        try:                 # its files closed if it can; said once above
+                            self.tracker.finish()
+                        except BaseException:
+                            pass
+            if method == "finish":
+                return
+
+
 class Trackers:
-    """The trackers of one run, fed by a worker thread (see the module's docstring).
+    """The trackers of one run, each fed by its own thread (see the module's docstring), so
+    that one slow tracker holds up neither the run nor the others.
 
     >>> trackers = Trackers.for_run(tc)         # none when tc.trackers is empty
     >>> trackers.start({"model": ..., "train": ...}); trackers.log(rec); trackers.finish()
     """
 
     def __init__(self, trackers=()):
-        self.live = list(trackers)        # dropped from when they fail
-        self.queue = queue.SimpleQueue()
-        self.thread = None
-        self.closed = False
+        self.feeds = [Feed(t) for t in trackers]
+        self.started = self.closed = False
 
     @classmethod
     def for_run(cls, tc) -> "Trackers":
@@ -190,45 +231,37 @@ class Trackers:
         return cls(made[name]() for name in tc.trackers)
 
     def start(self, configs: dict) -> None:
-        if not self.live:
-            return
-        self.queue.put(("start", (configs,)))
-        self.thread = threading.Thread(target=self._work, name="anecy-trackers", daemon=True)
-        self.thread.start()
+        for feed in self.feeds:
+            feed.queue.put(("start", (configs,)))
+            feed.thread.start()
+        self.started = True
 
     def log(self, rec) -> None:
-        """Queue StepRecord ``rec``'s scalars; returns at once."""
-        if self.thread is not None and not self.closed:
-            self.queue.put(("log", (rec.step, rec.scalars())))
+        """Queue StepRecord ``rec``'s scalars for each tracker; returns at once."""
+        if self.started and not self.closed:
+            scalars = rec.scalars()
+            for feed in self.feeds:
+                if not feed.failed:
+                    feed.queue.put(("log", (rec.step, scalars)))
 
     def close(self) -> None:
         """Queue the trackers' finish; returns at once (they finish while the run saves)."""
-        if self.thread is not None and not self.closed:
+        if self.started and not self.closed:
             self.closed = True
-            self.queue.put(("finish", ()))
+            for feed in self.feeds:
+                feed.queue.put(("finish", ()))
 
     def finish(self, timeout: float = None) -> None:
-        """Close, and wait at most ``timeout`` (default FINISH_TIMEOUT_S) seconds for the
-        trackers to finish; one still writing then is left to it, with a warning."""
+        """Close, and wait at most ``timeout`` (default FINISH_TIMEOUT_S) seconds in all for
+        the trackers to finish; one still writing then is left to it, with a warning."""
         self.close()
-        if self.thread is None:
+        if not self.started:
             return
         timeout = FINISH_TIMEOUT_S if timeout is None else timeout
-        self.thread.join(timeout)
-        if self.thread.is_alive():
-            for tracker in list(self.live):
-                warn(f"{tracker.name} still writing after {timeout:g} s at the end "
-                     f"of the run; left unfinished")
-        self.thread = None
-
-    def _work(self):
-        while True:
-            method, args = self.queue.get()
-            for tracker in list(self.live):
-                try:
-                    getattr(tracker, method)(*args)
-                except BaseException as e:   # whatever a tracker does, the run goes on
-                    self.live.remove(tracker)
-                    _failed(tracker, method, e)
-            if method == "finish":
-                return
+        deadline = time.monotonic() + timeout
+        for feed in self.feeds:
+            feed.thread.join(max(0.0, deadline - time.monotonic()))
+            if feed.thread.is_alive() and not feed.failed:
+                warn(f"{feed.tracker.name} still writing after {timeout:g} s at the end of "
+                     f"the run; left unfinished")
+        self.feeds = []       # waited for once

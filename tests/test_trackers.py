@@ -78,6 +78,23 @@ def test_tensorboard_reads_back_every_scalar_and_the_configs(tmp_path, monkeypat
     assert hparams["train/metrics_path"].string_value == "m.jsonl"
 
 
+def tensorboard_steps(directory, tag="train/loss") -> list:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(directory))
+    acc.Reload()
+    return [e.step for e in acc.Scalars(tag)]
+
+
+def test_a_resumed_run_reports_on_unless_told_none(tmp_path, monkeypatch):
+    assert train(tmp_path, monkeypatch, "--report-to", "tensorboard") == 0
+    resume = ["--resume", "--no-progress"]
+    assert cli.main([*resume, "--steps", "6"], family="stories") == 0   # the checkpoint's
+    assert tensorboard_steps(tmp_path / "runs" / "stories") == [1, 2, 3, 4, 5, 6]
+    assert cli.main([*resume, "--steps", "7", "--report-to", "none"], family="stories") == 0
+    assert tensorboard_steps(tmp_path / "runs" / "stories") == [1, 2, 3, 4, 5, 6]
+    assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 7
+
+
 def wandb_records(run_file: Path) -> list:
     """The records of a W&B run file, as wandb's own reader (``wandb leet inspect``) gives
     them."""
@@ -110,41 +127,48 @@ def test_wandb_offline_run_holds_every_scalar_and_the_configs(tmp_path, monkeypa
     assert config["train"]["steps"] == 4 and config["train"]["trackers"] == ["wandb"]
 
 
+@pytest.mark.parametrize("method", ["start", "log", "finish"])
 def test_a_tracker_that_raises_is_one_warning_and_training_goes_on(tmp_path, monkeypatch,
-                                                                  capsys):
+                                                                  capsys, method):
     calls = []
+    real = getattr(trackers.TensorBoard, method)
 
-    def log(self, step, scalars):
-        calls.append(step)
+    def failing(self, *args):
+        real(self, *args)
+        calls.append(args)
         raise RuntimeError("the disk is on fire\nand a second line")
 
-    monkeypatch.setattr(trackers.TensorBoard, "log", log)
+    monkeypatch.setattr(trackers.TensorBoard, method, failing)
     assert train(tmp_path, monkeypatch, "--report-to", "tensorboard") == 0
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
     assert len(warnings) == 1, warnings
-    assert "tensorboard" in warnings[0] and "the disk is on fire and a second line" \
-        in warnings[0] and "training goes on" in warnings[0]
-    assert calls == [1]                                       # dropped after its failure
+    assert f"tensorboard failed at its {method} (RuntimeError: the disk is on fire and a " \
+        "second line); training goes on without it" in warnings[0]
+    assert len(calls) == 1                                    # dropped after its failure
     assert (tmp_path / "stories.ckpt").exists()
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 4
 
 
-def test_a_tracker_that_hangs_does_not_hold_the_run(tmp_path, monkeypatch, capsys):
+def test_a_tracker_that_hangs_holds_up_neither_the_run_nor_the_other(tmp_path, monkeypatch,
+                                                                    capsys):
     release = threading.Event()
 
     def log(self, step, scalars):
         release.wait(60)   # a network that does not answer
 
     monkeypatch.setattr(trackers.TensorBoard, "log", log)
-    monkeypatch.setattr(trackers, "FINISH_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(trackers, "FINISH_TIMEOUT_S", 10)
     try:
-        assert train(tmp_path, monkeypatch, "--report-to", "tensorboard") == 0
+        assert train(tmp_path, monkeypatch, "--report-to", "tensorboard,wandb") == 0
     finally:
         release.set()
     warnings = [line for line in capsys.readouterr().err.splitlines() if "warning" in line]
-    assert len(warnings) == 1 and "tensorboard still writing after 0.5 s" in warnings[0]
+    assert len(warnings) == 1 and "tensorboard still writing after 10 s" in warnings[0]
     assert (tmp_path / "stories.ckpt").exists()
     assert len((tmp_path / "m.jsonl").read_text().splitlines()) == 4
+    (run_file,) = (tmp_path / "runs" / "stories" / "wandb").glob("offline-run-*/run-*.wandb")
+    assert [r["history"]["item"]["_step"] for r in wandb_records(run_file)
+            if r["type"] == "history"] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("name", trackers.NAMES)
