@@ -53,11 +53,16 @@ def require(names) -> None:
     from .errors import ConfigError
     for name in names:
         for module in MODULES[name]:
+            install = f'pip install "anecy[{name}]"'
             try:
                 importlib.import_module(module)
             except ImportError:
                 raise ConfigError(f"--report-to {name} needs the {name} package: "
-                                  f'pip install "anecy[{name}]"') from None
+                                  f"{install}") from None
+            except Exception as e:   # installed but broken (a mismatched dependency)
+                why = " ".join(f"{type(e).__name__}: {e}".split())[:200]
+                raise ConfigError(f"--report-to {name}: {module} fails to import ({why}); "
+                                  f"reinstall it: {install}") from None
 
 
 def prepare(tc) -> None:

@@ -171,18 +171,22 @@ def test_a_tracker_that_hangs_holds_up_neither_the_run_nor_the_other(tmp_path, m
             if r["type"] == "history"] == [1, 2, 3, 4]
 
 
-@pytest.mark.parametrize("name", trackers.NAMES)
-def test_a_tracker_not_installed_is_refused_up_front(tmp_path, name):
+@pytest.mark.parametrize("name, failure, words", [
+    (name, "ImportError('not installed')", f"needs the {name} package")
+    for name in trackers.NAMES
+] + [("wandb", "TypeError('a broken protobuf')", "fails to import (TypeError: a broken protobuf)")])
+def test_a_tracker_not_installed_or_broken_is_refused_up_front(tmp_path, name, failure, words):
     fake = tmp_path / "site"      # a module of the tracker's name that fails to import
     (fake / name).mkdir(parents=True)
-    (fake / name / "__init__.py").write_text("raise ImportError('not installed')\n")
+    (fake / name / "__init__.py").write_text(f"raise {failure}\n")
     proc = subprocess.run([sys.executable, str(ROOT / "train_stories.py"), *RUN,
                            "--report-to", "tensorboard,wandb"], cwd=tmp_path,
                           env={**os.environ, "PYTHONPATH": str(fake)},
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr
     (line,) = proc.stderr.strip().splitlines()
-    assert f'--report-to {name} needs the {name} package: pip install "anecy[{name}]"' in line
+    assert f"--report-to {name}" in line and words in line, line
+    assert line.endswith(f'pip install "anecy[{name}]"'), line
     assert not (tmp_path / "stories.ckpt").exists() and not (tmp_path / "runs").exists()
 
 
