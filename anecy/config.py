@@ -8,6 +8,7 @@ from typing import Optional
 
 from .backends import BACKENDS
 from .errors import CheckpointError, ConfigError
+from .trackers import NAMES as TRACKERS
 
 ROPE_STYLES = ("interleaved", "half")
 
@@ -183,9 +184,13 @@ class TrainConfig:
     init_from: Optional[str] = None  # initial weights: an HF directory or a llama2.c .bin
     sample_every: int = 0           # microsteps between decoded samples; 0: never
     tokenizer: Optional[str] = None  # decodes samples (default: the data's sidecar's)
+    trackers: tuple[str, ...] = ()  # experiment trackers the run reports to (trackers.NAMES)
+    report_dir: Optional[str] = None  # where they write (default runs/<checkpoint stem>)
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        if isinstance(self.trackers, list):   # as a checkpoint's JSON holds it
+            self.trackers = tuple(self.trackers)
         self.validate()
 
     def validate(self):
@@ -222,6 +227,8 @@ class TrainConfig:
                                           for b in self.betas), "betas", "two numbers in [0, 1)")
         need(self.backend in ("auto",) + BACKENDS, "backend",
              "one of auto, " + ", ".join(BACKENDS))
+        need(isinstance(self.trackers, tuple) and set(self.trackers) <= set(TRACKERS),
+             "trackers", "a tuple of " + ", ".join(TRACKERS))
 
     def lr_at(self, step: int) -> float:
         """Learning rate for an update made after `step` microsteps (1-based)."""
@@ -235,6 +242,7 @@ class TrainConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["betas"] = list(self.betas)
+        d["trackers"] = list(self.trackers)
         return d
 
     @classmethod

@@ -28,6 +28,18 @@ class StepRecord:
     def to_json(self) -> str:
         return json.dumps(asdict(self))
 
+    def scalars(self) -> dict:
+        """What the trackers plot of this microstep (``--report-to``): the metrics file's
+        numbers by tag, the held-out loss and grad norm only where there is one."""
+        s = {"train/loss": self.loss, "train/lr": self.lr, "train/loss_scale": self.loss_scale,
+             "train/tokens_per_s": self.tokens_per_s, "time_ms/step": self.ms}
+        if self.grad_norm is not None:
+            s["train/grad_norm"] = self.grad_norm
+        if self.val_loss is not None:
+            s["eval/loss"] = self.val_loss
+        s.update({f"time_ms/{k}": v for k, v in self.timings.items()})
+        return s
+
 
 class MetricsFile:
     """The metrics file: one StepRecord per line, appended and flushed as the run goes. A

@@ -14,7 +14,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import backends, guard
+from . import backends, guard, trackers
 from .config import ModelConfig, TrainConfig
 from .data import TokenSampler, VocabMap, load_training_data
 from .errors import ConfigError, TrainingDiverged
@@ -29,14 +29,15 @@ __all__ = ["Trainer", "TrainConfig", "StepRecord", "TrainingDiverged", "prepare_
 
 def prepare_outputs(tc: TrainConfig, log=print) -> None:
     """Before any long work: remove the temporaries that killed saves of this checkpoint
-    left behind, and check that the checkpoint and metrics files can be written (an
-    OutputError, one line, otherwise)."""
+    left behind, and check that the checkpoint and metrics files and the trackers' directory
+    can be written, and the trackers are installed (an AnecyError, one line, otherwise)."""
     if tc.ckpt_path:
         for p in remove_leftovers(tc.ckpt_path):
             log(f"removed {p} (left by an interrupted save)")
         check_writable(tc.ckpt_path, what="checkpoint", make_parents=True)
     if tc.metrics_path:
         check_writable(tc.metrics_path, what="metrics file", append=True)
+    trackers.prepare(tc)
 
 
 class Trainer:
@@ -178,6 +179,8 @@ class Trainer:
         from tqdm import tqdm
         tc, first_step, run_start = self.tc, self.step_count, time.perf_counter()
         metrics = MetricsFile(tc.metrics_path) if tc.metrics_path else None
+        reported = trackers.Trackers.for_run(tc)
+        reported.start({"model": self.mc.to_dict(), "train": tc.to_dict()})
         bar = tqdm(total=tc.steps, initial=self.step_count, disable=not progress,
                    unit="step", dynamic_ncols=True)
         window = []
@@ -188,6 +191,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix(loss=f"{rec.loss:.4f}", lr=f"{rec.lr:.2e}", ms=f"{rec.ms:.0f}",
                                 tok_s=f"{rec.tokens_per_s:.0f}")
+                reported.log(rec)
                 if metrics and not metrics.write(rec):
                     self.stop.requested = True  # disk full, /dev/full: stop, but keep the model
                 if rec.skipped:
@@ -207,9 +211,11 @@ class Trainer:
             self.stop.saving = True  # from here on a stop request waits for the final save
         except BaseException:
             self.guard.discard()
+            reported.finish()
             raise
         finally:
             bar.close()
+            reported.close()   # the trackers finish in their thread while the run saves
             if metrics:
                 metrics.close()
         # nothing new to keep when a resumed run had no steps left to do
@@ -219,6 +225,7 @@ class Trainer:
                 saved = self.save()
         finally:
             self.stop.saving = False
+            reported.finish()
         interrupted = self.step_count < tc.steps
         if interrupted:
             where = f"; checkpoint {saved} (continue with --resume)" if saved else ""

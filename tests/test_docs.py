@@ -227,8 +227,10 @@ DOC_FLAGS = {
 # choices if listed, and the default given beside it
 DEFAULT_BESIDE_FLAG = re.compile(
     r"(--[a-z-]+)(?: \{([^}]*)\}| [A-Z]+)?`?\s+\((?:default )?([\w.-]+)(?:[,;)]| =)")
-# other programs' flags: xcode-select, accelerate and torchrun commands, mlx-lm's --num-layers
-FOREIGN_FLAGS = {"--install", "--num_processes", "--nproc-per-node", "--model", "--num-layers"}
+# other programs' flags: xcode-select, accelerate and torchrun commands, mlx-lm's --num-layers,
+# tensorboard's --logdir
+FOREIGN_FLAGS = {"--install", "--num_processes", "--nproc-per-node", "--model", "--num-layers",
+                 "--logdir"}
 
 
 def command_variants(name):

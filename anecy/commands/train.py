@@ -76,6 +76,14 @@ def add_arguments(p, family=None):
     p.add_argument("--backend", choices=("auto",) + backends.BACKENDS, default="auto",
                    help="kernel backend (default auto: ane on Apple Silicon, else cpu)")
     p.add_argument("--metrics", metavar="PATH", help="append one JSON line per microstep")
+    p.add_argument("--report-to", type=_tracker_names, metavar="LIST",
+                   help="also report the metrics (and the configs, as hyperparameters) to "
+                        "these experiment trackers, comma-separated: tensorboard, wandb "
+                        "(offline unless logged in), or none (default none; on --resume, "
+                        "the checkpoint's)")
+    p.add_argument("--report-dir", metavar="DIR",
+                   help="where the trackers write (default runs/<checkpoint name without "
+                        "suffix>)")
     p.add_argument("--eval-every", type=non_negative_int, metavar="N",
                    help=f"microsteps between held-out losses, 0 for never (default {d.eval_every})")
     p.add_argument("--sample-every", type=non_negative_int, metavar="N",
@@ -192,6 +200,14 @@ def _loss_scale(text):
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
+def _tracker_names(text):
+    """--report-to: tracker names, comma-separated, or none."""
+    from ..trackers import parse_names
+    try:
+        return parse_names(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
 
 def _train_config(args, base: TrainConfig, ckpt: str) -> TrainConfig:
     """`base` (the defaults, or a resumed checkpoint's settings) with the flags given."""
@@ -201,7 +217,8 @@ def _train_config(args, base: TrainConfig, ckpt: str) -> TrainConfig:
                  loss_scale=args.loss_scale,
                  ckpt_every=args.ckpt_every, metrics_path=args.metrics,
                  eval_every=args.eval_every, sample_every=args.sample_every,
-                 tokenizer=args.tokenizer)
+                 tokenizer=args.tokenizer, trackers=args.report_to,
+                 report_dir=args.report_dir)
     d.update({k: v for k, v in given.items() if v is not None})
     if args.loss_scale == AUTO:
         d["loss_scale"] = None
