@@ -309,3 +309,21 @@ def test_train_cli_on_examples_with_seq_len(tmp_path):
     r = run_cli("--resume", "--steps", "4", "--seq-len", "64", "--data", str(data),
                 "--ckpt", str(tmp_path / "x.ckpt"), cwd=tmp_path)
     assert r.returncode == 2 and "keeps them" in r.stderr
+
+
+def test_attention_key_starts_keep_segments_apart():
+    from anecy._testing import py_attention_bwd, py_attention_fwd
+    rng = np.random.default_rng(0)
+    n_heads, hd, cuts = 2, 8, [0, 5, 12, 20]
+    S = cuts[-1]
+    q, k, v, da = (rng.standard_normal((n_heads * hd, S)).astype(np.float32)
+                   for _ in range(4))
+    key_start = np.concatenate([np.full(b - a, a, np.int32) for a, b in zip(cuts, cuts[1:])])
+    out = py_attention_fwd(q, k, v, n_heads, n_heads, key_start=key_start)
+    grads = py_attention_bwd(q, k, v, da, n_heads, key_start=key_start)[:3]
+    for a, b in zip(cuts, cuts[1:]):
+        part = [np.ascontiguousarray(t[:, a:b]) for t in (q, k, v, da)]
+        np.testing.assert_allclose(out[:, a:b], py_attention_fwd(*part[:3], n_heads, n_heads),
+                                   rtol=1e-5, atol=1e-6)
+        for got, ref in zip(grads, py_attention_bwd(*part, n_heads)[:3]):
+            np.testing.assert_allclose(got[:, a:b], ref, rtol=1e-5, atol=1e-6)

@@ -55,8 +55,9 @@ def add_arguments(p, family=None):
     p.add_argument("--seed", type=non_negative_int,
                    help=f"seed of the initial weights and of data sampling (default {d.seed})")
     p.add_argument("--data", metavar="PATH",
-                   help="pretokenized token file (default: $ANECY_DATA or "
-                        "./tinystories_data00.bin, else a built-in corpus)")
+                   help="pretokenized token file, or an examples file of anecy prepare "
+                        "--format (default: $ANECY_DATA or ./tinystories_data00.bin, else a "
+                        "built-in corpus)")
     ckpt_default = f"{family}.ckpt" if family else "<family>.ckpt: stories.ckpt or qwen.ckpt"
     p.add_argument("--ckpt", metavar="PATH",
                    help=f"checkpoint file (default {ckpt_default})")
