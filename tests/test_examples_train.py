@@ -99,10 +99,15 @@ def assert_grads_close(ours, ref, tol=2e-4):
 
 
 class Listed:
-    """Examples held in memory, as Window reads them (ex[k] -> (ids, mask))."""
+    """Examples held in memory, as Window and ExampleSampler read them."""
 
     def __init__(self, examples):
         self.items = examples
+        self.lengths = np.array([len(ids) for ids, _ in examples])
+        self.path = "listed"
+
+    def __len__(self):
+        return len(self.items)
 
     def __getitem__(self, k):
         return self.items[k]
@@ -238,6 +243,19 @@ def test_packing_never_cuts_an_example_and_covers_each_once_an_epoch():
     assert seen == list(range(500))
     assert all(sum(lengths[k] - 1 for k in w) <= 64 for w in plan)
     assert s._pack(0) == plan and s._pack(1) != plan      # fixed per epoch, new each epoch
+
+
+def test_packing_keeps_most_of_the_window_useful():
+    # chat-like examples averaging a third of the window, answers at their ends
+    S = 256
+    examples = make_examples(np.random.default_rng(3), 600, 100, lengths=(20, 151))
+    assert abs(np.mean([len(ids) for ids, _ in examples]) / S - 1 / 3) < 0.05
+    s = ExampleSampler(Listed(examples), S, seed=0)
+    windows = [s.window(i) for i in range(len(s._pack(0)))]
+    useful = sum(w.useful for w in windows) / (len(windows) * S)
+    assert useful >= 0.8, useful
+    alone = ExampleSampler(Listed(examples), S, seed=0, one_per_window=True)
+    assert sum(alone.window(i).useful for i in range(600)) / (600 * S) < 0.4
 
 
 @pytest.mark.parametrize("stop_at", [4, 5])
