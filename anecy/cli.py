@@ -12,7 +12,8 @@ from .commands._args import Parser
 from .errors import AnecyError
 
 # command name -> module in anecy.commands, in the order `anecy --help` lists them
-COMMANDS = ("train", "prepare", "download", "plot", "sample", "chat", "export", "selftest")
+COMMANDS = ("train", "prepare", "download", "plot", "sample", "chat", "export", "eval",
+            "selftest")
 
 
 def run_command(prog: str, run, args) -> int:

@@ -137,6 +137,23 @@ def atomic_write(path, *, fsync: bool = True):
     staged.commit()
 
 
+@contextmanager
+def atomic_path(path, *, fsync: bool = True):
+    """``atomic_write`` for writers that open their output by name (a library's writer):
+    yields the temporary's path; on a normal exit the file written there is fsync'ed and
+    renamed over ``path``, on any exception it is removed and ``path`` is untouched."""
+    staged = StagedWrite(path, fsync=fsync)
+    try:
+        yield staged.tmp
+        if fsync:
+            with open(staged.tmp, "rb") as f:
+                os.fsync(f.fileno())
+    except BaseException:
+        staged.discard()
+        raise
+    staged.commit()
+
+
 def _pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True

@@ -209,7 +209,8 @@ def test_training_text_states_the_configured_optimizer():
 
 # the commands (and benchmark scripts) whose flags each document names
 DOC_FLAGS = {
-    "README.md": ("train", "prepare", "download", "plot", "sample", "export", "selftest"),
+    "README.md": ("train", "prepare", "download", "plot", "sample", "export", "eval",
+                  "selftest"),
     "training.md": ("train",),
     "data.md": ("prepare", "download", "plot", "train"),
     "sampling-and-export.md": ("sample", "export", "train"),
@@ -217,6 +218,8 @@ DOC_FLAGS = {
     "reliability.md": ("train",),
     "python-api.md": (),
     "lora.md": ("train", "sample", "export"),
+    "chat.md": ("prepare", "chat", "train", "sample"),
+    "gguf.md": ("export", "eval"),
     "benchmarks.md": ("bench/bench_step.py", "bench/bench_ane_host.py"),
     "ARCHITECTURE.md": ("train", "selftest", "tools/kernel_table.py"),
 }

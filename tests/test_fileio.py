@@ -8,6 +8,7 @@ import pytest
 from anecy.errors import OutputError
 from anecy.fileio import (
     StagedWrite,
+    atomic_path,
     atomic_write,
     check_writable,
     remove_leftovers,
@@ -20,6 +21,22 @@ def dead_pid():
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+def test_atomic_path_renames_what_a_writer_wrote_by_name(tmp_path):
+    target = tmp_path / "out.gguf"
+    target.write_bytes(b"old")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(target) as tmp:
+            assert tmp == temp_path(target)
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert target.read_bytes() == b"old" and not temp_leftovers(target)
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:   # the writer opens it itself
+            f.write(b"new")
+        assert target.read_bytes() == b"old"
+    assert target.read_bytes() == b"new" and not temp_leftovers(target)
 
 
 def test_staged_write_commits_or_discards(tmp_path):

@@ -457,7 +457,7 @@ case("export-hf-version", E + ["--format", "hf", "--out", "o", "--version", "1"]
      "does not apply to --format hf")
 case("export-version-2", E + ["--format", "llama2c", "--out", "o.bin", "--version", "2"],
      "invalid choice")
-case("export-format-unknown", E + ["--format", "gguf", "--out", "o"], "invalid choice")
+case("export-format-unknown", E + ["--format", "onnx", "--out", "o"], "invalid choice")
 case("export-no-out", E + ["--format", "hf"], "required: --out")
 case("export-no-format", E + ["--out", "o"], "required: --format")
 case("export-out-is-ckpt", E + ["--format", "llama2c", "--out", "{w}/run.ckpt"],

@@ -3,8 +3,8 @@
 import sys
 import time
 
-from ..cli import non_negative_int, positive_int
 from ..errors import AnecyError
+from ._args import non_negative_int, positive_int
 from .sample import add_sampling_arguments, add_source_arguments, load_model, source_and_adapters
 
 HELP = "chat with a model in its chat template (interactive, or one message a line from a pipe)"

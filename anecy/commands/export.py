@@ -1,13 +1,14 @@
-"""anecy export: write a model as a Hugging Face directory or a llama2.c .bin file, or LoRA
-adapters as a PEFT directory."""
+"""anecy export: write a model as a Hugging Face directory, a llama2.c .bin file or a GGUF file
+(llama.cpp, Ollama), or LoRA adapters as a PEFT directory."""
 
+import sys
 from pathlib import Path
 
 from ..errors import AnecyError
 from ._args import add_model_source, model_source
 
-HELP = ("write a checkpoint's model as a Hugging Face directory or a llama2.c .bin file, or its "
-        "LoRA adapters as a PEFT directory")
+HELP = ("write a checkpoint's model as a Hugging Face directory, a llama2.c .bin file or a GGUF "
+        "file, or its LoRA adapters as a PEFT directory")
 
 
 def add_arguments(p):
@@ -15,15 +16,22 @@ def add_arguments(p):
     p.add_argument("--adapter", metavar="DIR",
                    help="a PEFT LoRA adapter directory (adapter_config.json + "
                         "adapter_model.safetensors) for the model given: fused into it for "
-                        "hf and llama2c, written again (checked) for peft")
-    p.add_argument("--format", choices=("hf", "llama2c", "peft"), required=True,
+                        "hf, llama2c and gguf, written again (checked) for peft")
+    p.add_argument("--format", choices=("hf", "llama2c", "gguf", "peft"), required=True,
                    help="hf: a directory transformers loads (config.json + model.safetensors); "
-                        "llama2c: a .bin file llama2.c's run.c reads; peft: the LoRA adapters "
+                        "llama2c: a .bin file llama2.c's run.c reads; gguf: one file with the "
+                        "tokenizer, what llama.cpp and Ollama run; peft: the LoRA adapters "
                         "as a directory PEFT's PeftModel.from_pretrained loads")
     p.add_argument("--out", metavar="PATH", required=True, help="the directory or file to write")
     p.add_argument("--version", type=int, choices=(0, 1),
                    help="llama2.c format version: 0 (legacy, what run.c reads; default) or 1; "
                         "for --format llama2c only")
+    p.add_argument("--dtype", choices=("f32", "f16", "q8_0"),
+                   help="GGUF tensor type (default f32); norm weights always stay f32")
+    p.add_argument("--tokenizer", metavar="PATH",
+                   help="GGUF: the tokenizer to put in the file, tokenizer.model, llama2.c's "
+                        "tokenizer.bin, tokenizer.json or an HF directory (default: the one the "
+                        "checkpoint's data was prepared with, or the HF directory's own)")
 
 
 def run(args) -> int:
@@ -31,8 +39,11 @@ def run(args) -> int:
         raise AnecyError(f"--version is the llama2.c format's; it does not apply to "
                          f"--format {args.format}")
     from ..fileio import check_writable
-    from ..pretrained import load
+    from ..pretrained import load, tokenizer_for
     out = Path(args.out)
+    if args.format != "gguf" and (args.dtype or args.tokenizer):
+        raise AnecyError(f"--{'dtype' if args.dtype else 'tokenizer'} applies to --format gguf "
+                         "only")
     source = model_source(args)
     cfg = source.config
     # the weights read: the file, or an HF directory's files (an export must not land on them)
@@ -62,7 +73,16 @@ def run(args) -> int:
         save_peft(out, adapters, base_name)
         print(f"wrote {out} (peft) from {source.describe}")
         return 0
-    if args.format == "llama2c":
+    if args.format == "gguf":
+        from ..gguf_export import check_exportable, check_tokenizer
+        check_exportable(cfg)
+        tok = tokenizer_for(source, args.tokenizer)
+        if tok is None:
+            raise AnecyError(f"no tokenizer known for {source.describe}, and a GGUF file holds "
+                             "its tokenizer: name one with --tokenizer")
+        check_tokenizer(tok, cfg.vocab_size)
+        check_writable(out, what="GGUF file", inputs=inputs + [Path(tok.path)])
+    elif args.format == "llama2c":
         from ..llama2c import check_exportable, save
         check_exportable(cfg)
         check_writable(out, what="llama2.c file", inputs=inputs)
@@ -75,7 +95,11 @@ def run(args) -> int:
     if adapters is not None:
         from ..lora import fuse
         fuse(model, adapters, inplace=True)
-    if args.format == "llama2c":
+    if args.format == "gguf":
+        from ..gguf_export import save as save_gguf
+        save_gguf(model, out, tok, dtype=args.dtype or "f32", context_length=cfg.seq_len,
+                  name=source.path.stem, progress=sys.stderr.isatty())
+    elif args.format == "llama2c":
         save(model, out, version=args.version or 0, seq_len=cfg.seq_len)
     else:
         from ..hf import save_pretrained
