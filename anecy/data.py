@@ -424,6 +424,9 @@ class TokenSampler:
 
     def load_state_dict(self, d):
         # The same generator state only gives the same windows on the same split of the data.
+        if "n_train" not in d:
+            raise DataError("sampler state is of a run on an examples file, this data is a "
+                            "token stream (resume on the same --data)")
         if (d["n_train"], d["seq_len"]) != (self.n_train, self.seq_len):
             raise DataError(f"sampler state is for {d['n_train']} training tokens and seq_len "
                             f"{d['seq_len']}, this data has {self.n_train} and {self.seq_len}")

@@ -345,3 +345,15 @@ def test_attention_key_starts_keep_segments_apart():
                                    rtol=1e-5, atol=1e-6)
         for got, ref in zip(grads, py_attention_bwd(*part, n_heads)[:3]):
             np.testing.assert_allclose(got[:, a:b], ref, rtol=1e-5, atol=1e-6)
+
+
+def test_resume_refuses_the_other_kind_of_data(tmp_path):
+    from anecy.errors import AnecyError
+    cfg, path, tc = examples_run(tmp_path, steps=4, accum=1)
+    t = Trainer(cfg, tc, log=quiet)
+    t.step()
+    t.save()
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, len(t.tokens))
+    with pytest.raises(AnecyError, match="examples file"):
+        Trainer.resume(tmp_path / "run.ckpt", TrainConfig(**dict(tc.to_dict(), data_path=None)),
+                       tokens=tokens, log=quiet)
