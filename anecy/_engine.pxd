@@ -84,8 +84,9 @@ cdef class Kernels:
     kept state alone."""
     cdef Dims d
     cdef LayerParams* layers
-    cdef const float* rope_cos
-    cdef const float* rope_sin
+    cdef const float* rope_cos     # [hd/2, S]: the step's (positions 0..S-1, or the Engine's
+    cdef const float* rope_sin     # table gathered at the step's position ids)
+    cdef const int* key_start      # [S] first key each query attends, or NULL (causal from 0)
     cdef public double io_ms        # time spent packing/unpacking kernel I/O
 
     cdef void stage_weights(self) noexcept nogil

@@ -91,6 +91,7 @@ cdef class Kernels:
         self.layers = engine.weights
         self.rope_cos = _ptr(engine.rope_cos)
         self.rope_sin = _ptr(engine.rope_sin)
+        self.key_start = NULL
 
     cdef void stage_weights(self) noexcept nogil:
         pass
@@ -182,7 +183,7 @@ cdef class CpuKernels(Kernels):
                             self.norm_scratch)
         rope_fwd(q, d.n_heads, d.hd, d.S, self.rope_cos, self.rope_sin, d.rope_half)
         rope_fwd(k, d.n_kv_heads, d.hd, d.S, self.rope_cos, self.rope_sin, d.rope_half)
-        attention_fwd(q, k, v, attn, d.n_heads, d.n_kv_heads, d.hd, d.S, probs)
+        attention_fwd(q, k, v, attn, d.n_heads, d.n_kv_heads, d.hd, d.S, probs, self.key_start)
 
     cdef void wo_fwd(self, int l, const float* attn, float* o) noexcept nogil:
         cdef Dims d = self.d
@@ -226,7 +227,7 @@ cdef class CpuKernels(Kernels):
         else:
             self.bwd_probs = self.given_probs
         attention_bwd1(q, k_rep, v_rep, da, dv_rep, <float*>self.bwd_probs, self.dprobs,
-                       d.n_heads, d.hd, d.S, kept)
+                       d.n_heads, d.hd, d.S, kept, self.key_start)
         if probs != NULL:        # a caller's outputs
             memcpy(probs, self.bwd_probs, square * sizeof(float))
         if dprobs != NULL:
@@ -365,6 +366,17 @@ cdef class Engine:
     cdef float* dxnorm               # [D, S]
     cdef float* dxnorm_kv            # [D, S]
     cdef double* norm_scratch        # [2S]
+    # A step's layout (set_layout): per-position loss weights, RoPE position ids and the
+    # first key of each query (packed examples); each NULL when the step has none.
+    cdef float* weight_buf           # [S]
+    cdef int* key_start_buf          # [S]
+    cdef float* step_cos             # [hd/2, S] the RoPE tables gathered at the position ids
+    cdef float* step_sin             # [hd/2, S]
+    cdef int* scored                 # [S] the positions of nonzero weight, in order
+    cdef float* xf_scored            # [D, S] xf_norm's scored columns (n_scored of them used)
+    cdef float* dxf_scored           # [D, S] their gradient
+    cdef const float* loss_w         # weight_buf, or NULL: every position, weight 1/S
+    cdef int n_scored
     cdef double timers[N_TIMERS]
     cdef double clock                # when the section being timed began
     cdef readonly long steps
@@ -409,6 +421,7 @@ cdef class Engine:
         self.arena.carve(self._size_table())
         self.set_ticket[0] = self.set_ticket[1] = 0
         self.rope_cos, self.rope_sin = rope_tables(d.hd, d.S, cfg.rope_theta)
+        self.loss_w = NULL
         self.kernels = kernels
         # the worker thread always exists: it also runs the optimizer's second half
         self.worker = DWWorker()
@@ -445,7 +458,11 @@ cdef class Engine:
                   (<uintptr_t>&self.dv_rep, Q * S), (<uintptr_t>&self.dq_rot, Q * S),
                   (<uintptr_t>&self.dk_rot, K * S), (<uintptr_t>&self.dxnorm, D * S),
                   (<uintptr_t>&self.dxnorm_kv, D * S),
-                  (<uintptr_t>&self.norm_scratch, 4 * S)]   # 2S doubles
+                  (<uintptr_t>&self.norm_scratch, 4 * S),   # 2S doubles
+                  (<uintptr_t>&self.weight_buf, S), (<uintptr_t>&self.key_start_buf, S), (<uintptr_t>&self.scored, S),
+                  (<uintptr_t>&self.step_cos, d.hd // 2 * S),
+                  (<uintptr_t>&self.step_sin, d.hd // 2 * S),
+                  (<uintptr_t>&self.xf_scored, D * S), (<uintptr_t>&self.dxf_scored, D * S)]
         return table
 
     def __dealloc__(self):
@@ -512,34 +529,93 @@ cdef class Engine:
             raise ValueError(f"{name} holds ids outside [0, {limit})")
         return arr
 
-    def forward_backward(self, tokens, targets, float loss_scale=1.0):
-        """Mean cross-entropy of one sequence; gradients (times loss_scale) are added to grads.
-        Targets index the classifier rows (compact ids when compaction is on)."""
+    def set_layout(self, weights=None, positions=None, segment_starts=None):
+        """The layout of the steps that follow (each argument [S], or None for the plain one):
+        `weights` the loss weight of each position (0: not scored; the classifier runs only
+        at the others), `positions` the RoPE position of each (< S; several examples in one
+        window restart theirs at 0), `segment_starts` the first position each query may
+        attend (its example's start; None: 0). Only the cpu backend takes positions and
+        segment starts: the sim and ane programs compile the causal mask and the RoPE
+        tables."""
+        cdef Dims d = self.d
+        cdef Py_ssize_t S = d.S, half = d.hd // 2, i, s
+        cdef float[::1] w
+        cdef int[::1] pos, ks
+        cdef const float[:, ::1] cos_t, sin_t
+        if (positions is not None or segment_starts is not None) \
+                and not isinstance(self.kernels, CpuKernels):
+            raise ValueError("position ids and segment starts need the cpu backend (the sim "
+                             "and ane programs compile the causal mask and the RoPE tables)")
+        self.loss_w = NULL
+        self.kernels.rope_cos = _ptr(self.rope_cos)
+        self.kernels.rope_sin = _ptr(self.rope_sin)
+        self.kernels.key_start = NULL
+        if weights is not None:
+            arr = np.ascontiguousarray(weights, np.float32)
+            if arr.shape != (S,) or not np.all(np.isfinite(arr)) or np.any(arr < 0):
+                raise ValueError(f"weights must be {S} finite non-negative floats")
+            w = arr
+            self.n_scored = 0
+            for s in range(S):
+                self.weight_buf[s] = w[s]
+                if w[s] != 0.0:
+                    self.scored[self.n_scored] = <int>s
+                    self.n_scored += 1
+            self.loss_w = self.weight_buf
+        if positions is not None:
+            pos = self._check_ids(positions, "positions", S)
+            cos_t, sin_t = self.rope_cos, self.rope_sin
+            for i in range(half):
+                for s in range(S):
+                    self.step_cos[i * S + s] = cos_t[i, pos[s]]
+                    self.step_sin[i * S + s] = sin_t[i, pos[s]]
+            self.kernels.rope_cos = self.step_cos
+            self.kernels.rope_sin = self.step_sin
+        if segment_starts is not None:
+            ks = self._check_ids(segment_starts, "segment_starts", S)
+            for s in range(S):
+                if ks[s] > s:
+                    raise ValueError("segment_starts[i] must be <= i")
+                self.key_start_buf[s] = ks[s]
+            self.kernels.key_start = self.key_start_buf
+
+    def forward_backward(self, tokens, targets, float loss_scale=1.0, weights=None,
+                         positions=None, segment_starts=None):
+        """The loss sum_s w_s CE_s of one sequence (weights w: the given ones, else 1/S
+        each, the mean); its gradient (times loss_scale) is added to grads. Targets index
+        the classifier rows (compact ids when compaction is on); those of positions of
+        weight 0 are not read. positions, segment_starts: see set_layout."""
         cdef int[::1] tok = self._check_ids(tokens, "tokens", self.vocab_size)
-        cdef int[::1] tgt = self._check_ids(targets, "targets", self.V)
+        cdef int[::1] tgt = self._targets(targets, weights)
         cdef double loss
+        self.set_layout(weights, positions, segment_starts)
         with nogil:
             self._forward(&tok[0])
             loss = self._backward(&tok[0], &tgt[0], loss_scale)
         self.kernels.raise_pending()
         self.steps += 1
-        return loss / self.d.S
+        return loss if self.loss_w != NULL else loss / self.d.S
 
-    def loss(self, tokens, targets):
-        """Mean cross-entropy of one sequence, forward only: forward_backward's loss (the
-        same softmax_xent), its gradient left in the logit buffer unused."""
+    def loss(self, tokens, targets, weights=None, positions=None, segment_starts=None):
+        """forward_backward's loss (the same softmax_xent), forward only: its gradient is
+        left in the logit buffer unused."""
         cdef int[::1] tok = self._check_ids(tokens, "tokens", self.vocab_size)
-        cdef int[::1] tgt = self._check_ids(targets, "targets", self.V)
+        cdef int[::1] tgt = self._targets(targets, weights)
         cdef double loss
+        self.set_layout(weights, positions, segment_starts)
         with nogil:
             self._forward(&tok[0])
-            loss = softmax_xent(self.logit_buf, &tgt[0], self.d.S, self.V, 1.0)
+            if self.loss_w == NULL:
+                loss = softmax_xent(self.logit_buf, &tgt[0], self.d.S, self.V, 1.0) / self.d.S
+            else:
+                loss = self._scored_xent(&tgt[0], 0.0)
         self.kernels.raise_pending()
-        return loss / self.d.S
+        return loss
 
-    def logits(self, tokens):
+    def logits(self, tokens, positions=None, segment_starts=None):
         """Logits [S, V] of one sequence (V = the classifier rows in use)."""
         cdef int[::1] tok = self._check_ids(tokens, "tokens", self.vocab_size)
+        self.set_layout(None, positions, segment_starts)
         with nogil:
             self._forward(&tok[0])
         self.kernels.raise_pending()
@@ -547,6 +623,18 @@ cdef class Engine:
         cdef float[:, ::1] dst = out
         memcpy(&dst[0, 0], self.logit_buf, <Py_ssize_t>self.d.S * self.V * sizeof(float))
         return out
+
+    def _targets(self, targets, weights):
+        """The targets, checked where they are read (every position, or the weighted ones)."""
+        if weights is None:
+            return self._check_ids(targets, "targets", self.V)
+        arr = np.ascontiguousarray(targets, dtype=np.int32)
+        if arr.ndim != 1 or arr.shape[0] != self.d.S:
+            raise ValueError(f"targets must be a 1-D array of seq_len={self.d.S} ids")
+        read = arr[np.asarray(weights) != 0]
+        if read.size and (read.min() < 0 or read.max() >= self.V):
+            raise ValueError(f"targets holds ids outside [0, {self.V})")
+        return arr
 
     cdef void _forward(self, const int* tokens) noexcept nogil:
         cdef int l
@@ -684,25 +772,63 @@ cdef class Engine:
         self.charge(T_RMS)
 
     cdef void _classifier_forward(self) noexcept nogil:
-        # logits[S,V] = rmsnorm(x_final)^T @ cls_w^T
+        # logits[S,V] = rmsnorm(x_final)^T @ cls_w^T; with loss weights only the rows of the
+        # n scored positions, logits[n,V], from xf_norm's scored columns gathered
         cdef Dims d = self.d
+        cdef Py_ssize_t c, r, n = self.n_scored
         rmsnorm_fwd(self.x_final, self.final_norm, self.xf_norm, d.D, d.S, d.eps,
                     self.norm_scratch)
         self.charge(T_RMS)
-        sgemm(1, 1, d.S, self.V, d.D, 1.0, self.xf_norm, d.S, self.cls_w, d.D, 0.0, self.logit_buf,
-              self.V)
+        if self.loss_w == NULL:
+            sgemm(1, 1, d.S, self.V, d.D, 1.0, self.xf_norm, d.S, self.cls_w, d.D, 0.0,
+                  self.logit_buf, self.V)
+        elif n:
+            for c in range(d.D):
+                for r in range(n):
+                    self.xf_scored[c * n + r] = self.xf_norm[c * d.S + self.scored[r]]
+            sgemm(1, 1, n, self.V, d.D, 1.0, self.xf_scored, n, self.cls_w, d.D, 0.0,
+                  self.logit_buf, self.V)
         self.charge(T_CLASSIFIER)
+
+    cdef double _scored_xent(self, const int* targets, float loss_scale) noexcept nogil:
+        # sum_r w_r CE_r over the scored rows of the logits; each row's gradient (softmax -
+        # onehot) * w_r * loss_scale left in its place
+        cdef Py_ssize_t r
+        cdef int s
+        cdef double loss = 0.0
+        for r in range(self.n_scored):
+            s = self.scored[r]
+            loss += self.loss_w[s] * softmax_xent(self.logit_buf + r * self.V, targets + s, 1,
+                                                  self.V, loss_scale * self.loss_w[s])
+        return loss
 
     cdef double _classifier_backward(self, const int* targets, float loss_scale) noexcept nogil:
         # dlogits[S,V] in place of the logits; g = dL/dx_final [D,S]; dcls queued; returns the
         # summed loss
         cdef Dims d = self.d
-        cdef double loss = softmax_xent(self.logit_buf, targets, d.S, self.V, loss_scale / d.S)
-        # dxf_norm[D, S] = cls_w^T @ dlogits^T ; dcls[V, D] += dlogits^T @ xf_norm^T
-        sgemm(1, 1, d.D, d.S, self.V, 1.0, self.cls_w, d.D, self.logit_buf, self.V, 0.0,
-              self.dxnorm, d.S)
-        self.charge(T_CLASSIFIER)
-        self._dw(dw_job(self.V, d.D, d.S, self.logit_buf, True, self.xf_norm, self.cls_g))
+        cdef Py_ssize_t c, r, n = self.n_scored
+        cdef double loss
+        if self.loss_w == NULL:
+            loss = softmax_xent(self.logit_buf, targets, d.S, self.V, loss_scale / d.S)
+            # dxf_norm[D, S] = cls_w^T @ dlogits^T ; dcls[V, D] += dlogits^T @ xf_norm^T
+            sgemm(1, 1, d.D, d.S, self.V, 1.0, self.cls_w, d.D, self.logit_buf, self.V, 0.0,
+                  self.dxnorm, d.S)
+            self.charge(T_CLASSIFIER)
+            self._dw(dw_job(self.V, d.D, d.S, self.logit_buf, True, self.xf_norm, self.cls_g))
+        else:
+            # the same over the n scored columns, the gradient scattered back (zero elsewhere)
+            loss = self._scored_xent(targets, loss_scale)
+            memset(self.dxnorm, 0, <Py_ssize_t>d.D * d.S * sizeof(float))
+            if n:
+                sgemm(1, 1, d.D, n, self.V, 1.0, self.cls_w, d.D, self.logit_buf, self.V, 0.0,
+                      self.dxf_scored, n)
+                for c in range(d.D):
+                    for r in range(n):
+                        self.dxnorm[c * d.S + self.scored[r]] = self.dxf_scored[c * n + r]
+            self.charge(T_CLASSIFIER)
+            if n:
+                self._dw(dw_job(self.V, d.D, n, self.logit_buf, True, self.xf_scored,
+                                self.cls_g))
         rmsnorm_bwd(self.x_final, self.final_norm, self.dxnorm, self.g, self.dfinal_norm, d.D, d.S,
                     d.eps, 0, self.norm_scratch)
         self.charge(T_RMS)

@@ -26,13 +26,16 @@ cdef void swiglu_bwd(const float* h1, const float* h3, const float* dgate, float
 
 # Causal attention, head h of q[n_heads*hd, S] reads kv head h // (n_heads // n_kv_heads).
 # out[n_heads*hd, S]; probs[h*S + i, j] is left holding the attention probabilities.
+# key_start[S] (or NULL: 0 for every query): query i attends keys key_start[i]..i only
+# (several examples packed in one window, each attending within itself).
 cdef void attention_fwd(const float* q, const float* k, const float* v, float* out,
-                        int n_heads, int n_kv_heads, int hd, int S, float* probs) noexcept nogil
+                        int n_heads, int n_kv_heads, int hd, int S, float* probs,
+                        const int* key_start) noexcept nogil
 # probs[h*S + i, j] (query i, key j) and dprobs = da_h^T v_h; dv[Q,S] = da_h @ probs_h.
 # k and v are already repeated to n_heads heads; probs_ready: probs already holds them.
 cdef void attention_bwd1(const float* q, const float* k_rep, const float* v_rep, const float* da,
                          float* dv_rep, float* probs, float* dprobs, int n_heads, int hd,
-                         int S, bint probs_ready) noexcept nogil
+                         int S, bint probs_ready, const int* key_start) noexcept nogil
 # dq[Q,S], dk_rep[Q,S] from probs and dprobs.   scratch: S*S floats
 cdef void attention_bwd2(const float* probs, const float* dprobs, const float* q,
                          const float* k_rep, float* dq, float* dk_rep, int n_heads, int hd,

@@ -222,18 +222,22 @@ cdef float max_f32(const float* x, Py_ssize_t n) noexcept nogil:
     return mx
 
 
-cdef void _causal_softmax(float* scores, int S) noexcept nogil:
-    # row i holds query i; keys j > i are masked to exactly zero
-    cdef Py_ssize_t i, j
+cdef void _causal_softmax(float* scores, int S, const int* key_start) noexcept nogil:
+    # row i holds query i; keys j > i (and j < key_start[i]) are masked to exactly zero
+    cdef Py_ssize_t i, j, j0 = 0
     cdef float* row
     cdef float mx, inv
     for i in range(S):
         row = scores + i * S
-        mx = max_f32(row, i + 1)
-        for j in range(i + 1):
+        if key_start != NULL:
+            j0 = key_start[i]
+            for j in range(j0):
+                row[j] = 0.0
+        mx = max_f32(row + j0, i + 1 - j0)
+        for j in range(j0, i + 1):
             row[j] = anecy_expf(row[j] - mx)
-        inv = <float>(1.0 / sum_f64(row, i + 1))
-        for j in range(i + 1):
+        inv = <float>(1.0 / sum_f64(row + j0, i + 1 - j0))
+        for j in range(j0, i + 1):
             row[j] *= inv
         for j in range(i + 1, S):
             row[j] = 0.0
@@ -251,7 +255,7 @@ cdef inline int _band(int b, int S) noexcept nogil:
 
 
 cdef void _head_probs(const float* qh, const float* kh, float* probs, int hd,
-                      int S) noexcept nogil:
+                      int S, const int* key_start) noexcept nogil:
     # probs[i, j] = softmax_j(q_i . k_j / sqrt(hd)); entries right of a band stay unset
     # until _causal_softmax zeroes every j > i
     cdef int b, r0, r1
@@ -260,7 +264,7 @@ cdef void _head_probs(const float* qh, const float* kh, float* probs, int hd,
         if r1 > r0:
             sgemm(1, 0, r1 - r0, r1, hd, <float>(1.0 / sqrt(hd)), qh + r0, S, kh, S, 0.0,
                   probs + <Py_ssize_t>r0 * S, S)
-    _causal_softmax(probs, S)
+    _causal_softmax(probs, S, key_start)
 
 
 cdef void _probs_times(const float* x, const float* probs, float* out, int hd, int S,
@@ -286,20 +290,21 @@ cdef void _times_probs(const float* x, const float* probs, float* out, int hd, i
 
 
 cdef void attention_fwd(const float* q, const float* k, const float* v, float* out,
-                        int n_heads, int n_kv_heads, int hd, int S, float* probs) noexcept nogil:
+                        int n_heads, int n_kv_heads, int hd, int S, float* probs,
+                        const int* key_start) noexcept nogil:
     cdef int h, g
     cdef int ratio = n_heads // n_kv_heads
     cdef Py_ssize_t block = <Py_ssize_t>hd * S
     cdef Py_ssize_t square = <Py_ssize_t>S * S
     for h in range(n_heads):
         g = h // ratio
-        _head_probs(q + h * block, k + g * block, probs + h * square, hd, S)
+        _head_probs(q + h * block, k + g * block, probs + h * square, hd, S, key_start)
         _probs_times(v + g * block, probs + h * square, out + h * block, hd, S, 1.0)
 
 
 cdef void attention_bwd1(const float* q, const float* k_rep, const float* v_rep, const float* da,
                          float* dv_rep, float* probs, float* dprobs, int n_heads, int hd,
-                         int S, bint probs_ready) noexcept nogil:
+                         int S, bint probs_ready, const int* key_start) noexcept nogil:
     cdef int h
     cdef Py_ssize_t block = <Py_ssize_t>hd * S
     cdef Py_ssize_t square = <Py_ssize_t>S * S
@@ -307,7 +312,7 @@ cdef void attention_bwd1(const float* q, const float* k_rep, const float* v_rep,
     for h in range(n_heads):
         ph = probs + h * square
         if not probs_ready:
-            _head_probs(q + h * block, k_rep + h * block, ph, hd, S)
+            _head_probs(q + h * block, k_rep + h * block, ph, hd, S, key_start)
         # dprobs[i, j] = da_i . v_j
         sgemm(1, 0, S, S, hd, 1.0, da + h * block, S, v_rep + h * block, S, 0.0,
               dprobs + h * square, S)
@@ -328,7 +333,8 @@ cdef void attention_bwd2(const float* probs, const float* dprobs, const float* q
     cdef double rowdot
     cdef float scale = <float>(1.0 / sqrt(hd))
     for h in range(n_heads):
-        # softmax backward: dS = P * (dP - rowsum(P * dP)); masked entries stay zero
+        # softmax backward: dS = P * (dP - rowsum(P * dP)); masked entries stay zero (those
+        # left of a key start too: P is zero there)
         for i in range(S):
             p = probs + h * square + i * S
             dp = dprobs + h * square + i * S

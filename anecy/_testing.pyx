@@ -416,8 +416,19 @@ def py_swiglu_bwd(const float[::1] h1, const float[::1] h3, const float[::1] dga
     return a, b
 
 
+cdef const int* _key_start(key_start, int S) except? NULL:
+    """The address of a key_start array of S ints in [0, i] (NULL for None)."""
+    cdef const int[::1] ks
+    if key_start is None:
+        return NULL
+    ks = key_start
+    if ks.shape[0] != S or any(not 0 <= ks[i] <= i for i in range(S)):
+        raise ValueError("key_start must hold S ints with 0 <= key_start[i] <= i")
+    return &ks[0]
+
+
 def py_attention_fwd(const float[:, ::1] q, const float[:, ::1] k, const float[:, ::1] v,
-                     int n_heads, int n_kv_heads):
+                     int n_heads, int n_kv_heads, key_start=None):
     _check_heads(q.shape[0], n_heads, n_kv_heads)
     cdef int S = q.shape[1]
     cdef int hd = q.shape[0] // n_heads
@@ -427,12 +438,13 @@ def py_attention_fwd(const float[:, ::1] q, const float[:, ::1] k, const float[:
     out = np.empty_like(np.asarray(q))
     cdef float[:, ::1] o = out
     cdef float[::1] probs = np.empty(n_heads * S * S, np.float32)
-    attention_fwd(&q[0, 0], &k[0, 0], &v[0, 0], &o[0, 0], n_heads, n_kv_heads, hd, S, &probs[0])
+    attention_fwd(&q[0, 0], &k[0, 0], &v[0, 0], &o[0, 0], n_heads, n_kv_heads, hd, S, &probs[0],
+                  _key_start(key_start, S))
     return out
 
 
 def py_attention_bwd(const float[:, ::1] q, const float[:, ::1] k_rep, const float[:, ::1] v_rep,
-                     const float[:, ::1] da, int n_heads):
+                     const float[:, ::1] da, int n_heads, key_start=None):
     """Returns (dq, dk_rep, dv_rep, probs, dprobs) for q, k_rep, v_rep, da of [n_heads*hd, S]."""
     _check_heads(q.shape[0], n_heads, n_heads)
     cdef int S = q.shape[1]
@@ -447,7 +459,7 @@ def py_attention_bwd(const float[:, ::1] q, const float[:, ::1] k_rep, const flo
     cdef float[:, ::1] dq = dq_a, dk = dk_a, dv = dv_a, p = p_a, dp = dp_a
     cdef float[::1] scratch = np.empty(S * S, np.float32)
     attention_bwd1(&q[0, 0], &k_rep[0, 0], &v_rep[0, 0], &da[0, 0], &dv[0, 0], &p[0, 0],
-                   &dp[0, 0], n_heads, hd, S, 0)
+                   &dp[0, 0], n_heads, hd, S, 0, _key_start(key_start, S))
     attention_bwd2(&p[0, 0], &dp[0, 0], &q[0, 0], &k_rep[0, 0], &dq[0, 0], &dk[0, 0], n_heads,
                    hd, S, &scratch[0])
     return dq_a, dk_a, dv_a, p_a, dp_a

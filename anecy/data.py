@@ -155,8 +155,7 @@ def open_tokens(path, vocab_size, seq_len) -> np.ndarray:
                             f"model's vocabulary of {vocab_size}")
         if meta["format"] == EXAMPLES_FORMAT:
             raise DataError(f"{path}: holds examples with loss masks (anecy prepare --format), "
-                            "which anecy train does not read yet: it trains on token streams "
-                            "(prepare without --format)")
+                            "not a token stream (open_examples reads it)")
         if meta["tokens"] * dtype.itemsize != size:
             raise DataError(f"{path}: {size} bytes, but its sidecar says {meta['tokens']} "
                             f"{meta['dtype']} tokens; the file and {sidecar_path(path).name} "
@@ -329,11 +328,18 @@ def default_data_path() -> Path:
     return Path(os.environ.get("ANECY_DATA") or DEFAULT_DATA)
 
 
+def is_examples_file(path) -> bool:
+    """Whether ``path``'s sidecar says it holds examples (``anecy prepare --format``)."""
+    meta = read_sidecar(path) if Path(path).is_file() else None
+    return meta is not None and meta["format"] == EXAMPLES_FORMAT
+
+
 def load_training_data(cfg, data_path=None, tokens=None, log=print):
     """(tokens, their name, held-out tokens or None) for training ``cfg``: the given token
     array, else the named file, else the default TinyStories file, else the built-in corpus
     (logging a notice that says how to get TinyStories). A token file's held-out part is the
-    file `anecy prepare --val-frac` wrote beside it."""
+    file `anecy prepare --val-frac` wrote beside it. An examples file gives Examples in
+    place of the token arrays."""
     if tokens is not None:
         tokens = np.asarray(tokens)
         check_ids(tokens, cfg.vocab_size, "given tokens")
@@ -345,6 +351,16 @@ def load_training_data(cfg, data_path=None, tokens=None, log=print):
                             f"vocabulary (32000 tokens; this model has {cfg.vocab_size})")
         log(corpus.BUILTIN_NOTICE)
         return corpus.builtin_tokens(), corpus.NAME, None
+    if is_examples_file(path):
+        examples = open_examples(path, cfg.vocab_size)
+        val = held_out_path(path)
+        if val is not None and not val.exists():
+            raise DataError(f"{path}: its held-out file {val} is missing (the sidecar names "
+                            "it; prepare the data again)")
+        held_out = None if val is None else open_examples(val, cfg.vocab_size)
+        if held_out is not None:
+            log(f"held-out examples: {val}")
+        return examples, str(path), held_out
     tokens = open_tokens(path, cfg.vocab_size, cfg.seq_len)
     held_out = open_held_out(path, cfg.vocab_size, cfg.seq_len)
     if held_out is not None:
@@ -408,11 +424,149 @@ class TokenSampler:
 
     def load_state_dict(self, d):
         # The same generator state only gives the same windows on the same split of the data.
+        if "n_train" not in d:
+            raise DataError("sampler state is of a run on an examples file, this data is a "
+                            "token stream (resume on the same --data)")
         if (d["n_train"], d["seq_len"]) != (self.n_train, self.seq_len):
             raise DataError(f"sampler state is for {d['n_train']} training tokens and seq_len "
                             f"{d['seq_len']}, this data has {self.n_train} and {self.seq_len}")
         self.rng.bit_generator.state = d["bit_generator"]
         self.drawn = d["drawn"]
+
+
+class Window:
+    """One training window of packed examples, each array [seq_len]: ``x`` the input ids,
+    ``y`` the targets (the next token within the example), ``weights`` 1.0 where the loss
+    scores the prediction, else 0, ``positions`` the RoPE positions (restarting at 0 in each
+    example), ``segment_starts`` the first position of each position's example (attention
+    stays inside it); ``scored`` counts the scored positions, ``useful`` the positions
+    scored or giving context to a scored one."""
+
+    __slots__ = ("x", "y", "weights", "positions", "segment_starts", "scored", "useful")
+
+    def __init__(self, examples, members, seq_len):
+        S = seq_len
+        self.x = np.zeros(S, np.int32)
+        self.y = np.zeros(S, np.int32)
+        self.weights = np.zeros(S, np.float32)
+        self.positions = np.zeros(S, np.int32)
+        self.segment_starts = np.arange(S, dtype=np.int32)  # padding attends only itself
+        at = useful = 0
+        for k in members:
+            ids, mask = examples[int(k)]
+            n = len(ids) - 1            # the last token predicts nothing: it is not an input
+            self.x[at:at + n] = ids[:-1]
+            self.y[at:at + n] = ids[1:]
+            self.weights[at:at + n] = mask[1:]
+            self.positions[at:at + n] = np.arange(n)
+            self.segment_starts[at:at + n] = at
+            useful += int(np.flatnonzero(mask)[-1])   # positions up to the last scored one
+            at += n
+        self.scored = int(np.count_nonzero(self.weights))
+        self.useful = useful
+
+
+class ExampleSampler:
+    """Training windows of whole examples (never one cut) from an examples file: each epoch
+    shuffles the examples (from the run's seed and the epoch's number) and packs them first
+    fit into windows of seq_len positions (an example of n tokens takes n - 1: its inputs),
+    then shuffles the windows. With ``one_per_window`` (the sim and ane backends, whose
+    programs compile the causal mask and RoPE tables) each window holds one example, padded
+    after it. Window i of the run is a function of (seed, i), so the state is the count of
+    windows drawn. Validation reads the held-out examples file, packed the same way."""
+
+    OPEN_WINDOWS = 64     # first fit looks at the last 64 windows opened: O(n) per epoch
+
+    def __init__(self, examples, seq_len, seed, val_examples=None, one_per_window=False):
+        self.examples, self.seq_len, self.seed = examples, int(seq_len), int(seed)
+        self.val_examples, self.one_per_window = val_examples, bool(one_per_window)
+        for ex in (examples, val_examples):
+            if ex is None:
+                continue
+            longest = int(ex.lengths.max())
+            if longest > self.seq_len:   # as prepare --seq-len cuts them
+                raise DataError(f"{ex.path}: its longest example has {longest} tokens, more "
+                                f"than the training window of {self.seq_len} (prepare it "
+                                f"with --seq-len {self.seq_len}, or train with --seq-len "
+                                f"{longest})")
+        self.drawn = 0
+        self._epoch, self._plan = None, None
+        self._sizes = []                  # windows in each epoch planned so far
+        self._val = None
+
+    def _pack(self, epoch):
+        rng = np.random.Generator(np.random.PCG64([self.seed, epoch]))
+        windows = self._first_fit(self.examples, rng.permutation(len(self.examples)))
+        return [windows[i] for i in rng.permutation(len(windows))]
+
+    def _first_fit(self, examples, order):
+        """The examples in `order` packed first fit into windows (lists of examples)."""
+        if self.one_per_window:
+            return [[int(k)] for k in order]
+        sizes = examples.lengths - 1
+        windows, room, open_ = [], [], []
+        for k in order:
+            n = int(sizes[k])
+            for w in open_:
+                if room[w] >= n:
+                    windows[w].append(int(k))
+                    room[w] -= n
+                    break
+            else:
+                windows.append([int(k)])
+                room.append(self.seq_len - n)
+                open_.append(len(windows) - 1)
+                if len(open_) > self.OPEN_WINDOWS:
+                    open_.pop(0)
+        return windows
+
+    def _members(self, i):
+        """The examples of window i of the run (epochs planned in turn, the last kept)."""
+        e, start = 0, 0
+        while True:
+            if e == len(self._sizes):
+                self._epoch, self._plan = e, self._pack(e)
+                self._sizes.append(len(self._plan))
+            if i < start + self._sizes[e]:
+                break
+            start += self._sizes[e]
+            e += 1
+        if self._epoch != e:
+            self._epoch, self._plan = e, self._pack(e)
+        return self._plan[i - start]
+
+    def window(self, i) -> Window:
+        """Window i of the run (0-based)."""
+        return Window(self.examples, self._members(i), self.seq_len)
+
+    def next_train(self) -> Window:
+        w = self.window(self.drawn)
+        self.drawn += 1
+        return w
+
+    def val_windows(self):
+        """Every held-out example, in order, packed as training packs them (None without
+        a held-out file); the same every call."""
+        if self.val_examples is None:
+            return None
+        if self._val is None:
+            order = np.arange(len(self.val_examples))
+            self._val = [Window(self.val_examples, members, self.seq_len)
+                         for members in self._first_fit(self.val_examples, order)]
+        return self._val
+
+    def state_dict(self) -> dict:
+        return {"kind": "examples", "drawn": self.drawn, "seed": self.seed,
+                "examples": len(self.examples), "seq_len": self.seq_len,
+                "one_per_window": self.one_per_window}
+
+    def load_state_dict(self, d):
+        mine = self.state_dict()
+        for key in ("kind", "seed", "examples", "seq_len", "one_per_window"):
+            if d.get(key) != mine[key]:
+                raise DataError(f"sampler state is for {key} {d.get(key)!r}, this run has "
+                                f"{mine[key]!r} (resume on the same examples file and backend)")
+        self.drawn = int(d["drawn"])
 
 
 class VocabMap:

@@ -95,6 +95,8 @@ class CheckpointGuard:
             "n_tokens": int(len(t.tokens)), "data": t.data_name,
             "timings_ms": t.totals, "train_ms": t.train_ms,
         }
+        if t.examples is not None:
+            meta["useful_tokens"] = t.useful_tokens
         arrays = {"params": t.model.params, "adam_m": opt.m, "adam_v": opt.v,
                   "active_ids": t.vocab.active_ids.astype(np.int32)}
         if t.pending:  # a checkpoint in the middle of an accumulation keeps its gradients
@@ -114,9 +116,8 @@ class CheckpointGuard:
         if t.pending:
             raise AssertionError("only the state after an update needs this check")
         sampler_state = t.sampler.state_dict()
-        x, y = t.sampler.next_train()
         try:
-            loss = t.model.forward_backward(x, t.vocab.compact(y), t.optimizer.scale.value)
+            loss, _ = t.next_microstep(t.optimizer.scale.value)
             grads_ok = t.optimizer.scale.dynamic or t.optimizer.grads_finite()
         finally:
             t.model.zero_grad()
@@ -207,5 +208,7 @@ def restore(trainer, path, meta):
     opt.scale.restore(meta, path, t.log)
     t.totals = dict(meta["timings_ms"])
     t.train_ms = meta["train_ms"]
+    if t.examples is not None:
+        t.useful_tokens = meta.get("useful_tokens", 0)
     t.model.weights_changed()
     t.guard.last_good = (Path(path), t.step_count)

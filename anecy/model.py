@@ -169,13 +169,18 @@ class Model:
         self.engine.stage_weights()
 
     # -- the step --------------------------------------------------------------------------
-    def forward_backward(self, tokens, targets, loss_scale: float = 1.0) -> float:
-        """Mean token cross-entropy of one sequence of seq_len tokens; its gradient (times
-        loss_scale) is added to self.grads."""
+    def forward_backward(self, tokens, targets, loss_scale: float = 1.0, *, weights=None,
+                         positions=None, segment_starts=None) -> float:
+        """Token cross-entropy of one sequence of seq_len tokens: the mean, or with `weights`
+        (one per position, 0 where not scored) the weighted sum; its gradient (times
+        loss_scale) is added to self.grads. `positions` (RoPE position ids) and
+        `segment_starts` (the first position each query attends) pack several examples in
+        one window (cpu backend; see Engine.set_layout)."""
         if not 0.0 < loss_scale <= _FLT_MAX:  # NaN fails too: it would poison every grad
             raise ConfigError(f"loss_scale must be a positive finite number, got {loss_scale!r}")
         loss = self.engine.forward_backward(_ids(tokens, "tokens"), _ids(targets, "targets"),
-                                            loss_scale)
+                                            loss_scale, weights, _opt_ids(positions, "positions"),
+                                            _opt_ids(segment_starts, "segment_starts"))
         if self.active_ids is not None:
             # fold the compact classifier gradient into the full one at once, so that
             # self.grads is always the whole gradient
@@ -183,14 +188,17 @@ class Model:
             self._cls_grad.fill(0.0)
         return loss
 
-    def loss(self, tokens, targets) -> float:
-        """Mean token cross-entropy of one sequence, forward only (evaluation): the same
-        loss forward_backward returns, no gradient."""
-        return self.engine.loss(_ids(tokens, "tokens"), _ids(targets, "targets"))
+    def loss(self, tokens, targets, *, weights=None, positions=None,
+             segment_starts=None) -> float:
+        """forward_backward's loss, forward only (evaluation): no gradient."""
+        return self.engine.loss(_ids(tokens, "tokens"), _ids(targets, "targets"), weights,
+                                _opt_ids(positions, "positions"),
+                                _opt_ids(segment_starts, "segment_starts"))
 
-    def logits(self, tokens) -> np.ndarray:
+    def logits(self, tokens, *, positions=None, segment_starts=None) -> np.ndarray:
         """Logits [seq_len, vocab] of one sequence (active columns only when compacted)."""
-        return self.engine.logits(_ids(tokens, "tokens"))
+        return self.engine.logits(_ids(tokens, "tokens"), _opt_ids(positions, "positions"),
+                                  _opt_ids(segment_starts, "segment_starts"))
 
     def zero_grad(self):
         self.grads.fill(0.0)
@@ -265,6 +273,10 @@ def _ids(ids, name):
     if arr.dtype.kind not in "iu":
         raise ConfigError(f"{name} must be integer token ids, got {arr.dtype}")
     return arr
+
+
+def _opt_ids(ids, name):
+    return None if ids is None else _ids(ids, name)
 
 
 def _to_numpy(value):

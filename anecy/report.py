@@ -24,6 +24,10 @@ class StepRecord:
     loss_scale: float = 1.0
     val_loss: Optional[float] = None
     timings: dict = field(default_factory=dict)   # ms of this microstep per component
+    # training on examples: positions scored or giving context to a scored one, per second,
+    # and as a fraction of the window
+    useful_tokens_per_s: Optional[float] = None
+    useful_fraction: Optional[float] = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -86,7 +90,12 @@ def progress_line(recs) -> str:
     avg = {k: sum(r.timings.get(k, 0.0) for r in recs) / n for k in recs[-1].timings}
     ms = sum(r.ms for r in recs) / n
     parts = " ".join(f"{k}={avg[k]:.1f}" for k in REPORT_ORDER if k in avg)
-    return f"step {recs[-1].step} loss {recs[-1].loss:.4f} | {parts} | {ms:.1f} ms/step"
+    line = f"step {recs[-1].step} loss {recs[-1].loss:.4f} | {parts} | {ms:.1f} ms/step"
+    if recs[-1].useful_fraction is not None:
+        useful = sum(r.useful_fraction for r in recs) / n
+        per_s = sum(r.useful_tokens_per_s for r in recs) / n
+        line += f" | useful {per_s:.0f} tok/s ({useful:.0%} of the window)"
+    return line
 
 
 def efficiency_report(t, steps_this_run: int, wall_ms: float) -> dict:
@@ -107,6 +116,12 @@ def efficiency_report(t, steps_this_run: int, wall_ms: float) -> dict:
              f"sustained:       {gflops:.1f} GFLOP/s",
              "per step:        " + " ".join(f"{k}={t.totals.get(k, 0.0) / done:.1f}"
                                             for k in REPORT_ORDER) + " ms"]
+    useful = getattr(t, "useful_tokens", None)
+    if useful is not None:
+        window = done * mc.seq_len
+        lines.append(f"useful tokens:   {useful * 1e3 / max(t.train_ms, 1e-9):.0f}/s "
+                     f"({useful / window:.1%} of the window's positions: scored or context "
+                     f"of a scored one)")
     for line in lines:
         t.log(line)
     if opt.scale.dynamic or opt.scale.skipped:
@@ -115,4 +130,7 @@ def efficiency_report(t, steps_this_run: int, wall_ms: float) -> dict:
     return {"steps": t.step_count, "updates": opt.updates, "skipped": opt.scale.skipped,
             "ms_per_step": ms_per_step, "gflops": gflops,
             "flops_per_step": flops,
-            "breakdown_ms": {k: v / done for k, v in t.totals.items()}}
+            "breakdown_ms": {k: v / done for k, v in t.totals.items()},
+            **({} if useful is None else
+               {"useful_tokens_per_s": useful * 1e3 / max(t.train_ms, 1e-9),
+                "useful_fraction": useful / (done * mc.seq_len)})}

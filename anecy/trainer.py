@@ -16,7 +16,7 @@ import numpy as np
 
 from . import backends, guard, trackers
 from .config import ModelConfig, TrainConfig
-from .data import TokenSampler, VocabMap, load_training_data
+from .data import Examples, ExampleSampler, TokenSampler, VocabMap, load_training_data
 from .errors import ConfigError, TrainingDiverged
 from .fileio import check_writable, remove_leftovers
 from .model import Model
@@ -57,8 +57,23 @@ class Trainer:
         self.log = log
         self.backend = backends.resolve(tc.backend)
         t0 = time.perf_counter()
-        self.tokens, self.data_name, held_out = load_training_data(mc, tc.data_path, tokens, log)
-        self.sampler = TokenSampler(self.tokens, mc.seq_len, tc.seed, val_tokens=held_out)
+        data, self.data_name, held_out = load_training_data(mc, tc.data_path, tokens, log)
+        self.examples = data if isinstance(data, Examples) else None
+        if self.examples is not None:
+            # whole examples in windows: packed on cpu; one a window where the programs
+            # compile the causal mask and RoPE tables (see docs/chat.md)
+            self.tokens = data.tokens
+            self.sampler = ExampleSampler(data, mc.seq_len, tc.seed, val_examples=held_out,
+                                          one_per_window=self.backend != "cpu")
+            if tc.eval_every and held_out is None:
+                raise ConfigError(f"{self.data_name} has no held-out examples for --eval-every "
+                                  "(prepare it with --val-frac, or leave out --eval-every)")
+            self.useful_tokens = 0        # positions scored or giving context to a scored one
+            self._update_windows = (None, [], 0)   # (first index, windows, scored tokens)
+            held_out = None if held_out is None else held_out.tokens
+        else:
+            self.tokens = data
+            self.sampler = TokenSampler(self.tokens, mc.seq_len, tc.seed, val_tokens=held_out)
         extra = () if held_out is None else (held_out,)
         self.vocab = (VocabMap.from_tokens(self.tokens, mc.vocab_size, *extra)
                       if tc.compact_vocab else VocabMap.full(mc.vocab_size))
@@ -88,9 +103,8 @@ class Trainer:
         self.guard.refuse_broken("resume a checkpoint")
         t0 = time.perf_counter()
         before = model.timings()
-        x, y = self.sampler.next_train()
         scale_used = self.optimizer.scale.value
-        loss = model.forward_backward(x, self.vocab.compact(y), scale_used)
+        loss, useful = self.next_microstep(scale_used)
         if not math.isfinite(loss):
             raise self.guard.diverged(f"loss is {loss} at step {self.step_count + 1}")
         self.step_count += 1
@@ -112,10 +126,44 @@ class Trainer:
         val = None
         if tc.eval_every and self.step_count % tc.eval_every == 0:
             val = self.last_val_loss = self.evaluate()
-        return StepRecord(step=self.step_count, loss=loss, lr=tc.lr_at(self.step_count), ms=ms,
-                          tokens_per_s=self.mc.seq_len / (ms / 1e3),
-                          updated=grad_norm is not None, grad_norm=grad_norm, val_loss=val,
-                          timings=timings, skipped=skipped, loss_scale=scale_used)
+        rec = StepRecord(step=self.step_count, loss=loss, lr=tc.lr_at(self.step_count), ms=ms,
+                         tokens_per_s=self.mc.seq_len / (ms / 1e3),
+                         updated=grad_norm is not None, grad_norm=grad_norm, val_loss=val,
+                         timings=timings, skipped=skipped, loss_scale=scale_used)
+        if useful is not None:
+            self.useful_tokens += useful
+            rec.useful_tokens_per_s = useful / (ms / 1e3)
+            rec.useful_fraction = useful / self.mc.seq_len
+        return rec
+
+    def next_microstep(self, scale) -> tuple:
+        """The next microstep's forward and backward (gradients times `scale` added): its
+        loss, and on examples its useful positions (else None). On examples the loss is the
+        mean over the microstep's scored tokens, while the gradient is that of the mean over
+        the scored tokens of the whole update (HF's normalisation: a microstep with more
+        scored tokens weighs more), so the update's windows are counted first."""
+        if self.examples is None:
+            x, y = self.sampler.next_train()
+            return self.model.forward_backward(x, self.vocab.compact(y), scale), None
+        win, n_update = self._next_window()
+        total = self.model.forward_backward(win.x, self._targets(win), scale,
+                                            weights=win.weights / np.float32(n_update),
+                                            **self._packing(win))
+        return total * n_update / win.scored, win.useful
+
+    def _next_window(self):
+        """The next training window and the scored tokens of its update's windows."""
+        start = self.sampler.drawn - self.pending       # the update's first window
+        first, windows, n_update = self._update_windows
+        if first != start:
+            remaining = self.tc.steps - (self.step_count - self.pending)
+            n = max(1, min(self.tc.accum, remaining))
+            windows = [self.sampler.window(start + j) for j in range(n)]
+            n_update = sum(w.scored for w in windows)
+            self._update_windows = (start, windows, n_update)
+        win = windows[self.sampler.drawn - start]
+        self.sampler.drawn += 1
+        return win, n_update
 
     def _update(self):
         """The optimizer's update on the pending microsteps: the gradient norm, or None when
@@ -130,9 +178,30 @@ class Trainer:
         return norm
 
     def evaluate(self) -> float:
-        """Mean loss over the held-out windows (over the active vocabulary)."""
-        return float(np.mean([self.model.loss(x, self.vocab.compact(y))
-                              for x, y in self.sampler.val_batches(self.tc.eval_batches)]))
+        """Mean loss over the held-out windows (over the active vocabulary); on examples,
+        the mean over every held-out scored token."""
+        if self.examples is None:
+            return float(np.mean([self.model.loss(x, self.vocab.compact(y))
+                                  for x, y in self.sampler.val_batches(self.tc.eval_batches)]))
+        windows = self.sampler.val_windows()
+        total = sum(self.model.loss(w.x, self._targets(w), weights=w.weights,
+                                    **self._packing(w)) for w in windows)
+        return total / sum(w.scored for w in windows)
+
+    def _targets(self, win):
+        """A window's targets as classifier rows; those of unscored positions (padding
+        among them) are never read and stay 0."""
+        y = np.zeros_like(win.y)
+        scored = win.weights != 0
+        y[scored] = self.vocab.compact(win.y[scored])
+        return y
+
+    def _packing(self, win) -> dict:
+        """The position ids and segment starts of a packed window (cpu); the sim and ane
+        windows hold one example each, at positions 0.. of the compiled programs."""
+        if self.backend != "cpu":
+            return {}
+        return dict(positions=win.positions, segment_starts=win.segment_starts)
 
     def sample(self, n_tokens: int = 48) -> str:
         """A greedy sample from BOS, decoded (run() calls it outside the timed step)."""

@@ -11,11 +11,15 @@ run's cpu-backend forward+backward for scale; also the weight staging after an u
 the io floor: the elements a microstep converts, at the speed this run measures for
 the SIMD converters on their own (so that io can be judged on a busy machine); and io by
 kernel: where io goes, packing (inputs, including the fp16 copies of held q, k, v) and
-unpacking (outputs), per microstep.
+unpacking (outputs), per microstep. With --examples, the same for training on examples as
+the ane backend does it (one example a window, padded after it; see docs/chat.md): windows
+holding one example of a third of seq_len whose second half is scored, so the classifier
+runs at those positions only; the cost per useful token is what the padding costs.
 
     python bench/bench_ane_host.py                          # stories110m and qwen3-0.6b
     python bench/bench_ane_host.py --preset stories110m --steps 5
     python bench/bench_ane_host.py --quick                  # tiny config, a smoke run (CI)
+    python bench/bench_ane_host.py --preset stories110m --examples
 """
 import argparse
 import os
@@ -78,11 +82,30 @@ def converter_ms_per_element(n=1 << 23, reps=5):
     return 1e3 * statistics.median(t16) / n, 1e3 * statistics.median(t32) / n
 
 
-def batches(cfg, n, seed=0):
+def batches(cfg, n, seed=0, examples=False):
+    """n microsteps (x, y, layout): random windows, or with `examples` one example of
+    seq_len/3 tokens a window (its second half scored; layout: the loss weights)."""
     rng = np.random.default_rng(seed)
-    return [(rng.integers(0, cfg.vocab_size, cfg.seq_len).astype(np.int32),
-             rng.integers(0, cfg.vocab_size, cfg.seq_len).astype(np.int32))
-            for _ in range(n)]
+    out = []
+    for _ in range(n):
+        x = rng.integers(0, cfg.vocab_size, cfg.seq_len).astype(np.int32)
+        y = rng.integers(0, cfg.vocab_size, cfg.seq_len).astype(np.int32)
+        layout = {}
+        if examples:
+            inputs = cfg.seq_len // 3
+            weights = np.zeros(cfg.seq_len, np.float32)
+            weights[inputs // 2:inputs] = 1.0 / (inputs - inputs // 2)
+            x[inputs:] = 0
+            layout = dict(weights=weights)
+        out.append((x, y, layout))
+    return out
+
+
+def useful_positions(layout, seq_len):
+    """Positions scored or giving context to a scored one (all, without loss weights)."""
+    if "weights" not in layout:
+        return seq_len
+    return int(np.flatnonzero(layout["weights"])[-1]) + 1
 
 
 def time_steps(model, data, warmup):
@@ -91,11 +114,11 @@ def time_steps(model, data, warmup):
     rows = []
     kernels = model.engine.kernels
     by_kernel = getattr(kernels, "io_by_kernel", None)
-    for i, (x, y) in enumerate(data):
+    for i, (x, y, layout) in enumerate(data):
         model.engine.reset_timers()
         before = kernels.io_by_kernel if by_kernel is not None else None
         t = time.perf_counter()
-        model.forward_backward(x, y, 1.0)
+        model.forward_backward(x, y, 1.0, **layout)
         wall = 1e3 * (time.perf_counter() - t)
         if i >= warmup:
             timings = model.engine.timings()
@@ -108,8 +131,8 @@ def time_steps(model, data, warmup):
     return rows
 
 
-def bench(cfg, steps, warmup):
-    data = batches(cfg, steps + warmup)
+def bench(cfg, steps, warmup, examples=False):
+    data = batches(cfg, steps + warmup, examples=examples)
     cpu = anecy.Model(cfg, backend="cpu", seed=0)
     cpu_ms = statistics.median(w for w, _ in time_steps(cpu, data, warmup))
     del cpu
@@ -138,6 +161,7 @@ def bench(cfg, steps, warmup):
                                  for j in (0, 1))
                         for k in runs[0][1]["io by kernel"]}
     res["converted"] = (n_in + n_out) / 1e6
+    res["useful"] = useful_positions(data[0][2], cfg.seq_len)
     passed = kernels.passed_through > 0 and kernels.held_calls > 0
     return res, cpu_ms, statistics.median(stage), calls_per_step, passed
 
@@ -149,6 +173,9 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="timed microsteps per preset")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny config, 3 steps (smoke test)")
+    ap.add_argument("--examples", action="store_true",
+                    help="also time training on examples: one example of seq_len/3 tokens a "
+                         "window, its second half scored")
     args = ap.parse_args()
     if args.quick:
         presets, args.steps, args.warmup = ["tiny"], 3, 1
@@ -176,6 +203,14 @@ def main():
         print(f"  {'cpu backend fwd+bwd':<24}{cpu_ms:>14.1f}")
         print(f"  {'null ane / cpu':<24}{res['total'] / cpu_ms:>14.2f}")
         print(f"  {'weight staging/update':<24}{stage_ms:>14.1f}")
+        if args.examples:
+            ex, ex_cpu_ms, _, _, _ = bench(cfg, args.steps, args.warmup, examples=True)
+            print(f"  one example a window ({ex['useful']} of {cfg.seq_len} positions useful):")
+            for row in ("cpu work", "total"):
+                print(f"    {row:<22}{ex[row]:>14.1f}")
+            print(f"    {'host us/useful token':<22}{1e3 * ex['total'] / ex['useful']:>14.1f}"
+                  f"   (full windows: {1e3 * res['total'] / cfg.seq_len:.1f})")
+            print(f"    {'cpu backend fwd+bwd':<22}{ex_cpu_ms:>14.1f}")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ def add_arguments(p, family=None):
     p.set_defaults(family=family)
     p.add_argument("--preset", choices=presets,
                    help=f"model shape (default {default_preset}; on --resume, the checkpoint's)")
+    p.add_argument("--seq-len", type=positive_int, metavar="N",
+                   help="training window in tokens, on every backend (default: the preset's; "
+                        "with --init-from and no --preset, 256; on --resume, the checkpoint's)")
     p.add_argument("--steps", type=positive_int,
                    help=f"microsteps to train in all (default {d.steps})")
     p.add_argument("--lr", type=number, help=f"peak learning rate (default {d.lr})")
@@ -52,8 +55,9 @@ def add_arguments(p, family=None):
     p.add_argument("--seed", type=non_negative_int,
                    help=f"seed of the initial weights and of data sampling (default {d.seed})")
     p.add_argument("--data", metavar="PATH",
-                   help="pretokenized token file (default: $ANECY_DATA or "
-                        "./tinystories_data00.bin, else a built-in corpus)")
+                   help="pretokenized token file, or an examples file of anecy prepare "
+                        "--format (default: $ANECY_DATA or ./tinystories_data00.bin, else a "
+                        "built-in corpus)")
     ckpt_default = f"{family}.ckpt" if family else "<family>.ckpt: stories.ckpt or qwen.ckpt"
     p.add_argument("--ckpt", metavar="PATH",
                    help=f"checkpoint file (default {ckpt_default})")
@@ -184,6 +188,7 @@ def _check_lora_run(args, preset: str, ckpt: str):
                          "(or --resume a LoRA checkpoint)")
     mc = _init_config(args.init_from, ModelConfig.preset(preset),
                       preset if args.preset else None)
+    _set_seq_len(mc, args.seq_len)
     return mc, _lora_config(args, mc)
 
 
@@ -243,6 +248,16 @@ def _init_config(path, preset_config: ModelConfig, preset=None) -> ModelConfig:
                                than=f" than --preset {preset}",
                                advice="; leave out --preset to take its shape")
     return preset_config
+
+
+def _set_seq_len(mc: ModelConfig, seq_len) -> ModelConfig:
+    """--seq-len applied to a new run's model. RoPE is computed from rope_theta for any
+    position (as HF does), so a checkpoint's own context length (a llama2.c header's, an HF
+    config's max_position_embeddings) is no ceiling: training past it is the user's call."""
+    if seq_len is not None:
+        mc.seq_len = seq_len
+        mc.validate()
+    return mc
 
 
 def _inputs(tc: TrainConfig) -> list:
@@ -322,7 +337,12 @@ def run(args) -> int:
         if not Path(ckpt).exists():
             raise AnecyError(f"no checkpoint at {ckpt} to resume from (train without "
                              "--resume first, or name one with --ckpt)")
-        saved = read_checkpoint_meta(ckpt)["meta"].get("train_config", {})
+        meta = read_checkpoint_meta(ckpt)["meta"]
+        saved = meta.get("train_config", {})
+        saved_len = meta.get("model_config", {}).get("seq_len")
+        if args.seq_len is not None and saved_len is not None and args.seq_len != saved_len:
+            raise AnecyError(f"{ckpt} trains on windows of {saved_len} tokens; a resumed run "
+                             f"keeps them (leave out --seq-len {args.seq_len})")
         tc = _train_config(args, TrainConfig.from_dict(saved), ckpt)
     else:
         tc = _train_config(args, TrainConfig(), ckpt)
@@ -340,6 +360,7 @@ def run(args) -> int:
             mc = ModelConfig.preset(preset)
             if args.init_from:
                 mc = _init_config(args.init_from, mc, preset if args.preset else None)
+            mc = _set_seq_len(mc, args.seq_len)
             trainer = Trainer(mc, tc)
         if trainer.model.config.vocab_size > 32000 and trainer.data_name == corpus.NAME:
             print("note: the built-in corpus is written in Llama-2 token ids; for a Qwen3 "
