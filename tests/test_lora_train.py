@@ -1,0 +1,169 @@
+"""Training LoRA adapters: the engine's adapter gradients against PEFT + PyTorch autograd,
+a frozen base, LoRA runs of the trainer (checkpoints, resume) and the command line."""
+
+import numpy as np
+import pytest
+import torch
+from test_lora import SETTINGS, peft_model, tokens_of
+from test_model import CASES, hf_model
+
+from anecy import CheckpointError, Model, ModelConfig
+from anecy.checkpoint import read_checkpoint_meta
+from anecy.lora import (
+    LORA_ARRAYS,
+    LoraAdapters,
+    LoraConfig,
+    base_hash,
+    fuse,
+    load_lora_checkpoint,
+    read_peft,
+)
+from anecy.pretrained import load_into
+from anecy.trainer import TrainConfig, Trainer
+from conftest import require_module
+
+peft = require_module("peft", 'pip install -e ".[test]"', "PEFT is the oracle of LoRA")
+
+# more shapes than test_lora's: the Llama GQA case with two targets of the FFN only
+GRAD_SETTINGS = dict(SETTINGS, **{
+    "llama-ffn-rank3-last1": (CASES["gqa-headdim-untied-half"], 3, 4, ("gate_proj", "down_proj"),
+                              1),
+})
+
+
+def rel_err(ours, theirs):
+    return float(np.abs(ours - theirs).max() / max(np.abs(theirs).max(), 1e-30))
+
+
+def torch_lora_grads(pm, tokens, targets):
+    """(loss, {PEFT name: gradient}) of PEFT's model on one sequence, by autograd."""
+    pm.zero_grad()
+    logits = pm(torch.tensor(tokens[None].astype(np.int64))).logits[0]
+    loss = torch.nn.functional.cross_entropy(logits, torch.tensor(targets.astype(np.int64)))
+    loss.backward()
+    return loss.item(), {n.replace(".default", ""): p.grad.numpy().copy()
+                         for n, p in pm.named_parameters() if "lora_" in n}
+
+
+def hf_order(adapters, flat):
+    """A flat buffer laid out as ``adapters.params`` as {PEFT name: array in HF's row order}."""
+    twin = LoraAdapters(adapters.model_config, adapters.config)
+    twin.params[...] = flat
+    return twin.peft_state_dict()
+
+
+@pytest.mark.parametrize("async_dw", [True, False])
+@pytest.mark.parametrize("case", sorted(GRAD_SETTINGS))
+def test_adapter_gradients_equal_pefts(tmp_path, case, async_dw):
+    fields, rank, alpha, targets, layers = GRAD_SETTINGS[case]
+    cfg = ModelConfig(**fields)
+    base_sd, pm = peft_model(cfg, rank, alpha, targets, layers)
+    pm.save_pretrained(tmp_path)
+    adapters = read_peft(tmp_path, cfg)
+    model = Model(cfg, async_dw=async_dw, adapters=adapters)
+    model.load_hf_state_dict(base_sd)
+    tokens, targets_ = tokens_of(cfg, 1), tokens_of(cfg, 2)
+    loss = model.forward_backward(tokens, targets_)
+    assert model.grads is None
+    pm.train()
+    their_loss, theirs = torch_lora_grads(pm, tokens, targets_)
+    assert abs(loss - their_loss) <= 1e-5 * abs(their_loss)
+    ours = hf_order(adapters, model.adapter_grads)
+    assert set(ours) == set(theirs)
+    for name, g in theirs.items():
+        assert np.abs(g).max() > 0, name
+        assert rel_err(ours[name], g) <= 1e-5, (name, rel_err(ours[name], g))
+    # gradients accumulate over microsteps, as the base's do in full training
+    model.forward_backward(tokens, targets_)
+    ours2 = hf_order(adapters, model.adapter_grads)
+    for name, g in theirs.items():
+        assert rel_err(ours2[name], 2 * g) <= 1e-5, name
+
+
+# -- LoRA runs of the trainer ---------------------------------------------------------------
+BASE = dict(CASES["gqa-headdim-untied-half"], n_layers=3)
+
+
+def small_tokens(vocab, n=3000, seed=0):
+    # a repeating pattern with noise: learnable
+    rng = np.random.default_rng(seed)
+    base = np.arange(n) % vocab
+    return np.where(rng.random(n) < 0.2, rng.integers(0, vocab, n), base).astype(np.uint16)
+
+
+def quiet(*_):
+    pass
+
+
+@pytest.fixture
+def base_dir(tmp_path):
+    """An HF directory of a tiny random Llama (GQA, head_dim != dim / heads)."""
+    hf_model(ModelConfig(**BASE)).save_pretrained(tmp_path / "base")
+    return tmp_path / "base"
+
+
+def lora_trainer(base_dir, ckpt, steps, lora=None, **kw):
+    tc = TrainConfig(**dict(dict(steps=steps, accum=2, lr=1e-2, warmup=2, init_from=str(base_dir),
+                                 ckpt_path=str(ckpt), ckpt_every=0, seed=5), **kw))
+    return Trainer(ModelConfig(**BASE), tc, tokens=small_tokens(BASE["vocab_size"]), log=quiet,
+                   lora=lora or LoraConfig(rank=3, targets="q_proj,v_proj,o_proj,down_proj",
+                                           layers=2))
+
+
+def test_lora_training_learns_with_a_frozen_base_and_saves_only_adapters(tmp_path, base_dir):
+    t = lora_trainer(base_dir, tmp_path / "lora.ckpt", 20, accum=1, lr=5e-2, warmup=1,
+                     lora=LoraConfig(rank=4))
+    base = t.model.params.copy()
+    assert t.model.grads is None and t.optimizer.m.size == t.model.adapters.params.size
+    losses = [t.step().loss for _ in range(20)]
+    np.testing.assert_array_equal(t.model.params, base)          # bit-identical
+    assert np.abs(t.model.adapters.params).max() > 0
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) - 0.01     # the adapters learn
+    path = t.save()
+    head = read_checkpoint_meta(path)
+    assert set(head["arrays"]) <= set(LORA_ARRAYS)               # never a base weight
+    assert head["meta"]["base"] == {"path": str(base_dir), "hash": base_hash(t.model)}
+    n = t.model.adapters.params.size
+    assert path.stat().st_size < 3 * 4 * n + 64 * 1024 < 4 * t.model.params.size
+    # the checkpoint's adapters, fused into the base, give the trained model's logits
+    meta, adapters, _ = load_lora_checkpoint(path)
+    x = small_tokens(BASE["vocab_size"], seed=9)[:BASE["seq_len"]]
+    fused = Model(ModelConfig(**BASE))
+    load_into(fused, str(base_dir))
+    fuse(fused, adapters, inplace=True)
+    np.testing.assert_allclose(fused.logits(x), t.model.logits(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("stop_at", [3, 4])    # mid-accumulation, and after an update
+def test_lora_resume_is_bit_identical(tmp_path, base_dir, stop_at):
+    straight = lora_trainer(base_dir, tmp_path / "a.ckpt", 8)
+    for _ in range(8):
+        straight.step()
+    first = lora_trainer(base_dir, tmp_path / "b.ckpt", 8)
+    for _ in range(stop_at):
+        first.step()
+    first.save()
+    resumed = Trainer.resume(tmp_path / "b.ckpt", tokens=small_tokens(BASE["vocab_size"]),
+                             log=quiet)
+    assert resumed.model.adapters is not None and resumed.step_count == stop_at
+    while resumed.step_count < 8:
+        resumed.step()
+    for a, b in ((straight.model.adapters.params, resumed.model.adapters.params),
+                 (straight.optimizer.m, resumed.optimizer.m),
+                 (straight.optimizer.v, resumed.optimizer.v),
+                 (straight.model.params, resumed.model.params)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_lora_resume_on_another_base_is_refused(tmp_path, base_dir):
+    t = lora_trainer(base_dir, tmp_path / "a.ckpt", 4)
+    t.step()
+    path = t.save()
+    other = tmp_path / "other"
+    hf = hf_model(ModelConfig(**BASE))
+    with torch.no_grad():
+        hf.model.layers[0].mlp.up_proj.weight[0, 0] += 1.0
+    hf.save_pretrained(other)
+    tc = TrainConfig.from_dict(dict(t.tc.to_dict(), init_from=str(other)))
+    with pytest.raises(CheckpointError, match="another base"):
+        Trainer.resume(path, tc, tokens=small_tokens(BASE["vocab_size"]), log=quiet)
