@@ -167,3 +167,37 @@ def test_lora_resume_on_another_base_is_refused(tmp_path, base_dir):
     tc = TrainConfig.from_dict(dict(t.tc.to_dict(), init_from=str(other)))
     with pytest.raises(CheckpointError, match="another base"):
         Trainer.resume(path, tc, tokens=small_tokens(BASE["vocab_size"]), log=quiet)
+
+
+def test_train_stories_lora_then_peft_export_loads_in_peft(tmp_path):
+    """train_stories.py --lora from a tiny HF model, then anecy export --format peft: PEFT
+    loads the adapters on the HF base and gives the LoRA model's logits."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    cfg = ModelConfig.preset("tiny")
+    hf = hf_model(cfg)
+    hf.save_pretrained(tmp_path / "base")
+    root = Path(__file__).resolve().parent.parent
+    ckpt = tmp_path / "lora.ckpt"
+    r = subprocess.run([sys.executable, str(root / "train_stories.py"), "--preset", "tiny",
+                        "--init-from", str(tmp_path / "base"), "--lora", "--lora-rank", "4",
+                        "--steps", "4", "--accum", "2", "--lr", "1e-2", "--ckpt", str(ckpt),
+                        "--no-progress"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert set(read_checkpoint_meta(ckpt)["arrays"]) <= set(LORA_ARRAYS)
+    r = subprocess.run([sys.executable, "-m", "anecy", "export", "--ckpt", str(ckpt),
+                        "--format", "peft", "--out", str(tmp_path / "peft")], cwd=tmp_path,
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    meta, adapters, _ = load_lora_checkpoint(ckpt)
+    assert meta["step"] == 4 and np.abs(adapters.params).max() > 0
+    ours = Model(cfg, adapters=adapters)
+    load_into(ours, str(tmp_path / "base"))
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "peft").eval()
+    x = small_tokens(cfg.vocab_size, n=cfg.seq_len, seed=3)
+    with torch.no_grad():
+        theirs = pm(torch.tensor(x[None].astype(np.int64))).logits[0].numpy()
+    assert rel_err(ours.logits(x), theirs) <= 1e-5
