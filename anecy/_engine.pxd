@@ -116,6 +116,10 @@ cdef class Kernels:
     cdef const float* rope_cos
     cdef const float* rope_sin
     cdef public double io_ms        # time spent packing/unpacking kernel I/O
+    # the backend stages the merged weight W0 + scale * B A of every adapted projection
+    # (sim, ane): its kernels compute no low-rank path, and the engine only A x and the
+    # adapters' gradients; else (cpu) the kernels add the low-rank path (lora_fwd)
+    cdef readonly bint merges_lora
 
     cdef void stage_weights(self) noexcept nogil
     # y += alpha * scale * B (A x) for an adapted site (keeping u = A x); nothing otherwise

@@ -666,6 +666,12 @@ cdef class Engine:
         self.kernels.sdpa_fwd(l, a.xnorm, a.attn, KEPT, KEPT, KEPT, a.q_raw, a.k_raw)
         self.kernels.wo_fwd(l, a.attn, self.o)
         self.charge(T_KERNELS)
+        if self.lora != NULL and self.kernels.merges_lora:
+            self._lora_inputs(l, SITE_WQ, a.xnorm)
+            self._lora_inputs(l, SITE_WK, a.xnorm)
+            self._lora_inputs(l, SITE_WV, a.xnorm)
+            self._lora_inputs(l, SITE_WO, a.attn)
+            self.charge(T_DW)
         memcpy(a.x2, a.x_in, <Py_ssize_t>d.D * d.S * sizeof(float))
         add_scaled(a.x2, self.o, <Py_ssize_t>d.D * d.S, d.residual_scale)
         self.charge(T_ELEMENTWISE)
@@ -742,6 +748,11 @@ cdef class Engine:
         self.charge(T_RMS)
         self.kernels.ffn_fused(l, a.x2norm, a.x2, x_next, a.h1, a.h3, a.gate)
         self.charge(T_KERNELS)
+        if self.lora != NULL and self.kernels.merges_lora:
+            self._lora_inputs(l, SITE_W1, a.x2norm)
+            self._lora_inputs(l, SITE_W3, a.x2norm)
+            self._lora_inputs(l, SITE_W2, a.gate)
+            self.charge(T_DW)
 
     cdef void _ffn_backward(self, int l) noexcept nogil:
         # in: g = dL/dx_next [D,S]; out: g = dL/dx2 [D,S]; dW1, dW2, dW3 queued; dffn_norm
@@ -811,11 +822,19 @@ cdef class Engine:
               job.B, job.ldb, job.beta, job.C, job.ldc)
         self.charge(T_DW)
 
+    cdef void _lora_inputs(self, int l, int site, const float* x) noexcept nogil:
+        # u = A x of an adapted site, for its dB, when the kernels ran the merged weight
+        cdef LoraSite* p = &self.lora[l * N_SITES + site]
+        if p.A != NULL:
+            sgemm(0, 0, p.R, self.d.S, p.n_in, 1.0, p.A, p.n_in, x, self.d.S, 0.0, p.u,
+                  self.d.S)
+
     cdef void _lora_backward(self, int l, int site, const float* x, const float* dy,
                              float* dx) noexcept nogil:
         # the adapter of a projection y = W0 x + s B u, u = A x: v = B^T dy; dx += s A^T v;
         # dB += s dy u^T and dA += s v x^T queued as weight gradients (they read only
-        # buffers that live until the next step: u, v, x and the alternating dy)
+        # buffers that live until the next step: u, v, x and the alternating dy); with
+        # merged weights (kernels.merges_lora) dx has already flowed through s B A
         if self.lora == NULL:
             return
         cdef LoraSite* p = &self.lora[l * N_SITES + site]
@@ -823,7 +842,8 @@ cdef class Engine:
             return
         cdef int S = self.d.S
         sgemm(1, 0, p.R, S, p.n_out, 1.0, p.B, p.R, dy, S, 0.0, p.v, S)
-        sgemm(1, 0, p.n_in, S, p.R, p.scale, p.A, p.n_in, p.v, S, 1.0, dx, S)
+        if not self.kernels.merges_lora:
+            sgemm(1, 0, p.n_in, S, p.R, p.scale, p.A, p.n_in, p.v, S, 1.0, dx, S)
         cdef GemmJob job = dw_job(p.n_out, p.R, S, dy, False, p.u, p.dB)
         job.alpha = p.scale
         self._dw(job)

@@ -111,8 +111,6 @@ class Model:
             self.grad_views = {}
         else:   # a frozen base: no gradient for it
             from .lora import _check_same_shape
-            if self.backend != "cpu":
-                raise ConfigError("LoRA adapters run on the cpu backend only in this build")
             _check_same_shape(config, adapters.model_config)
             self.grads = self.grad_views = None
             self.adapter_grads = np.zeros_like(adapters.params)

@@ -16,6 +16,8 @@ unpacking (outputs), per microstep.
     python bench/bench_ane_host.py                          # stories110m and qwen3-0.6b
     python bench/bench_ane_host.py --preset stories110m --steps 5
     python bench/bench_ane_host.py --quick                  # tiny config, a smoke run (CI)
+    python bench/bench_ane_host.py --lora                   # also: LoRA microsteps (R 8, all
+                                                            # seven targets, all layers)
 """
 import argparse
 import os
@@ -34,7 +36,13 @@ from anecy.config import ModelConfig
 ROWS = ("io", "dispatch", "cpu work", "dW wait", "total")
 
 
-def null_ane_model(cfg):
+def lora_adapters(cfg):
+    """R 8 adapters on all seven targets of every layer (None: full training)."""
+    from anecy.lora import LoraAdapters, LoraConfig
+    return LoraAdapters(cfg, LoraConfig(rank=8))
+
+
+def null_ane_model(cfg, adapters=None):
     """A Model on the ane backend whose programs are NullAneKernels."""
     available, make = backends.available, backends.make_kernels
     backends.available = lambda: ["cpu", "sim", "ane"]
@@ -42,7 +50,7 @@ def null_ane_model(cfg):
                                           if name == "ane" else make(name))
     try:
         clear_compiled_programs()
-        return anecy.Model(cfg, backend="ane", seed=0)
+        return anecy.Model(cfg, backend="ane", seed=0, adapters=adapters)
     finally:
         backends.available, backends.make_kernels = available, make
 
@@ -108,12 +116,12 @@ def time_steps(model, data, warmup):
     return rows
 
 
-def bench(cfg, steps, warmup):
+def bench(cfg, steps, warmup, lora=False):
     data = batches(cfg, steps + warmup)
-    cpu = anecy.Model(cfg, backend="cpu", seed=0)
+    cpu = anecy.Model(cfg, backend="cpu", seed=0, adapters=lora_adapters(cfg) if lora else None)
     cpu_ms = statistics.median(w for w, _ in time_steps(cpu, data, warmup))
     del cpu
-    ane = null_ane_model(cfg)
+    ane = null_ane_model(cfg, lora_adapters(cfg) if lora else None)
     kernels = ane.engine.kernels
     runs = time_steps(ane, data, warmup)
     calls_per_step = 10 * cfg.n_layers
@@ -149,6 +157,9 @@ def main():
     ap.add_argument("--steps", type=int, default=5, help="timed microsteps per preset")
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="tiny config, 3 steps (smoke test)")
+    ap.add_argument("--lora", action="store_true",
+                    help="also time LoRA microsteps (R 8, all seven targets, all layers: "
+                         "merged weights staged) beside full training's")
     args = ap.parse_args()
     if args.quick:
         presets, args.steps, args.warmup = ["tiny"], 3, 1
@@ -157,10 +168,12 @@ def main():
     print("ane backend host cost: the real AneKernels, program execution replaced by a no-op")
     print(f"(medians over {args.steps} microsteps after {args.warmup} warm-up; ms; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start)")
-    for name in presets:
+    for name, lora in [(p, lo) for p in presets for lo in ((False, True) if args.lora
+                                                            else (False,))]:
         cfg = ModelConfig.preset(name)
-        res, cpu_ms, stage_ms, calls, passed = bench(cfg, args.steps, args.warmup)
-        print(f"\n{name}: {calls} kernel calls per microstep, seq_len {cfg.seq_len}, "
+        res, cpu_ms, stage_ms, calls, passed = bench(cfg, args.steps, args.warmup, lora)
+        kind = "LoRA R 8, all targets (merged weights)" if lora else "full training"
+        print(f"\n{name}, {kind}: {calls} kernel calls per microstep, seq_len {cfg.seq_len}, "
               f"fp16 pass-through {'on' if passed else 'OFF'}")
         print(f"  {'component':<24}{'ms/microstep':>14}")
         for row in ROWS:

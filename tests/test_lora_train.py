@@ -201,3 +201,44 @@ def test_train_stories_lora_then_peft_export_loads_in_peft(tmp_path):
     with torch.no_grad():
         theirs = pm(torch.tensor(x[None].astype(np.int64))).logits[0].numpy()
     assert rel_err(ours.logits(x), theirs) <= 1e-5
+
+
+# -- the sim backend: merged weights staged, the same training within fp16's bounds ---------
+@pytest.mark.parametrize("cfg_name", ["tiny", "qwen3"])
+def test_sim_lora_gradients_and_training_agree_with_cpu(cfg_name):
+    from fp16_bounds import max_rel_err
+    from test_sim import CONFIGS, RECOMMENDED_LOSS_SCALE, corpus_batch, cosine
+    if cfg_name == "tiny":
+        cfg = ModelConfig.preset("tiny")
+    else:
+        cfg = ModelConfig(**dict(CONFIGS[cfg_name], vocab_size=32000, seq_len=48))
+    vm, x, y = corpus_batch(cfg)
+    lc = LoraConfig(rank=3, targets="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
+                    layers=cfg.n_layers - 1 if cfg.n_layers > 1 else None)
+    models = {}
+    for backend in ("cpu", "sim"):
+        adapters = LoraAdapters(cfg, lc, seed=4)
+        rng = np.random.default_rng(4)
+        for t in adapters.layout:    # B nonzero: the merged weights differ from the base's
+            if t.part == "B":
+                adapters.views[t.name][...] = rng.standard_normal(t.shape) * 0.05
+        m = Model(cfg, backend=backend, seed=3, adapters=adapters)
+        m.set_active_vocab(vm.active_ids)
+        base = m.params.copy()
+        loss = m.forward_backward(x, y, RECOMMENDED_LOSS_SCALE)
+        models[backend] = (m, loss, base)
+    (mc, lc_, _), (ms, ls, base_s) = models["cpu"], models["sim"]
+    assert np.isfinite(ls) and abs(ls - lc_) <= 1e-2 * abs(lc_), (ls, lc_)
+    gc, gs = hf_order(mc.adapters, mc.adapter_grads), hf_order(ms.adapters, ms.adapter_grads)
+    for name in gc:
+        assert np.all(np.isfinite(gs[name])), name
+        assert cosine(gs[name], gc[name]) > 0.99, (name, cosine(gs[name], gc[name]))
+    assert max_rel_err(ms.logits(x), mc.logits(x)) < 1e-2
+    # an update of the adapters is staged into the merged weights: both backends follow it
+    before = ms.logits(x)
+    for m in (mc, ms):
+        m.adapters.params[...] += np.float32(0.01) * np.sign(m.adapter_grads)
+        m.weights_changed()
+    assert max_rel_err(ms.logits(x), mc.logits(x)) < 1e-2
+    assert max_rel_err(ms.logits(x), before) > 1e-2
+    np.testing.assert_array_equal(ms.params, base_s)   # staging merges; the base is untouched
