@@ -206,8 +206,9 @@ def test_train_stories_lora_then_peft_export_loads_in_peft(tmp_path):
 # -- the sim backend: merged weights staged, the same training within fp16's bounds ---------
 @pytest.mark.parametrize("cfg_name", ["tiny", "qwen3"])
 def test_sim_lora_gradients_and_training_agree_with_cpu(cfg_name):
-    from fp16_bounds import max_rel_err
     from test_sim import CONFIGS, RECOMMENDED_LOSS_SCALE, corpus_batch, cosine
+
+    from fp16_bounds import max_rel_err
     if cfg_name == "tiny":
         cfg = ModelConfig.preset("tiny")
     else:
