@@ -280,6 +280,9 @@ class Model:
 
     def hf_grads(self) -> dict:
         """Gradients, named and ordered as hf_state_dict()."""
+        if self.grads is None:
+            raise ConfigError("a LoRA model's base is frozen and has no gradients (its "
+                              "adapters' are in adapter_grads)")
         return self._to_hf(self.grad_views)
 
 
