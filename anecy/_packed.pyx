@@ -77,7 +77,7 @@ from libc.math cimport NAN
 from ._engine cimport (Kernels, Dims, LayerParams, Arena, LoraSite, N_SITES, SITE_WQ,
                        SITE_WK, SITE_WV, SITE_WO, SITE_W1, SITE_W2, SITE_W3)
 from ._worker cimport now_ms, DWWorker
-from ._ops cimport gqa_repeat, sgemm
+from ._ops cimport gqa_repeat
 from ._ane_runtime cimport (Surface, SurfaceMem, surface_lock, surface_unlock, AneKernel,
                             AneRequest, Evaluator)
 
@@ -294,17 +294,27 @@ cdef enum:
 
 cdef void stage_merged(const Move* m, char* base, float* scratch) noexcept nogil:
     """Stage an adapted weight merged, W0 + s B A, a tile of MERGE_ROWS of W's rows at a
-    time through ``scratch`` (no merged copy is kept): each tile is W0's rows plus one
-    rank-R sgemm, then converted as the weight itself would be."""
+    time through ``scratch`` (no merged copy is kept): each tile is W0's rows plus its
+    rank-R update, then converted as the weight itself would be."""
     cdef const LoraSite* p = m.lora
-    cdef Py_ssize_t r0, t, n_in = p.n_in
+    cdef Py_ssize_t r0, t, i, r, j, n_in = p.n_in
     cdef uint16_t* dst = <uint16_t*>base + m.off
+    cdef float c
+    cdef float* row
+    cdef const float* a_row
     r0 = 0
     while r0 < p.n_out:
         t = MERGE_ROWS if p.n_out - r0 > MERGE_ROWS else p.n_out - r0
         memcpy(scratch, m.src + r0 * n_in, t * n_in * sizeof(float))
-        sgemm(0, 0, <int>t, <int>n_in, p.R, p.scale, p.B + r0 * p.R, p.R, p.A, <int>n_in,
-              1.0, scratch, <int>n_in)
+        # rank-R update of the tile as R axpys per row: both staging threads run this at
+        # once, and BLAS called from two threads for products this small mostly waits
+        for i in range(t):
+            row = scratch + i * n_in
+            for r in range(p.R):
+                c = p.scale * p.B[(r0 + i) * p.R + r]
+                a_row = p.A + r * n_in
+                for j in range(n_in):
+                    row[j] += c * a_row[j]
         if m.op == OP_F16_T:      # block [n_in, n_out] = W^T: the tile is columns r0..
             anecy_f32_to_f16_transposed(scratch, dst + r0, n_in, t, n_in, m.ld16)
         else:
