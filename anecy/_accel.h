@@ -66,8 +66,10 @@ static inline void anecy_accel_rmsnorm_bwd(const float *x, const float *w, const
         const float *xc = x + (size_t)c * S, *dyc = dy + (size_t)c * S;
         vDSP_vmul(dyc, 1, xc, 1, t, 1, n);          /* t = dy * x */
         vDSP_vsma(t, 1, w + c, dot, 1, dot, 1, n);   /* dot += w[c] * t */
-        vDSP_dotpr(t, 1, inv, 1, &r, n);
-        dw[c] += r;
+        if (dw) {                                    /* NULL: a frozen norm weight */
+            vDSP_dotpr(t, 1, inv, 1, &r, n);
+            dw[c] += r;
+        }
     }
     vDSP_vmul(dot, 1, inv, 1, dot, 1, n);            /* dot *= inv^3 / C */
     vDSP_vmul(dot, 1, inv, 1, dot, 1, n);

@@ -61,6 +61,34 @@ cdef struct GradSet:
     float* dv            # [K, S]
 
 
+# The projections LoRA can adapt, by the engine's field names (model.layer_tensors).
+cdef enum:
+    SITE_WQ = 0
+    SITE_WK = 1
+    SITE_WV = 2
+    SITE_WO = 3
+    SITE_W1 = 4
+    SITE_W3 = 5
+    SITE_W2 = 6
+    N_SITES = 7
+
+
+# One LoRA adapter pair on a projection y = W0 x (+ scale * B (A x)), and what its forward
+# keeps for its backward. Sites are indexed l * N_SITES + site (the enum in _engine.pyx); an
+# unadapted site has A == NULL.
+cdef struct LoraSite:
+    const float* A       # [R, n_in]
+    const float* B       # [n_out, R]
+    float* dA            # [R, n_in]   gradients, in the flat buffer mirroring the adapters
+    float* dB            # [n_out, R]
+    float* u             # [R, S]      A x, kept from the forward
+    float* v             # [R, S]      B^T dy, read by the dA job
+    int R
+    int n_in
+    int n_out
+    float scale
+
+
 # One zeroed allocation carved into buffers by a size table (see _engine.pyx).
 cdef class Arena:
     cdef void* raw
@@ -84,12 +112,20 @@ cdef class Kernels:
     kept state alone."""
     cdef Dims d
     cdef LayerParams* layers
+    cdef LoraSite* lora             # [L * N_SITES] or NULL (no adapters), set by the Engine
     cdef const float* rope_cos     # [hd/2, S]: the step's (positions 0..S-1, or the Engine's
     cdef const float* rope_sin     # table gathered at the step's position ids)
     cdef const int* key_start      # [S] first key each query attends, or NULL (causal from 0)
     cdef public double io_ms        # time spent packing/unpacking kernel I/O
+    # the backend stages the merged weight W0 + scale * B A of every adapted projection
+    # (sim, ane): its kernels compute no low-rank path, and the engine only A x and the
+    # adapters' gradients; else (cpu) the kernels add the low-rank path (lora_fwd)
+    cdef readonly bint merges_lora
 
     cdef void stage_weights(self) noexcept nogil
+    # y += alpha * scale * B (A x) for an adapted site (keeping u = A x); nothing otherwise
+    cdef void lora_fwd(self, int l, int site, const float* x, float* y,
+                       float alpha) noexcept nogil
     # q, k, v: KEPT, or a caller's outputs
     cdef void sdpa_fwd(self, int l, const float* xnorm, float* attn, float* q, float* k, float* v,
                        float* q_raw, float* k_raw) noexcept nogil

@@ -89,12 +89,26 @@ cdef class Kernels:
         """Called once by the Engine: dimensions, weights and RoPE tables."""
         self.d = engine.d
         self.layers = engine.weights
+        self.lora = engine.lora
         self.rope_cos = _ptr(engine.rope_cos)
         self.rope_sin = _ptr(engine.rope_sin)
         self.key_start = NULL
 
     cdef void stage_weights(self) noexcept nogil:
         pass
+
+    cdef void lora_fwd(self, int l, int site, const float* x, float* y,
+                       float alpha) noexcept nogil:
+        # u[R,S] = A @ x; y[out,S] += alpha * scale * B @ u (rank-sized products only)
+        if self.lora == NULL:
+            return
+        cdef LoraSite* p = &self.lora[l * N_SITES + site]
+        if p.A == NULL:
+            return
+        cdef int S = self.d.S
+        sgemm(0, 0, p.R, S, p.n_in, 1.0, p.A, p.n_in, x, S, 0.0, p.u, S)
+        sgemm(0, 0, p.n_out, S, p.R, alpha * p.scale, p.B, p.R, p.u, S, 1.0, y, S)
+
     cdef void sdpa_fwd(self, int l, const float* xnorm, float* attn, float* q, float* k, float* v,
                        float* q_raw, float* k_raw) noexcept nogil:
         pass
@@ -171,9 +185,15 @@ cdef class CpuKernels(Kernels):
             v = self.v + <Py_ssize_t>l * d.K * d.S
             probs = self.probs + <Py_ssize_t>l * d.n_heads * d.S * d.S
         # with QK-norm the raw projections are kept for its backward
-        sgemm(0, 0, d.Q, d.S, d.D, 1.0, w.wq, d.D, xnorm, d.S, 0.0, q_raw if d.qk_norm else q, d.S)
-        sgemm(0, 0, d.K, d.S, d.D, 1.0, w.wk, d.D, xnorm, d.S, 0.0, k_raw if d.qk_norm else k, d.S)
+        cdef float* q_out = q_raw if d.qk_norm else q
+        cdef float* k_out = k_raw if d.qk_norm else k
+        sgemm(0, 0, d.Q, d.S, d.D, 1.0, w.wq, d.D, xnorm, d.S, 0.0, q_out, d.S)
+        sgemm(0, 0, d.K, d.S, d.D, 1.0, w.wk, d.D, xnorm, d.S, 0.0, k_out, d.S)
         sgemm(0, 0, d.K, d.S, d.D, 1.0, w.wv, d.D, xnorm, d.S, 0.0, v, d.S)
+        # adapters act on the projections, before QK-norm and RoPE
+        self.lora_fwd(l, SITE_WQ, xnorm, q_out, 1.0)
+        self.lora_fwd(l, SITE_WK, xnorm, k_out, 1.0)
+        self.lora_fwd(l, SITE_WV, xnorm, v, 1.0)
         if d.qk_norm:
             for h in range(d.n_heads):
                 rmsnorm_fwd(q_raw + h * block, w.q_norm, q + h * block, d.hd, d.S, d.eps,
@@ -188,6 +208,7 @@ cdef class CpuKernels(Kernels):
     cdef void wo_fwd(self, int l, const float* attn, float* o) noexcept nogil:
         cdef Dims d = self.d
         sgemm(0, 0, d.D, d.S, d.Q, 1.0, self.layers[l].wo, d.Q, attn, d.S, 0.0, o, d.S)
+        self.lora_fwd(l, SITE_WO, attn, o, 1.0)
 
     cdef void ffn_fused(self, int l, const float* x2norm, const float* x2, float* x_next,
                         float* h1, float* h3, float* gate) noexcept nogil:
@@ -196,9 +217,12 @@ cdef class CpuKernels(Kernels):
         cdef Py_ssize_t n = <Py_ssize_t>d.D * d.S
         sgemm(0, 0, d.H, d.S, d.D, 1.0, w.w1, d.D, x2norm, d.S, 0.0, h1, d.S)
         sgemm(0, 0, d.H, d.S, d.D, 1.0, w.w3, d.D, x2norm, d.S, 0.0, h3, d.S)
+        self.lora_fwd(l, SITE_W1, x2norm, h1, 1.0)
+        self.lora_fwd(l, SITE_W3, x2norm, h3, 1.0)
         swiglu_fwd(h1, h3, gate, <Py_ssize_t>d.H * d.S)
         memcpy(x_next, x2, n * sizeof(float))
         sgemm(0, 0, d.D, d.S, d.H, d.residual_scale, w.w2, d.H, gate, d.S, 1.0, x_next, d.S)
+        self.lora_fwd(l, SITE_W2, gate, x_next, d.residual_scale)
 
     cdef void ffn_bwd_w2t(self, int l, const float* dffn, float* dgate) noexcept nogil:
         cdef Dims d = self.d
@@ -331,8 +355,10 @@ cdef class Engine:
     cdef readonly object config
     cdef Dims d
     cdef LayerParams* weights
-    cdef LayerParams* grads
+    cdef LayerParams* grads          # all NULL when the base is frozen (LoRA)
     cdef LayerActs* acts
+    cdef LoraSite* lora              # [L * N_SITES] or NULL: the adapters (see LoraSite)
+    cdef int lowest_trained          # the backward stops at this layer
     cdef GradSet sets[2]
     cdef long set_ticket[2]
     cdef readonly Kernels kernels
@@ -385,8 +411,14 @@ cdef class Engine:
         self.weights = NULL
         self.grads = NULL
         self.acts = NULL
+        self.lora = NULL
 
-    def __init__(self, config, views, grad_views, Kernels kernels, bint async_dw=True):
+    def __init__(self, config, views, grad_views, Kernels kernels, bint async_dw=True,
+                 adapters=None, adapter_grads=None):
+        """grad_views None freezes the base: no weight gradient is computed (every gradient
+        pointer NULL). adapters (an anecy.lora.LoraAdapters) add their low-rank paths to the
+        projections they adapt; their gradients go to adapter_grads, a flat fp32 buffer
+        laid out as adapters.params."""
         cfg = config
         self.config = cfg
         cdef Dims d
@@ -408,15 +440,22 @@ cdef class Engine:
         for l in range(L):
             names = layer_names(cfg, l)
             self._bind_layer(&self.weights[l], views, names)
-            self._bind_layer(&self.grads[l], grad_views, names)
-        self._keep = [(views, grad_views)]
+            if grad_views is not None:
+                self._bind_layer(&self.grads[l], grad_views, names)
+        self._keep = [(views, grad_views, adapters, adapter_grads)]
         self.embed = _ptr(views[EMBEDDING])
-        self.dembed = _ptr(grad_views[EMBEDDING])
         self.final_norm = _ptr(views[FINAL_NORM])
-        self.dfinal_norm = _ptr(grad_views[FINAL_NORM])
         self.cls_w = _ptr(views[classifier_name(cfg)])
-        self.cls_g = _ptr(grad_views[classifier_name(cfg)])
+        if grad_views is not None:
+            self.dembed = _ptr(grad_views[EMBEDDING])
+            self.dfinal_norm = _ptr(grad_views[FINAL_NORM])
+            self.cls_g = _ptr(grad_views[classifier_name(cfg)])
         self.V = cfg.vocab_size
+        self.lowest_trained = 0
+        if adapters is not None:
+            self._bind_adapters(adapters, adapter_grads)
+            if grad_views is None:   # nothing below the lowest adapted layer learns
+                self.lowest_trained = min(l for l, _ in adapters.pairs)
         self.arena = Arena()
         self.arena.carve(self._size_table())
         self.set_ticket[0] = self.set_ticket[1] = 0
@@ -463,12 +502,46 @@ cdef class Engine:
                   (<uintptr_t>&self.step_cos, d.hd // 2 * S),
                   (<uintptr_t>&self.step_sin, d.hd // 2 * S),
                   (<uintptr_t>&self.xf_scored, D * S), (<uintptr_t>&self.dxf_scored, D * S)]
+        cdef LoraSite* p
+        if self.lora != NULL:        # per adapted site: u = A x and v = B^T dy, [R, S] each
+            for i in range(d.L * N_SITES):
+                p = &self.lora[i]
+                table += [(<uintptr_t>&p.u, p.R * S), (<uintptr_t>&p.v, p.R * S)]
         return table
 
     def __dealloc__(self):
         free(self.weights)
         free(self.grads)
         free(self.acts)
+        free(self.lora)
+
+    def _bind_adapters(self, adapters, adapter_grads):
+        """Point a LoraSite at each adapted projection's A and B and their gradients."""
+        from .lora import LoraAdapters
+        if not isinstance(adapters, LoraAdapters):
+            raise TypeError("adapters must be an anecy.lora.LoraAdapters")
+        if not isinstance(adapter_grads, np.ndarray) or adapter_grads.dtype != np.float32 \
+                or adapter_grads.shape != adapters.params.shape \
+                or not adapter_grads.flags.c_contiguous:
+            raise ValueError("adapter_grads must be a float32 buffer shaped like the adapters")
+        sites = {"wq": SITE_WQ, "wk": SITE_WK, "wv": SITE_WV, "wo": SITE_WO, "w1": SITE_W1,
+                 "w3": SITE_W3, "w2": SITE_W2}
+        self.lora = <LoraSite*>calloc(self.d.L * N_SITES, sizeof(LoraSite))
+        if self.lora == NULL:
+            raise MemoryError()
+        cdef LoraSite* p
+        cdef float* base = _ptr(adapters.params)
+        cdef float* gbase = _ptr(adapter_grads)
+        cdef Py_ssize_t off_a, off_b
+        for (l, field), (ta, tb) in adapters.pairs.items():
+            p = &self.lora[<int>l * N_SITES + <int>sites[field]]
+            off_a, off_b = ta.offset, tb.offset
+            p.A = base + off_a
+            p.B = base + off_b
+            p.dA = gbase + off_a
+            p.dB = gbase + off_b
+            p.R, p.n_in, p.n_out = ta.shape[0], ta.shape[1], tb.shape[0]
+            p.scale = adapters.scale
 
     cdef void _bind_layer(self, LayerParams* p, views, names) except *:
         """Point p's fields at the views named by model.layer_names (field -> HF name)."""
@@ -487,13 +560,16 @@ cdef class Engine:
 
     # -- classifier rows -----------------------------------------------------------------
     def set_classifier(self, weight, grad):
-        """Point the classifier at rows [V', D] (vocab compaction) and their gradient buffer."""
-        if weight.shape != grad.shape or weight.ndim != 2 or weight.shape[1] != self.d.D \
+        """Point the classifier at rows [V', D] (vocab compaction) and their gradient buffer
+        (None when the base is frozen)."""
+        if grad is not None and weight.shape != grad.shape:
+            raise ValueError("classifier weight and grad must have one shape")
+        if weight.ndim != 2 or weight.shape[1] != self.d.D \
                 or not 0 < weight.shape[0] <= self.vocab_size:
             raise ValueError("classifier weight and grad must both be [V, dim] with V <= vocab_size")
         self._keep.append((weight, grad))
         self.cls_w = _ptr(weight)
-        self.cls_g = _ptr(grad)
+        self.cls_g = _ptr(grad) if grad is not None else NULL
         self.V = weight.shape[0]
 
     @property
@@ -651,7 +727,7 @@ cdef class Engine:
         cdef int l
         self.clock = now_ms()
         cdef double loss = self._classifier_backward(targets, loss_scale)
-        for l in range(self.d.L - 1, -1, -1):
+        for l in range(self.d.L - 1, self.lowest_trained - 1, -1):
             # the buffer set of layer l + 2 must be free before layer l rewrites it
             self.worker.wait_for(self.set_ticket[l & 1])
             self.charge(T_DW_WAIT)
@@ -660,7 +736,8 @@ cdef class Engine:
             self.set_ticket[l & 1] = self.worker.ticket()
         self.worker.wait_all()
         self.charge(T_DW_WAIT)
-        embedding_bwd(self.dembed, tokens, self.g, self.d.S, self.d.D)
+        if self.dembed != NULL:
+            embedding_bwd(self.dembed, tokens, self.g, self.d.S, self.d.D)
         self.charge(T_ELEMENTWISE)
         return loss
 
@@ -677,6 +754,12 @@ cdef class Engine:
         self.kernels.sdpa_fwd(l, a.xnorm, a.attn, KEPT, KEPT, KEPT, a.q_raw, a.k_raw)
         self.kernels.wo_fwd(l, a.attn, self.o)
         self.charge(T_KERNELS)
+        if self.lora != NULL and self.kernels.merges_lora:
+            self._lora_inputs(l, SITE_WQ, a.xnorm)
+            self._lora_inputs(l, SITE_WK, a.xnorm)
+            self._lora_inputs(l, SITE_WV, a.xnorm)
+            self._lora_inputs(l, SITE_WO, a.attn)
+            self.charge(T_DW)
         memcpy(a.x2, a.x_in, <Py_ssize_t>d.D * d.S * sizeof(float))
         add_scaled(a.x2, self.o, <Py_ssize_t>d.D * d.S, d.residual_scale)
         self.charge(T_ELEMENTWISE)
@@ -697,6 +780,7 @@ cdef class Engine:
         self.charge(T_ELEMENTWISE)
         self._dw(dw_job(d.D, d.Q, d.S, gs.do, False, a.attn, gw.wo))
         self.kernels.wot_bwd(l, gs.do, self.da)
+        self._lora_backward(l, SITE_WO, a.attn, gs.do, self.da)
         self.kernels.sdpa_bwd1(l, KEPT, KEPT, KEPT, self.da, KEPT, KEPT, dv_rep)
         self.kernels.sdpa_bwd2(l, KEPT, KEPT, KEPT, KEPT, dq_rot, dk_rep)
         self.charge(T_KERNELS)
@@ -716,6 +800,9 @@ cdef class Engine:
         self._dw(dw_job(d.K, d.D, d.S, gs.dv, False, a.xnorm, gw.wv))
         self.kernels.q_bwd(l, gs.dq, self.dxnorm)
         self.kernels.kv_bwd(l, gs.dk, gs.dv, self.dxnorm_kv)
+        self._lora_backward(l, SITE_WQ, a.xnorm, gs.dq, self.dxnorm)
+        self._lora_backward(l, SITE_WK, a.xnorm, gs.dk, self.dxnorm_kv)
+        self._lora_backward(l, SITE_WV, a.xnorm, gs.dv, self.dxnorm_kv)
         self.charge(T_KERNELS)
         add_scaled(self.dxnorm, self.dxnorm_kv, <Py_ssize_t>d.D * d.S, 1.0)
         self.charge(T_ELEMENTWISE)
@@ -749,6 +836,11 @@ cdef class Engine:
         self.charge(T_RMS)
         self.kernels.ffn_fused(l, a.x2norm, a.x2, x_next, a.h1, a.h3, a.gate)
         self.charge(T_KERNELS)
+        if self.lora != NULL and self.kernels.merges_lora:
+            self._lora_inputs(l, SITE_W1, a.x2norm)
+            self._lora_inputs(l, SITE_W3, a.x2norm)
+            self._lora_inputs(l, SITE_W2, a.gate)
+            self.charge(T_DW)
 
     cdef void _ffn_backward(self, int l) noexcept nogil:
         # in: g = dL/dx_next [D,S]; out: g = dL/dx2 [D,S]; dW1, dW2, dW3 queued; dffn_norm
@@ -760,12 +852,15 @@ cdef class Engine:
         self.charge(T_ELEMENTWISE)
         self._dw(dw_job(d.D, d.H, d.S, gs.dffn, False, a.gate, gw.w2))
         self.kernels.ffn_bwd_w2t(l, gs.dffn, self.dgate)
+        self._lora_backward(l, SITE_W2, a.gate, gs.dffn, self.dgate)
         self.charge(T_KERNELS)
         swiglu_bwd(a.h1, a.h3, self.dgate, gs.dh1, gs.dh3, <Py_ssize_t>d.H * d.S)
         self.charge(T_ELEMENTWISE)
         self._dw(dw_job(d.H, d.D, d.S, gs.dh1, False, a.x2norm, gw.w1))
         self._dw(dw_job(d.H, d.D, d.S, gs.dh3, False, a.x2norm, gw.w3))
         self.kernels.ffn_bwd_w13t(l, gs.dh1, gs.dh3, self.dx2norm)
+        self._lora_backward(l, SITE_W1, a.x2norm, gs.dh1, self.dx2norm)
+        self._lora_backward(l, SITE_W3, a.x2norm, gs.dh3, self.dx2norm)
         self.charge(T_KERNELS)
         rmsnorm_bwd(a.x2, self.weights[l].ffn_norm, self.dx2norm, self.g, gw.ffn_norm, d.D, d.S,
                     d.eps, 1, self.norm_scratch)
@@ -842,7 +937,10 @@ cdef class Engine:
         self.clock = now
 
     cdef inline void _dw(self, GemmJob job) noexcept nogil:
-        """Queue a weight gradient on the worker, or run it here and charge it to "dw"."""
+        """Queue a weight gradient on the worker, or run it here and charge it to "dw";
+        nothing for a frozen weight (no gradient buffer)."""
+        if job.C == NULL:
+            return
         if self.async_dw:
             self.worker.submit(job)
             return
@@ -850,6 +948,34 @@ cdef class Engine:
               job.B, job.ldb, job.beta, job.C, job.ldc)
         self.charge(T_DW)
 
+    cdef void _lora_inputs(self, int l, int site, const float* x) noexcept nogil:
+        # u = A x of an adapted site, for its dB, when the kernels ran the merged weight
+        cdef LoraSite* p = &self.lora[l * N_SITES + site]
+        if p.A != NULL:
+            sgemm(0, 0, p.R, self.d.S, p.n_in, 1.0, p.A, p.n_in, x, self.d.S, 0.0, p.u,
+                  self.d.S)
+
+    cdef void _lora_backward(self, int l, int site, const float* x, const float* dy,
+                             float* dx) noexcept nogil:
+        # the adapter of a projection y = W0 x + s B u, u = A x: v = B^T dy; dx += s A^T v;
+        # dB += s dy u^T and dA += s v x^T queued as weight gradients (they read only
+        # buffers that live until the next step: u, v, x and the alternating dy); with
+        # merged weights (kernels.merges_lora) dx has already flowed through s B A
+        if self.lora == NULL:
+            return
+        cdef LoraSite* p = &self.lora[l * N_SITES + site]
+        if p.A == NULL:
+            return
+        cdef int S = self.d.S
+        sgemm(1, 0, p.R, S, p.n_out, 1.0, p.B, p.R, dy, S, 0.0, p.v, S)
+        if not self.kernels.merges_lora:
+            sgemm(1, 0, p.n_in, S, p.R, p.scale, p.A, p.n_in, p.v, S, 1.0, dx, S)
+        cdef GemmJob job = dw_job(p.n_out, p.R, S, dy, False, p.u, p.dB)
+        job.alpha = p.scale
+        self._dw(job)
+        job = dw_job(p.R, p.n_in, S, p.v, False, x, p.dA)
+        job.alpha = p.scale
+        self._dw(job)
 
     # -- the optimizer's passes over the flat buffers, split between two threads ---------
     def grad_sumsq(self, float[::1] grads):

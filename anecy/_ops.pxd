@@ -9,7 +9,7 @@ cdef void sgemm(bint trans_a, bint trans_b, int M, int N, int K, float alpha,
 # y[C,S] = x * rsqrt(mean_c x^2 + eps) * w.   scratch: S doubles
 cdef void rmsnorm_fwd(const float* x, const float* w, float* y, int C, int S, float eps,
                       double* scratch) noexcept nogil
-# dx[C,S] (= or +=) d/dx, dw[C] += d/dw, for dy[C,S].   scratch: 2*S doubles
+# dx[C,S] (= or +=) d/dx, dw[C] += d/dw (dw NULL: skipped), for dy[C,S].   scratch: 2*S doubles
 cdef void rmsnorm_bwd(const float* x, const float* w, const float* dy, float* dx, float* dw,
                       int C, int S, float eps, bint accumulate, double* scratch) noexcept nogil
 

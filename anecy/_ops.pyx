@@ -120,7 +120,8 @@ cdef void rmsnorm_bwd(const float* x, const float* w, const float* dy, float* dx
             i = c * S + s
             dot[s] += <double>dy[i] * wc * x[i]
             acc += <double>dy[i] * x[i] * inv[s]
-        dw[c] += <float>acc
+        if dw != NULL:           # NULL: a frozen norm weight
+            dw[c] += <float>acc
     for s in range(S):
         # d/dx of x*inv: inv*g - x * inv^3 * (g.x) / C, with g = dy*w
         dot[s] = dot[s] * inv[s] * inv[s] * inv[s] / C

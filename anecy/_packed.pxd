@@ -2,7 +2,7 @@
 
 from libc.stdint cimport uint16_t
 
-from ._engine cimport Kernels, Arena
+from ._engine cimport Kernels, Arena, LoraSite
 from ._worker cimport DWWorker
 from ._ane_runtime cimport SurfaceMem, Evaluator
 
@@ -38,6 +38,7 @@ cdef struct Move:
     Py_ssize_t cols
     Py_ssize_t ld16       # Surface row stride (elements)
     Py_ssize_t ld32       # fp32 row stride (elements)
+    const LoraSite* lora  # weights: the adapter of src (staged merged: W0 + s B A), or NULL
 
 
 cdef struct Call:         # one kernel call: (kernel, layer)
@@ -75,6 +76,8 @@ cdef class PackedKernels(Kernels):
     cdef Call** weighted_calls          # the calls with weight moves, layer by layer
     cdef int n_weighted_calls
     cdef DWWorker worker                # the engine's: takes half of the weight staging
+    cdef float* merge_scratch           # [2, MERGE_ROWS, max(D, H, Q)]: one tile per thread
+    cdef Arena merge_arena
     cdef bint bound
     cdef bint stale                     # no stage_weights() has succeeded since bind()
     # What stays fp16 between kernels (see the module docstring): sdpaBwd1's output Surface
@@ -117,6 +120,7 @@ cdef class PackedKernels(Kernels):
     cdef void _bind_hold(self, cfg) except *
     cdef int _need_fp32_state(self) except -1
     cdef object _weight_sources(self, int l)
+    cdef size_t _adapter(self, str block, int l, tuple shape) except? 0
     cdef int _put(self, int i, list moves) except -1
     cdef int _execute(self, Call* c, int kid, int layer) noexcept nogil
     cdef void _fail_c(self, int kid, int layer, int kind, const char* text) noexcept nogil

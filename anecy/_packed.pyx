@@ -74,7 +74,8 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset, strncpy
 from libc.math cimport NAN
 
-from ._engine cimport Kernels, Dims, LayerParams, Arena
+from ._engine cimport (Kernels, Dims, LayerParams, Arena, LoraSite, N_SITES, SITE_WQ,
+                       SITE_WK, SITE_WV, SITE_WO, SITE_W1, SITE_W2, SITE_W3)
 from ._worker cimport now_ms, DWWorker
 from ._ops cimport gqa_repeat
 from ._ane_runtime cimport (Surface, SurfaceMem, surface_lock, surface_unlock, AneKernel,
@@ -286,17 +287,53 @@ cdef void fill_nan(const Move* m, int n, float** args) noexcept nogil:
                 o[j] = NAN
 
 
+# Rows of an adapted weight merged at a time (the tile of stage_merged)
+cdef enum:
+    MERGE_ROWS = 64
+
+
+cdef void stage_merged(const Move* m, char* base, float* scratch) noexcept nogil:
+    """Stage an adapted weight merged, W0 + s B A, a tile of MERGE_ROWS of W's rows at a
+    time through ``scratch`` (no merged copy is kept): each tile is W0's rows plus its
+    rank-R update, then converted as the weight itself would be."""
+    cdef const LoraSite* p = m.lora
+    cdef Py_ssize_t r0, t, i, r, j, n_in = p.n_in
+    cdef uint16_t* dst = <uint16_t*>base + m.off
+    cdef float c
+    cdef float* row
+    cdef const float* a_row
+    r0 = 0
+    while r0 < p.n_out:
+        t = MERGE_ROWS if p.n_out - r0 > MERGE_ROWS else p.n_out - r0
+        memcpy(scratch, m.src + r0 * n_in, t * n_in * sizeof(float))
+        # rank-R update of the tile as R axpys per row: both staging threads run this at
+        # once, and BLAS called from two threads for products this small mostly waits
+        for i in range(t):
+            row = scratch + i * n_in
+            for r in range(p.R):
+                c = p.scale * p.B[(r0 + i) * p.R + r]
+                a_row = p.A + r * n_in
+                for j in range(n_in):
+                    row[j] += c * a_row[j]
+        if m.op == OP_F16_T:      # block [n_in, n_out] = W^T: the tile is columns r0..
+            anecy_f32_to_f16_transposed(scratch, dst + r0, n_in, t, n_in, m.ld16)
+        else:
+            f32_to_f16_rows(scratch, dst + r0 * m.ld16, t, n_in, n_in, m.ld16)
+        r0 += t
+
+
 # Weight staging of a range of calls, on either thread.
 cdef struct StageJob:
     Call** calls
     int first
     int last
     int failed            # index of the call whose input Surface would not lock, or -1
+    float* scratch        # this thread's tile for merging adapted weights
 
 
 cdef void stage_range(void* arg) noexcept nogil:
     cdef StageJob* job = <StageJob*>arg
-    cdef int i
+    cdef int i, j
     cdef Call* c
     job.failed = -1
     for i in range(job.first, job.last):
@@ -305,7 +342,11 @@ cdef void stage_range(void* arg) noexcept nogil:
             if job.failed < 0:
                 job.failed = i
             continue
-        run_in_moves(c.weights, c.n_weights, c.inp.base, NULL)
+        for j in range(c.n_weights):
+            if c.weights[j].lora != NULL:
+                stage_merged(&c.weights[j], c.inp.base, job.scratch)
+            else:
+                run_in_moves(&c.weights[j], 1, c.inp.base, NULL)
         surface_unlock(c.inp)
 
 
@@ -378,6 +419,11 @@ cdef class PackedKernels(Kernels):
         self.config = cfg
         self.worker = engine.worker
         cdef Dims d = self.d
+        self.merges_lora = True
+        self.merge_arena = Arena()
+        self.merge_arena.carve([(<uintptr_t>&self.merge_scratch,
+                                 2 * MERGE_ROWS * max(d.D, d.H, d.Q) if self.lora != NULL
+                                 else 0)])
         programs = {k: mil.generate(k, cfg) for k in KERNEL_NAMES}
         self.stale = True
         self.bound = False
@@ -466,6 +512,21 @@ cdef class PackedKernels(Kernels):
                 "Wo": <size_t>w.wo, "W1": <size_t>w.w1, "W2": <size_t>w.w2,
                 "W3": <size_t>w.w3, "q_norm": <size_t>w.q_norm, "k_norm": <size_t>w.k_norm}
 
+    cdef size_t _adapter(self, str block, int l, tuple shape) except? 0:
+        """The LoraSite of weight block ``block`` of layer l (0: not adapted); the block must
+        be the whole weight, of ``shape`` [out, in]."""
+        sites = {"Wq": SITE_WQ, "Wk": SITE_WK, "Wv": SITE_WV, "Wo": SITE_WO, "W1": SITE_W1,
+                 "W2": SITE_W2, "W3": SITE_W3}
+        if self.lora == NULL or l < 0 or block not in sites:
+            return 0
+        cdef LoraSite* p = &self.lora[l * N_SITES + <int>sites[block]]
+        if p.A == NULL:
+            return 0
+        if shape != (p.n_out, p.n_in):
+            raise AssertionError(f"{block}: a block of shape {shape} is not the whole adapted "
+                                 f"weight ({p.n_out}, {p.n_in})")
+        return <size_t>p
+
     cdef void _compile_plan(self) except *:
         cdef Dims d = self.d
         cfg = self.config
@@ -490,12 +551,14 @@ cdef class PackedKernels(Kernels):
                     elif b.kind == "weight":
                         p = src[b.name]
                         if b.place == "T":        # block [rows, cols] = W^T, W is [cols, rows]
-                            weights.append((OP_F16_T, -1, p, at, b.rows, b.cols, W, b.rows))
+                            weights.append((OP_F16_T, -1, p, at, b.rows, b.cols, W, b.rows,
+                                            self._adapter(b.name, l, (b.cols, b.rows))))
                         elif b.place == "vec":    # the whole column block belongs to it
                             weights.append((OP_ZERO, -1, 0, b.col0, C, b.cols, W, 0))
                             weights.append((OP_F16, -1, p, at, b.rows, b.cols, W, b.cols))
                         else:
-                            weights.append((OP_F16, -1, p, at, b.rows, b.cols, W, b.cols))
+                            weights.append((OP_F16, -1, p, at, b.rows, b.cols, W, b.cols,
+                                            self._adapter(b.name, l, (b.rows, b.cols))))
                 specs.append((kid * d.L + max(l, 0), k, l, acts, outs, weights))
         free(self.plan)
         free(self.moves)
@@ -528,9 +591,11 @@ cdef class PackedKernels(Kernels):
                 self.n_weighted_calls += 1
     cdef int _put(self, int i, list moves) except -1:
         cdef Move* m
-        for op, arg, src, off, rows, cols, ld16, ld32 in moves:
+        for move in moves:
+            op, arg, src, off, rows, cols, ld16, ld32 = move[:8]
             m = &self.moves[i]
             m.op, m.arg, m.src = op, arg, <const float*><size_t>src
+            m.lora = <const LoraSite*><size_t>(move[8] if len(move) > 8 else 0)
             m.off, m.rows, m.cols, m.ld16, m.ld32 = off, rows, cols, ld16, ld32
             i += 1
         return i
@@ -639,6 +704,9 @@ cdef class PackedKernels(Kernels):
         self.stale = True
         # the first half of the layers on the worker, the rest here
         theirs.calls = mine.calls = self.weighted_calls
+        theirs.scratch = self.merge_scratch
+        mine.scratch = self.merge_scratch \
+            + <Py_ssize_t>MERGE_ROWS * max(self.d.D, self.d.H, self.d.Q)
         theirs.first, theirs.last = 0, self.n_weighted_calls // 2
         mine.first, mine.last = theirs.last, self.n_weighted_calls
         self.worker.submit_call(stage_range, &theirs)

@@ -82,11 +82,10 @@ class CheckpointGuard:
 
     # -- saving --------------------------------------------------------------------------------
     def state(self):
-        """(meta, arrays) of the trainer's checkpoint."""
+        """(meta, arrays) of the trainer's checkpoint: a training checkpoint, or a LoRA
+        run's (adapters, their moments and the base's identity; no base weight)."""
         t, opt = self.trainer, self.trainer.optimizer
-        meta = {
-            "kind": TRAINING_CHECKPOINT,
-            "model_config": t.mc.to_dict(),
+        run = {
             "train_config": t.tc.to_dict(),
             "step": t.step_count, "updates": opt.updates, "pending": t.pending,
             "loss_scale": opt.scale.value, "clean_updates": opt.scale.clean_updates,
@@ -96,7 +95,14 @@ class CheckpointGuard:
             "timings_ms": t.totals, "train_ms": t.train_ms,
         }
         if t.examples is not None:
-            meta["useful_tokens"] = t.useful_tokens
+            run["useful_tokens"] = t.useful_tokens
+        if t.model.adapters is not None:
+            from .lora import lora_checkpoint_contents
+            return lora_checkpoint_contents(
+                t.model.adapters, t.base, opt.m, opt.v, run,
+                grads=opt.grads if t.pending else None,
+                active_ids=t.vocab.active_ids.astype(np.int32))
+        meta = {"kind": TRAINING_CHECKPOINT, "model_config": t.mc.to_dict(), **run}
         arrays = {"params": t.model.params, "adam_m": opt.m, "adam_v": opt.v,
                   "active_ids": t.vocab.active_ids.astype(np.int32)}
         if t.pending:  # a checkpoint in the middle of an accumulation keeps its gradients
@@ -173,11 +179,15 @@ class CheckpointGuard:
 # -- resuming ----------------------------------------------------------------------------------
 def read_resume_meta(path, model_config=None):
     """(the checkpoint's ModelConfig, its meta) after checking it is a training checkpoint
-    and, when ``model_config`` is given, of that model."""
+    (or a LoRA run's) and, when ``model_config`` is given, of that model."""
+    from .lora import LORA_CHECKPOINT, read_lora_checkpoint_meta
     meta = read_checkpoint_meta(path)["meta"]
-    if meta.get("kind") != TRAINING_CHECKPOINT:
+    if meta.get("kind") == LORA_CHECKPOINT:
+        meta, saved, _ = read_lora_checkpoint_meta(path)
+    elif meta.get("kind") != TRAINING_CHECKPOINT:
         raise CheckpointError(f"checkpoint {path}: not a training checkpoint")
-    saved = ModelConfig.from_dict(meta["model_config"])
+    else:
+        saved = ModelConfig.from_dict(meta["model_config"])
     if model_config is not None:
         model_config.require_same(saved, f"checkpoint {path}")
     return saved, meta
@@ -187,9 +197,14 @@ def restore(trainer, path, meta):
     """Set a fresh Trainer to a checkpoint's state, after checking that the checkpoint fits
     its data and holds only finite values."""
     t, opt = trainer, trainer.optimizer
-    shapes = {"params": t.model.params, "adam_m": opt.m, "adam_v": opt.v}
+    lora = t.model.adapters is not None
+    if lora and meta["base"]["hash"] != t.base["hash"]:
+        raise CheckpointError(f"checkpoint {path} adapts another base: {t.base['path']}'s "
+                              f"weights differ from those of {meta['base']['path']} it was "
+                              "trained on")
+    shapes = {"adapters" if lora else "params": opt.params, "adam_m": opt.m, "adam_v": opt.v}
     if meta.get("pending"):
-        shapes["grads"] = t.model.grads
+        shapes["grads"] = opt.grads
     _, arrays = load_checkpoint(path, into=shapes)
     active = arrays["active_ids"]
     if not np.array_equal(active, t.vocab.active_ids.astype(np.int32)):
@@ -199,7 +214,7 @@ def restore(trainer, path, meta):
     if meta["n_tokens"] != len(t.tokens):
         raise CheckpointError(f"checkpoint {path} was trained on {meta['n_tokens']} tokens "
                               f"of {meta['data']}, this data has {len(t.tokens)}")
-    for name in ("params", "adam_m", "adam_v"):
+    for name in ("adapters" if lora else "params", "adam_m", "adam_v"):
         if not math.isfinite(t.model.engine.grad_sumsq(arrays[name])):
             raise CheckpointError(f"checkpoint {path}: {name} holds NaN or infinite "
                                   "values (saved from a diverged run)")

@@ -524,13 +524,22 @@ _RESERVED = ("kind", "model_config", "lora_config", "base")
 
 def save_lora_checkpoint(path, adapters: LoraAdapters, base: dict, adam_m, adam_v,
                          state: dict, *, grads=None, active_ids=None, fsync: bool = True):
-    """Write a LoRA run's checkpoint (atomically, see anecy.checkpoint): the adapters' flat
+    """Write a LoRA run's checkpoint (atomically, see anecy.checkpoint); its contents are
+    ``lora_checkpoint_contents``'."""
+    from .checkpoint import save_checkpoint
+    save_checkpoint(path, *lora_checkpoint_contents(adapters, base, adam_m, adam_v, state,
+                                                    grads=grads, active_ids=active_ids),
+                    fsync=fsync)
+
+
+def lora_checkpoint_contents(adapters: LoraAdapters, base: dict, adam_m, adam_v, state: dict,
+                             *, grads=None, active_ids=None):
+    """(meta, arrays) of a LoRA run's checkpoint, checked: the adapters' flat
     buffer and its two Adam moments (and the gradients, mid-accumulation), with meta
     ``{"kind": "anecy-lora", "model_config", "lora_config", "base": {"path", "hash"},
     **state}``; ``state`` is the run's state as a training checkpoint's meta holds it (it
     must give ``step`` and ``loss_scale``; the data sampler's RNG under ``sampler``). The
     base's weights are never written: the base is named by path and content hash."""
-    from .checkpoint import save_checkpoint
     if not isinstance(base, dict) or not isinstance(base.get("path"), str) \
             or not isinstance(base.get("hash"), str):
         raise ConfigError("base must be {'path': str, 'hash': str} (see base_hash)")
@@ -555,7 +564,7 @@ def save_lora_checkpoint(path, adapters: LoraAdapters, base: dict, adam_m, adam_
         arrays["active_ids"] = np.asarray(active_ids, np.int32)
     meta = {"kind": LORA_CHECKPOINT, "model_config": adapters.model_config.to_dict(),
             "lora_config": adapters.config.to_dict(), "base": dict(base), **state}
-    save_checkpoint(path, meta, arrays, fsync=fsync)
+    return meta, arrays
 
 
 def read_lora_checkpoint_meta(path):

@@ -88,10 +88,14 @@ class Model:
 
     >>> m = Model(ModelConfig.preset("tiny"))
     >>> loss = m.forward_backward(tokens, targets)   # gradients accumulate in m.grads
+
+    With ``adapters`` (an anecy.lora.LoraAdapters) the model is the base plus the adapters'
+    low-rank paths, and only the adapters learn: the base has no gradient buffer (``grads``
+    is None) and the adapters' gradients accumulate in ``adapter_grads``.
     """
 
     def __init__(self, config: ModelConfig, backend: str = "cpu", seed: int = 0,
-                 async_dw=None):
+                 async_dw=None, adapters=None):
         if not isinstance(config, ModelConfig):
             raise ConfigError("config must be an anecy.ModelConfig")
         config.validate()
@@ -100,14 +104,24 @@ class Model:
         self.layout = param_layout(config)
         n = sum(int(np.prod(s)) for _, s, _ in self.layout)
         self.params = np.zeros(n, np.float32)
-        self.grads = np.zeros(n, np.float32)
-        self.views, self.grad_views, self.offsets = {}, {}, {}
+        self.adapters = adapters
+        self.adapter_grads = None
+        if adapters is None:
+            self.grads = np.zeros(n, np.float32)
+            self.grad_views = {}
+        else:   # a frozen base: no gradient for it
+            from .lora import _check_same_shape
+            _check_same_shape(config, adapters.model_config)
+            self.grads = self.grad_views = None
+            self.adapter_grads = np.zeros_like(adapters.params)
+        self.views, self.offsets = {}, {}
         off = 0
         for name, shape, _ in self.layout:
             size = int(np.prod(shape))
             self.offsets[name] = (off, off + size)
             self.views[name] = self.params[off:off + size].reshape(shape)
-            self.grad_views[name] = self.grads[off:off + size].reshape(shape)
+            if self.grads is not None:
+                self.grad_views[name] = self.grads[off:off + size].reshape(shape)
             off += size
         # everything before the first norm weight is decayed by AdamW
         self.n_decay = min(self.offsets[name][0] for name, _, decayed in self.layout
@@ -116,7 +130,8 @@ class Model:
         if async_dw is None:  # the backend's default (see backends.DEFAULT_ASYNC_DW)
             async_dw = backends.DEFAULT_ASYNC_DW[self.backend]
         self.engine = Engine(config, self.views, self.grad_views,
-                             backends.make_kernels(self.backend), bool(async_dw))
+                             backends.make_kernels(self.backend), bool(async_dw),
+                             adapters, self.adapter_grads)
         self.active_ids = None   # vocabulary rows the classifier runs over (None: all)
         self.engine.stage_weights()
 
@@ -149,7 +164,8 @@ class Model:
         name = self._classifier_name
         if active_ids is None:
             self.active_ids = None
-            self.engine.set_classifier(self.views[name], self.grad_views[name])
+            self.engine.set_classifier(self.views[name],
+                                       None if self.grads is None else self.grad_views[name])
             return
         ids = np.asarray(active_ids, np.int64)
         if ids.ndim != 1 or ids.size == 0 or np.any(np.diff(ids) <= 0) or ids[0] < 0 \
@@ -157,7 +173,7 @@ class Model:
             raise ConfigError("active_ids must be sorted, unique ids inside the vocabulary")
         self.active_ids = ids
         self._cls_weight = np.ascontiguousarray(self.views[name][ids])
-        self._cls_grad = np.zeros_like(self._cls_weight)
+        self._cls_grad = None if self.grads is None else np.zeros_like(self._cls_weight)
         self.engine.set_classifier(self._cls_weight, self._cls_grad)
 
     def weights_changed(self):
@@ -181,7 +197,7 @@ class Model:
         loss = self.engine.forward_backward(_ids(tokens, "tokens"), _ids(targets, "targets"),
                                             loss_scale, weights, _opt_ids(positions, "positions"),
                                             _opt_ids(segment_starts, "segment_starts"))
-        if self.active_ids is not None:
+        if self.active_ids is not None and self.grads is not None:
             # fold the compact classifier gradient into the full one at once, so that
             # self.grads is always the whole gradient
             self.grad_views[self._classifier_name][self.active_ids] += self._cls_grad
@@ -201,7 +217,15 @@ class Model:
                                   _opt_ids(segment_starts, "segment_starts"))
 
     def zero_grad(self):
-        self.grads.fill(0.0)
+        self.trainable()[1].fill(0.0)
+
+    def trainable(self):
+        """(parameters, gradients, n_decay): the flat buffers the optimizer updates (the
+        adapters' in a LoRA model), decayed on [0, n_decay). Adapters are not decayed, as
+        with PEFT under HF's Trainer (weight_decay 0) and mlx-lm's LoRA."""
+        if self.adapters is not None:
+            return self.adapters.params, self.adapter_grads, 0
+        return self.params, self.grads, self.n_decay
 
     def timings(self) -> dict:
         return self.engine.timings()
@@ -264,6 +288,9 @@ class Model:
 
     def hf_grads(self) -> dict:
         """Gradients, named and ordered as hf_state_dict()."""
+        if self.grads is None:
+            raise ConfigError("a LoRA model's base is frozen and has no gradients (its "
+                              "adapters' are in adapter_grads)")
         return self._to_hf(self.grad_views)
 
 

@@ -75,18 +75,20 @@ class LossScale:
 
 
 class Optimizer:
-    """AdamW with global-norm clipping and a loss scale, over a Model's flat buffers: matrices
-    and embeddings (before ``model.n_decay``) decay, norm weights do not."""
+    """AdamW with global-norm clipping and a loss scale, over a Model's trainable flat
+    buffers (``Model.trainable``): in full training matrices and embeddings (before
+    ``model.n_decay``) decay, norm weights do not; in a LoRA model only the adapters learn."""
 
     def __init__(self, model, tc, backend: str):
         self.model, self.tc = model, tc
+        self.params, self.grads, self.n_decay = model.trainable()
         self.scale = LossScale(backend, tc.loss_scale, tc.loss_scale_growth)
-        self.m = np.zeros(model.params.size, np.float32)
-        self.v = np.zeros(model.params.size, np.float32)
+        self.m = np.zeros(self.params.size, np.float32)
+        self.v = np.zeros(self.params.size, np.float32)
         self.updates = 0             # optimizer updates done
 
     def grads_finite(self) -> bool:
-        return math.isfinite(self.model.engine.grad_sumsq(self.model.grads))
+        return math.isfinite(self.model.engine.grad_sumsq(self.grads))
 
     def update(self, microsteps: int, step: int):
         """One update on the gradients of ``microsteps`` microsteps, after microstep ``step``;
@@ -95,7 +97,7 @@ class Optimizer:
         model, tc = self.model, self.tc
         scale = 1.0 / (microsteps * self.scale.value)
         engine = model.engine
-        norm = math.sqrt(engine.grad_sumsq(model.grads)) * scale
+        norm = math.sqrt(engine.grad_sumsq(self.grads)) * scale
         if not math.isfinite(norm):
             if self.scale.dynamic:
                 model.zero_grad()
@@ -107,7 +109,7 @@ class Optimizer:
         self.updates += 1
         lr = tc.lr_at(step)
         b1, b2 = tc.betas
-        nonfinite = engine.adamw(model.params, model.grads, self.m, self.v, model.n_decay, lr,
+        nonfinite = engine.adamw(self.params, self.grads, self.m, self.v, self.n_decay, lr,
                                  b1, b2, tc.eps, tc.weight_decay, self.updates, scale)
         if nonfinite:
             raise NonFinite(f"the update at step {step} made parameters non-finite "

@@ -45,10 +45,14 @@ class Trainer:
 
     >>> t = Trainer(ModelConfig.preset("tiny"), TrainConfig(steps=20))
     >>> t.run()                 # or: rec = t.step() for one microstep
+
+    A LoRA run (``lora``, an anecy.lora.LoraConfig, or ``init_adapter``, a PEFT adapter
+    directory; or the resume of a LoRA checkpoint) trains adapters on the frozen weights of
+    ``train_config.init_from``, and writes LoRA checkpoints naming that base.
     """
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, *,
-                 tokens=None, log=print, _resume_state=None):
+                 tokens=None, log=print, lora=None, init_adapter=None, _resume_state=None):
         if not isinstance(model_config, ModelConfig) or not isinstance(train_config, TrainConfig):
             raise ConfigError("Trainer needs a ModelConfig and a TrainConfig")
         model_config.validate()
@@ -77,11 +81,21 @@ class Trainer:
         extra = () if held_out is None else (held_out,)
         self.vocab = (VocabMap.from_tokens(self.tokens, mc.vocab_size, *extra)
                       if tc.compact_vocab else VocabMap.full(mc.vocab_size))
-        self.model = Model(mc, self.backend, seed=tc.seed)
-        if tc.init_from and _resume_state is None:
+        adapters = self._adapters(mc, tc, lora, init_adapter, _resume_state)
+        self.model = Model(mc, self.backend, seed=tc.seed, adapters=adapters)
+        self.base = None             # a LoRA run's base: {"path", "hash"} (lora.base_hash)
+        if tc.init_from and (_resume_state is None or adapters is not None):
             from .pretrained import load_into  # an HF directory or a llama2.c file
             load_into(self.model, tc.init_from)
-            log(f"initial weights: {tc.init_from}")
+            if adapters is not None:
+                from .lora import base_hash
+                self.base = {"path": str(tc.init_from), "hash": base_hash(self.model)}
+                log(f"LoRA adapters (rank {adapters.config.rank}, {adapters.params.size} "
+                    f"parameters) on the frozen weights of {tc.init_from}")
+            else:
+                log(f"initial weights: {tc.init_from}")
+        elif adapters is not None:
+            raise ConfigError("a LoRA run needs the base weights it adapts (init_from)")
         if not self.vocab.is_identity:
             self.model.set_active_vocab(self.vocab.active_ids)
         self.optimizer = Optimizer(self.model, tc, self.backend)
@@ -95,6 +109,29 @@ class Trainer:
             guard.restore(self, *_resume_state)
         self.setup_ms = (time.perf_counter() - t0) * 1e3
         self.stop = StopRequests()
+
+    @staticmethod
+    def _adapters(mc, tc, lora, init_adapter, resume_state):
+        """The LoraAdapters of a LoRA run (None for full training): a resumed checkpoint's
+        (filled in by guard.restore), a PEFT directory's, or new ones as PEFT starts them."""
+        from .lora import LORA_CHECKPOINT, LoraAdapters, LoraConfig, read_peft
+        if resume_state is not None:
+            meta = resume_state[1]
+            if meta.get("kind") != LORA_CHECKPOINT:
+                return None
+            lora = LoraConfig.from_dict(meta["lora_config"])
+        elif init_adapter is not None:
+            adapters = read_peft(init_adapter, mc)
+            if lora is not None:
+                adapters.config.dropout = lora.dropout
+            lora = adapters.config
+        if lora is None:
+            return None
+        if lora.dropout:
+            raise ConfigError(f"LoRA dropout {lora.dropout:g}: this trainer applies no "
+                              "dropout to the adapters; train with --lora-dropout 0")
+        return adapters if init_adapter is not None and resume_state is None \
+            else LoraAdapters(mc, lora, seed=tc.seed)
 
     # -- one microstep -----------------------------------------------------------------------
     def step(self) -> StepRecord:

@@ -20,6 +20,8 @@ runs at those positions only; the cost per useful token is what the padding cost
     python bench/bench_ane_host.py --preset stories110m --steps 5
     python bench/bench_ane_host.py --quick                  # tiny config, a smoke run (CI)
     python bench/bench_ane_host.py --preset stories110m --examples
+    python bench/bench_ane_host.py --lora                   # also: LoRA microsteps (R 8, all
+                                                            # seven targets, all layers)
 """
 import argparse
 import os
@@ -38,7 +40,13 @@ from anecy.config import ModelConfig
 ROWS = ("io", "dispatch", "cpu work", "dW wait", "total")
 
 
-def null_ane_model(cfg):
+def lora_adapters(cfg):
+    """R 8 adapters on all seven targets of every layer (None: full training)."""
+    from anecy.lora import LoraAdapters, LoraConfig
+    return LoraAdapters(cfg, LoraConfig(rank=8))
+
+
+def null_ane_model(cfg, adapters=None):
     """A Model on the ane backend whose programs are NullAneKernels."""
     available, make = backends.available, backends.make_kernels
     backends.available = lambda: ["cpu", "sim", "ane"]
@@ -46,7 +54,7 @@ def null_ane_model(cfg):
                                           if name == "ane" else make(name))
     try:
         clear_compiled_programs()
-        return anecy.Model(cfg, backend="ane", seed=0)
+        return anecy.Model(cfg, backend="ane", seed=0, adapters=adapters)
     finally:
         backends.available, backends.make_kernels = available, make
 
@@ -131,12 +139,12 @@ def time_steps(model, data, warmup):
     return rows
 
 
-def bench(cfg, steps, warmup, examples=False):
+def bench(cfg, steps, warmup, examples=False, lora=False):
     data = batches(cfg, steps + warmup, examples=examples)
-    cpu = anecy.Model(cfg, backend="cpu", seed=0)
+    cpu = anecy.Model(cfg, backend="cpu", seed=0, adapters=lora_adapters(cfg) if lora else None)
     cpu_ms = statistics.median(w for w, _ in time_steps(cpu, data, warmup))
     del cpu
-    ane = null_ane_model(cfg)
+    ane = null_ane_model(cfg, lora_adapters(cfg) if lora else None)
     kernels = ane.engine.kernels
     runs = time_steps(ane, data, warmup)
     calls_per_step = 10 * cfg.n_layers
@@ -176,6 +184,9 @@ def main():
     ap.add_argument("--examples", action="store_true",
                     help="also time training on examples: one example of seq_len/3 tokens a "
                          "window, its second half scored")
+    ap.add_argument("--lora", action="store_true",
+                    help="also time LoRA microsteps (R 8, all seven targets, all layers: "
+                         "merged weights staged) beside full training's")
     args = ap.parse_args()
     if args.quick:
         presets, args.steps, args.warmup = ["tiny"], 3, 1
@@ -184,10 +195,12 @@ def main():
     print("ane backend host cost: the real AneKernels, program execution replaced by a no-op")
     print(f"(medians over {args.steps} microsteps after {args.warmup} warm-up; ms; "
           f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start)")
-    for name in presets:
+    for name, lora in [(p, lo) for p in presets for lo in ((False, True) if args.lora
+                                                            else (False,))]:
         cfg = ModelConfig.preset(name)
-        res, cpu_ms, stage_ms, calls, passed = bench(cfg, args.steps, args.warmup)
-        print(f"\n{name}: {calls} kernel calls per microstep, seq_len {cfg.seq_len}, "
+        res, cpu_ms, stage_ms, calls, passed = bench(cfg, args.steps, args.warmup, lora=lora)
+        kind = "LoRA R 8, all targets (merged weights)" if lora else "full training"
+        print(f"\n{name}, {kind}: {calls} kernel calls per microstep, seq_len {cfg.seq_len}, "
               f"fp16 pass-through {'on' if passed else 'OFF'}")
         print(f"  {'component':<24}{'ms/microstep':>14}")
         for row in ROWS:
@@ -203,7 +216,7 @@ def main():
         print(f"  {'cpu backend fwd+bwd':<24}{cpu_ms:>14.1f}")
         print(f"  {'null ane / cpu':<24}{res['total'] / cpu_ms:>14.2f}")
         print(f"  {'weight staging/update':<24}{stage_ms:>14.1f}")
-        if args.examples:
+        if args.examples and not lora:
             ex, ex_cpu_ms, _, _, _ = bench(cfg, args.steps, args.warmup, examples=True)
             print(f"  one example a window ({ex['useful']} of {cfg.seq_len} positions useful):")
             for row in ("cpu work", "total"):

@@ -53,3 +53,17 @@ def test_ane_host_benchmark_quick():
         assert row in rows, row
         assert rows[row] >= 0
     assert rows["io"] > 0 and rows["total"] > 0 and rows["cpu backend fwd+bwd"] > 0
+
+
+def test_lora_benchmark_quick():
+    out = run("bench/bench_lora.py", "--quick")
+    for text in ("anecy LoRA", "anecy full", "PyTorch+PEFT LoRA", "ms/microstep", "ms/update",
+                 "peak RSS GiB", "checkpoint MB", "LoRA update / anecy full"):
+        assert text in out, text
+    rows = {line[:22].strip(): line[22:].split() for line in out.splitlines()
+            if line.startswith("  ") and line[22:].split()[:1]
+            and line[22:].split()[0].replace(".", "").isdigit()}
+    for side in ("anecy LoRA", "anecy full", "PyTorch+PEFT LoRA"):
+        assert len(rows[side]) == 4 and all(float(v) > 0 for v in rows[side]), rows
+    # the LoRA checkpoint holds adapters and moments only: far smaller than full training's
+    assert float(rows["anecy LoRA"][3]) < 0.05 * float(rows["anecy full"][3])

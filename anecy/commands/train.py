@@ -128,9 +128,6 @@ def add_lora_arguments(p):
 # the flags that size the adapters (a resumed run or --init-adapter brings its own)
 _LORA_SHAPE_FLAGS = (("lora_rank", "--lora-rank"), ("lora_alpha", "--lora-alpha"),
                      ("lora_targets", "--lora-targets"), ("lora_layers", "--lora-layers"))
-LORA_TRAINING_UNAVAILABLE = ("LoRA training is not available in this build (adapters can be "
-                             "exported, fused and sampled: see anecy export and anecy sample)")
-
 
 def _lora_config(args, model_config: ModelConfig):
     """The LoraConfig of a new LoRA run: --init-adapter's (checked against the model), or
@@ -189,7 +186,11 @@ def _check_lora_run(args, preset: str, ckpt: str):
     mc = _init_config(args.init_from, ModelConfig.preset(preset),
                       preset if args.preset else None)
     _set_seq_len(mc, args.seq_len)
-    return mc, _lora_config(args, mc)
+    lora_cfg = _lora_config(args, mc)
+    if lora_cfg.dropout:
+        raise AnecyError(f"LoRA dropout {lora_cfg.dropout:g}: this trainer applies no dropout "
+                         "to the adapters; pass --lora-dropout 0")
+    return mc, lora_cfg
 
 
 AUTO = "auto"    # --loss-scale auto: the backend's own scale
@@ -327,9 +328,6 @@ def run(args) -> int:
                          "combined with --resume")
     backends.resolve(args.backend)
     lora_run = _check_lora_run(args, preset, ckpt)
-    if lora_run is not None:
-        # the engine has no adapter path yet: refuse rather than pretend (nothing written)
-        raise AnecyError(LORA_TRAINING_UNAVAILABLE)
     if args.tokenizer:   # a bad path fails now, not at the first sample
         from ..tokenizer import load
         load(args.tokenizer)
@@ -361,7 +359,11 @@ def run(args) -> int:
             if args.init_from:
                 mc = _init_config(args.init_from, mc, preset if args.preset else None)
             mc = _set_seq_len(mc, args.seq_len)
-            trainer = Trainer(mc, tc)
+            if lora_run is not None:
+                trainer = Trainer(lora_run[0], tc, lora=lora_run[1],
+                                  init_adapter=args.init_adapter)
+            else:
+                trainer = Trainer(mc, tc)
         if trainer.model.config.vocab_size > 32000 and trainer.data_name == corpus.NAME:
             print("note: the built-in corpus is written in Llama-2 token ids; for a Qwen3 "
                   "model that means something, pass data pretokenized with Qwen3's tokenizer "
