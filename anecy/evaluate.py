@@ -1,4 +1,5 @@
-"""Scoring a model on held-out tokens: mean cross-entropy and perplexity over a token file.
+"""Scoring a model on held-out tokens: mean cross-entropy and perplexity over a token file,
+or over the scored tokens of an examples file (``evaluate_examples``).
 
 ``anecy eval`` scores every non-overlapping window of ``seq_len + 1`` tokens (inputs and
 their next tokens) over the full vocabulary, with the engine's own cross-entropy
@@ -42,3 +43,39 @@ def evaluate(model: Model, tokens, max_windows=None, progress: bool = False) -> 
     return {"loss": loss, "perplexity": math.exp(min(loss, 709.0)), "windows": n,
             "seq_len": S, "tokens": n * S, "seconds": seconds,
             "tokens_per_s": n * S / max(seconds, 1e-9)}
+
+
+def evaluate_examples(model: Model, examples, max_windows=None, progress: bool = False) -> dict:
+    """evaluate()'s figures over an examples file (``data.Examples``): the mean loss over its
+    scored tokens, one example a window at positions 0.. (what every backend computes alike),
+    over the full vocabulary. ``max_windows`` limits the examples scored."""
+    from tqdm import tqdm
+
+    from .errors import DataError
+    model.set_active_vocab(None)
+    S = model.config.seq_len
+    n = len(examples) if max_windows is None else min(len(examples), max_windows)
+    longest = int(np.max(examples.lengths[:n])) if n else 0
+    if longest > S + 1:
+        raise DataError(f"an example of {longest} tokens does not fit a window of {S} "
+                        f"(--seq-len {longest - 1} or more)")
+    x, y = np.zeros(S, np.int64), np.zeros(S, np.int64)
+    weights = np.zeros(S, np.float32)
+    total, scored, start = 0.0, 0, time.perf_counter()
+    bar = tqdm(total=n, disable=not progress, unit="ex", dynamic_ncols=True)
+    try:
+        for k in range(n):
+            ids, mask = examples[k]
+            m = len(ids) - 1               # predictions: token t+1 from tokens 0..t
+            x[:], y[:], weights[:] = 0, 0, 0.0
+            x[:m], y[:m], weights[:m] = ids[:-1], ids[1:], mask[1:]
+            total += model.loss(x, y, weights=weights)   # the sum over the scored positions
+            scored += int(np.count_nonzero(mask[1:]))
+            bar.update(1)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    loss = total / max(scored, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 709.0)), "windows": n,
+            "seq_len": S, "tokens": scored, "seconds": seconds,
+            "tokens_per_s": scored / max(seconds, 1e-9)}

@@ -123,3 +123,38 @@ def test_bad_input_is_one_line(tmp_path, capsys, trained, case, says):
     code, out, err = run_eval(args, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1 and says in err, err
     assert out == ""
+
+
+def test_eval_of_an_examples_file_equals_transformers_with_masked_labels(tmp_path, capsys):
+    """On an examples file, anecy eval is the mean over the scored tokens: what transformers
+    gives with labels -100 at every unscored position."""
+    from test_chat import tiny_model
+
+    from anecy.data import open_examples
+    from chat_fixtures import conversation, tokenizer_dir
+    hf_dir = tmp_path / "m"
+    save_pretrained(tiny_model(400), hf_dir)
+    tokenizer_dir(hf_dir)
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("".join(json.dumps({"messages": conversation(system=i % 2 == 0,
+                                                                  turns=1 + i % 3)}) + "\n"
+                             for i in range(6)))
+    data = tmp_path / "chats.bin"
+    assert anecy_main(["prepare", str(chats), "--tokenizer", str(hf_dir), "--format", "chat",
+                       "--mask-prompt", "--out", str(data), "--no-progress"]) == 0
+    capsys.readouterr()
+    code, out, err = run_eval(["--init-from", hf_dir, "--data", data, "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+
+    hf = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    total, scored = 0.0, 0
+    for ids, mask in open_examples(data):
+        labels = torch.tensor(np.where(mask, ids, -100)[1:].astype(np.int64))
+        with torch.no_grad():
+            logits = hf(torch.tensor(ids[None].astype(np.int64))).logits[0, :-1]
+        total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100,
+                                                   reduction="sum").item()
+        scored += int((labels != -100).sum())
+    assert result["tokens"] == scored and result["windows"] == 6
+    assert result["loss"] == pytest.approx(total / scored, rel=1e-5)

@@ -27,9 +27,9 @@ def add_arguments(p):
 
 
 def run(args) -> int:
-    from ..data import open_tokens
+    from ..data import is_examples_file, open_examples, open_tokens
     from ..errors import AnecyError
-    from ..evaluate import evaluate
+    from ..evaluate import evaluate, evaluate_examples
     from ..pretrained import load
     source = model_source(args)
     adapters = None
@@ -43,12 +43,17 @@ def run(args) -> int:
     seq_len = args.seq_len or min(context, MAX_DEFAULT_SEQ_LEN)
     if seq_len > context:
         raise AnecyError(f"--seq-len {seq_len} is longer than the model's context of {context}")
-    tokens = open_tokens(args.data, source.config.vocab_size, seq_len)
+    examples = is_examples_file(args.data)
+    if examples:
+        data = open_examples(args.data, source.config.vocab_size)
+    else:
+        data = open_tokens(args.data, source.config.vocab_size, seq_len)
     model = load(source, seq_len=seq_len)
     if adapters is not None:
         from ..lora import fuse
         fuse(model, adapters, inplace=True)
-    result = evaluate(model, tokens, args.max_windows,
+    result = (evaluate_examples if examples else evaluate)(
+        model, data, args.max_windows,
                       progress=not args.no_progress and not args.json and sys.stderr.isatty())
     result = {"data": str(args.data), "model": str(source.path),
               "adapter": args.adapter, **result}
@@ -57,6 +62,8 @@ def run(args) -> int:
     else:
         fused = f" with {args.adapter}" if args.adapter else ""
         print(f"{source.describe}{fused} on {args.data}: loss {result['loss']:.4f}, perplexity "
-              f"{result['perplexity']:.3f} over {result['tokens']} tokens ({result['windows']} "
-              f"windows of {seq_len}), {result['tokens_per_s']:.0f} tokens/s")
+              f"{result['perplexity']:.3f} over {result['tokens']} "
+              f"{'scored tokens of' if examples else 'tokens in'} {result['windows']} "
+              f"{'examples' if examples else 'windows'} of at most {seq_len}, "
+              f"{result['tokens_per_s']:.0f} tokens/s")
     return 0
