@@ -219,7 +219,7 @@ DOC_FLAGS = {
     "python-api.md": (),
     "lora.md": ("train", "sample", "export"),
     "chat.md": ("prepare", "chat", "train", "sample"),
-    "gguf.md": ("export", "eval"),
+    "gguf.md": ("export", "eval", "prepare"),
     "benchmarks.md": ("bench/bench_step.py", "bench/bench_ane_host.py"),
     "ARCHITECTURE.md": ("train", "selftest", "tools/kernel_table.py"),
 }
