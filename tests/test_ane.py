@@ -216,14 +216,17 @@ def test_sim_and_ane_inherit_every_packing_method():
 
 
 def test_engine_facing_kernel_methods_are_one_implementation():
-    """The cdef methods the engine calls without the GIL (stage_weights and the ten kernels,
-    the first 11 slots of the C method table) and PackedKernels' own cdef methods (plan
-    compilation, the call steps, the attention state, the error capture, the staging
-    halves) are the same machine code for sim and ane, except _execute (slot 16), the one
-    that differs; the cpu backend's are different code (so the table is really read)."""
-    n_engine = 11
-    n_packed = n_engine + 23
-    execute = n_engine + 5
+    """The cdef methods the engine calls without the GIL (stage_weights, lora_fwd and the
+    ten kernels, the first 12 slots of the C method table) and PackedKernels' own cdef
+    methods (plan compilation, the call steps, the attention state, the error capture, the
+    staging halves) are the same machine code for sim and ane, except _execute (slot 18),
+    the one that differs; the cpu backend's kernels are different code (so the table is
+    really read). lora_fwd (slot 1), the low-rank path, is the interface's own code on every
+    backend (the packed ones never call it: they stage merged weights)."""
+    n_engine = 12
+    n_packed = n_engine + 24
+    execute = n_engine + 6
+    lora_fwd = 1
     packed = _vtable(PackedKernels, n_packed)
     sim, ane = _vtable(SimKernels, n_packed), _vtable(AneKernels, n_packed)
     assert all(packed)
@@ -232,7 +235,8 @@ def test_engine_facing_kernel_methods_are_one_implementation():
             assert sim[i] == packed[i] == ane[i], i
     assert len({sim[execute], ane[execute], packed[execute]}) == 3
     cpu = _vtable(CpuKernels, n_engine)
-    assert all(a != b for a, b in zip(cpu, packed[:n_engine]))
+    assert cpu[lora_fwd] == packed[lora_fwd] == _vtable(Kernels, n_engine)[lora_fwd]
+    assert all(a != b for i, (a, b) in enumerate(zip(cpu, packed[:n_engine])) if i != lora_fwd)
 
 
 @pytest.fixture(scope="module")
