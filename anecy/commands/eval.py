@@ -63,7 +63,8 @@ def run(args) -> int:
         fused = f" with {args.adapter}" if args.adapter else ""
         print(f"{source.describe}{fused} on {args.data}: loss {result['loss']:.4f}, perplexity "
               f"{result['perplexity']:.3f} over {result['tokens']} "
-              f"{'scored tokens of' if examples else 'tokens in'} {result['windows']} "
-              f"{'examples' if examples else 'windows'} of at most {seq_len}, "
-              f"{result['tokens_per_s']:.0f} tokens/s")
+              + (f"scored tokens of {result['windows']} examples (a window of at most "
+                 f"{seq_len} each)" if examples else
+                 f"tokens ({result['windows']} windows of {seq_len})")
+              + f", {result['tokens_per_s']:.0f} tokens/s")
     return 0
