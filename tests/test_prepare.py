@@ -13,7 +13,7 @@ from anecy.corpus import builtin_stories
 from anecy.data import open_tokens, read_sidecar
 from anecy.errors import AnecyError
 from anecy.prepare import documents, prepare, val_path_for
-from conftest import require_module, require_shared
+from conftest import IN_CI, require_module, require_shared
 
 ROOT = Path(__file__).resolve().parents[1]
 WHY = "the Llama-2 tokenizer, to prepare text as llama2.c does"
@@ -301,7 +301,7 @@ def _recording_encode(texts):
     return _ENCODE["encode"](texts)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"),
+@pytest.mark.skipif(not sys.platform.startswith("linux") and not IN_CI,
                     reason="the workers see the patched function only when forked (Linux)")
 def test_documents_are_encoded_by_every_worker(tmp_path, monkeypatch):
     import anecy.prepare as P
@@ -347,7 +347,8 @@ def test_a_named_pipe_is_read_once_to_its_end(tmp_path):
                                                           "tok"]
 
 
-@pytest.mark.skipif(not Path("/dev/fd").is_dir(), reason="process substitution needs /dev/fd")
+@pytest.mark.skipif(not Path("/dev/fd").is_dir() and not IN_CI,
+                    reason="process substitution needs /dev/fd")
 def test_process_substitution(tmp_path):
     tok_dir = _word_level(tmp_path, 10)
     script = (f"{sys.executable} -m anecy prepare --no-progress --tokenizer {tok_dir} "
