@@ -63,7 +63,7 @@ import re
 
 import numpy as np
 
-from . import mil
+from . import ane_health, mil
 from .kernel_layout import KERNEL_NAMES, KERNELS, _size, input_shape, layout, output_shape
 from .errors import ConfigError
 from .milsim import Interpreter
@@ -666,7 +666,9 @@ cdef class PackedKernels(Kernels):
             return self.err_exc
         text = (<bytes>self.err_text).decode("utf-8", "replace")
         if self.err_kind == ERR_ANE:
-            return AneError(f"{self._where()}: ANE evaluation failed: {text}")
+            e = AneError(f"{self._where()}: ANE evaluation failed: {text}")
+            e.stage, e.kernel, e.layer = "evaluate", KERNEL_NAMES[self.err_kernel], self.err_layer
+            return e
         return RuntimeError(text)
 
     @property
@@ -1091,15 +1093,29 @@ def clear_compiled_programs():
     _COMPILED.clear()
 
 
-def _compiled(factory, str kernel, program):
+def _compiled(factory, str kernel, program, cfg):
     key = (factory, program.text, tuple(sorted(program.blobs.items())))
     k = _COMPILED.get(key)
     if k is None:
-        k = factory(program.text, program.blobs, kernel)
+        ane_health.spend_compile(kernel)        # refuses a compile past the ANE's budget
+        try:
+            k = factory(program.text, program.blobs, kernel)
+        except AneError as e:
+            raise ane_health.failure("compile and load", kernel, -1, cfg, e) from None
         if not isinstance(k, AneKernel):
             raise TypeError(f"kernel_factory returned {type(k).__name__}, not an AneKernel")
         _COMPILED[key] = k
     return k
+
+
+def _request(PackedKernels kernels, program, str kernel, int layer):
+    """``program`` bound to ``kernel``'s Surfaces of ``layer`` (-1: the layers' shared
+    ones); a failure names the kernel, layer, shapes and machine (ane_health.failure)."""
+    try:
+        return program.bind(kernels.input_surface(kernel, max(layer, 0)),
+                            kernels.output_surface(kernel, max(layer, 0)))
+    except AneError as e:
+        raise ane_health.failure("bind", kernel, layer, kernels.config, e) from None
 
 
 cdef class AneKernels(PackedKernels):
@@ -1127,11 +1143,10 @@ cdef class AneKernels(PackedKernels):
             # elements, so a narrower tensor would not be laid out as packed here
             raise ConfigError(f"the ane backend needs seq_len >= 32 (got {d.S}): the ANE "
                               f"pads surface rows to 32 elements")
-        compiled = {k: _compiled(self.kernel_factory, k, p) for k, p in programs.items()}
-        requests = [{k: compiled[k].bind(self.input_surface(k, l), self.output_surface(k, l))
-                     for k in WEIGHTED} for l in range(d.L)]
-        shared = {k: compiled[k].bind(self.input_surface(k), self.output_surface(k))
-                  for k in SHARED}
+        compiled = {k: _compiled(self.kernel_factory, k, p, self.config)
+                    for k, p in programs.items()}
+        requests = [{k: _request(self, compiled[k], k, l) for k in WEIGHTED} for l in range(d.L)]
+        shared = {k: _request(self, compiled[k], k, -1) for k in SHARED}
         for kid, k in enumerate(KERNEL_NAMES):
             for l in (range(d.L) if k in WEIGHTED else (0,)):
                 req = requests[l][k] if k in WEIGHTED else shared[k]

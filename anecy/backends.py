@@ -80,5 +80,10 @@ def kernels_class(name):
 
 
 def make_kernels(name):
-    """A fresh Kernels object for a resolved backend name."""
-    return kernels_class(resolve(name))()
+    """A fresh Kernels object for a resolved backend name. The ane backend's first start on
+    a chip and macOS build probes what anecy assumes of the hardware (anecy.ane_health)."""
+    name = resolve(name)
+    if name == "ane":
+        from .ane_health import start
+        return start(kernels_class(name)())
+    return kernels_class(name)()

@@ -135,6 +135,21 @@ class Model:
         self.active_ids = None   # vocabulary rows the classifier runs over (None: all)
         self.engine.stage_weights()
 
+    def switch_backend(self, backend: str):
+        """Run on ``backend`` from now on (the ane backend's fallback to cpu after a failed
+        evaluation): a new Engine over the same parameter and gradient buffers, the
+        gradients cleared (a failed kernel call leaves them NaN)."""
+        self.backend = backends.resolve(backend)
+        self.engine = Engine(self.config, self.views, self.grad_views,
+                             backends.make_kernels(self.backend),
+                             bool(backends.DEFAULT_ASYNC_DW[self.backend]), self.adapters,
+                             self.adapter_grads)
+        for g in (self.grads, self.adapter_grads):
+            if g is not None:
+                g[...] = 0.0
+        self.set_active_vocab(self.active_ids)
+        self.engine.stage_weights()
+
     # -- initialisation --------------------------------------------------------------------
     def init_weights(self, seed: int = 0):
         """llama2.c's scheme: N(0, 0.02) for every matrix, norms at 1, and the output

@@ -20,14 +20,17 @@ from .coreml_check import _quiet, load_coremltools
 from .errors import BackendUnavailable
 from .kernel_layout import layout
 
-__all__ = ["DEVICE_ULPS", "coreml_prediction_status", "coreml_predictor", "ane_runner",
-           "with_probs_of", "sdpa_backward_chain_reference"]
+__all__ = ["DEVICE_ULPS", "CHAIN_ULPS", "coreml_prediction_status", "coreml_predictor",
+           "ane_runner", "with_probs_of", "sdpa_backward_chain_reference"]
 
 # A device (the ANE, or Core ML's prediction) against milsim. The sim backend's fp16 error
 # against exact arithmetic is bounded by up to 16 U = 2^-7 of a block's largest value, i.e.
 # 8-16 ulps (tests/fp16_bounds.py); an independent fp16 implementation held to the same
 # bound can differ from milsim by twice that. Unverified on hardware.
 DEVICE_ULPS = 32.0
+# sdpaBwd1 -> sdpaBwd2 chained: sdpaBwd2 runs on sdpaBwd1's probs, each program within
+# DEVICE_ULPS of milsim's, so the chain is held to twice that (selftest, the probe).
+CHAIN_ULPS = 2 * DEVICE_ULPS
 
 
 # =========================================================================================
@@ -71,17 +74,20 @@ def coreml_predictor(compute_units: str = "CPU_AND_NE"):
 # =========================================================================================
 
 
-def ane_runner(cfg, kernel_factory=None):
+def ane_runner(cfg, kernel_factory=None, share_surfaces=None):
     """A function (kernel, fp16 input [1, C, 1, W]) -> fp16 output [1, C', 1, S] that runs
     the ane backend's own compiled program on exactly that input: an ``AneKernels`` bound to
     a cpu Model of ``cfg`` (which gives it its Surfaces and compiles the ten programs once),
     the input written into the kernel's input Surface, then ``execute``. The input carries
     its weights, so nothing is staged. ``kernel_factory`` replaces the private-API
-    ``AneKernel`` (tests)."""
+    ``AneKernel`` (tests); ``share_surfaces`` (default: as training decides) says whether
+    sdpaBwd1's output Surface is sdpaBwd2's input."""
     from .model import Model
     AneKernels = kernels_class("ane")
     model = Model(cfg, backend="cpu", seed=0)
     kernels = AneKernels() if kernel_factory is None else AneKernels(kernel_factory)
+    if share_surfaces is not None:
+        kernels.share_surfaces = share_surfaces
     kernels.bind(model.engine)
 
     def run(kernel, x):

@@ -14,7 +14,8 @@ from typing import Optional
 
 import numpy as np
 
-from . import backends, guard, trackers
+from . import ane_health, backends, guard, trackers
+from ._ane_runtime import AneError
 from .config import ModelConfig, TrainConfig
 from .data import Examples, ExampleSampler, TokenSampler, VocabMap, load_training_data
 from .errors import ConfigError, TrainingDiverged
@@ -82,7 +83,9 @@ class Trainer:
         self.vocab = (VocabMap.from_tokens(self.tokens, mc.vocab_size, *extra)
                       if tc.compact_vocab else VocabMap.full(mc.vocab_size))
         adapters = self._adapters(mc, tc, lora, init_adapter, _resume_state)
-        self.model = Model(mc, self.backend, seed=tc.seed, adapters=adapters)
+        self.model, self.backend = ane_health.build_model(
+            lambda b: Model(mc, b, seed=tc.seed, adapters=adapters), tc.backend, self.backend,
+            mc, log)
         self.base = None             # a LoRA run's base: {"path", "hash"} (lora.base_hash)
         if tc.init_from and (_resume_state is None or adapters is not None):
             from .pretrained import load_into  # an HF directory or a llama2.c file
@@ -141,7 +144,11 @@ class Trainer:
         t0 = time.perf_counter()
         before = model.timings()
         scale_used = self.optimizer.scale.value
-        loss, useful = self.next_microstep(scale_used)
+        try:
+            loss, useful = self.next_microstep(scale_used)
+        except AneError as e:        # --backend auto: on cpu from here; ane: one line, exit 2
+            ane_health.fall_back(self, e)
+            loss, useful = self.next_microstep(scale_used)
         if not math.isfinite(loss):
             raise self.guard.diverged(f"loss is {loss} at step {self.step_count + 1}")
         self.step_count += 1

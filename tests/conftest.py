@@ -7,6 +7,7 @@ thing is missing, the test is skipped with a reason that says how to get it, exc
 """
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -50,3 +51,13 @@ def require_module(name: str, install: str, why: str):
         return __import__(name)
     except ImportError:
         require(False, f"the Python package '{name}' ({why})", f"run `{install}`")
+
+
+@pytest.fixture(autouse=True)
+def _fresh_compile_budget():
+    """Each test starts with the ANE compile budget of a new process: the stand-in
+    executors count against it as the real compiler would (anecy.ane_health)."""
+    health = sys.modules.get("anecy.ane_health")
+    if health is not None:
+        health._SPENT[0] = 0
+    yield

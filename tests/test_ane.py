@@ -107,8 +107,12 @@ def test_ane_kernel_compile_fails_clearly():
 def test_ane_kernels_bind_fails_clearly_here():
     m = Model(ModelConfig(**CONFIGS["gqa"]), backend="sim")
     ane = AneKernels()
-    with pytest.raises(AneError, match="macOS on Apple Silicon"):
+    with pytest.raises(BackendUnavailable, match="macOS on Apple Silicon") as info:
         ane.bind(m.engine)
+    # the one line names the stage, the kernel, its shapes and the machine
+    assert str(info.value).startswith("the ane backend could not compile and load sdpaFwd "
+                                      "(every layer, input [1,64,1,")
+    assert "no Neural Engine" in str(info.value) and "\n" not in str(info.value)
 
 
 # -----------------------------------------------------------------------------------------

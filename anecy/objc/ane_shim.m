@@ -44,12 +44,16 @@ static const char *const kModelPathPrefix = "@model_path/";
 
 /* ---------------------------------------------------------------- the private API */
 
-/* The selectors' C signatures (as the public maderix/ANE project calls them on hardware). */
-typedef id (*DescriptorFn)(Class, SEL, NSData *, NSDictionary *, NSDictionary *);
+/* The selectors' C signatures (as the public maderix/ANE project calls them on hardware).
+ * What the hardware work found (mechramc/Orion docs/ane_constraints.md #9, #11) is in the
+ * types, so clang holds every call to it (tools/objc_check): the MIL text goes as NSData,
+ * never NSString, and the weights and options dictionaries are never nil (an empty
+ * dictionary for none): _Nonnull makes a nil argument a -Wnonnull error. */
+typedef id (*DescriptorFn)(Class, SEL, NSData *_Nonnull, NSDictionary *_Nonnull, NSDictionary *);
 typedef id (*ModelFn)(Class, SEL, id);
 typedef id (*IdentifierFn)(id, SEL);
-typedef BOOL (*QosOptionsErrorFn)(id, SEL, unsigned int, NSDictionary *, NSError **);
-typedef BOOL (*EvaluateFn)(id, SEL, unsigned int, NSDictionary *, id, NSError **);
+typedef BOOL (*QosOptionsErrorFn)(id, SEL, unsigned int, NSDictionary *_Nonnull, NSError **);
+typedef BOOL (*EvaluateFn)(id, SEL, unsigned int, NSDictionary *_Nonnull, id, NSError **);
 typedef BOOL (*UnloadFn)(id, SEL, unsigned int, NSError **);
 typedef id (*SurfaceObjectFn)(Class, SEL, IOSurfaceRef);
 typedef id (*RequestFn)(Class, SEL, NSArray *, NSArray *, NSArray *, NSArray *, id, id, NSNumber *);
