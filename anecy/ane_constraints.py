@@ -93,7 +93,8 @@ CONSTRAINTS = (
 # Programs
 # =========================================================================================
 
-_BLOBFILE = re.compile(r'BLOBFILE\(path=string\("(?P<path>[^"]*)"\), *offset=uint64\((?P<off>\d+)\)\)')
+_BLOBFILE = re.compile(r'BLOBFILE\(path=string\("(?P<path>[^"]*)"\), *'
+                       r'offset=uint64\((?P<off>\d+)\)\)')
 
 
 def _constant_tables(cfg) -> list[np.ndarray]:

@@ -258,8 +258,9 @@ def shared_surface_ok(kernel_factory=None, log=print) -> bool:
         entry = probe_shared_surface(kernel_factory)
         entry.update(anecy=__version__, seconds=round(time.perf_counter() - t0, 3),
                      when=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-        if entry.pop("decided"):      # the reference chain ran: the answer is this machine's
-            _write_cache(entry)
+        if not entry.pop("decided"):  # the ANE ran neither chain: the model's own compile
+            return False              # will fail and say why; nothing is learnt or cached
+        _write_cache(entry)
     if not entry["ok"] and key not in _SAID:
         _SAID.add(key)
         log(f"ane: one Surface shared by sdpaBwd1 and sdpaBwd2 failed its probe on "

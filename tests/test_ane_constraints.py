@@ -13,14 +13,13 @@ import numpy as np
 import pytest
 
 from anecy import ConfigError, Model, ModelConfig, _packed, ane_constraints, ane_health, mil
+from anecy._ane_runtime import Surface
+from anecy._packed import AneKernels
+from anecy._testing import NullAneKernel
 from anecy.ane_constraints import CONSTRAINTS, check_bound, check_program, check_programs
 from anecy.blob import build_blob
 from anecy.config import PRESETS
 from anecy.kernel_layout import KERNEL_NAMES
-from anecy._ane_runtime import Surface
-from anecy._packed import AneKernels
-from anecy._testing import NullAneKernel
-
 from conftest import require_tool
 
 ROOT = Path(__file__).resolve().parents[1]
