@@ -5,9 +5,29 @@ and ``ane`` (the Apple Neural Engine itself, macOS on Apple Silicon) plug in beh
 same Kernels interface and share all of their packing code (anecy._packed.PackedKernels).
 """
 
+from contextlib import contextmanager
+
 from .errors import BackendUnavailable, ConfigError
 
 BACKENDS = ("cpu", "sim", "ane")
+
+
+# The ane backend's program executor when it is not the Neural Engine: None (the private
+# API's AneKernel), or a stand-in such as anecy._testing.NullAneKernel, with which the ane
+# backend's host side runs anywhere (``anecy bench`` off a Mac, benchmarks, tests).
+_ANE_STAND_IN = [None]
+
+
+@contextmanager
+def ane_stand_in(factory):
+    """Inside the block, ``ane`` is available and its programs run on ``factory`` (called
+    as AneKernel is: ``factory(mil_text, blobs, name)``), not on the Neural Engine."""
+    saved = _ANE_STAND_IN[0]
+    _ANE_STAND_IN[0] = factory
+    try:
+        yield
+    finally:
+        _ANE_STAND_IN[0] = saved
 
 
 def available():
@@ -16,7 +36,7 @@ def available():
     ``resolve("auto")`` picks ``ane`` when it is listed, else ``cpu``; ``sim`` (the ANE's
     programs run by a slow numpy interpreter, for testing) is never picked by ``auto``."""
     names = ["cpu", "sim"]
-    if ane_status()[0]:
+    if _ANE_STAND_IN[0] is not None or ane_status()[0]:
         names.append("ane")
     return names
 
@@ -85,5 +105,7 @@ def make_kernels(name):
     name = resolve(name)
     if name == "ane":
         from .ane_health import start
-        return start(kernels_class(name)())
+        stand_in = _ANE_STAND_IN[0]
+        return start(kernels_class(name)() if stand_in is None
+                     else kernels_class(name)(kernel_factory=stand_in))
     return kernels_class(name)()

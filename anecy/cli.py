@@ -13,7 +13,7 @@ from .errors import AnecyError
 
 # command name -> module in anecy.commands, in the order `anecy --help` lists them
 COMMANDS = ("train", "prepare", "download", "plot", "sample", "chat", "export", "eval",
-            "selftest")
+            "selftest", "bench")
 
 
 def run_command(prog: str, run, args) -> int:
