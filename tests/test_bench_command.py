@@ -7,7 +7,6 @@ import pytest
 from anecy import cli
 from anecy.commands import bench
 from anecy.kernel_layout import KERNEL_NAMES
-
 from conftest import require_module
 
 

@@ -210,11 +210,11 @@ def test_training_text_states_the_configured_optimizer():
 # the commands (and benchmark scripts) whose flags each document names
 DOC_FLAGS = {
     "README.md": ("train", "prepare", "download", "plot", "sample", "export", "eval",
-                  "selftest"),
+                  "selftest", "bench"),
     "training.md": ("train",),
     "data.md": ("prepare", "download", "plot", "train"),
     "sampling-and-export.md": ("sample", "export", "train"),
-    "ane.md": ("selftest", "train"),
+    "ane.md": ("selftest", "bench", "train"),
     "reliability.md": ("train",),
     "python-api.md": (),
     "lora.md": ("train", "sample", "export"),
