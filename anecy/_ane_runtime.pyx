@@ -15,6 +15,8 @@ from libc.stdlib cimport calloc, free
 
 import numpy as np
 
+from .errors import BackendUnavailable
+
 from cpython.buffer cimport PyBUF_FORMAT
 from libc.stdio cimport snprintf
 from libc.string cimport memset
@@ -32,9 +34,10 @@ cdef size_t _HOST_ALIGNMENT = 4096
 SHIM_COMPILED = bool(ANECY_ANE_SHIM)
 
 
-class AneError(RuntimeError):
+class AneError(BackendUnavailable):
     """The Apple Neural Engine (or its shim) could not do what was asked: unavailable on
-    this machine, a program it would not compile, a failed evaluation."""
+    this machine, a program it would not compile, a failed evaluation. A user-facing error
+    (one line, exit status 2), and a RuntimeError."""
 
 
 cdef str _text(const char* err):

@@ -169,7 +169,12 @@ class Trainer:
         self.train_ms += ms
         val = None
         if tc.eval_every and self.step_count % tc.eval_every == 0:
-            val = self.last_val_loss = self.evaluate()
+            try:
+                val = self.evaluate()
+            except AneError as e:
+                ane_health.fall_back(self, e)
+                val = self.evaluate()
+            self.last_val_loss = val
         rec = StepRecord(step=self.step_count, loss=loss, lr=tc.lr_at(self.step_count), ms=ms,
                          tokens_per_s=self.mc.seq_len / (ms / 1e3),
                          updated=grad_norm is not None, grad_norm=grad_norm, val_loss=val,
