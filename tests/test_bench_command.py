@@ -35,7 +35,7 @@ def test_the_json_has_its_schema(quick_run):
     assert data["selftest"]["result"].startswith("result: OK: all 10 kernels agree")
     assert _number(data["load_average"]) and data["steps"] == 1
     [model] = data["models"]
-    assert model["preset"] == "tiny" and model["seq_len"] == 64
+    assert model["preset"] == "tiny" and model["seq_len"] == 64 and model["vocab_size"] == 32000
     for backend in ("ane", "cpu"):
         m = model[backend]
         for key in ("microstep_ms", "update_ms", "tokens_per_s", "build_ms"):

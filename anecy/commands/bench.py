@@ -3,9 +3,10 @@
 It runs ``anecy selftest`` (the ten programs every way this machine can), then times, on the
 ane backend and on the cpu backend, for Stories110M (and Qwen3-0.6B with ``--all``): building
 the model (compiling the ten programs, on ane), one training microstep (forward and backward
-of one window) and one optimizer update (AdamW and the weight staging), each the median of
-``--steps`` runs after a warm-up; and on ane each program's own time (one evaluation, as
-bound, median of ``--steps``) and its packing and unpacking time per microstep. It writes
+of one window over the whole vocabulary) and one optimizer update (AdamW and the weight
+staging), each the median of ``--steps`` runs after a warm-up; and on ane each program's own
+time (one evaluation, as bound, median of ``--steps``) and its packing and unpacking time per
+microstep. It writes
 the figures as JSON (``--out``: chip, macOS version and build, anecy's version, the load) and
 prints one markdown table row per model to paste into an issue.
 
@@ -118,7 +119,7 @@ def _selftest(quiet_out):
 
 
 def markdown_header():
-    return ("| chip | macOS (build) | anecy | model | device | selftest | compile ms | "
+    return ("| chip | OS (build) | anecy | model | device | selftest | compile ms | "
             "ane microstep ms | cpu microstep ms | ane update ms | cpu update ms |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|")
 
@@ -157,7 +158,8 @@ def bench(presets, steps, out_path, say=print) -> dict:
               "selftest": {"status": status, "result": line}, "models": []}
     for name in presets:
         cfg = ModelConfig.preset(name)
-        entry = {"preset": name, "seq_len": cfg.seq_len}
+        # the whole vocabulary (no compaction), the same window on both backends
+        entry = {"preset": name, "seq_len": cfg.seq_len, "vocab_size": cfg.vocab_size}
         for backend in ("ane", "cpu"):
             say(f"{name} on {backend} ...")
             if backend == "ane" and not on_ane:
