@@ -66,3 +66,16 @@ def test_the_command_refuses_an_unwritable_output(tmp_path, capsys):
     rc = cli.anecy_main(["bench", "--quick", "--out", str(tmp_path / "missing" / "b.json")])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and err[0].startswith("anecy bench: error: ")
+
+
+def test_without_coremltools_the_selftest_is_skipped_not_failed(monkeypatch):
+    import io
+
+    from anecy import coreml_check
+    from anecy.errors import BackendUnavailable
+
+    def missing():
+        raise BackendUnavailable("anecy selftest needs coremltools 9.0: pip install ...")
+    monkeypatch.setattr(coreml_check, "load_coremltools", missing)
+    status, line = bench._selftest(io.StringIO())
+    assert status == "skipped" and "needs coremltools" in line
