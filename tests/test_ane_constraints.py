@@ -152,7 +152,7 @@ def _bound(cfg, factory=NullAneKernel):
     return ane, m
 
 
-@pytest.mark.parametrize("preset", ["tiny", "qwen3-tiny", "stories15m"])
+@pytest.mark.parametrize("preset", ["tiny", "qwen3-tiny", "stories15m", "stories110m"])
 @pytest.mark.usefixtures("fresh_programs")
 def test_every_surface_and_request_holds(preset):
     ane, _ = _bound(ModelConfig.preset(preset))
