@@ -66,7 +66,7 @@ CONSTRAINTS = (
     Constraint("min-surface", "Orion #4", "check_bound: every Surface >= 49152 bytes"),
     Constraint("compile-budget", "maderix README; Orion #5", "ane_health.spend_compile"),
     Constraint("sdpa-mask-ignored", "maderix README; Orion #6",
-               "check_program: no SDPA op; the mask is added before softmax"),
+               "check_program: no SDPA op (causality: the sim backend against cpu)"),
     Constraint("weights-baked", "maderix m5result; Orion #7",
                "check_program: only the mask and RoPE tables are constants; no compile "
                "after a weight update"),

@@ -44,6 +44,8 @@ CACHE_FILE = "ane_probes.json"
 # The probe's model shape: the smallest preset the ane backend runs (seq_len >= 32).
 PROBE_PRESET = "tiny"
 PROBE_KEY = "shared_surface"
+# Device keys whose failed probe this process has already said (one line each).
+_SAID = set()
 
 
 class AneFailure(BackendUnavailable):
@@ -269,8 +271,6 @@ def shared_surface_ok(kernel_factory=None, log=print) -> bool:
             f"{cache_path()})")
     return entry["ok"]
 
-
-_SAID = set()
 
 
 def _on_hardware(kernels) -> bool:
