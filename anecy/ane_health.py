@@ -139,7 +139,7 @@ def _from_error(e, cfg):
     carries the kernel and layer that ``raise_pending`` names)."""
     if isinstance(e, AneFailure):
         return e
-    return failure(getattr(e, "stage", "evaluate"), getattr(e, "kernel", ""),
+    return failure(getattr(e, "stage", "run"), getattr(e, "kernel", ""),
                    getattr(e, "layer", -1), cfg, e)
 
 
