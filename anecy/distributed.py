@@ -96,8 +96,8 @@ class Group:
     the collectives done (the same on every rank); ``seen[p]``: the last arrival notice of
     rank p, ``2*seq`` (arrived at collective seq) or ``2*seq + 1`` (on its way to it, saving a
     checkpoint first); ``heard_at[p]``: when it came. ``stop`` (a StopRequests, set by the
-    trainer) is polled while waiting, ``last_good`` (set by the trainer) names the checkpoint
-    a lost rank's message points to. ``reduce_ms``/``reduce_bytes``/``reduces``: the gradient
+    trainer) is polled while waiting, ``last_good`` (set by the trainer: a function giving the
+    (path, step) of the last good checkpoint, or None) is what a lost rank's message names. ``reduce_ms``/``reduce_bytes``/``reduces``: the gradient
     all-reduces' time and volume."""
 
     def __init__(self, comm, timeout: float = DEFAULT_TIMEOUT, prog: str = "anecy"):
@@ -204,16 +204,17 @@ class Group:
             now = time.monotonic()
             late = self._missing(seq, now, start)
             if late:
-                self._lost(what, late)
+                self._lost(what, late, f" within {self.timeout:g} s (died or hung)")
             if self.stop is not None and self.stop.requested:
                 signalled = signalled or now
                 if now - signalled > SIGNAL_GRACE:
                     # the launcher ends the job (a rank died) or the user stops it
                     self._lost(what, self._missing(seq, float("inf"), start),
-                               " (a stop signal came while waiting)")
+                               " (died or hung: a stop signal came while waiting for it, "
+                               "the launcher is ending the run)")
             time.sleep(0.0002 if polls < 2000 else 0.002)
 
-    def _lost(self, what, late, why=""):
+    def _lost(self, what, late, why):
         """Stop this process: one line from the lowest rank still running, naming the ranks
         that did not come, then a non-zero exit (the launcher ends the other ranks)."""
         alive = [p for p in range(self.size) if p not in late]
@@ -221,12 +222,12 @@ class Group:
             who = (", ".join(map(str, late)) if late else "another rank")
             ranks = "rank" if len(late) <= 1 else "ranks"
             where = ""
-            if self.last_good is not None:
-                path, step = self.last_good
+            last_good = self.last_good() if self.last_good is not None else None
+            if last_good is not None:
+                path, step = last_good
                 where = f"; the last checkpoint, {path} (step {step}), is intact: --resume it"
-            print(f"{self.prog}: error: {ranks} {who} of {self.size} did not reach {what} "
-                  f"within {self.timeout:g} s (died or hung){why}; stopping{where}",
-                  file=sys.stderr, flush=True)
+            print(f"{self.prog}: error: {ranks} {who} of {self.size} did not reach {what}"
+                  f"{why}; stopping{where}", file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_LOST_RANK)
 
@@ -241,9 +242,9 @@ class Group:
         for p in range(self.size):
             for j, name in enumerate(names):
                 if every[p, j] != every[0, j]:
-                    raise Refused(f"rank {p}'s {name} differs from rank 0's: every rank must "
-                                  "run the same anecy with the same flags, data and weights",
-                                  quiet=self.rank != 0)
+                    raise Refused(f"rank {p} has other {name} than rank 0: every rank "
+                                  "must run the same anecy with the same flags, data and "
+                                  "weights", quiet=self.rank != 0)
 
     def sum_stats(self, values, what: str) -> np.ndarray:
         """``values`` (a few floats: one microstep's loss, counts, stop flag) summed over

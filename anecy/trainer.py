@@ -143,7 +143,7 @@ class Trainer:
                        "data position": distributed._crc(np.frombuffer(position.encode(),
                                                                         np.uint8))})
         dp.stop = self.stop
-        dp.last_good = self.guard.last_good
+        dp.last_good = lambda: self.guard.last_good
         if self.pending and dp.rank != 0:
             opt.grads[:] = 0
         if resume_state is not None:
@@ -409,8 +409,6 @@ class Trainer:
                         if self.dp is not None:
                             self.dp.saving()
                         self.guard.save_when_checked()
-                        if self.dp is not None:
-                            self.dp.last_good = self.guard.last_good
             self.stop.saving = True  # from here on a stop request waits for the final save
         except BaseException:
             self.guard.discard()
