@@ -97,8 +97,8 @@ class Group:
     rank p, ``2*seq`` (arrived at collective seq) or ``2*seq + 1`` (on its way to it, saving a
     checkpoint first); ``heard_at[p]``: when it came. ``stop`` (a StopRequests, set by the
     trainer) is polled while waiting, ``last_good`` (set by the trainer: a function giving the
-    (path, step) of the last good checkpoint, or None) is what a lost rank's message names. ``reduce_ms``/``reduce_bytes``/``reduces``: the gradient
-    all-reduces' time and volume."""
+    (path, step) of the last good checkpoint, or None) is what a lost rank's message names.
+    ``reduce_ms``/``reduce_bytes``/``reduces``: the gradient all-reduces' time and volume."""
 
     def __init__(self, comm, timeout: float = DEFAULT_TIMEOUT, prog: str = "anecy"):
         from mpi4py import MPI

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import require_module, require_tool
 
 from anecy.checkpoint import load_checkpoint, read_checkpoint_meta
+from conftest import require_module, require_tool
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "train_stories.py")
@@ -203,3 +203,26 @@ def test_ranks_that_disagree_are_refused(tmp_path, mpirun):
                     "rank must run the same anecy with the same flags, data and weights"], \
         r.stderr
     assert not Path(ckpt).exists()
+
+
+def test_bench_dp_quick(tmp_path, mpirun):
+    """bench/bench_dp.py --quick measures both sides and prints the paper table; its
+    all-reduce carries the tiny model's gradients (4 bytes a parameter) once an update."""
+    import json
+
+    from anecy import ModelConfig
+    r = subprocess.run([sys.executable, str(ROOT / "bench" / "bench_dp.py"), "--quick",
+                        "--gflops", "1000", "--json", str(tmp_path / "b.json")],
+                       cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for text in ("| 1 process x 2 threads |", "| 2 ranks x 1 thread |", "| Qwen3-0.6B | LoRA |",
+                 "| Stories110M | full |", "8 x 40 Gbit/s", "machines given by --gflops"):
+        assert text in r.stdout, text
+    b = json.loads((tmp_path / "b.json").read_text())
+    assert b["two_ranks"]["allreduce_bytes"] == 4 * ModelConfig.preset("tiny").n_params
+    assert b["one_process"]["ms_per_update"] > 0 and b["two_ranks"]["allreduce_ms"] > 0
+    paper = b["paper"]["given"]
+    # a faster machine spends relatively longer in the all-reduce; more links, less
+    by = {(p["model"], p["mode"], p["machines"], p["gbit"]): p["speedup"] for p in paper}
+    assert by[("Qwen3-0.6B", "full", 8, 1)] < by[("Qwen3-0.6B", "full", 8, 40)] <= 8
+    assert by[("Qwen3-0.6B", "full", 8, 1)] < by[("Qwen3-0.6B", "LoRA", 8, 1)]
