@@ -226,3 +226,27 @@ def test_bench_dp_quick(tmp_path, mpirun):
     by = {(p["model"], p["mode"], p["machines"], p["gbit"]): p["speedup"] for p in paper}
     assert by[("Qwen3-0.6B", "full", 8, 1)] < by[("Qwen3-0.6B", "full", 8, 40)] <= 8
     assert by[("Qwen3-0.6B", "full", 8, 1)] < by[("Qwen3-0.6B", "LoRA", 8, 1)]
+
+
+def test_a_single_process_never_loads_mpi(tmp_path):
+    """Without a launcher anecy trains as one process and never imports mpi4py; under one
+    (its environment) with no mpi4py, one line says what to install."""
+    code = ("import sys; sys.modules['mpi4py'] = None\n"     # as if not installed
+            "from anecy import ModelConfig, TrainConfig, Trainer\n"
+            "t = Trainer(ModelConfig.preset('tiny'), TrainConfig(steps=2, accum=1), "
+            "log=lambda *_: None)\n"
+            "t.step(); assert t.dp is None and t.writes; print('ok')\n")
+    e = env()
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        e.pop(var, None)
+    r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=e, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr
+    r = subprocess.run([sys.executable, "-c", "import sys; sys.modules['mpi4py'] = None\n"
+                        "from anecy.cli import main; sys.exit(main())", *MODEL, "--steps", "2"],
+                       cwd=tmp_path, env=dict(e, OMPI_COMM_WORLD_SIZE="2"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2
+    assert r.stderr.splitlines() == [
+        "train_stories.py: error: started by an MPI launcher as 2 processes, but mpi4py is "
+        "not installed: pip install 'anecy[mpi]'"], r.stderr
