@@ -96,8 +96,9 @@ class Group:
     the collectives done (the same on every rank); ``seen[p]``: the last arrival notice of
     rank p, ``2*seq`` (arrived at collective seq) or ``2*seq + 1`` (on its way to it, saving a
     checkpoint first); ``heard_at[p]``: when it came. ``stop`` (a StopRequests, set by the
-    trainer) is polled while waiting, ``last_good`` (set by the trainer: a function giving the
-    (path, step) of the last good checkpoint, or None) is what a lost rank's message names.
+    trainer) is polled while waiting; ``joined``: the start-up check passed; ``last_good``
+    (set by the trainer: a function giving the (path, step) of the last good checkpoint, or
+    None) is what a lost rank's message names.
     ``reduce_ms``/``reduce_bytes``/``reduces``: the gradient all-reduces' time and volume."""
 
     def __init__(self, comm, timeout: float = DEFAULT_TIMEOUT, prog: str = "anecy"):
@@ -117,6 +118,7 @@ class Group:
         self.stats = np.zeros(8, np.float64)    # one microstep's figures, summed over ranks
         self.stop = None
         self.last_good = None
+        self.joined = False            # the start-up check passed: errors are the same on all
         self.reduce_ms = 0.0
         self.reduce_bytes = 0
         self.reduces = 0

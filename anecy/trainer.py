@@ -118,6 +118,7 @@ class Trainer:
             guard.restore(self, *_resume_state)
         self.stop = StopRequests()
         self._ckpt_mark = self.step_count      # the step of the last periodic save
+        self.stop_agreed = False               # data parallel: a rank asked to stop
         if self.dp is not None:
             self._join(_resume_state)
         self.setup_ms = (time.perf_counter() - t0) * 1e3
@@ -143,6 +144,7 @@ class Trainer:
                        "data position": distributed._crc(np.frombuffer(position.encode(),
                                                                         np.uint8))})
         dp.stop = self.stop
+        dp.joined = True
         dp.last_good = lambda: self.guard.last_good
         if self.pending and dp.rank != 0:
             opt.grads[:] = 0
@@ -238,7 +240,7 @@ class Trainer:
                               float(self.stop.requested)],
                              f"the end of step {self.step_count + windows}")
         if stats[2]:
-            self.stop.requested = True             # agreed: every rank stops after this step
+            self.stop_agreed = True                # every rank stops after this microstep
         return (float(stats[0]) / windows, None if useful is None else float(stats[1]),
                 windows, self.step_count + windows == end)
 
@@ -379,7 +381,7 @@ class Trainer:
                    disable=not progress or not self.writes, unit="step", dynamic_ncols=True)
         window = []
         try:
-            while self.step_count < tc.steps and not self.stop.requested:
+            while self.step_count < tc.steps and not self._stopping():
                 before = self.step_count
                 rec = self.step()
                 window.append(rec)
@@ -445,6 +447,11 @@ class Trainer:
                               (time.perf_counter() - run_start) * 1e3)
         summary["interrupted"] = interrupted
         return summary
+
+    def _stopping(self) -> bool:
+        """A stop was requested; in a data-parallel run, on some rank as of the last
+        microstep's sums, so that every rank stops after the same one."""
+        return self.stop.requested if self.dp is None else self.stop_agreed
 
     def _periodic_save_due(self, step) -> bool:
         """Every `ckpt_every` microsteps; in a data-parallel run at the first update after

@@ -64,12 +64,11 @@ def worker(args):
         print(json.dumps(out), flush=True)
 
 
-def measure(args, ranks):
+def measure(args, ranks, threads):
     env = dict(os.environ, OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
                PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH"))
                                           if p))
     env.pop("ANECY_DATA", None)
-    threads = 1 if ranks > 1 else 2
     env.update(OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads))
     cmd = [sys.executable, __file__, "--worker", "--preset", args.preset, "--seq-len",
            str(args.seq_len), "--updates", str(args.updates), "--ranks", str(ranks),
@@ -135,16 +134,19 @@ def main():
     load = os.getloadavg()[0]
     print(f"bench_dp: {args.preset}, seq {args.seq_len}, {2 * args.accum} windows per update; "
           f"load {load:.2f} on {os.cpu_count()} cores")
-    # the two sides alternate, so that a change of load hits both; medians over the rounds
-    runs = {1: [], 2: []}
+    # the sides alternate, so that a change of load hits each; medians over the rounds.
+    # (ranks, BLAS threads a rank): the comparison asked for, and one process on one thread
+    # for scale
+    sides = ((1, 2), (2, 1), (1, 1))
+    runs = {side: [] for side in sides}
     for _ in range(args.rounds):
-        for ranks in (1, 2):
-            runs[ranks].append(measure(args, ranks))
-    one, two = ({k: statistics.median(r[k] for r in runs[n]) for k in runs[n][0]}
-                for n in (1, 2))
+        for side in sides:
+            runs[side].append(measure(args, *side))
+    one, two, single = ({k: statistics.median(r[k] for r in runs[side]) for k in runs[side][0]}
+                        for side in sides)
     flop = one["gflop_per_window"] * one["windows_per_update"]
-    # the machine's sustained rate: the faster side's, its all-reduce left out
-    gflops = max(flop / (one["ms_per_update"] / 1e3),
+    # the machine's sustained rate: the fastest side's, the all-reduce left out
+    gflops = max(flop / (one["ms_per_update"] / 1e3), flop / (single["ms_per_update"] / 1e3),
                  flop / ((two["ms_per_update"] - two["allreduce_ms"]) / 1e3))
     print(f"\nmedians of {args.updates} updates x {args.rounds} runs a side, alternated")
     print("\n| run | ms per update | all-reduce ms per update (with the wait for the slower "
@@ -153,6 +155,7 @@ def main():
     print(f"| 1 process x 2 threads | {one['ms_per_update']:.1f} | - | - |")
     print(f"| 2 ranks x 1 thread | {two['ms_per_update']:.1f} | {two['allreduce_ms']:.1f} | "
           f"{two['allreduce_bytes'] / 1e6:.2f} |")
+    print(f"| 1 process x 1 thread | {single['ms_per_update']:.1f} | - | - |")
     print(f"\n2 ranks / 1 process ms per update: "
           f"{two['ms_per_update'] / one['ms_per_update']:.2f}; this machine sustains "
           f"{gflops:.1f} GFLOP/s (the faster side, all-reduce left out)")
@@ -161,7 +164,8 @@ def main():
         tables["given"] = paper_table(args.gflops, "machines given by --gflops")
     if args.json:
         Path(args.json).write_text(json.dumps({"load": load, "one_process": one,
-                                               "two_ranks": two, "gflops": gflops,
+                                               "two_ranks": two, "one_thread": single,
+                                               "gflops": gflops,
                                                "paper": tables}, indent=1))
 
 

@@ -322,14 +322,23 @@ def _hold_outputs(tc: TrainConfig, stack) -> None:
 
 
 def run(args) -> int:
+    from ..distributed import Group
+    group = Group.from_environment(args.mpi_timeout or DEFAULT_TIMEOUT,
+                                   prog=getattr(args, "_prog", None) or "anecy train")
+    try:
+        return _run(args, group)
+    except AnecyError as e:
+        if group is not None and group.rank != 0 and group.joined:
+            e.quiet = True   # the ranks share the state, and the error: rank 0 says it
+        raise
+
+
+def _run(args, group) -> int:
     from contextlib import ExitStack
 
     from .. import corpus
     from ..checkpoint import read_checkpoint_meta
-    from ..distributed import Group
     from ..trainer import Trainer, prepare_outputs
-    group = Group.from_environment(args.mpi_timeout or DEFAULT_TIMEOUT,
-                                   prog=getattr(args, "_prog", None) or "anecy train")
     if group is not None and group.rank != 0:
         # the other ranks only compute: rank 0 prints and writes
         sys.stdout = open(os.devnull, "w")
