@@ -257,6 +257,13 @@ class Group:
         self._wait([self.comm.Iallreduce(self.MPI.IN_PLACE, s, op=self.MPI.SUM)], what)
         return s[:len(values)]
 
+    def gather(self, values, what: str) -> np.ndarray:
+        """[size, len(values)]: every rank's ``values`` (floats), on every rank."""
+        mine = np.asarray(values, np.float64)
+        every = np.zeros((self.size, mine.size), np.float64)
+        self._wait([self.comm.Iallgather(mine, every)], what)
+        return every
+
     def sum_gradients(self, grads: np.ndarray, what: str):
         """Sum the flat gradient buffer over the ranks, in place, in buckets all in flight
         at once."""

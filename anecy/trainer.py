@@ -429,6 +429,8 @@ class Trainer:
                     # stopped inside an accumulation: rank 0 keeps the sum of every rank's
                     self.dp.sum_gradients(self.optimizer.grads, "the final gradient sum")
                 if self.writes:
+                    if self.dp is not None:
+                        self.dp.saving()
                     saved = self.save()
         finally:
             self.stop.saving = False
@@ -462,14 +464,20 @@ class Trainer:
 
     def report(self, steps_this_run: int, wall_ms: float) -> dict:
         """Print the Efficiency Report and return its figures."""
-        summary = efficiency_report(self, steps_this_run, wall_ms)
         dp = self.dp
-        if dp is not None and dp.reduces:
-            summary["allreduce_ms"] = dp.reduce_ms / dp.reduces
+        if dp is None:
+            return efficiency_report(self, steps_this_run, wall_ms)
+        # every rank's train time and gradient all-reduce time, the figures above rank 0's
+        every = dp.gather([self.train_ms, dp.reduce_ms], "the Efficiency Report")
+        summary = efficiency_report(self, steps_this_run, wall_ms)
+        summary["rank_train_ms"] = every[:, 0].tolist()
+        if dp.reduces:
+            summary["allreduce_ms"] = float(every[:, 1].mean()) / dp.reduces
             summary["allreduce_bytes"] = dp.reduce_bytes // dp.reduces
             self.log(f"data parallel:   {dp.size} ranks, gradient all-reduce "
-                     f"{summary['allreduce_ms']:.1f} ms and "
-                     f"{summary['allreduce_bytes'] / 1e6:.1f} MB per update")
+                     f"{summary['allreduce_ms']:.1f} ms (mean of the ranks) and "
+                     f"{summary['allreduce_bytes'] / 1e6:.1f} MB per update; ranks' train "
+                     f"time {every[:, 0].min() / 1e3:.1f}-{every[:, 0].max() / 1e3:.1f} s")
         return summary
 
 
