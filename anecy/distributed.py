@@ -21,7 +21,8 @@ last of the k microsteps could overlap at all.
 
 Faults: every collective is non-blocking and waited for with a deadline (MPI's blocking calls
 never time out). Before each one a rank tells the others it has arrived (a small message on its
-own communicator), so a rank that waits past the deadline can name the ranks that never came:
+own communicator), and repeats it while it waits, so a rank that waits past the deadline can
+name the ranks that never came, or that came and went silent:
 it prints one line (the lowest rank still running does) and ends its process with a non-zero
 status, which makes the launcher end the others. A rank that dies is noticed by the launcher
 itself (Open MPI's mpirun ends the job and names it); one that hangs by the deadline. Rank 0
@@ -41,6 +42,7 @@ BUCKET_BYTES = 32 << 20        # gradient bytes per all-reduce call (mlx-lm's an
 DEFAULT_TIMEOUT = 60.0         # seconds a rank waits for the others at a collective
 SAVE_ALLOWANCE = 10            # a rank announced as saving a checkpoint gets this many timeouts
 SIGNAL_GRACE = 0.5             # seconds a collective may still take once a stop signal came
+HEARTBEAT = 0.1                # seconds between the notices of a rank waiting at a collective
 EXIT_LOST_RANK = 3             # the status of a rank that stops because another was lost
 EXIT_REFUSED = 2               # ranks that disagree at start: a usage error
 
@@ -170,15 +172,19 @@ class Group:
         wait ``SAVE_ALLOWANCE`` timeouts for it."""
         self._announce(2 * (self.seq + 1) + 1)
 
-    def _missing(self, seq, now, start):
-        """The ranks that have not arrived at collective ``seq`` and are past their
-        deadline."""
+    def _missing(self, seq, now, start, silence=None):
+        """The ranks lost at collective ``seq``: those that have not arrived within their
+        allowance (the timeout, or SAVE_ALLOWANCE of them for a rank saving a checkpoint),
+        and those that arrived but went silent for as long (a rank waiting at a collective
+        repeats its notice every HEARTBEAT s, so one that stops has died or hangs inside
+        it). ``silence``: one allowance for all instead."""
         late = []
         for p in self._peers():
-            if self.seen[p] >= 2 * seq and self.seen[p] != 2 * seq + 1:
-                continue                          # arrived
-            allowance = self.timeout * (SAVE_ALLOWANCE if self.seen[p] == 2 * seq + 1 else 1)
-            if now - max(start, self.heard_at[p]) > allowance:
+            arrived = self.seen[p] >= 2 * seq and self.seen[p] != 2 * seq + 1
+            allowance = silence or self.timeout * (SAVE_ALLOWANCE
+                                                   if self.seen[p] == 2 * seq + 1 else 1)
+            quiet = now - (self.heard_at[p] if arrived else max(start, self.heard_at[p]))
+            if quiet > allowance:
                 late.append(p)
         return late
 
@@ -190,7 +196,7 @@ class Group:
         self.seq += 1
         seq = self.seq
         self._announce(2 * seq)
-        start = time.monotonic()
+        start = announced = time.monotonic()
         signalled = None
         polls = 0
         while True:
@@ -204,32 +210,41 @@ class Group:
                 continue                          # the first ~ms: poll at full speed
             self._read_notices()
             now = time.monotonic()
+            if now - announced > HEARTBEAT:
+                self._announce(2 * seq)           # still here
+                announced = now
             late = self._missing(seq, now, start)
             if late:
                 self._lost(what, late, f" within {self.timeout:g} s (died or hung)")
             if self.stop is not None and self.stop.requested:
                 signalled = signalled or now
                 if now - signalled > SIGNAL_GRACE:
-                    # the launcher ends the job (a rank died) or the user stops it
-                    self._lost(what, self._missing(seq, float("inf"), start),
+                    # the launcher ends the run (a rank died), or the user stops it: name
+                    # the ranks silent for a few heartbeats
+                    self._lost(what, self._missing(seq, now, start, 3 * HEARTBEAT),
                                " (died or hung: a stop signal came while waiting for it, "
-                               "the launcher is ending the run)")
+                               "the launcher is ending the run)", signalled=True)
             time.sleep(0.0002 if polls < 2000 else 0.002)
 
-    def _lost(self, what, late, why):
+    def _lost(self, what, late, why, signalled=False):
         """Stop this process: one line from the lowest rank still running, naming the ranks
-        that did not come, then a non-zero exit (the launcher ends the other ranks)."""
+        lost, then a non-zero exit (the launcher ends the other ranks). Once the launcher
+        ends the run (``signalled``), rank 0 alone speaks: a rank it stops (even one that was
+        hung: the launcher wakes it to end it) then finds the others gone too."""
         alive = [p for p in range(self.size) if p not in late]
-        if alive and self.rank == alive[0]:
-            who = (", ".join(map(str, late)) if late else "another rank")
-            ranks = "rank" if len(late) <= 1 else "ranks"
+        if alive and self.rank == alive[0] and (self.rank == 0 or not signalled):
+            if late:
+                who = f"rank{'s' if len(late) > 1 else ''} {', '.join(map(str, late))} of " \
+                      f"{self.size}"
+            else:
+                who = "the other ranks"
             where = ""
             last_good = self.last_good() if self.last_good is not None else None
             if last_good is not None:
                 path, step = last_good
                 where = f"; the last checkpoint, {path} (step {step}), is intact: --resume it"
-            print(f"{self.prog}: error: {ranks} {who} of {self.size} did not reach {what}"
-                  f"{why}; stopping{where}", file=sys.stderr, flush=True)
+            print(f"{self.prog}: error: {who} did not complete {what}{why}; stopping{where}",
+                  file=sys.stderr, flush=True)
         sys.stdout.flush()
         os._exit(EXIT_LOST_RANK)
 

@@ -238,7 +238,7 @@ class Trainer:
             else self._skip_windows(windows)
         stats = dp.sum_stats([loss if mine else 0.0, useful or 0.0,
                               float(self.stop.requested)],
-                             f"the end of step {self.step_count + windows}")
+                             f"the exchange ending step {self.step_count + windows}")
         if stats[2]:
             self.stop_agreed = True                # every rank stops after this microstep
         return (float(stats[0]) / windows, None if useful is None else float(stats[1]),
