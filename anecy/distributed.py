@@ -70,13 +70,18 @@ class Refused(AnecyError):
         self.quiet = quiet
 
 
-def _crc(*arrays) -> int:
+def checksum(*arrays) -> int:
+    """CRC-32 of the arrays' bytes, a chunk at a time (no copy of a contiguous array)."""
     crc = 0
     for a in arrays:
         raw = memoryview(np.ascontiguousarray(a).reshape(-1).view(np.uint8))
         for i in range(0, len(raw), 1 << 24):
             crc = zlib.crc32(raw[i:i + (1 << 24)], crc)
     return crc
+
+
+def text_checksum(text: str) -> int:
+    return zlib.crc32(text.encode())
 
 
 def code_fingerprint() -> int:

@@ -137,12 +137,12 @@ class Trainer:
         weights = [self.model.params, opt.m, opt.v]
         if self.model.adapters is not None:
             weights.append(self.model.adapters.params)
+        text = distributed.text_checksum
         dp.check_same({"anecy code": distributed.code_fingerprint(),
-                       "settings": distributed._crc(np.frombuffer(settings.encode(), np.uint8)),
-                       "data": distributed._crc(np.asarray(self.tokens)) ^ len(self.tokens),
-                       "weights": distributed._crc(*weights),
-                       "data position": distributed._crc(np.frombuffer(position.encode(),
-                                                                        np.uint8))})
+                       "settings": text(settings),
+                       "data": distributed.checksum(np.asarray(self.tokens)) ^ len(self.tokens),
+                       "weights": distributed.checksum(*weights),
+                       "data position": text(position)})
         dp.stop = self.stop
         dp.joined = True
         dp.last_good = lambda: self.guard.last_good
@@ -212,7 +212,8 @@ class Trainer:
             self.totals[k] = self.totals.get(k, 0.0) + v
         self.train_ms += ms
         val = None
-        if tc.eval_every and self.step_count % tc.eval_every == 0:
+        if tc.eval_every and _reached(tc.eval_every, self.step_count - windows,
+                                      self.step_count):
             val = self.last_val_loss = self.evaluate()
         rec = StepRecord(step=self.step_count, loss=loss, lr=tc.lr_at(self.step_count), ms=ms,
                          tokens_per_s=windows * self.mc.seq_len / (ms / 1e3),
