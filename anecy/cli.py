@@ -21,7 +21,8 @@ def run_command(prog: str, run, args) -> int:
     try:
         return run(args)
     except AnecyError as e:
-        print(f"{prog}: error: {e}", file=sys.stderr)
+        if not getattr(e, "quiet", False):   # a refused data-parallel start: rank 0 says it
+            print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -74,5 +75,6 @@ def main(argv=None, family: str = "stories") -> int:
                     description=f"Train a {family} model with anecy (CPU backend here; the Apple "
                                 "Neural Engine on Apple Silicon).")
     train.add_arguments(parser, family=family)
+    parser.set_defaults(_prog=parser.prog)
     args = parser.parse_args(argv)
     return run_command(parser.prog, train.run, args)

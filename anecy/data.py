@@ -407,6 +407,13 @@ class TokenSampler:
         self.drawn += 1
         return self._window(start)
 
+    def skip(self, n):
+        """Draw the next ``n`` windows' starts without reading them (the other ranks' of a
+        data-parallel run): the generator then stands where a single process's does."""
+        for _ in range(n):      # one call a window, as next_train draws (the same values)
+            self.rng.integers(0, self.n_train - self.seq_len)
+        self.drawn += max(0, n)
+
     def val_batches(self, n):
         """``n`` windows ``(x, y)`` evenly spaced over the held-out tokens, the same every
         call."""

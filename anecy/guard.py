@@ -93,6 +93,8 @@ class CheckpointGuard:
             "sampler": t.sampler.state_dict(),
             "n_tokens": int(len(t.tokens)), "data": t.data_name,
             "timings_ms": t.totals, "train_ms": t.train_ms,
+            # the ranks that trained it (a resume may run on any number)
+            "world_size": 1 if t.dp is None else t.dp.size,
         }
         if t.examples is not None:
             run["useful_tokens"] = t.useful_tokens

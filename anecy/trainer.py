@@ -6,7 +6,10 @@ decay are measured in microsteps too, so the schedule does not depend on ``accum
 
 Each other job has its room: the update and the loss scale in ``optimizer``, the
 checkpoints (what they hold, when they are written, what a resume accepts) in ``guard``,
-what the run prints and records in ``report``, Ctrl-C and SIGTERM in ``stopping``."""
+what the run prints and records in ``report``, Ctrl-C and SIGTERM in ``stopping``, the
+ranks of a data-parallel run (``mpirun -n N``) in ``distributed``: under it a microstep is one
+window on each rank, ``step_count`` counts the windows of all ranks, and rank 0 alone prints
+and writes."""
 
 import math
 import time
@@ -14,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-from . import ane_health, backends, guard, trackers
+from . import ane_health, backends, distributed, guard, trackers
 from ._ane_runtime import AneError
 from .config import ModelConfig, TrainConfig
 from .data import Examples, ExampleSampler, TokenSampler, VocabMap, load_training_data
@@ -53,12 +56,18 @@ class Trainer:
     """
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, *,
-                 tokens=None, log=print, lora=None, init_adapter=None, _resume_state=None):
+                 tokens=None, log=print, lora=None, init_adapter=None, group="auto",
+                 _resume_state=None):
         if not isinstance(model_config, ModelConfig) or not isinstance(train_config, TrainConfig):
             raise ConfigError("Trainer needs a ModelConfig and a TrainConfig")
         model_config.validate()
         train_config.validate()
         mc, tc = self.mc, self.tc = model_config, train_config
+        # the ranks of an MPI launch (distributed.Group), None for a single process
+        self.dp = distributed.Group.from_environment() if group == "auto" else group
+        self.writes = self.dp is None or self.dp.rank == 0   # prints, metrics, checkpoints
+        if not self.writes:
+            log = _silent
         self.log = log
         self.backend = backends.resolve(tc.backend)
         t0 = time.perf_counter()
@@ -110,8 +119,42 @@ class Trainer:
         self.guard = guard.CheckpointGuard(self)
         if _resume_state is not None:
             guard.restore(self, *_resume_state)
-        self.setup_ms = (time.perf_counter() - t0) * 1e3
         self.stop = StopRequests()
+        self._ckpt_mark = self.step_count      # the step of the last periodic save
+        self.stop_agreed = False               # data parallel: a rank asked to stop
+        if self.dp is not None:
+            self._join(_resume_state)
+        self.setup_ms = (time.perf_counter() - t0) * 1e3
+
+    def _join(self, resume_state):
+        """Start a data-parallel run: every rank must hold the same code, settings, data,
+        weights and data position; a resumed accumulation's gradients stay on rank 0 alone
+        (they are summed over the ranks at the update)."""
+        import json
+        dp, opt = self.dp, self.optimizer
+        settings = json.dumps([self.mc.to_dict(), self.tc.to_dict(),
+                               None if self.model.adapters is None
+                               else self.model.adapters.config.to_dict()], sort_keys=True)
+        position = json.dumps([self.sampler.state_dict(), self.step_count, self.pending],
+                              sort_keys=True, default=str)
+        weights = [self.model.params, opt.m, opt.v]
+        if self.model.adapters is not None:
+            weights.append(self.model.adapters.params)
+        text = distributed.text_checksum
+        dp.check_same({"anecy code": distributed.code_fingerprint(),
+                       "settings": text(settings),
+                       "data": distributed.checksum(np.asarray(self.tokens)) ^ len(self.tokens),
+                       "weights": distributed.checksum(*weights),
+                       "data position": text(position)})
+        dp.stop = self.stop
+        dp.joined = True
+        dp.last_good = lambda: self.guard.last_good
+        if self.pending and dp.rank != 0:
+            opt.grads[:] = 0
+        if resume_state is not None:
+            saved = resume_state[1].get("world_size", 1)
+            self.log(f"checkpoint written by {saved} rank{'s' if saved != 1 else ''}; "
+                     f"continuing on {dp.size}")
 
     @staticmethod
     def _adapters(mc, tc, lora, init_adapter, resume_state):
@@ -145,18 +188,21 @@ class Trainer:
         before = model.timings()
         scale_used = self.optimizer.scale.value
         try:
-            loss, useful = self.next_microstep(scale_used)
+            loss, useful, windows, due = self._any_microstep(scale_used)
         except AneError as e:        # --backend auto: on cpu from here; ane: one line, exit 2
             ane_health.fall_back(self, e)
-            loss, useful = self.next_microstep(scale_used)
+            loss, useful, windows, due = self._any_microstep(scale_used)
         if not math.isfinite(loss):
-            raise self.guard.diverged(f"loss is {loss} at step {self.step_count + 1}")
-        self.step_count += 1
-        self.pending += 1
+            raise self.guard.diverged(f"loss is {loss} at step {self.step_count + windows}")
+        self.step_count += windows
+        self.pending += windows
         self.guard.microstep_done()
         t_opt = time.perf_counter()
         grad_norm, skipped = None, False
-        if self.pending == tc.accum or self.step_count == tc.steps:
+        if due:
+            if self.dp is not None:
+                self.dp.sum_gradients(self.optimizer.grads, "the gradient all-reduce of "
+                                      f"update {self.optimizer.updates + 1}")
             grad_norm = self._update()
             skipped = grad_norm is None
         opt_ms = (time.perf_counter() - t_opt) * 1e3
@@ -168,7 +214,8 @@ class Trainer:
             self.totals[k] = self.totals.get(k, 0.0) + v
         self.train_ms += ms
         val = None
-        if tc.eval_every and self.step_count % tc.eval_every == 0:
+        if tc.eval_every and _reached(tc.eval_every, self.step_count - windows,
+                                      self.step_count):
             try:
                 val = self.evaluate()
             except AneError as e:
@@ -176,43 +223,85 @@ class Trainer:
                 val = self.evaluate()
             self.last_val_loss = val
         rec = StepRecord(step=self.step_count, loss=loss, lr=tc.lr_at(self.step_count), ms=ms,
-                         tokens_per_s=self.mc.seq_len / (ms / 1e3),
+                         tokens_per_s=windows * self.mc.seq_len / (ms / 1e3),
                          updated=grad_norm is not None, grad_norm=grad_norm, val_loss=val,
                          timings=timings, skipped=skipped, loss_scale=scale_used)
         if useful is not None:
             self.useful_tokens += useful
             rec.useful_tokens_per_s = useful / (ms / 1e3)
-            rec.useful_fraction = useful / self.mc.seq_len
+            rec.useful_fraction = useful / (windows * self.mc.seq_len)
         return rec
 
-    def next_microstep(self, scale) -> tuple:
+    def _any_microstep(self, scale):
+        """This process's microstep, or over MPI every rank's: (loss, useful tokens, windows
+        done, whether an update is due)."""
+        if self.dp is not None:
+            return self._dp_microstep(scale)
+        loss, useful = self.next_microstep(scale)
+        due = self.pending + 1 == self.tc.accum or self.step_count + 1 == self.tc.steps
+        return loss, useful, 1, due
+
+    def _dp_microstep(self, scale):
+        """A data-parallel microstep: this rank's window of the next ones (rank r takes
+        window ``step_count + r``; a rank past the update's last window computes nothing),
+        then the ranks' losses, useful positions and stop requests summed. Returns (mean loss,
+        useful positions, windows done by all ranks, whether the update is due)."""
+        dp = self.dp
+        start = self.step_count - self.pending
+        end = start + max(1, min(self.tc.accum * dp.size, self.tc.steps - start))
+        windows = min(dp.size, end - self.step_count)
+        mine = dp.rank < windows
+        loss, useful = self.next_microstep(scale, dp.rank, windows) if mine \
+            else self._skip_windows(windows)
+        stats = dp.sum_stats([loss if mine else 0.0, useful or 0.0,
+                              float(self.stop.requested)],
+                             f"the exchange ending step {self.step_count + windows}")
+        if stats[2]:
+            self.stop_agreed = True                # every rank stops after this microstep
+        return (float(stats[0]) / windows, None if useful is None else float(stats[1]),
+                windows, self.step_count + windows == end)
+
+    def _skip_windows(self, n):
+        """Draw and drop the next ``n`` windows (other ranks compute them)."""
+        if self.examples is None:
+            self.sampler.skip(n)
+            return 0.0, None
+        self.sampler.drawn += n
+        return 0.0, 0.0
+
+    def next_microstep(self, scale, offset=0, count=1) -> tuple:
         """The next microstep's forward and backward (gradients times `scale` added): its
         loss, and on examples its useful positions (else None). On examples the loss is the
         mean over the microstep's scored tokens, while the gradient is that of the mean over
         the scored tokens of the whole update (HF's normalisation: a microstep with more
-        scored tokens weighs more), so the update's windows are counted first."""
+        scored tokens weighs more), so the update's windows are counted first. A rank of a
+        data-parallel run takes window `offset` of the next `count` (the others are drawn
+        and dropped)."""
         if self.examples is None:
+            self.sampler.skip(offset)
             x, y = self.sampler.next_train()
+            self.sampler.skip(count - offset - 1)
             return self.model.forward_backward(x, self.vocab.compact(y), scale), None
-        win, n_update = self._next_window()
+        win, n_update = self._next_window(offset)
+        self.sampler.drawn += count
         total = self.model.forward_backward(win.x, self._targets(win), scale,
                                             weights=win.weights / np.float32(n_update),
                                             **self._packing(win))
         return total * n_update / win.scored, win.useful
 
-    def _next_window(self):
-        """The next training window and the scored tokens of its update's windows."""
+    def _next_window(self, offset=0):
+        """Window `offset` of the next ones, and the scored tokens of its update's windows
+        (of every rank's)."""
         start = self.sampler.drawn - self.pending       # the update's first window
         first, windows, n_update = self._update_windows
         if first != start:
             remaining = self.tc.steps - (self.step_count - self.pending)
-            n = max(1, min(self.tc.accum, remaining))
+            ranks = 1 if self.dp is None else self.dp.size
+            n = max(1, min(self.tc.accum * ranks, remaining))
             windows = [self.sampler.window(start + j) for j in range(n)]
             n_update = sum(w.scored for w in windows)
             self._update_windows = (start, windows, n_update)
-        win = windows[self.sampler.drawn - start]
-        self.sampler.drawn += 1
-        return win, n_update
+        return windows[self.sampler.drawn + offset - start], n_update
 
     def _update(self):
         """The optimizer's update on the pending microsteps: the gradient norm, or None when
@@ -269,13 +358,15 @@ class Trainer:
 
     @classmethod
     def resume(cls, path, train_config: Optional[TrainConfig] = None, *,
-               model_config: Optional[ModelConfig] = None, tokens=None, log=print):
+               model_config: Optional[ModelConfig] = None, tokens=None, log=print,
+               group="auto"):
         """A Trainer continuing from a checkpoint. `train_config` (default: the checkpoint's)
         may change the run's length, output paths and logging; `model_config`, when given,
-        must equal the checkpoint's."""
+        must equal the checkpoint's. A checkpoint resumes on any number of ranks."""
         saved_mc, meta = guard.read_resume_meta(path, model_config)
         tc = train_config or TrainConfig.from_dict(meta["train_config"])
-        return cls(saved_mc, tc, tokens=tokens, log=log, _resume_state=(path, meta))
+        return cls(saved_mc, tc, tokens=tokens, log=log, group=group,
+                   _resume_state=(path, meta))
 
     # -- the whole run -----------------------------------------------------------------------
     def request_stop(self, *_):
@@ -285,9 +376,13 @@ class Trainer:
 
     def run(self, progress: bool = True) -> dict:
         """Train until `steps` microsteps are done or a stop is requested; returns a summary."""
-        prepare_outputs(self.tc, self.log)
+        if self.writes:
+            prepare_outputs(self.tc, self.log)
         self.log(self.vocab.describe())
         self.log(run_header(self))
+        if self.dp is not None:
+            self.log(f"{self.dp.describe()}; {self.tc.accum} microsteps per rank per update "
+                     f"({self.tc.accum * self.dp.size} windows)")
         if self.step_count:
             self.log(f"resumed at step {self.step_count} ({self.optimizer.updates} updates)")
         with self.stop.on_signals():
@@ -296,17 +391,18 @@ class Trainer:
     def _run(self, progress):
         from tqdm import tqdm
         tc, first_step, run_start = self.tc, self.step_count, time.perf_counter()
-        metrics = MetricsFile(tc.metrics_path) if tc.metrics_path else None
-        reported = trackers.Trackers.for_run(tc)
+        metrics = MetricsFile(tc.metrics_path) if tc.metrics_path and self.writes else None
+        reported = trackers.Trackers.for_run(tc) if self.writes else trackers.Trackers()
         reported.start({"model": self.mc.to_dict(), "train": tc.to_dict()})
-        bar = tqdm(total=tc.steps, initial=self.step_count, disable=not progress,
-                   unit="step", dynamic_ncols=True)
+        bar = tqdm(total=tc.steps, initial=self.step_count,
+                   disable=not progress or not self.writes, unit="step", dynamic_ncols=True)
         window = []
         try:
-            while self.step_count < tc.steps and not self.stop.requested:
+            while self.step_count < tc.steps and not self._stopping():
+                before = self.step_count
                 rec = self.step()
                 window.append(rec)
-                bar.update(1)
+                bar.update(rec.step - before)
                 bar.set_postfix(loss=f"{rec.loss:.4f}", lr=f"{rec.lr:.2e}", ms=f"{rec.ms:.0f}",
                                 tok_s=f"{rec.tokens_per_s:.0f}")
                 reported.log(rec)
@@ -316,16 +412,22 @@ class Trainer:
                     bar.write(f"step {rec.step}: gradients overflowed at loss scale "
                               f"{rec.loss_scale:g}; update skipped, scale now "
                               f"{self.optimizer.scale.value:g}")
-                if rec.step % 10 == 0 or rec.step == tc.steps:
-                    bar.write(progress_line(window))
+                if _reached(10, before, rec.step) or rec.step == tc.steps:
+                    if self.writes:
+                        bar.write(progress_line(window))
                     window = []
-                if rec.val_loss is not None:
+                if rec.val_loss is not None and self.writes:
                     bar.write(f"step {rec.step}: val loss {rec.val_loss:.4f}")
-                if tc.sample_every and rec.step % tc.sample_every == 0:
+                if tc.sample_every and _reached(tc.sample_every, before, rec.step) \
+                        and self.writes:
                     bar.write(f"step {rec.step} sample: {self.sample()}")
-                if tc.ckpt_path and tc.ckpt_every and rec.step % tc.ckpt_every == 0 \
-                        and rec.step < tc.steps:
-                    self.guard.save_when_checked()
+                if tc.ckpt_path and tc.ckpt_every and rec.step < tc.steps \
+                        and self._periodic_save_due(rec.step):
+                    self._ckpt_mark = rec.step
+                    if self.writes:
+                        if self.dp is not None:
+                            self.dp.saving()
+                        self.guard.save_when_checked()
             self.stop.saving = True  # from here on a stop request waits for the final save
         except BaseException:
             self.guard.discard()
@@ -340,7 +442,13 @@ class Trainer:
         saved = None
         try:
             if tc.ckpt_path and self.step_count > first_step:
-                saved = self.save()
+                if self.dp is not None and self.pending:
+                    # stopped inside an accumulation: rank 0 keeps the sum of every rank's
+                    self.dp.sum_gradients(self.optimizer.grads, "the final gradient sum")
+                if self.writes:
+                    if self.dp is not None:
+                        self.dp.saving()
+                    saved = self.save()
         finally:
             self.stop.saving = False
             reported.finish()
@@ -359,7 +467,43 @@ class Trainer:
         summary["interrupted"] = interrupted
         return summary
 
+    def _stopping(self) -> bool:
+        """A stop was requested; in a data-parallel run, on some rank as of the last
+        microstep's sums, so that every rank stops after the same one."""
+        return self.stop.requested if self.dp is None else self.stop_agreed
+
+    def _periodic_save_due(self, step) -> bool:
+        """Every `ckpt_every` microsteps; in a data-parallel run at the first update after
+        (only there does rank 0 hold the whole state)."""
+        if self.dp is None:
+            return step % self.tc.ckpt_every == 0
+        return self.pending == 0 and _reached(self.tc.ckpt_every, self._ckpt_mark, step)
+
     def report(self, steps_this_run: int, wall_ms: float) -> dict:
         """Print the Efficiency Report and return its figures."""
-        return efficiency_report(self, steps_this_run, wall_ms)
+        dp = self.dp
+        if dp is None:
+            return efficiency_report(self, steps_this_run, wall_ms)
+        # every rank's train time and gradient all-reduce time, the figures above rank 0's
+        every = dp.gather([self.train_ms, dp.reduce_ms], "the Efficiency Report")
+        summary = efficiency_report(self, steps_this_run, wall_ms)
+        summary["rank_train_ms"] = every[:, 0].tolist()
+        if dp.reduces:
+            summary["allreduce_ms"] = float(every[:, 1].mean()) / dp.reduces
+            summary["allreduce_bytes"] = dp.reduce_bytes // dp.reduces
+            self.log(f"data parallel:   {dp.size} ranks, gradient all-reduce "
+                     f"{summary['allreduce_ms']:.1f} ms (mean of the ranks) and "
+                     f"{summary['allreduce_bytes'] / 1e6:.1f} MB per update; ranks' train "
+                     f"time {every[:, 0].min() / 1e3:.1f}-{every[:, 0].max() / 1e3:.1f} s")
+        return summary
+
+
+def _silent(*_):
+    """The log of ranks other than 0."""
+
+
+def _reached(every: int, before: int, after: int) -> bool:
+    """Whether a multiple of `every` lies in (before, after]: a data-parallel microstep
+    advances the step count by the number of ranks."""
+    return after // every > before // every
 

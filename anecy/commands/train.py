@@ -2,10 +2,12 @@
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
 from .. import backends
 from ..config import PRESETS, ModelConfig, TrainConfig
+from ..distributed import DEFAULT_TIMEOUT
 from ..errors import AnecyError
 from ._args import non_negative_int, number, positive_int
 
@@ -99,6 +101,10 @@ def add_arguments(p, family=None):
     p.add_argument("--no-compact-vocab", action="store_true",
                    help="softmax over the full vocabulary instead of the tokens in the data")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--mpi-timeout", type=_seconds, metavar="S",
+                   help="under mpirun: seconds a rank waits for the others at each exchange "
+                        "before it stops the run, naming the ranks that did not come "
+                        f"(default {DEFAULT_TIMEOUT:g}; see docs/distributed.md)")
     add_lora_arguments(p)
 
 
@@ -194,6 +200,13 @@ def _check_lora_run(args, preset: str, ckpt: str):
 
 
 AUTO = "auto"    # --loss-scale auto: the backend's own scale
+
+
+def _seconds(text):
+    value = number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
 
 
 def _loss_scale(text):
@@ -309,11 +322,26 @@ def _hold_outputs(tc: TrainConfig, stack) -> None:
 
 
 def run(args) -> int:
+    from ..distributed import Group
+    group = Group.from_environment(args.mpi_timeout or DEFAULT_TIMEOUT,
+                                   prog=getattr(args, "_prog", None) or "anecy train")
+    try:
+        return _run(args, group)
+    except AnecyError as e:
+        if group is not None and group.rank != 0 and group.joined:
+            e.quiet = True   # the ranks share the state, and the error: rank 0 says it
+        raise
+
+
+def _run(args, group) -> int:
     from contextlib import ExitStack
 
     from .. import corpus
     from ..checkpoint import read_checkpoint_meta
     from ..trainer import Trainer, prepare_outputs
+    if group is not None and group.rank != 0:
+        # the other ranks only compute: rank 0 prints and writes
+        sys.stdout = open(os.devnull, "w")
     family = args.family
     default_preset = FAMILIES[family][1] if family else "stories110m"
     preset = args.preset or default_preset
@@ -344,16 +372,20 @@ def run(args) -> int:
         tc = _train_config(args, TrainConfig.from_dict(saved), ckpt)
     else:
         tc = _train_config(args, TrainConfig(), ckpt)
-    _check_outputs(tc)
+    writes = group is None or group.rank == 0
+    if writes:
+        _check_outputs(tc)
     with ExitStack() as stack:
-        _hold_outputs(tc, stack)
+        if writes:
+            _hold_outputs(tc, stack)
         if not args.resume and not args.overwrite and os.path.lexists(ckpt):
             raise AnecyError(f"{ckpt} already exists: resume it with --resume, or pass "
                              "--overwrite to start over")
-        prepare_outputs(tc)  # before any long work: a run must not be computed, then lost
+        if writes:
+            prepare_outputs(tc)  # before any long work: a run must not be computed, then lost
         if args.resume:
             given = ModelConfig.preset(args.preset) if args.preset else None
-            trainer = Trainer.resume(ckpt, tc, model_config=given)
+            trainer = Trainer.resume(ckpt, tc, model_config=given, group=group)
         else:
             mc = ModelConfig.preset(preset)
             if args.init_from:
@@ -361,9 +393,9 @@ def run(args) -> int:
             mc = _set_seq_len(mc, args.seq_len)
             if lora_run is not None:
                 trainer = Trainer(lora_run[0], tc, lora=lora_run[1],
-                                  init_adapter=args.init_adapter)
+                                  init_adapter=args.init_adapter, group=group)
             else:
-                trainer = Trainer(mc, tc)
+                trainer = Trainer(mc, tc, group=group)
         if trainer.model.config.vocab_size > 32000 and trainer.data_name == corpus.NAME:
             print("note: the built-in corpus is written in Llama-2 token ids; for a Qwen3 "
                   "model that means something, pass data pretokenized with Qwen3's tokenizer "
