@@ -1,0 +1,425 @@
+# cython: language_level=3
+"""The compiled decoder: a Llama-family model's forward pass over a KV cache, one token per
+step (split across threads) or a prompt at once (batched sgemm).
+
+A token's step runs on ``threads`` threads: the caller's and background workers (the
+trainer's DWWorker, one each), which meet at a spin barrier between products. Every
+matrix-vector product is split by rows; attention by KV-head groups (a thread computes the
+q/k/v rows of its groups' heads, so attention needs no barrier before it). Each row's dot
+product is summed in one fixed order (_decode.h) whoever computes it, and the small
+reductions (RMSNorm, softmax) are done in full by every thread that needs them, so the
+logits are bit-identical for any thread count.
+
+A prompt goes through the layers in chunks of up to PREFILL_ROWS positions as sgemms
+(the BLAS's own threads), attention per head as two sgemms over the cache; its last
+position's logits then come from the threads' classifier step.
+
+Shapes: D model width, Q = n_heads*hd, KV = n_kv_heads*hd, H hidden, V classifier rows."""
+
+from libc.math cimport sqrt
+from libc.stdlib cimport calloc, free
+from libc.string cimport memcpy, memset
+
+import numpy as np
+
+from ._ops cimport sgemm
+from ._worker cimport DWWorker
+
+
+cdef extern from "_mathx.h" nogil:
+    float anecy_expf(float x)
+
+
+cdef extern from "_decode.h" nogil:
+    ctypedef struct anecy_barrier:
+        pass
+    void anecy_matvec_rows(const float* W, long ld, const float* x, float* y, long r0,
+                           long r1, int n, int accumulate, float scale)
+    void anecy_barrier_init(anecy_barrier* b, unsigned n)
+    void anecy_barrier_wait(anecy_barrier* b)
+
+
+# Positions a prompt's chunk holds: its sgemms are large enough to run at BLAS speed and the
+# chunk's buffers stay small whatever the context.
+cdef enum:
+    PREFILL_ROWS = 128
+
+
+cdef struct LayerWeights:
+    const float* wq           # [Q, D]
+    const float* wk           # [KV, D]
+    const float* wv           # [KV, D]
+    const float* wo           # [D, Q]
+    const float* w1           # [H, D] gate
+    const float* w3           # [H, D] up
+    const float* w2           # [D, H] down
+    const float* attn_norm    # [D]
+    const float* ffn_norm     # [D]
+    const float* q_norm       # [hd] (QK-norm models)
+    const float* k_norm       # [hd]
+
+
+cdef struct Net:
+    int D, H, Q, KV, hd, n_heads, n_kv_heads, n_layers, n_cls, max_len, n_threads
+    bint rope_half, qk_norm
+    float eps, res
+    LayerWeights* layers
+    const float* classifier   # [V, D]
+    const float* final_norm   # [D]
+    const float* cos          # [max_len, hd/2]
+    const float* sin
+    float* k_cache            # [n_layers, max_len, KV] after QK-norm and RoPE
+    float* v_cache            # [n_layers, max_len, KV]
+    float* x                  # [D] the residual stream of the token being decoded
+    float* q                  # [Q]
+    float* att                # [Q] attention output
+    float* gate               # [H]
+    float* up                 # [H]
+    float* logits             # [V]
+    int pos                   # the position being decoded
+    bint classify_only        # skip the layers (the prompt's last position is in x)
+    anecy_barrier barrier
+
+
+cdef struct ThreadShare:
+    Net* net
+    int t                     # this thread's index, 0 .. n_threads-1
+    float* xn                 # [D] its own normed copy of x
+    float* scores             # [max_len] its own attention scores
+
+
+cdef inline void split(long n, int t, int nt, long* lo, long* hi) noexcept nogil:
+    # thread t's contiguous share of n items
+    lo[0] = n * t // nt
+    hi[0] = n * (t + 1) // nt
+
+
+cdef void rmsnorm(const float* x, const float* w, float* y, int n, float eps) noexcept nogil:
+    # x [n] -> y [n] (may alias x): x * (1 / sqrt(mean(x^2) + eps)) * w, as HF computes it
+    cdef double ss = 0.0
+    cdef int i
+    for i in range(n):
+        ss += <double>x[i] * x[i]
+    cdef float inv = <float>(1.0 / sqrt(<float>(ss / n) + eps))
+    for i in range(n):
+        y[i] = (x[i] * inv) * w[i]
+
+
+cdef void rope(float* v, const float* cos_p, const float* sin_p, int hd,
+               bint half) noexcept nogil:
+    # one head's v [hd] rotated in place by the angles of one position ([hd/2] tables)
+    cdef int i, h2 = hd // 2
+    cdef float a, b
+    if half:   # pairs (i, i + hd/2): HF Llama, Qwen3
+        for i in range(h2):
+            a, b = v[i], v[i + h2]
+            v[i] = a * cos_p[i] - b * sin_p[i]
+            v[i + h2] = a * sin_p[i] + b * cos_p[i]
+    else:      # pairs (2i, 2i+1): llama2.c
+        for i in range(h2):
+            a, b = v[2 * i], v[2 * i + 1]
+            v[2 * i] = a * cos_p[i] - b * sin_p[i]
+            v[2 * i + 1] = a * sin_p[i] + b * cos_p[i]
+
+
+cdef void softmax(float* s, int n) noexcept nogil:
+    # s [n] in place
+    cdef float m = s[0], total = 0.0
+    cdef int j
+    for j in range(1, n):
+        if s[j] > m:
+            m = s[j]
+    for j in range(n):
+        s[j] = anecy_expf(s[j] - m)
+        total += s[j]
+    cdef float inv = 1.0 / total
+    for j in range(n):
+        s[j] *= inv
+
+
+cdef void attend(const float* q, const float* keys, const float* values, int ld, int n_keys,
+                 int hd, float* scores, float* out) noexcept nogil:
+    # one query head q [hd] over keys/values [n_keys, hd] (row stride ld) -> out [hd]
+    cdef int j, i
+    cdef const float* v
+    cdef float p
+    anecy_matvec_rows(keys, ld, q, scores, 0, n_keys, hd, 0, 0.0)
+    cdef float scale = <float>(1.0 / sqrt(<double>hd))
+    for j in range(n_keys):
+        scores[j] *= scale
+    softmax(scores, n_keys)
+    memset(out, 0, hd * sizeof(float))
+    for j in range(n_keys):
+        v, p = values + <long>j * ld, scores[j]
+        for i in range(hd):
+            out[i] += p * v[i]
+
+
+cdef void attention_block(ThreadShare* me, int l) noexcept nogil:
+    # this thread's KV-head groups of layer l at net.pos: q/k/v rows, QK-norm, RoPE, the
+    # new key and value into the cache, attention -> net.att
+    cdef Net* net = me.net
+    cdef LayerWeights* w = &net.layers[l]
+    cdef int hd = net.hd, rep = net.n_heads // net.n_kv_heads, pos = net.pos, h, qh
+    cdef long g0, g1
+    cdef float* layer_k = net.k_cache + <long>l * net.max_len * net.KV
+    cdef float* layer_v = net.v_cache + <long>l * net.max_len * net.KV
+    cdef float* k_row = layer_k + <long>pos * net.KV
+    cdef const float* cos_p = net.cos + <long>pos * (hd // 2)
+    cdef const float* sin_p = net.sin + <long>pos * (hd // 2)
+    split(net.n_kv_heads, me.t, net.n_threads, &g0, &g1)
+    anecy_matvec_rows(w.wk, net.D, me.xn, k_row, g0 * hd, g1 * hd, net.D, 0, 0.0)
+    anecy_matvec_rows(w.wv, net.D, me.xn, layer_v + <long>pos * net.KV, g0 * hd, g1 * hd,
+                      net.D, 0, 0.0)
+    anecy_matvec_rows(w.wq, net.D, me.xn, net.q, g0 * rep * hd, g1 * rep * hd, net.D, 0, 0.0)
+    for h in range(g0, g1):
+        if net.qk_norm:
+            rmsnorm(k_row + h * hd, w.k_norm, k_row + h * hd, hd, net.eps)
+        rope(k_row + h * hd, cos_p, sin_p, hd, net.rope_half)
+    for qh in range(g0 * rep, g1 * rep):
+        if net.qk_norm:
+            rmsnorm(net.q + qh * hd, w.q_norm, net.q + qh * hd, hd, net.eps)
+        rope(net.q + qh * hd, cos_p, sin_p, hd, net.rope_half)
+        h = qh // rep
+        attend(net.q + qh * hd, layer_k + h * hd, layer_v + h * hd, net.KV, pos + 1, hd,
+               me.scores, net.att + qh * hd)
+
+
+cdef void decode_share(void* arg) noexcept nogil:
+    # thread me.t's part of one token's step; every thread runs it, meeting at the barrier
+    cdef ThreadShare* me = <ThreadShare*>arg
+    cdef Net* net = me.net
+    cdef LayerWeights* w
+    cdef long r0, r1, i
+    cdef int l
+    cdef float g
+    if not net.classify_only:
+        for l in range(net.n_layers):
+            w = &net.layers[l]
+            rmsnorm(net.x, w.attn_norm, me.xn, net.D, net.eps)
+            attention_block(me, l)
+            anecy_barrier_wait(&net.barrier)                 # att complete
+            split(net.D, me.t, net.n_threads, &r0, &r1)
+            anecy_matvec_rows(w.wo, net.Q, net.att, net.x, r0, r1, net.Q, 1, net.res)
+            anecy_barrier_wait(&net.barrier)                 # x complete
+            rmsnorm(net.x, w.ffn_norm, me.xn, net.D, net.eps)
+            split(net.H, me.t, net.n_threads, &r0, &r1)
+            anecy_matvec_rows(w.w1, net.D, me.xn, net.gate, r0, r1, net.D, 0, 0.0)
+            anecy_matvec_rows(w.w3, net.D, me.xn, net.up, r0, r1, net.D, 0, 0.0)
+            for i in range(r0, r1):   # SwiGLU: silu(gate) * up
+                g = net.gate[i]
+                net.gate[i] = g / (1.0 + anecy_expf(-g)) * net.up[i]
+            anecy_barrier_wait(&net.barrier)                 # gate complete
+            split(net.D, me.t, net.n_threads, &r0, &r1)
+            anecy_matvec_rows(w.w2, net.H, net.gate, net.x, r0, r1, net.H, 1, net.res)
+            anecy_barrier_wait(&net.barrier)                 # x complete
+    rmsnorm(net.x, net.final_norm, me.xn, net.D, net.eps)
+    split(net.n_cls, me.t, net.n_threads, &r0, &r1)
+    anecy_matvec_rows(net.classifier, net.D, me.xn, net.logits, r0, r1, net.D, 0, 0.0)
+
+
+cdef const float* address(a, tuple shape) except NULL:
+    # the first float of a C-contiguous float32 array of this shape (its owner keeps it)
+    cdef const float[::1] flat
+    if a.dtype != np.float32 or not a.flags.c_contiguous or tuple(a.shape) != shape:
+        raise ValueError(f"expected a C-contiguous float32 array of shape {shape}, got "
+                         f"{a.dtype} {a.shape}")
+    flat = a.reshape(-1)
+    return &flat[0]
+
+
+cdef class DecodeCore:
+    """A model's weights (not copied), a KV cache of ``max_len`` positions and the buffers
+    of one step, allocated once. ``weights`` maps HF names to arrays in the model's RoPE
+    order; ``classifier`` is [V, D] (the embedding, lm_head, or their active rows)."""
+    cdef Net net
+    cdef object keep                     # every array net points into
+    cdef list workers                    # DWWorker, one per thread beyond the caller's
+    cdef ThreadShare* shares             # [threads]
+    cdef const float* embed
+    cdef float[:, ::1] xn_rows, score_rows
+    # prefill chunk buffers [PREFILL_ROWS, ...] and its scores [PREFILL_ROWS, max_len]
+    cdef float[:, ::1] p_x, p_xn, p_q, p_att, p_gate, p_up, p_scores
+    cdef readonly long prefill_positions   # positions computed by prefill() so far
+    cdef readonly object logits            # [V] after the last step, overwritten by the next
+
+    def __init__(self, cfg, dict weights, classifier, int max_len, int threads):
+        cdef int D = cfg.dim, H = cfg.hidden_dim, hd = cfg.head_dim, l
+        cdef int Q = cfg.n_heads * hd, KV = cfg.n_kv_heads * hd
+        if threads < 1:
+            raise ValueError(f"threads must be positive, got {threads}")
+        if max_len < 1:
+            raise ValueError(f"max_len must be positive, got {max_len}")
+        from ._ops import rope_tables
+        cos, sin = rope_tables(hd, max_len, cfg.rope_theta)            # [hd/2, max_len]
+        cos, sin = np.ascontiguousarray(cos.T), np.ascontiguousarray(sin.T)
+        k_cache = np.zeros((cfg.n_layers, max_len, KV), np.float32)
+        v_cache = np.zeros_like(k_cache)
+        buffers = {name: np.zeros(n, np.float32)
+                   for name, n in (("x", D), ("q", Q), ("att", Q), ("gate", H), ("up", H),
+                                   ("logits", classifier.shape[0]))}
+        self.keep = [weights, classifier, cos, sin, k_cache, v_cache, buffers]
+        n = &self.net
+        n.D, n.H, n.Q, n.KV, n.hd = D, H, Q, KV, hd
+        n.n_heads, n.n_kv_heads, n.n_layers = cfg.n_heads, cfg.n_kv_heads, cfg.n_layers
+        n.n_cls, n.max_len, n.n_threads = classifier.shape[0], max_len, threads
+        n.rope_half, n.qk_norm = cfg.rope_style == "half", cfg.qk_norm
+        n.eps, n.res = cfg.norm_eps, cfg.residual_scale
+        n.layers = <LayerWeights*>calloc(cfg.n_layers, sizeof(LayerWeights))
+        self.shares = <ThreadShare*>calloc(threads, sizeof(ThreadShare))
+        if n.layers == NULL or self.shares == NULL:
+            raise MemoryError()
+        for l in range(cfg.n_layers):
+            p = f"model.layers.{l}."
+            lw = &n.layers[l]
+            lw.wq = address(weights[p + "self_attn.q_proj.weight"], (Q, D))
+            lw.wk = address(weights[p + "self_attn.k_proj.weight"], (KV, D))
+            lw.wv = address(weights[p + "self_attn.v_proj.weight"], (KV, D))
+            lw.wo = address(weights[p + "self_attn.o_proj.weight"], (D, Q))
+            lw.w1 = address(weights[p + "mlp.gate_proj.weight"], (H, D))
+            lw.w3 = address(weights[p + "mlp.up_proj.weight"], (H, D))
+            lw.w2 = address(weights[p + "mlp.down_proj.weight"], (D, H))
+            lw.attn_norm = address(weights[p + "input_layernorm.weight"], (D,))
+            lw.ffn_norm = address(weights[p + "post_attention_layernorm.weight"], (D,))
+            lw.q_norm = lw.k_norm = NULL
+            if cfg.qk_norm:
+                lw.q_norm = address(weights[p + "self_attn.q_norm.weight"], (hd,))
+                lw.k_norm = address(weights[p + "self_attn.k_norm.weight"], (hd,))
+        self.embed = address(weights["model.embed_tokens.weight"], (cfg.vocab_size, D))
+        n.classifier = address(classifier, (n.n_cls, D))
+        n.final_norm = address(weights["model.norm.weight"], (D,))
+        n.cos, n.sin = address(cos, (max_len, hd // 2)), address(sin, (max_len, hd // 2))
+        n.k_cache = <float*>address(k_cache, k_cache.shape)
+        n.v_cache = <float*>address(v_cache, v_cache.shape)
+        n.x, n.q = <float*>address(buffers["x"], (D,)), <float*>address(buffers["q"], (Q,))
+        n.att = <float*>address(buffers["att"], (Q,))
+        n.gate = <float*>address(buffers["gate"], (H,))
+        n.up = <float*>address(buffers["up"], (H,))
+        n.logits = <float*>address(buffers["logits"], (n.n_cls,))
+        anecy_barrier_init(&n.barrier, threads)
+        self.xn_rows = np.zeros((threads, D), np.float32)
+        self.score_rows = np.zeros((threads, max_len), np.float32)
+        for l in range(threads):
+            self.shares[l].net = n
+            self.shares[l].t = l
+            self.shares[l].xn = &self.xn_rows[l, 0]
+            self.shares[l].scores = &self.score_rows[l, 0]
+        self.workers = [DWWorker() for _ in range(threads - 1)]
+        rows = min(PREFILL_ROWS, max_len)
+        self.p_x, self.p_xn = np.zeros((rows, D), np.float32), np.zeros((rows, D), np.float32)
+        self.p_q, self.p_att = np.zeros((rows, Q), np.float32), np.zeros((rows, Q), np.float32)
+        self.p_gate = np.zeros((rows, H), np.float32)
+        self.p_up = np.zeros((rows, H), np.float32)
+        self.p_scores = np.zeros((rows, max_len), np.float32)
+        self.logits = buffers["logits"]
+        self.prefill_positions = 0
+
+    def __dealloc__(self):
+        # the workers' threads end (joined) when the list goes; nothing runs a share now
+        free(self.net.layers)
+        free(self.shares)
+
+    @property
+    def threads(self):
+        return self.net.n_threads
+
+    cdef void _run_threads(self):
+        # every thread's share of the step set up in net; returns when all are done
+        cdef DWWorker worker
+        cdef int t
+        for t in range(1, self.net.n_threads):
+            worker = self.workers[t - 1]
+            worker.submit_call(decode_share, &self.shares[t])
+        with nogil:
+            decode_share(&self.shares[0])
+        for worker in self.workers:
+            with nogil:
+                worker.wait_all()
+
+    def decode(self, int token, int pos):
+        """Feed ``token`` at position ``pos`` (the cache holds 0 .. pos-1); the logits are
+        in ``self.logits``."""
+        if not 0 <= pos < self.net.max_len:
+            raise ValueError(f"position {pos} outside the cache of {self.net.max_len}")
+        memcpy(self.net.x, self.embed + <long>token * self.net.D, self.net.D * sizeof(float))
+        self.net.pos, self.net.classify_only = pos, False
+        self._run_threads()
+
+    def prefill(self, const int[::1] tokens, int pos):
+        """Feed ``tokens`` at positions pos, pos+1, ...; the logits after the last are in
+        ``self.logits``."""
+        cdef int T = tokens.shape[0], done = 0, rows
+        if T < 1 or pos < 0 or pos + T > self.net.max_len:
+            raise ValueError(f"positions {pos}..{pos + T - 1} outside the cache of "
+                             f"{self.net.max_len}")
+        with nogil:
+            while done < T:
+                rows = min(T - done, PREFILL_ROWS)
+                self._prefill_chunk(&tokens[done], rows, pos + done)
+                done += rows
+            memcpy(self.net.x, &self.p_x[rows - 1, 0], self.net.D * sizeof(float))
+        self.prefill_positions += T
+        self.net.classify_only = True
+        self._run_threads()
+
+    cdef void _prefill_chunk(self, const int* tokens, int T, int p0) noexcept nogil:
+        # positions p0 .. p0+T-1 through every layer; the residual stream ends in p_x[:T]
+        cdef Net* n = &self.net
+        cdef LayerWeights* w
+        cdef int D = n.D, Q = n.Q, KV = n.KV, H = n.H, hd = n.hd, p1 = p0 + T
+        cdef int rep = n.n_heads // n.n_kv_heads, l, t, h, qh, j
+        cdef long i
+        cdef float g
+        cdef float scale = <float>(1.0 / sqrt(<double>hd))
+        cdef float* X = &self.p_x[0, 0]
+        cdef float* XN = &self.p_xn[0, 0]
+        cdef float* Qb = &self.p_q[0, 0]
+        cdef float* A = &self.p_att[0, 0]
+        cdef float* G = &self.p_gate[0, 0]
+        cdef float* U = &self.p_up[0, 0]
+        cdef float* S = &self.p_scores[0, 0]
+        cdef float *layer_k, *layer_v, *k_rows, *row
+        for t in range(T):
+            memcpy(X + t * D, self.embed + <long>tokens[t] * D, D * sizeof(float))
+        for l in range(n.n_layers):
+            w = &n.layers[l]
+            layer_k = n.k_cache + <long>l * n.max_len * KV
+            layer_v = n.v_cache + <long>l * n.max_len * KV
+            k_rows = layer_k + <long>p0 * KV
+            for t in range(T):
+                rmsnorm(X + t * D, w.attn_norm, XN + t * D, D, n.eps)
+            sgemm(0, 1, T, Q, D, 1.0, XN, D, w.wq, D, 0.0, Qb, Q)
+            sgemm(0, 1, T, KV, D, 1.0, XN, D, w.wk, D, 0.0, k_rows, KV)
+            sgemm(0, 1, T, KV, D, 1.0, XN, D, w.wv, D, 0.0, layer_v + <long>p0 * KV, KV)
+            for t in range(T):
+                for h in range(n.n_kv_heads):
+                    row = k_rows + t * KV + h * hd
+                    if n.qk_norm:
+                        rmsnorm(row, w.k_norm, row, hd, n.eps)
+                    rope(row, n.cos + <long>(p0 + t) * (hd // 2),
+                         n.sin + <long>(p0 + t) * (hd // 2), hd, n.rope_half)
+                for qh in range(n.n_heads):
+                    row = Qb + t * Q + qh * hd
+                    if n.qk_norm:
+                        rmsnorm(row, w.q_norm, row, hd, n.eps)
+                    rope(row, n.cos + <long>(p0 + t) * (hd // 2),
+                         n.sin + <long>(p0 + t) * (hd // 2), hd, n.rope_half)
+            for qh in range(n.n_heads):
+                h = qh // rep
+                # scores [T, p1] = q_h k_h^T / sqrt(hd); position p0+t sees keys 0 .. p0+t
+                sgemm(0, 1, T, p1, hd, scale, Qb + qh * hd, Q, layer_k + h * hd, KV, 0.0, S,
+                      p1)
+                for t in range(T):
+                    softmax(S + <long>t * p1, p0 + t + 1)
+                    for j in range(p0 + t + 1, p1):
+                        S[<long>t * p1 + j] = 0.0
+                sgemm(0, 0, T, hd, p1, 1.0, S, p1, layer_v + h * hd, KV, 0.0, A + qh * hd, Q)
+            sgemm(0, 1, T, D, Q, n.res, A, Q, w.wo, Q, 1.0, X, D)      # X += res * A wo^T
+            for t in range(T):
+                rmsnorm(X + t * D, w.ffn_norm, XN + t * D, D, n.eps)
+            sgemm(0, 1, T, H, D, 1.0, XN, D, w.w1, D, 0.0, G, H)
+            sgemm(0, 1, T, H, D, 1.0, XN, D, w.w3, D, 0.0, U, H)
+            for i in range(<long>T * H):
+                g = G[i]
+                G[i] = g / (1.0 + anecy_expf(-g)) * U[i]
+            sgemm(0, 1, T, D, H, n.res, G, H, w.w2, H, 1.0, X, D)      # X += res * G w2^T
