@@ -16,13 +16,25 @@
 
 #include <sched.h>
 
-#define ANECY_LANES 32
+#define ANECY_LANES 32   /* partial sums per row: four vectors of eight */
 
 #if defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && !defined(__clang__)
 #define ANECY_ROW_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #else
 #define ANECY_ROW_CLONES
 #endif
+
+/* eight floats, loaded from any float address (GCC and clang lower them to the target's
+ * vectors: two SSE registers on the baseline, one AVX register above) */
+typedef float anecy_v8 __attribute__((vector_size(32), aligned(4), may_alias));
+
+/* The fixed-order sum of a row's partial sums: the four vectors pairwise, then the lanes. */
+static inline float anecy_v8_total(anecy_v8 s0, anecy_v8 s1, anecy_v8 s2, anecy_v8 s3) {
+    anecy_v8 s = (s0 + s2) + (s1 + s3);
+    float l[8];
+    __builtin_memcpy(l, &s, sizeof l);
+    return ((l[0] + l[4]) + (l[2] + l[6])) + ((l[1] + l[5]) + (l[3] + l[7]));
+}
 
 /* y[r] = W[r, :n] . x for rows r0 <= r < r1 of the row-major W (row r at W + r * ld);
  * with `accumulate`, y[r] += scale * (W[r] . x) instead (a residual add). Two rows at a
@@ -34,18 +46,20 @@ static void anecy_matvec_rows(const float *W, long ld, const float *x, float *y,
     long r = r0;
     for (; r + 2 <= r1; r += 2) {
         const float *a = W + r * ld, *b = a + ld;
-        float sa[ANECY_LANES] = {0}, sb[ANECY_LANES] = {0};
-        for (int i = 0; i < body; i += ANECY_LANES)
-            for (int j = 0; j < ANECY_LANES; j++) {
-                sa[j] += a[i + j] * x[i + j];
-                sb[j] += b[i + j] * x[i + j];
-            }
-        for (int w = ANECY_LANES / 2; w > 0; w /= 2)
-            for (int j = 0; j < w; j++) {
-                sa[j] += sa[j + w];
-                sb[j] += sb[j + w];
-            }
-        float da = sa[0], db = sb[0];
+        anecy_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}, b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0};
+        for (int i = 0; i < body; i += ANECY_LANES) {
+            anecy_v8 x0 = *(const anecy_v8 *)(x + i), x1 = *(const anecy_v8 *)(x + i + 8);
+            anecy_v8 x2 = *(const anecy_v8 *)(x + i + 16), x3 = *(const anecy_v8 *)(x + i + 24);
+            a0 += *(const anecy_v8 *)(a + i) * x0;
+            a1 += *(const anecy_v8 *)(a + i + 8) * x1;
+            a2 += *(const anecy_v8 *)(a + i + 16) * x2;
+            a3 += *(const anecy_v8 *)(a + i + 24) * x3;
+            b0 += *(const anecy_v8 *)(b + i) * x0;
+            b1 += *(const anecy_v8 *)(b + i + 8) * x1;
+            b2 += *(const anecy_v8 *)(b + i + 16) * x2;
+            b3 += *(const anecy_v8 *)(b + i + 24) * x3;
+        }
+        float da = anecy_v8_total(a0, a1, a2, a3), db = anecy_v8_total(b0, b1, b2, b3);
         for (int i = body; i < n; i++) {
             da += a[i] * x[i];
             db += b[i] * x[i];
@@ -60,12 +74,14 @@ static void anecy_matvec_rows(const float *W, long ld, const float *x, float *y,
     }
     for (; r < r1; r++) {   /* an odd last row: the same sums, one row */
         const float *a = W + r * ld;
-        float sa[ANECY_LANES] = {0};
-        for (int i = 0; i < body; i += ANECY_LANES)
-            for (int j = 0; j < ANECY_LANES; j++) sa[j] += a[i + j] * x[i + j];
-        for (int w = ANECY_LANES / 2; w > 0; w /= 2)
-            for (int j = 0; j < w; j++) sa[j] += sa[j + w];
-        float da = sa[0];
+        anecy_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int i = 0; i < body; i += ANECY_LANES) {
+            a0 += *(const anecy_v8 *)(a + i) * *(const anecy_v8 *)(x + i);
+            a1 += *(const anecy_v8 *)(a + i + 8) * *(const anecy_v8 *)(x + i + 8);
+            a2 += *(const anecy_v8 *)(a + i + 16) * *(const anecy_v8 *)(x + i + 16);
+            a3 += *(const anecy_v8 *)(a + i + 24) * *(const anecy_v8 *)(x + i + 24);
+        }
+        float da = anecy_v8_total(a0, a1, a2, a3);
         for (int i = body; i < n; i++) da += a[i] * x[i];
         if (accumulate) y[r] += scale * da;
         else y[r] = da;
