@@ -88,6 +88,39 @@ static void anecy_matvec_rows(const float *W, long ld, const float *x, float *y,
     }
 }
 
+/* The same products over int8 weights (llama.cpp's q8_0 layout, with fp32 scales): row r's
+ * weights are Q[r, :n] * S[r, i / ANECY_Q8_BLOCK] (row r at Q + r * ldq, its scales at
+ * S + r * lds). Each weight is widened to float and scaled, then summed in the fp32
+ * kernel's order, so the result does not depend on the thread count either. */
+#define ANECY_Q8_BLOCK 32
+
+ANECY_ROW_CLONES
+static void anecy_matvec_rows_q8(const signed char *Q, long ldq, const float *S, long lds,
+                                 const float *x, float *y, long r0, long r1, int n,
+                                 int accumulate, float scale) {
+    const int blocks = n / ANECY_Q8_BLOCK;
+    for (long r = r0; r < r1; r++) {
+        const signed char *q = Q + r * ldq;
+        const float *s = S + r * lds;
+        anecy_v8 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int b = 0; b < blocks; b++) {
+            const signed char *qb = q + b * ANECY_Q8_BLOCK;
+            const float *xb = x + b * ANECY_Q8_BLOCK;
+            const float d = s[b];
+            float w[ANECY_Q8_BLOCK];   /* a plain loop: compilers widen it in vectors */
+            for (int j = 0; j < ANECY_Q8_BLOCK; j++) w[j] = (float)qb[j] * d;
+            a0 += *(const anecy_v8 *)w * *(const anecy_v8 *)xb;
+            a1 += *(const anecy_v8 *)(w + 8) * *(const anecy_v8 *)(xb + 8);
+            a2 += *(const anecy_v8 *)(w + 16) * *(const anecy_v8 *)(xb + 16);
+            a3 += *(const anecy_v8 *)(w + 24) * *(const anecy_v8 *)(xb + 24);
+        }
+        float da = anecy_v8_total(a0, a1, a2, a3);
+        for (int i = blocks * ANECY_Q8_BLOCK; i < n; i++) da += (q[i] * s[blocks]) * x[i];
+        if (accumulate) y[r] += scale * da;
+        else y[r] = da;
+    }
+}
+
 /* A barrier of `n` threads that spins (they wait microseconds, between two products),
  * yielding the core after a while so a loaded machine still makes progress. */
 typedef struct {

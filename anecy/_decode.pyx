@@ -35,6 +35,10 @@ cdef extern from "_decode.h" nogil:
         pass
     void anecy_matvec_rows(const float* W, long ld, const float* x, float* y, long r0,
                            long r1, int n, int accumulate, float scale)
+    void anecy_matvec_rows_q8(const signed char* Q, long ldq, const float* S, long lds,
+                              const float* x, float* y, long r0, long r1, int n,
+                              int accumulate, float scale)
+    int ANECY_Q8_BLOCK
     void anecy_barrier_init(anecy_barrier* b, unsigned n)
     void anecy_barrier_wait(anecy_barrier* b)
 
@@ -45,14 +49,21 @@ cdef enum:
     PREFILL_ROWS = 128
 
 
+cdef struct Mat:
+    const float* f32          # [rows, cols] (prompts always go through these)
+    const signed char* q8     # [rows, cols] when tokens decode from int8 weights, else NULL
+    const float* scales       # [rows, ceil(cols / ANECY_Q8_BLOCK)]
+    int cols
+
+
 cdef struct LayerWeights:
-    const float* wq           # [Q, D]
-    const float* wk           # [KV, D]
-    const float* wv           # [KV, D]
-    const float* wo           # [D, Q]
-    const float* w1           # [H, D] gate
-    const float* w3           # [H, D] up
-    const float* w2           # [D, H] down
+    Mat wq                    # [Q, D]
+    Mat wk                    # [KV, D]
+    Mat wv                    # [KV, D]
+    Mat wo                    # [D, Q]
+    Mat w1                    # [H, D] gate
+    Mat w3                    # [H, D] up
+    Mat w2                    # [D, H] down
     const float* attn_norm    # [D]
     const float* ffn_norm     # [D]
     const float* q_norm       # [hd] (QK-norm models)
@@ -64,7 +75,7 @@ cdef struct Net:
     bint rope_half, qk_norm
     float eps, res
     LayerWeights* layers
-    const float* classifier   # [V, D]
+    Mat classifier            # [V, D]
     const float* final_norm   # [D]
     const float* cos          # [max_len, hd/2]
     const float* sin
@@ -86,6 +97,17 @@ cdef struct ThreadShare:
     int t                     # this thread's index, 0 .. n_threads-1
     float* xn                 # [D] its own normed copy of x
     float* scores             # [max_len] its own attention scores
+
+
+cdef inline void matvec(const Mat* m, const float* x, float* y, long r0, long r1,
+                        bint accumulate, float scale) noexcept nogil:
+    # rows r0 .. r1-1 of m @ x into y (added, times scale, with accumulate)
+    cdef long blocks = (m.cols + ANECY_Q8_BLOCK - 1) // ANECY_Q8_BLOCK
+    if m.q8 != NULL:
+        anecy_matvec_rows_q8(m.q8, m.cols, m.scales, blocks, x, y, r0, r1, m.cols, accumulate,
+                             scale)
+    else:
+        anecy_matvec_rows(m.f32, m.cols, x, y, r0, r1, m.cols, accumulate, scale)
 
 
 cdef inline void split(long n, int t, int nt, long* lo, long* hi) noexcept nogil:
@@ -168,10 +190,9 @@ cdef void attention_block(ThreadShare* me, int l) noexcept nogil:
     cdef const float* cos_p = net.cos + <long>pos * (hd // 2)
     cdef const float* sin_p = net.sin + <long>pos * (hd // 2)
     split(net.n_kv_heads, me.t, net.n_threads, &g0, &g1)
-    anecy_matvec_rows(w.wk, net.D, me.xn, k_row, g0 * hd, g1 * hd, net.D, 0, 0.0)
-    anecy_matvec_rows(w.wv, net.D, me.xn, layer_v + <long>pos * net.KV, g0 * hd, g1 * hd,
-                      net.D, 0, 0.0)
-    anecy_matvec_rows(w.wq, net.D, me.xn, net.q, g0 * rep * hd, g1 * rep * hd, net.D, 0, 0.0)
+    matvec(&w.wk, me.xn, k_row, g0 * hd, g1 * hd, 0, 0.0)
+    matvec(&w.wv, me.xn, layer_v + <long>pos * net.KV, g0 * hd, g1 * hd, 0, 0.0)
+    matvec(&w.wq, me.xn, net.q, g0 * rep * hd, g1 * rep * hd, 0, 0.0)
     for h in range(g0, g1):
         if net.qk_norm:
             rmsnorm(k_row + h * hd, w.k_norm, k_row + h * hd, hd, net.eps)
@@ -200,22 +221,38 @@ cdef void decode_share(void* arg) noexcept nogil:
             attention_block(me, l)
             anecy_barrier_wait(&net.barrier)                 # att complete
             split(net.D, me.t, net.n_threads, &r0, &r1)
-            anecy_matvec_rows(w.wo, net.Q, net.att, net.x, r0, r1, net.Q, 1, net.res)
+            matvec(&w.wo, net.att, net.x, r0, r1, 1, net.res)
             anecy_barrier_wait(&net.barrier)                 # x complete
             rmsnorm(net.x, w.ffn_norm, me.xn, net.D, net.eps)
             split(net.H, me.t, net.n_threads, &r0, &r1)
-            anecy_matvec_rows(w.w1, net.D, me.xn, net.gate, r0, r1, net.D, 0, 0.0)
-            anecy_matvec_rows(w.w3, net.D, me.xn, net.up, r0, r1, net.D, 0, 0.0)
+            matvec(&w.w1, me.xn, net.gate, r0, r1, 0, 0.0)
+            matvec(&w.w3, me.xn, net.up, r0, r1, 0, 0.0)
             for i in range(r0, r1):   # SwiGLU: silu(gate) * up
                 g = net.gate[i]
                 net.gate[i] = g / (1.0 + anecy_expf(-g)) * net.up[i]
             anecy_barrier_wait(&net.barrier)                 # gate complete
             split(net.D, me.t, net.n_threads, &r0, &r1)
-            anecy_matvec_rows(w.w2, net.H, net.gate, net.x, r0, r1, net.H, 1, net.res)
+            matvec(&w.w2, net.gate, net.x, r0, r1, 1, net.res)
             anecy_barrier_wait(&net.barrier)                 # x complete
     rmsnorm(net.x, net.final_norm, me.xn, net.D, net.eps)
     split(net.n_cls, me.t, net.n_threads, &r0, &r1)
-    anecy_matvec_rows(net.classifier, net.D, me.xn, net.logits, r0, r1, net.D, 0, 0.0)
+    matvec(&net.classifier, me.xn, net.logits, r0, r1, 0, 0.0)
+
+
+def quantize_q8(w):
+    """(q int8 [rows, cols], scales float32 [rows, ceil(cols / 32)]) of w [rows, cols]: each
+    block of 32 weights of a row as llama.cpp's q8_0 stores it, round(w / d) with
+    d = max|w| / 127 over the block (d in fp32 here), so that w ~ q * d."""
+    w = np.asarray(w, np.float32)
+    rows, cols = w.shape
+    block = ANECY_Q8_BLOCK
+    padded = np.zeros((rows, -(-cols // block) * block), np.float32)
+    padded[:, :cols] = w
+    blocks = padded.reshape(rows, -1, block)
+    scales = (np.abs(blocks).max(axis=2) / np.float32(127)).astype(np.float32)
+    safe = np.where(scales > 0, scales, np.float32(1))
+    q = np.clip(np.round(blocks / safe[:, :, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(q.reshape(rows, -1)[:, :cols]), np.ascontiguousarray(scales)
 
 
 cdef const float* address(a, tuple shape) except NULL:
@@ -243,7 +280,8 @@ cdef class DecodeCore:
     cdef readonly long prefill_positions   # positions computed by prefill() so far
     cdef readonly object logits            # [V] after the last step, overwritten by the next
 
-    def __init__(self, cfg, dict weights, classifier, int max_len, int threads):
+    def __init__(self, cfg, dict weights, classifier, int max_len, int threads,
+                 bint q8=False):
         cdef int D = cfg.dim, H = cfg.hidden_dim, hd = cfg.head_dim, l
         cdef int Q = cfg.n_heads * hd, KV = cfg.n_kv_heads * hd
         if threads < 1:
@@ -272,13 +310,13 @@ cdef class DecodeCore:
         for l in range(cfg.n_layers):
             p = f"model.layers.{l}."
             lw = &n.layers[l]
-            lw.wq = address(weights[p + "self_attn.q_proj.weight"], (Q, D))
-            lw.wk = address(weights[p + "self_attn.k_proj.weight"], (KV, D))
-            lw.wv = address(weights[p + "self_attn.v_proj.weight"], (KV, D))
-            lw.wo = address(weights[p + "self_attn.o_proj.weight"], (D, Q))
-            lw.w1 = address(weights[p + "mlp.gate_proj.weight"], (H, D))
-            lw.w3 = address(weights[p + "mlp.up_proj.weight"], (H, D))
-            lw.w2 = address(weights[p + "mlp.down_proj.weight"], (D, H))
+            self._matrix(&lw.wq, weights[p + "self_attn.q_proj.weight"], (Q, D), q8)
+            self._matrix(&lw.wk, weights[p + "self_attn.k_proj.weight"], (KV, D), q8)
+            self._matrix(&lw.wv, weights[p + "self_attn.v_proj.weight"], (KV, D), q8)
+            self._matrix(&lw.wo, weights[p + "self_attn.o_proj.weight"], (D, Q), q8)
+            self._matrix(&lw.w1, weights[p + "mlp.gate_proj.weight"], (H, D), q8)
+            self._matrix(&lw.w3, weights[p + "mlp.up_proj.weight"], (H, D), q8)
+            self._matrix(&lw.w2, weights[p + "mlp.down_proj.weight"], (D, H), q8)
             lw.attn_norm = address(weights[p + "input_layernorm.weight"], (D,))
             lw.ffn_norm = address(weights[p + "post_attention_layernorm.weight"], (D,))
             lw.q_norm = lw.k_norm = NULL
@@ -286,7 +324,7 @@ cdef class DecodeCore:
                 lw.q_norm = address(weights[p + "self_attn.q_norm.weight"], (hd,))
                 lw.k_norm = address(weights[p + "self_attn.k_norm.weight"], (hd,))
         self.embed = address(weights["model.embed_tokens.weight"], (cfg.vocab_size, D))
-        n.classifier = address(classifier, (n.n_cls, D))
+        self._matrix(&n.classifier, classifier, (n.n_cls, D), q8)
         n.final_norm = address(weights["model.norm.weight"], (D,))
         n.cos, n.sin = address(cos, (max_len, hd // 2)), address(sin, (max_len, hd // 2))
         n.k_cache = <float*>address(k_cache, k_cache.shape)
@@ -314,10 +352,25 @@ cdef class DecodeCore:
         self.logits = buffers["logits"]
         self.prefill_positions = 0
 
+    cdef int _matrix(self, Mat* m, a, tuple shape, bint q8) except -1:
+        # m set to the fp32 array a [rows, cols] and, with q8, its int8 copy (kept here)
+        m.f32, m.cols, m.q8, m.scales = address(a, shape), shape[1], NULL, NULL
+        if q8:
+            weights_q8, scales = quantize_q8(a)
+            self.keep += [weights_q8, scales]
+            m.q8 = <const signed char*><size_t>weights_q8.ctypes.data
+            m.scales = address(scales, scales.shape)
+        return 0
+
     def __dealloc__(self):
         # the workers' threads end (joined) when the list goes; nothing runs a share now
         free(self.net.layers)
         free(self.shares)
+
+    @property
+    def q8(self):
+        """True when tokens decode from int8 copies of the weights."""
+        return self.net.classifier.q8 != NULL
 
     @property
     def threads(self):
@@ -378,7 +431,10 @@ cdef class DecodeCore:
         cdef float* G = &self.p_gate[0, 0]
         cdef float* U = &self.p_up[0, 0]
         cdef float* S = &self.p_scores[0, 0]
-        cdef float *layer_k, *layer_v, *k_rows, *row
+        cdef float* layer_k
+        cdef float* layer_v
+        cdef float* k_rows
+        cdef float* row
         for t in range(T):
             memcpy(X + t * D, self.embed + <long>tokens[t] * D, D * sizeof(float))
         for l in range(n.n_layers):
@@ -388,9 +444,9 @@ cdef class DecodeCore:
             k_rows = layer_k + <long>p0 * KV
             for t in range(T):
                 rmsnorm(X + t * D, w.attn_norm, XN + t * D, D, n.eps)
-            sgemm(0, 1, T, Q, D, 1.0, XN, D, w.wq, D, 0.0, Qb, Q)
-            sgemm(0, 1, T, KV, D, 1.0, XN, D, w.wk, D, 0.0, k_rows, KV)
-            sgemm(0, 1, T, KV, D, 1.0, XN, D, w.wv, D, 0.0, layer_v + <long>p0 * KV, KV)
+            sgemm(0, 1, T, Q, D, 1.0, XN, D, w.wq.f32, D, 0.0, Qb, Q)
+            sgemm(0, 1, T, KV, D, 1.0, XN, D, w.wk.f32, D, 0.0, k_rows, KV)
+            sgemm(0, 1, T, KV, D, 1.0, XN, D, w.wv.f32, D, 0.0, layer_v + <long>p0 * KV, KV)
             for t in range(T):
                 for h in range(n.n_kv_heads):
                     row = k_rows + t * KV + h * hd
@@ -414,12 +470,12 @@ cdef class DecodeCore:
                     for j in range(p0 + t + 1, p1):
                         S[<long>t * p1 + j] = 0.0
                 sgemm(0, 0, T, hd, p1, 1.0, S, p1, layer_v + h * hd, KV, 0.0, A + qh * hd, Q)
-            sgemm(0, 1, T, D, Q, n.res, A, Q, w.wo, Q, 1.0, X, D)      # X += res * A wo^T
+            sgemm(0, 1, T, D, Q, n.res, A, Q, w.wo.f32, Q, 1.0, X, D)      # X += res * A wo^T
             for t in range(T):
                 rmsnorm(X + t * D, w.ffn_norm, XN + t * D, D, n.eps)
-            sgemm(0, 1, T, H, D, 1.0, XN, D, w.w1, D, 0.0, G, H)
-            sgemm(0, 1, T, H, D, 1.0, XN, D, w.w3, D, 0.0, U, H)
+            sgemm(0, 1, T, H, D, 1.0, XN, D, w.w1.f32, D, 0.0, G, H)
+            sgemm(0, 1, T, H, D, 1.0, XN, D, w.w3.f32, D, 0.0, U, H)
             for i in range(<long>T * H):
                 g = G[i]
                 G[i] = g / (1.0 + anecy_expf(-g)) * U[i]
-            sgemm(0, 1, T, D, H, n.res, G, H, w.w2, H, 1.0, X, D)      # X += res * G w2^T
+            sgemm(0, 1, T, D, H, n.res, G, H, w.w2.f32, H, 1.0, X, D)      # X += res * G w2^T

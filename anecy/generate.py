@@ -30,6 +30,12 @@ from .model import Model
 MAX_DEFAULT_THREADS = 8
 
 
+# Weights a Decoder decodes tokens from: fp32 (exact), or int8 copies in blocks of 32 with
+# a scale each (llama.cpp's q8_0), a quarter of the bytes to read per token. Prompts always
+# go through the fp32 weights.
+DTYPES = ("f32", "q8")
+
+
 def default_threads() -> int:
     """The cores this process may run on (at most MAX_DEFAULT_THREADS)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
@@ -58,12 +64,13 @@ class SamplingConfig:
 class Decoder:
     """A Model's weights ready for decoding, with a KV cache of ``max_len`` positions
     (default: the model's seq_len, its context length), decoding on ``threads`` threads
-    (default: default_threads()).
+    (default: default_threads()) from the weights in ``dtype`` (one of DTYPES).
 
     A Model trained with vocabulary compaction (``model.active_ids`` set) only ever learnt
     to score the tokens of its data: the other tokens' logits are -inf."""
 
-    def __init__(self, model: Model, max_len: int | None = None, threads: int | None = None):
+    def __init__(self, model: Model, max_len: int | None = None, threads: int | None = None,
+                 dtype: str = "f32"):
         cfg = model.config
         self.config = cfg
         self.max_len = cfg.seq_len if max_len is None else max_len
@@ -76,13 +83,17 @@ class Decoder:
                 or self.threads < 1:
             raise ConfigError(f"threads must be a positive integer, got {threads!r}")
         self.threads = int(self.threads)
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
         cls = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
         classifier = model.views[cls]
         self.active_ids = model.active_ids
         if self.active_ids is not None:   # [n_active, D], a copy of today's rows
             classifier = np.ascontiguousarray(classifier[self.active_ids])
             self.logits = np.full(cfg.vocab_size, -np.inf, np.float32)
-        self.core = DecodeCore(cfg, model.views, classifier, self.max_len, self.threads)
+        self.core = DecodeCore(cfg, model.views, classifier, self.max_len, self.threads,
+                               dtype == "q8")
         self.pos = 0
 
     @property
@@ -167,8 +178,8 @@ class Session:
 
     def __init__(self, model: Model, max_len: int | None = None,
                  sampling: SamplingConfig | None = None, decoder: Decoder | None = None,
-                 threads: int | None = None):
-        self.decoder = decoder or Decoder(model, max_len, threads)
+                 threads: int | None = None, dtype: str = "f32"):
+        self.decoder = decoder or Decoder(model, max_len, threads, dtype)
         self.decoder.reset()
         self.sampling = sampling or SamplingConfig()
         self.rng = np.random.Generator(np.random.PCG64(self.sampling.seed))
