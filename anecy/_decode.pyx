@@ -273,7 +273,8 @@ cdef class DecodeCore:
     cdef object keep                     # every array net points into
     cdef list workers                    # DWWorker, one per thread beyond the caller's
     cdef ThreadShare* shares             # [threads]
-    cdef const float* embed
+    cdef const float* embed              # [n_vocab, D]
+    cdef int n_vocab
     cdef float[:, ::1] xn_rows, score_rows
     # prefill chunk buffers [PREFILL_ROWS, ...] and its scores [PREFILL_ROWS, max_len]
     cdef float[:, ::1] p_x, p_xn, p_q, p_att, p_gate, p_up, p_scores
@@ -324,6 +325,7 @@ cdef class DecodeCore:
                 lw.q_norm = address(weights[p + "self_attn.q_norm.weight"], (hd,))
                 lw.k_norm = address(weights[p + "self_attn.k_norm.weight"], (hd,))
         self.embed = address(weights["model.embed_tokens.weight"], (cfg.vocab_size, D))
+        self.n_vocab = cfg.vocab_size
         self._matrix(&n.classifier, classifier, (n.n_cls, D), q8)
         n.final_norm = address(weights["model.norm.weight"], (D,))
         n.cos, n.sin = address(cos, (max_len, hd // 2)), address(sin, (max_len, hd // 2))
@@ -394,6 +396,8 @@ cdef class DecodeCore:
         in ``self.logits``."""
         if not 0 <= pos < self.net.max_len:
             raise ValueError(f"position {pos} outside the cache of {self.net.max_len}")
+        if not 0 <= token < self.n_vocab:
+            raise ValueError(f"token id {token} outside the vocabulary of {self.n_vocab}")
         memcpy(self.net.x, self.embed + <long>token * self.net.D, self.net.D * sizeof(float))
         self.net.pos, self.net.classify_only = pos, False
         self._run_threads()
@@ -405,6 +409,11 @@ cdef class DecodeCore:
         if T < 1 or pos < 0 or pos + T > self.net.max_len:
             raise ValueError(f"positions {pos}..{pos + T - 1} outside the cache of "
                              f"{self.net.max_len}")
+        for done in range(T):
+            if not 0 <= tokens[done] < self.n_vocab:
+                raise ValueError(f"token id {tokens[done]} outside the vocabulary of "
+                                 f"{self.n_vocab}")
+        done = 0
         with nogil:
             while done < T:
                 rows = min(T - done, PREFILL_ROWS)
