@@ -75,6 +75,7 @@ cdef struct Net:
     bint rope_half, qk_norm
     float eps, res
     LayerWeights* layers
+    const float* embed        # [vocab, D]
     Mat classifier            # [V, D]
     const float* final_norm   # [D]
     const float* cos          # [max_len, hd/2]
@@ -87,8 +88,17 @@ cdef struct Net:
     float* gate               # [H]
     float* up                 # [H]
     float* logits             # [V]
-    int pos                   # the position being decoded
-    bint classify_only        # skip the layers (the prompt's last position is in x)
+    int pos                   # the position being decoded (a prompt chunk's first)
+    int mode                  # what the threads run: MODE_TOKEN, MODE_CHUNK, MODE_CLASSIFY
+    # a prompt chunk of T positions: the token ids and the buffers [PREFILL_ROWS, ...]
+    const int* chunk_tokens
+    int T
+    float* px                 # [rows, D] residual stream
+    float* pxn                # [rows, D] normed
+    float* pq                 # [rows, Q]
+    float* patt               # [rows, Q]
+    float* pgate              # [rows, H]
+    float* pup                # [rows, H]
     anecy_barrier barrier
 
 
@@ -96,7 +106,17 @@ cdef struct ThreadShare:
     Net* net
     int t                     # this thread's index, 0 .. n_threads-1
     float* xn                 # [D] its own normed copy of x
-    float* scores             # [max_len] its own attention scores
+    float* scores             # [PREFILL_ROWS, max_len] its own attention scores
+
+
+cdef enum:
+    MODE_TOKEN = 0            # one token through the layers, then the classifier
+    MODE_CHUNK = 1            # a prompt chunk through the layers
+    MODE_CLASSIFY = 2         # the classifier over x (a prompt's last position)
+    # a prompt's products are sgemms over blocks of this many output columns (a head's
+    # for q, k and v), the same blocks whatever the thread count: the BLAS's rounding
+    # depends on a call's shape, so the result does not depend on who computes a block
+    CHUNK_COLS = 64
 
 
 cdef inline void matvec(const Mat* m, const float* x, float* y, long r0, long r1,
@@ -114,6 +134,26 @@ cdef inline void split(long n, int t, int nt, long* lo, long* hi) noexcept nogil
     # thread t's contiguous share of n items
     lo[0] = n * t // nt
     hi[0] = n * (t + 1) // nt
+
+
+cdef inline void split_cols(long n, int t, int nt, long* lo, long* hi) noexcept nogil:
+    # thread t's share of n columns, cut at multiples of CHUNK_COLS
+    cdef long blocks = (n + CHUNK_COLS - 1) // CHUNK_COLS
+    split(blocks, t, nt, lo, hi)
+    lo[0] = min(lo[0] * CHUNK_COLS, n)
+    hi[0] = min(hi[0] * CHUNK_COLS, n)
+
+
+cdef inline void linear_cols(const float* A, int T, int K, const Mat* m, long c0, long c1,
+                             long block, float alpha, float beta, float* C,
+                             int ldc) noexcept nogil:
+    # columns c0 .. c1-1 of C [T, ldc] = alpha * A [T, K] @ m^T + beta * C (rows c0.. of m),
+    # one sgemm per block of columns (c0 a multiple of block)
+    cdef long b = c0, n
+    while b < c1:
+        n = min(block, c1 - b)
+        sgemm(0, 1, T, n, K, alpha, A, K, m.f32 + b * K, K, beta, C + b, ldc)
+        b += n
 
 
 cdef void rmsnorm(const float* x, const float* w, float* y, int n, float eps) noexcept nogil:
@@ -206,6 +246,84 @@ cdef void attention_block(ThreadShare* me, int l) noexcept nogil:
                me.scores, net.att + qh * hd)
 
 
+cdef void chunk_share(ThreadShare* me) noexcept nogil:
+    # thread me.t's part of a prompt chunk (net.T positions from net.pos) through every
+    # layer; the residual stream ends in net.px. Products are sgemms over column shares
+    # (the BLAS on one thread in each), attention by KV-head groups as for a token.
+    cdef Net* n = me.net
+    cdef LayerWeights* w
+    cdef int D = n.D, Q = n.Q, KV = n.KV, H = n.H, hd = n.hd, T = n.T, p0 = n.pos
+    cdef int p1 = p0 + T, rep = n.n_heads // n.n_kv_heads, l, t, h, qh, j
+    cdef long r0, r1, c0, c1, g0, g1, i
+    cdef float g
+    cdef float scale = <float>(1.0 / sqrt(<double>hd))
+    cdef float* S = me.scores
+    cdef float* layer_k
+    cdef float* layer_v
+    cdef float* row
+    cdef const float* cos_p
+    cdef const float* sin_p
+    split(T, me.t, n.n_threads, &r0, &r1)
+    for t in range(r0, r1):
+        memcpy(n.px + <long>t * D, n.embed + <long>n.chunk_tokens[t] * D, D * sizeof(float))
+    split(n.n_kv_heads, me.t, n.n_threads, &g0, &g1)
+    for l in range(n.n_layers):
+        w = &n.layers[l]
+        layer_k = n.k_cache + <long>l * n.max_len * KV
+        layer_v = n.v_cache + <long>l * n.max_len * KV
+        split(T, me.t, n.n_threads, &r0, &r1)
+        anecy_barrier_wait(&n.barrier)                       # px complete
+        for t in range(r0, r1):
+            rmsnorm(n.px + <long>t * D, w.attn_norm, n.pxn + <long>t * D, D, n.eps)
+        anecy_barrier_wait(&n.barrier)                       # pxn complete
+        # this thread's KV-head groups: their q, k and v columns, then their attention
+        linear_cols(n.pxn, T, D, &w.wq, g0 * rep * hd, g1 * rep * hd, hd, 1.0, 0.0, n.pq, Q)
+        linear_cols(n.pxn, T, D, &w.wk, g0 * hd, g1 * hd, hd, 1.0, 0.0,
+                    layer_k + <long>p0 * KV, KV)
+        linear_cols(n.pxn, T, D, &w.wv, g0 * hd, g1 * hd, hd, 1.0, 0.0,
+                    layer_v + <long>p0 * KV, KV)
+        for t in range(T):
+            cos_p = n.cos + <long>(p0 + t) * (hd // 2)
+            sin_p = n.sin + <long>(p0 + t) * (hd // 2)
+            for h in range(g0, g1):
+                row = layer_k + <long>(p0 + t) * KV + h * hd
+                if n.qk_norm:
+                    rmsnorm(row, w.k_norm, row, hd, n.eps)
+                rope(row, cos_p, sin_p, hd, n.rope_half)
+            for qh in range(g0 * rep, g1 * rep):
+                row = n.pq + <long>t * Q + qh * hd
+                if n.qk_norm:
+                    rmsnorm(row, w.q_norm, row, hd, n.eps)
+                rope(row, cos_p, sin_p, hd, n.rope_half)
+        for qh in range(g0 * rep, g1 * rep):
+            h = qh // rep
+            # scores [T, p1] = q_h k_h^T / sqrt(hd); position p0+t sees keys 0 .. p0+t
+            sgemm(0, 1, T, p1, hd, scale, n.pq + qh * hd, Q, layer_k + h * hd, KV, 0.0, S, p1)
+            for t in range(T):
+                softmax(S + <long>t * p1, p0 + t + 1)
+                for j in range(p0 + t + 1, p1):
+                    S[<long>t * p1 + j] = 0.0
+            sgemm(0, 0, T, hd, p1, 1.0, S, p1, layer_v + h * hd, KV, 0.0, n.patt + qh * hd, Q)
+        anecy_barrier_wait(&n.barrier)                       # patt complete
+        split_cols(D, me.t, n.n_threads, &c0, &c1)           # px += res * patt wo^T
+        linear_cols(n.patt, T, Q, &w.wo, c0, c1, CHUNK_COLS, n.res, 1.0, n.px, D)
+        anecy_barrier_wait(&n.barrier)                       # px complete
+        for t in range(r0, r1):
+            rmsnorm(n.px + <long>t * D, w.ffn_norm, n.pxn + <long>t * D, D, n.eps)
+        anecy_barrier_wait(&n.barrier)                       # pxn complete
+        split_cols(H, me.t, n.n_threads, &c0, &c1)
+        linear_cols(n.pxn, T, D, &w.w1, c0, c1, CHUNK_COLS, 1.0, 0.0, n.pgate, H)
+        linear_cols(n.pxn, T, D, &w.w3, c0, c1, CHUNK_COLS, 1.0, 0.0, n.pup, H)
+        for t in range(T):
+            for i in range(<long>t * H + c0, <long>t * H + c1):
+                g = n.pgate[i]
+                n.pgate[i] = g / (1.0 + anecy_expf(-g)) * n.pup[i]
+        anecy_barrier_wait(&n.barrier)                       # pgate complete
+        split_cols(D, me.t, n.n_threads, &c0, &c1)           # px += res * pgate w2^T
+        linear_cols(n.pgate, T, H, &w.w2, c0, c1, CHUNK_COLS, n.res, 1.0, n.px, D)
+    anecy_barrier_wait(&n.barrier)                           # px complete
+
+
 cdef void decode_share(void* arg) noexcept nogil:
     # thread me.t's part of one token's step; every thread runs it, meeting at the barrier
     cdef ThreadShare* me = <ThreadShare*>arg
@@ -214,7 +332,10 @@ cdef void decode_share(void* arg) noexcept nogil:
     cdef long r0, r1, i
     cdef int l
     cdef float g
-    if not net.classify_only:
+    if net.mode == MODE_CHUNK:
+        chunk_share(me)
+        return
+    if net.mode == MODE_TOKEN:
         for l in range(net.n_layers):
             w = &net.layers[l]
             rmsnorm(net.x, w.attn_norm, me.xn, net.D, net.eps)
@@ -237,6 +358,20 @@ cdef void decode_share(void* arg) noexcept nogil:
     rmsnorm(net.x, net.final_norm, me.xn, net.D, net.eps)
     split(net.n_cls, me.t, net.n_threads, &r0, &r1)
     matvec(&net.classifier, me.xn, net.logits, r0, r1, 0, 0.0)
+
+
+_blas_controller = None
+
+
+def one_blas_thread():
+    """A context in which the BLAS runs each call on the calling thread alone: the prompt's
+    threads split its products themselves (BLAS threads on top of them would oversubscribe
+    the cores, and on a loaded machine they wait on each other)."""
+    global _blas_controller
+    if _blas_controller is None:
+        from threadpoolctl import ThreadpoolController
+        _blas_controller = ThreadpoolController()
+    return _blas_controller.limit(limits=1, user_api="blas")
 
 
 def quantize_q8(w):
@@ -273,11 +408,10 @@ cdef class DecodeCore:
     cdef object keep                     # every array net points into
     cdef list workers                    # DWWorker, one per thread beyond the caller's
     cdef ThreadShare* shares             # [threads]
-    cdef const float* embed              # [n_vocab, D]
     cdef int n_vocab
     cdef float[:, ::1] xn_rows, score_rows
     # prefill chunk buffers [PREFILL_ROWS, ...] and its scores [PREFILL_ROWS, max_len]
-    cdef float[:, ::1] p_x, p_xn, p_q, p_att, p_gate, p_up, p_scores
+    cdef float[:, ::1] p_x, p_xn, p_q, p_att, p_gate, p_up
     cdef readonly long prefill_positions   # positions computed by prefill() so far
     cdef readonly object logits            # [V] after the last step, overwritten by the next
 
@@ -324,7 +458,7 @@ cdef class DecodeCore:
             if cfg.qk_norm:
                 lw.q_norm = address(weights[p + "self_attn.q_norm.weight"], (hd,))
                 lw.k_norm = address(weights[p + "self_attn.k_norm.weight"], (hd,))
-        self.embed = address(weights["model.embed_tokens.weight"], (cfg.vocab_size, D))
+        n.embed = address(weights["model.embed_tokens.weight"], (cfg.vocab_size, D))
         self.n_vocab = cfg.vocab_size
         self._matrix(&n.classifier, classifier, (n.n_cls, D), q8)
         n.final_norm = address(weights["model.norm.weight"], (D,))
@@ -338,19 +472,21 @@ cdef class DecodeCore:
         n.logits = <float*>address(buffers["logits"], (n.n_cls,))
         anecy_barrier_init(&n.barrier, threads)
         self.xn_rows = np.zeros((threads, D), np.float32)
-        self.score_rows = np.zeros((threads, max_len), np.float32)
+        rows = min(PREFILL_ROWS, max_len)
+        self.score_rows = np.zeros((threads, rows * max_len), np.float32)
         for l in range(threads):
             self.shares[l].net = n
             self.shares[l].t = l
             self.shares[l].xn = &self.xn_rows[l, 0]
             self.shares[l].scores = &self.score_rows[l, 0]
         self.workers = [DWWorker() for _ in range(threads - 1)]
-        rows = min(PREFILL_ROWS, max_len)
         self.p_x, self.p_xn = np.zeros((rows, D), np.float32), np.zeros((rows, D), np.float32)
         self.p_q, self.p_att = np.zeros((rows, Q), np.float32), np.zeros((rows, Q), np.float32)
         self.p_gate = np.zeros((rows, H), np.float32)
         self.p_up = np.zeros((rows, H), np.float32)
-        self.p_scores = np.zeros((rows, max_len), np.float32)
+        n.px, n.pxn, n.pq, n.patt = &self.p_x[0, 0], &self.p_xn[0, 0], &self.p_q[0, 0], \
+            &self.p_att[0, 0]
+        n.pgate, n.pup = &self.p_gate[0, 0], &self.p_up[0, 0]
         self.logits = buffers["logits"]
         self.prefill_positions = 0
 
@@ -398,8 +534,9 @@ cdef class DecodeCore:
             raise ValueError(f"position {pos} outside the cache of {self.net.max_len}")
         if not 0 <= token < self.n_vocab:
             raise ValueError(f"token id {token} outside the vocabulary of {self.n_vocab}")
-        memcpy(self.net.x, self.embed + <long>token * self.net.D, self.net.D * sizeof(float))
-        self.net.pos, self.net.classify_only = pos, False
+        memcpy(self.net.x, self.net.embed + <long>token * self.net.D,
+               self.net.D * sizeof(float))
+        self.net.pos, self.net.mode = pos, MODE_TOKEN
         self._run_threads()
 
     def prefill(self, const int[::1] tokens, int pos):
@@ -414,77 +551,15 @@ cdef class DecodeCore:
                 raise ValueError(f"token id {tokens[done]} outside the vocabulary of "
                                  f"{self.n_vocab}")
         done = 0
-        with nogil:
+        with one_blas_thread():   # each thread's sgemms on its own core
             while done < T:
                 rows = min(T - done, PREFILL_ROWS)
-                self._prefill_chunk(&tokens[done], rows, pos + done)
+                self.net.chunk_tokens, self.net.T = &tokens[done], rows
+                self.net.pos, self.net.mode = pos + done, MODE_CHUNK
+                self._run_threads()
                 done += rows
-            memcpy(self.net.x, &self.p_x[rows - 1, 0], self.net.D * sizeof(float))
+        memcpy(self.net.x, &self.p_x[rows - 1, 0], self.net.D * sizeof(float))
         self.prefill_positions += T
-        self.net.classify_only = True
+        self.net.mode = MODE_CLASSIFY
         self._run_threads()
 
-    cdef void _prefill_chunk(self, const int* tokens, int T, int p0) noexcept nogil:
-        # positions p0 .. p0+T-1 through every layer; the residual stream ends in p_x[:T]
-        cdef Net* n = &self.net
-        cdef LayerWeights* w
-        cdef int D = n.D, Q = n.Q, KV = n.KV, H = n.H, hd = n.hd, p1 = p0 + T
-        cdef int rep = n.n_heads // n.n_kv_heads, l, t, h, qh, j
-        cdef long i
-        cdef float g
-        cdef float scale = <float>(1.0 / sqrt(<double>hd))
-        cdef float* X = &self.p_x[0, 0]
-        cdef float* XN = &self.p_xn[0, 0]
-        cdef float* Qb = &self.p_q[0, 0]
-        cdef float* A = &self.p_att[0, 0]
-        cdef float* G = &self.p_gate[0, 0]
-        cdef float* U = &self.p_up[0, 0]
-        cdef float* S = &self.p_scores[0, 0]
-        cdef float* layer_k
-        cdef float* layer_v
-        cdef float* k_rows
-        cdef float* row
-        for t in range(T):
-            memcpy(X + t * D, self.embed + <long>tokens[t] * D, D * sizeof(float))
-        for l in range(n.n_layers):
-            w = &n.layers[l]
-            layer_k = n.k_cache + <long>l * n.max_len * KV
-            layer_v = n.v_cache + <long>l * n.max_len * KV
-            k_rows = layer_k + <long>p0 * KV
-            for t in range(T):
-                rmsnorm(X + t * D, w.attn_norm, XN + t * D, D, n.eps)
-            sgemm(0, 1, T, Q, D, 1.0, XN, D, w.wq.f32, D, 0.0, Qb, Q)
-            sgemm(0, 1, T, KV, D, 1.0, XN, D, w.wk.f32, D, 0.0, k_rows, KV)
-            sgemm(0, 1, T, KV, D, 1.0, XN, D, w.wv.f32, D, 0.0, layer_v + <long>p0 * KV, KV)
-            for t in range(T):
-                for h in range(n.n_kv_heads):
-                    row = k_rows + t * KV + h * hd
-                    if n.qk_norm:
-                        rmsnorm(row, w.k_norm, row, hd, n.eps)
-                    rope(row, n.cos + <long>(p0 + t) * (hd // 2),
-                         n.sin + <long>(p0 + t) * (hd // 2), hd, n.rope_half)
-                for qh in range(n.n_heads):
-                    row = Qb + t * Q + qh * hd
-                    if n.qk_norm:
-                        rmsnorm(row, w.q_norm, row, hd, n.eps)
-                    rope(row, n.cos + <long>(p0 + t) * (hd // 2),
-                         n.sin + <long>(p0 + t) * (hd // 2), hd, n.rope_half)
-            for qh in range(n.n_heads):
-                h = qh // rep
-                # scores [T, p1] = q_h k_h^T / sqrt(hd); position p0+t sees keys 0 .. p0+t
-                sgemm(0, 1, T, p1, hd, scale, Qb + qh * hd, Q, layer_k + h * hd, KV, 0.0, S,
-                      p1)
-                for t in range(T):
-                    softmax(S + <long>t * p1, p0 + t + 1)
-                    for j in range(p0 + t + 1, p1):
-                        S[<long>t * p1 + j] = 0.0
-                sgemm(0, 0, T, hd, p1, 1.0, S, p1, layer_v + h * hd, KV, 0.0, A + qh * hd, Q)
-            sgemm(0, 1, T, D, Q, n.res, A, Q, w.wo.f32, Q, 1.0, X, D)      # X += res * A wo^T
-            for t in range(T):
-                rmsnorm(X + t * D, w.ffn_norm, XN + t * D, D, n.eps)
-            sgemm(0, 1, T, H, D, 1.0, XN, D, w.w1.f32, D, 0.0, G, H)
-            sgemm(0, 1, T, H, D, 1.0, XN, D, w.w3.f32, D, 0.0, U, H)
-            for i in range(<long>T * H):
-                g = G[i]
-                G[i] = g / (1.0 + anecy_expf(-g)) * U[i]
-            sgemm(0, 1, T, D, H, n.res, G, H, w.w2.f32, H, 1.0, X, D)      # X += res * G w2^T
