@@ -10,9 +10,11 @@ product is summed in one fixed order (_decode.h) whoever computes it, and the sm
 reductions (RMSNorm, softmax) are done in full by every thread that needs them, so the
 logits are bit-identical for any thread count.
 
-A prompt goes through the layers in chunks of up to PREFILL_ROWS positions as sgemms
-(the BLAS's own threads), attention per head as two sgemms over the cache; its last
-position's logits then come from the threads' classifier step.
+A prompt goes through the layers in chunks of up to PREFILL_ROWS positions on the same
+threads: sgemms over fixed blocks of output columns (the BLAS on one thread in each),
+attention per head as two sgemms over the cache; its last position's logits then come
+from the threads' classifier step. Every step is the threads' shares of one job
+(``net.mode``): a token, a prompt chunk, or the classifier alone.
 
 Shapes: D model width, Q = n_heads*hd, KV = n_kv_heads*hd, H hidden, V classifier rows."""
 
