@@ -412,7 +412,7 @@ cdef class DecodeCore:
     cdef ThreadShare* shares             # [threads]
     cdef int n_vocab
     cdef float[:, ::1] xn_rows, score_rows
-    # prefill chunk buffers [PREFILL_ROWS, ...] and its scores [PREFILL_ROWS, max_len]
+    # prompt chunk buffers [rows, ...], rows = min(PREFILL_ROWS, max_len)
     cdef float[:, ::1] p_x, p_xn, p_q, p_att, p_gate, p_up
     cdef readonly long prefill_positions   # positions computed by prefill() so far
     cdef readonly object logits            # [V] after the last step, overwritten by the next
