@@ -49,6 +49,7 @@ extensions = [
     ext("_engine"),
     ext("_packed"),
     ext("_testing"),
+    ext("_decode"),
 ]
 
 setup(

@@ -1,33 +1,46 @@
 """Text generation on the CPU: a Model's fp32 weights, a KV cache and a sampler.
 
 Decoding does not go through the training engine (it runs whole windows of seq_len tokens).
-A Decoder feeds tokens through the layers with numpy's matrix products (BLAS), the prompt all
-at once and then one token per step, each attending to the keys and values of every earlier
-position, which stay in a cache allocated once per Decoder. The weights are the Model's own
-views (nothing is copied), in the Model's RoPE order, so both RoPE styles, GQA, QK-norm and
-tied or untied classifiers decode as they train.
+A Decoder feeds tokens through the layers with the compiled decoder (anecy/_decode.pyx): a
+prompt all at once in batched sgemms, then one token per step, each step's matrix-vector
+products split by rows across ``threads`` threads, each token attending to the keys and
+values of every earlier position, which stay in a cache allocated once per Decoder. The
+weights are the Model's own arrays (nothing is copied), in the Model's RoPE order, so both
+RoPE styles, GQA, QK-norm and tied or untied classifiers decode as they train. The logits
+do not depend on the number of threads (each dot product is summed in one fixed order).
 
 Sampling follows HF's order: temperature, then top-k, then top-p (nucleus); temperature 0 is
 greedy (argmax). A seed makes a run reproducible."""
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
-from ._ops import rope_tables
+from ._decode import DecodeCore
 from .data import first_bad_id
 from .errors import AnecyError, ConfigError
 from .model import Model
 
-# BLAS threads while decoding one token at a time. Each projection is then a matrix-vector
-# product, bound by memory, and waking a second BLAS thread for every one costs more than it
-# gains: Stories110M decoded at 26 tokens/s with one OpenBLAS thread against 4.5 with two on
-# a busy 2-core x86-64 machine (bench/bench_sample.py). The prompt's pass keeps them all.
-DECODE_BLAS_THREADS = 1
+# Threads a Decoder uses unless told: the cores this process may run on, at most this many
+# (a token's products are bound by memory bandwidth, which a few cores already fill).
+MAX_DEFAULT_THREADS = 8
+
+
+# Weights a Decoder decodes tokens from: fp32 (exact), or int8 copies in blocks of 32 with
+# a scale each (llama.cpp's q8_0), a quarter of the bytes to read per token. Prompts always
+# go through the fp32 weights.
+DTYPES = ("f32", "q8")
+
+
+def default_threads() -> int:
+    """The cores this process may run on (at most MAX_DEFAULT_THREADS)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
+        else os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_THREADS))
 
 
 @dataclass
@@ -48,129 +61,69 @@ class SamplingConfig:
             raise ConfigError(f"top_k must be an integer >= 0, got {k!r}")
 
 
-def _rmsnorm(x, weight, eps):
-    # x [..., n] -> [..., n], in float32 as HF computes it
-    return x * (1.0 / np.sqrt(np.mean(x * x, axis=-1, keepdims=True) + np.float32(eps))) * weight
-
-
-def _linear(x, w):
-    # x [T, in] @ w[out, in].T -> [T, out]; one token is a matrix-vector product (gemv reads
-    # the weights once; a one-row gemm would pack them into BLAS buffers first)
-    if x.shape[0] == 1:
-        return (w @ x[0])[None]
-    return x @ w.T
-
-
-def _silu(x):
-    return x / (np.float32(1.0) + np.exp(-x))
-
-
 class Decoder:
     """A Model's weights ready for decoding, with a KV cache of ``max_len`` positions
-    (default: the model's seq_len, its context length).
+    (default: the model's seq_len, its context length), decoding on ``threads`` threads
+    (default: default_threads()) from the weights in ``dtype`` (one of DTYPES).
 
     A Model trained with vocabulary compaction (``model.active_ids`` set) only ever learnt
     to score the tokens of its data: the other tokens' logits are -inf."""
 
-    def __init__(self, model: Model, max_len: int | None = None):
+    def __init__(self, model: Model, max_len: int | None = None, threads: int | None = None,
+                 dtype: str = "f32"):
         cfg = model.config
-        self.config, self.views = cfg, model.views
-        self.max_len = cfg.seq_len if max_len is None else int(max_len)
-        if self.max_len < 1:
-            raise ConfigError(f"max_len must be positive, got {max_len!r}")
-        self.eps = np.float32(cfg.norm_eps)
-        self.res = np.float32(cfg.residual_scale)
-        cos, sin = rope_tables(cfg.head_dim, self.max_len, cfg.rope_theta)   # [hd/2, max_len]
-        self.cos, self.sin = np.ascontiguousarray(cos.T), np.ascontiguousarray(sin.T)
-        self.layers = []
-        for l in range(cfg.n_layers):
-            p = f"model.layers.{l}."
-            v = {k[len(p):]: a for k, a in model.views.items() if k.startswith(p)}
-            self.layers.append(v)
+        self.config = cfg
+        self.max_len = cfg.seq_len if max_len is None else max_len
+        if isinstance(self.max_len, bool) or not isinstance(self.max_len, (int, np.integer)) \
+                or self.max_len < 1:
+            raise ConfigError(f"max_len must be a positive integer, got {max_len!r}")
+        self.max_len = int(self.max_len)
+        self.threads = default_threads() if threads is None else threads
+        if isinstance(self.threads, bool) or not isinstance(self.threads, (int, np.integer)) \
+                or self.threads < 1:
+            raise ConfigError(f"threads must be a positive integer, got {threads!r}")
+        self.threads = int(self.threads)
+        if dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        self.dtype = dtype
         cls = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
-        self.embed, self.cls = model.views["model.embed_tokens.weight"], model.views[cls]
+        classifier = model.views[cls]
         self.active_ids = model.active_ids
         if self.active_ids is not None:   # [n_active, D], a copy of today's rows
-            self.cls = self.cls[self.active_ids]
+            classifier = np.ascontiguousarray(classifier[self.active_ids])
             self.logits = np.full(cfg.vocab_size, -np.inf, np.float32)
-        self.final_norm = model.views["model.norm.weight"]
-        # [n_layers, max_len, kv_dim] keys (after QK-norm and RoPE) and values
-        self.k_cache = np.zeros((cfg.n_layers, self.max_len, cfg.kv_dim), np.float32)
-        self.v_cache = np.zeros_like(self.k_cache)
+        self.core = DecodeCore(cfg, model.views, classifier, self.max_len, self.threads,
+                               dtype == "q8")
         self.pos = 0
+
+    @property
+    def prefilled(self) -> int:
+        """Positions computed as a prompt (in batched sgemms) so far."""
+        return self.core.prefill_positions
 
     def reset(self):
         """Forget every position (the cache is reused, not reallocated)."""
         self.pos = 0
-
-    def _rope(self, x, p0):
-        # x [T, heads, hd] rotated in place for positions p0 .. p0+T-1
-        T, hd = x.shape[0], x.shape[2]
-        c = self.cos[p0:p0 + T, None, :]
-        s = self.sin[p0:p0 + T, None, :]
-        if self.config.rope_style == "half":
-            a, b = x[..., :hd // 2].copy(), x[..., hd // 2:].copy()
-            x[..., :hd // 2] = a * c - b * s
-            x[..., hd // 2:] = a * s + b * c
-        else:
-            a, b = x[..., 0::2].copy(), x[..., 1::2].copy()
-            x[..., 0::2] = a * c - b * s
-            x[..., 1::2] = a * s + b * c
-
-    def _attention(self, l, q, p0, p1):
-        # q [T, n_heads, hd] at positions p0..p1-1 over cached keys/values 0..p1-1 -> [T, q_dim]
-        cfg = self.config
-        T, nkv, hd = q.shape[0], cfg.n_kv_heads, cfg.head_dim
-        rep = cfg.n_heads // nkv
-        keys = self.k_cache[l, :p1].reshape(p1, nkv, hd).transpose(1, 2, 0)      # [nkv, hd, p1]
-        values = self.v_cache[l, :p1].reshape(p1, nkv, hd).transpose(1, 0, 2)    # [nkv, p1, hd]
-        qg = q.reshape(T, nkv, rep, hd).transpose(1, 2, 0, 3).reshape(nkv, rep * T, hd)
-        scores = (qg @ keys) * np.float32(1.0 / math.sqrt(hd))                   # [nkv, rep*T, p1]
-        if T > 1:   # a query sees the keys up to its own position
-            visible = np.arange(p1)[None, :] <= np.arange(p0, p1)[:, None]      # [T, p1]
-            scores = np.where(np.tile(visible, (rep, 1))[None], scores, -np.inf)
-        scores -= scores.max(axis=-1, keepdims=True)
-        probs = np.exp(scores)
-        probs /= probs.sum(axis=-1, keepdims=True)
-        out = (probs @ values).reshape(nkv, rep, T, hd).transpose(2, 0, 1, 3)   # [T, nkv, rep, hd]
-        return out.reshape(T, cfg.n_heads * hd)
 
     def step(self, tokens: Sequence[int]) -> np.ndarray:
         """Feed ``tokens`` at the next positions; return the logits [vocab] after the last."""
         cfg = self.config
         ids = np.asarray(tokens, np.int64).reshape(-1)
         T, p0 = ids.size, self.pos
-        p1 = p0 + T
         if T == 0:
             raise ConfigError("no tokens to decode")
-        if p1 > self.max_len:
-            raise ConfigError(f"{p1} positions exceed the context of {self.max_len} tokens")
+        if p0 + T > self.max_len:
+            raise ConfigError(f"{p0 + T} positions exceed the context of {self.max_len} tokens")
         if first_bad_id(ids, cfg.vocab_size) is not None:
             raise ConfigError(f"token ids must be in [0, {cfg.vocab_size})")
-        nh, nkv, hd = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        x = self.embed[ids]                                                      # [T, D]
-        for l, w in enumerate(self.layers):
-            xn = _rmsnorm(x, w["input_layernorm.weight"], self.eps)
-            q = _linear(xn, w["self_attn.q_proj.weight"]).reshape(T, nh, hd)
-            k = _linear(xn, w["self_attn.k_proj.weight"]).reshape(T, nkv, hd)
-            if cfg.qk_norm:
-                q = _rmsnorm(q, w["self_attn.q_norm.weight"], self.eps)
-                k = _rmsnorm(k, w["self_attn.k_norm.weight"], self.eps)
-            self._rope(q, p0)
-            self._rope(k, p0)
-            self.k_cache[l, p0:p1] = k.reshape(T, -1)
-            self.v_cache[l, p0:p1] = _linear(xn, w["self_attn.v_proj.weight"])
-            attn = self._attention(l, q, p0, p1)
-            x = x + self.res * _linear(attn, w["self_attn.o_proj.weight"])
-            xn = _rmsnorm(x, w["post_attention_layernorm.weight"], self.eps)
-            gate = _silu(_linear(xn, w["mlp.gate_proj.weight"])) \
-                * _linear(xn, w["mlp.up_proj.weight"])
-            x = x + self.res * _linear(gate, w["mlp.down_proj.weight"])
-        self.pos = p1
-        h = _rmsnorm(x[-1], self.final_norm, self.eps)
+        if T == 1:
+            self.core.decode(int(ids[0]), p0)
+        else:
+            self.core.prefill(ids.astype(np.int32), p0)
+        self.pos = p0 + T
         if self.active_ids is None:
-            return self.cls @ h
-        self.logits[self.active_ids] = self.cls @ h
+            return self.core.logits.copy()
+        self.logits[self.active_ids] = self.core.logits
         return self.logits.copy()
 
 
@@ -224,8 +177,9 @@ class Session:
     session: a seeded conversation is reproducible."""
 
     def __init__(self, model: Model, max_len: int | None = None,
-                 sampling: SamplingConfig | None = None, decoder: Decoder | None = None):
-        self.decoder = decoder or Decoder(model, max_len)
+                 sampling: SamplingConfig | None = None, decoder: Decoder | None = None,
+                 threads: int | None = None, dtype: str = "f32"):
+        self.decoder = decoder or Decoder(model, max_len, threads, dtype)
         self.decoder.reset()
         self.sampling = sampling or SamplingConfig()
         self.rng = np.random.Generator(np.random.PCG64(self.sampling.seed))
@@ -270,35 +224,34 @@ class Session:
         """Yield up to ``max_new_tokens`` ids following the tokens fed, one at a time as
         they are decided, each fed back before the next is picked (the last one is not: the
         next ``feed`` does it). Stops early at a token of ``stop_ids`` (not yielded, not
-        fed) or at the end of the context. BLAS runs DECODE_BLAS_THREADS threads until the
-        generator ends (or is closed)."""
+        fed) or at the end of the context."""
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) \
                 or max_new_tokens < 0:
             raise ConfigError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
         if self.logits is None:
             raise ConfigError("nothing to reply to: feed the prompt first")
         stop = {int(s) for s in stop_ids}
-        with threadpool_limits(DECODE_BLAS_THREADS, user_api="blas"):
-            for i in range(max_new_tokens):
-                token = sample(self.logits, self.sampling, self.rng)
-                if token in stop:
-                    return
-                yield token
-                if i + 1 == max_new_tokens or self.decoder.pos == self.max_len:
-                    return
-                logits = self.decoder.step([token])
-                self.tokens.append(token)
-                self.logits = logits
+        for i in range(max_new_tokens):
+            token = sample(self.logits, self.sampling, self.rng)
+            if token in stop:
+                return
+            yield token
+            if i + 1 == max_new_tokens or self.decoder.pos == self.max_len:
+                return
+            logits = self.decoder.step([token])
+            self.tokens.append(token)
+            self.logits = logits
 
 
 def generate(model: Model, prompt: Sequence[int], max_new_tokens: int,
              sampling: SamplingConfig | None = None, stop_ids: Sequence[int] = (),
-             decoder: Decoder | None = None) -> Iterator[int]:
+             decoder: Decoder | None = None, threads: int | None = None) -> Iterator[int]:
     """Yield up to ``max_new_tokens`` token ids following ``prompt`` (a non-empty list of
     ids), one at a time as they are decided: a fresh Session's reply to the prompt. Stops
     early at a token of ``stop_ids`` (not yielded) or at the end of the context (the
-    model's seq_len, or the decoder's max_len)."""
-    session = Session(model, sampling=sampling, decoder=decoder)
+    model's seq_len, or the decoder's max_len). ``threads``: the new Decoder's, when
+    ``decoder`` is not given."""
+    session = Session(model, sampling=sampling, decoder=decoder, threads=threads)
     session.feed(prompt)
     yield from session.reply(max_new_tokens, stop_ids)
 

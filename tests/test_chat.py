@@ -104,10 +104,14 @@ def test_a_new_turn_prefills_only_what_changed(tmp_path, chatml_dir, template):
     reply1 = chat.turn("Hello there!")
     assert "".join(shown) == reply1 + "\n"
     cached = list(chat.session.tokens)
+    computed = chat.session.decoder.prefilled   # positions the compiled decoder prefilled
+    assert computed == chat.last["prefilled"]
     reply2 = chat.turn("Tell me a story.")
     prompt2 = tpl.render(chat.conversation(chat.messages[:3]), add_generation_prompt=True)
     reuse = common_prefix(cached, prompt2)
     assert chat.last["prefilled"] == len(prompt2) - reuse
+    # the second turn's prompt went through the layers from where it differs, no earlier
+    assert chat.session.decoder.prefilled - computed == len(prompt2) - reuse
     prompt1 = tpl.render(chat.conversation(chat.messages[:1]), add_generation_prompt=True)
     if template == "chatml":
         assert reuse >= len(prompt1)

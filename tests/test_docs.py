@@ -220,7 +220,8 @@ DOC_FLAGS = {
     "lora.md": ("train", "sample", "export"),
     "chat.md": ("prepare", "chat", "train", "sample"),
     "gguf.md": ("export", "eval", "prepare"),
-    "benchmarks.md": ("bench/bench_step.py", "bench/bench_ane_host.py"),
+    "benchmarks.md": ("bench/bench_step.py", "bench/bench_ane_host.py", "bench/bench_sample.py",
+                      "sample"),
     "ARCHITECTURE.md": ("train", "selftest", "tools/kernel_table.py"),
     "distributed.md": ("train", "bench/bench_dp.py"),
 }

@@ -44,9 +44,122 @@ def test_greedy_equals_hf_generate(case):
     with torch.no_grad():
         ref = hf.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=n_new,
                           min_new_tokens=0)[0, len(prompt):].tolist()
-    got = list(generate(ours, prompt, n_new, SamplingConfig(temperature=0)))
     assert len(ref) == n_new and len(set(ref)) > 3   # the text varies
-    assert got == ref
+    for threads in (1, 2):
+        got = list(generate(ours, prompt, n_new, SamplingConfig(temperature=0),
+                            threads=threads))
+        assert got == ref, threads
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_do_not_depend_on_the_thread_count(case):
+    """Bit for bit: every row's dot product is summed in one order whoever computes it. The
+    prompt is longer than one prefill chunk (128 positions) and the weights large, so
+    attention over many positions, RoPE far out and every head split are exercised."""
+    cfg = ModelConfig(**dict(CASES[case], seq_len=160))
+    model = Model(cfg, seed=3)
+    model.params *= 4
+    tokens = np.random.default_rng(2).integers(0, cfg.vocab_size, 160).tolist()
+    runs = []
+    for threads in (1, 2, 3):
+        dec = Decoder(model, threads=threads)
+        assert dec.threads == threads
+        logits = [dec.step(tokens[:140])]                  # two prefill chunks
+        logits += [dec.step([t]) for t in tokens[140:]]    # then a token per step
+        runs.append(np.array(logits))
+    assert np.isfinite(runs[0]).all() and np.abs(runs[0]).max() > 1
+    for other in runs[1:]:
+        assert np.array_equal(runs[0], other)
+
+
+def test_a_long_prompt_in_chunks_equals_the_engine_window():
+    cfg = ModelConfig(**dict(CASES["qwen3-gqa4"], seq_len=150))
+    model = Model(cfg, seed=2)
+    tokens = np.random.default_rng(0).integers(0, cfg.vocab_size, 150).astype(np.int32)
+    ref = model.logits(tokens)
+    dec = Decoder(model, threads=2)
+    scale = np.abs(ref).max()
+    assert np.abs(dec.step(tokens[:149]) - ref[148]).max() <= 1e-5 * scale
+    assert np.abs(dec.step(tokens[149:]) - ref[149]).max() <= 1e-5 * scale
+    assert dec.prefilled == 149
+
+
+def test_q8_rows_round_trip_within_half_a_step():
+    from anecy._decode import quantize_q8
+    w = np.random.default_rng(0).standard_normal((7, 70)).astype(np.float32)
+    w[3, 32:64] = 0   # an all-zero block
+    q, scales = quantize_q8(w)
+    assert q.dtype == np.int8 and q.shape == w.shape and scales.shape == (7, 3)
+    per_weight = np.repeat(scales, 32, axis=1)[:, :70]
+    assert np.all(np.abs(q.astype(np.float32) * per_weight - w) <= per_weight / 2 * 1.0001)
+    assert np.abs(q).max() == 127 and not q[3, 32:64].any()
+
+
+@pytest.mark.parametrize("case", ["gqa-headdim-untied-half", "qwen3-gqa4"])
+def test_q8_decodes_the_rounded_weights(case):
+    """q8 decoding is the fp32 model with each matrix replaced by its rounding (a prompt
+    fed one token per step, so every position takes the q8 path), and thread-invariant.
+    Untied models: the embedding's rows are looked up in fp32, only the classifier and the
+    layers' matrices are rounded."""
+    from anecy._decode import quantize_q8
+    cfg = ModelConfig(**dict(CASES[case], seq_len=24, tie_embeddings=False))
+    model = Model(cfg, seed=4)
+    model.params *= 3
+    rounded = Model(cfg)
+    rounded.params[:] = model.params
+    for name, view in rounded.views.items():
+        if view.ndim == 2 and name != "model.embed_tokens.weight":
+            q, scales = quantize_q8(view)
+            view[...] = q.astype(np.float32) * np.repeat(scales, 32, axis=1)[:, :view.shape[1]]
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, 24).tolist()
+    runs = {}
+    for threads in (1, 2):
+        dec = Decoder(model, threads=threads, dtype="q8")
+        runs[threads] = np.array([dec.step([t]) for t in tokens])
+    exact = Decoder(model, threads=1)
+    ref = Decoder(rounded, threads=1)
+    want = np.array([ref.step([t]) for t in tokens])
+    fp32 = np.array([exact.step([t]) for t in tokens])
+    scale = np.abs(want).max()
+    assert np.array_equal(runs[1], runs[2])
+    assert np.abs(runs[1] - want).max() <= 1e-5 * scale
+    assert np.abs(fp32 - want).max() > 1e-4 * scale   # the rounding is visible at all
+
+
+def test_q8_from_the_sample_command(capsys):
+    args = ["--init-from", DATA / "llama2c_tied_v0.bin", "--tokenizer",
+            require_shared("data", "llama2-tokenizer", "tokenizer.bin", why="decodes"),
+            "--temperature", 0, "--max-new-tokens", 20]
+    code, f32, err = run_sample(args, capsys)
+    assert code == 0, err
+    code, q8, err = run_sample(args + ["--dtype", "q8", "--threads", 2], capsys)
+    assert code == 0 and "tokens/s" in err and len(q8) > 20
+    with pytest.raises(SystemExit) as stop:
+        anecy_main(["sample", "--init-from", str(DATA / "llama2c_tied_v0.bin"), "--dtype",
+                    "q4"])
+    assert stop.value.code == 2 and "--dtype" in capsys.readouterr().err
+
+
+def test_q8_loss_benchmark_quick():
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "bench/bench_q8_loss.py", "--quick"], cwd=root,
+                          capture_output=True, text=True, timeout=600,
+                          env={**__import__("os").environ, "PYTHONPATH": str(root)})
+    assert proc.returncode == 0, proc.stderr
+    assert "q8 - f32" in proc.stdout
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_bad_thread_counts(bad):
+    with pytest.raises(ConfigError, match="threads"):
+        Decoder(Model(ModelConfig(**CASES["gqa-interleaved"])), threads=bad)
+
+
+def test_bad_dtype():
+    with pytest.raises(ConfigError, match="dtype"):
+        Decoder(Model(ModelConfig(**CASES["gqa-interleaved"])), dtype="q4")
 
 
 @pytest.mark.parametrize("case", ["gqa-interleaved", "qwen3-gqa4"])
@@ -297,6 +410,11 @@ def test_sample_from_an_hf_directory_equals_hf_generate(tmp_path, capsys):
                             capsys)
     assert code == 0, err
     assert out == tok.decode(ref) + "\n"
+    for threads in (1, 2):   # the text does not depend on the decoder's threads
+        code, again, err = run_sample(["--init-from", tmp_path, "--tokenizer", spm, "--prompt",
+                                       "Once upon a time", "--temperature", 0,
+                                       "--max-new-tokens", 12, "--threads", threads], capsys)
+        assert code == 0 and again == out, err
 
 
 @pytest.mark.parametrize("args,words", [
@@ -310,6 +428,14 @@ def test_sample_from_an_hf_directory_equals_hf_generate(tmp_path, capsys):
 def test_sample_errors_are_one_line(capsys, args, words):
     code, _, err = run_sample(args, capsys)
     assert code == 2 and words in err and len(err.strip().splitlines()) == 1, err
+
+
+@pytest.mark.parametrize("command", ["sample", "chat"])
+def test_threads_must_be_positive(capsys, command):
+    with pytest.raises(SystemExit) as stop:
+        anecy_main([command, "--init-from", str(DATA / "llama2c_tied_v0.bin"), "--threads", "0"])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "--threads" in err and len(err.strip().splitlines()) == 1
 
 
 def test_stream_text_shows_each_piece_once():

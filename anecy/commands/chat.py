@@ -5,7 +5,13 @@ import time
 
 from ..errors import AnecyError
 from ._args import non_negative_int, positive_int
-from .sample import add_sampling_arguments, add_source_arguments, load_model, source_and_adapters
+from .sample import (
+    add_decoder_arguments,
+    add_sampling_arguments,
+    add_source_arguments,
+    load_model,
+    source_and_adapters,
+)
 
 HELP = "chat with a model in its chat template (interactive, or one message a line from a pipe)"
 # the cache's positions when --context is not given: the model's context, at most this many
@@ -34,6 +40,7 @@ def add_arguments(p):
                    help="after each reply, print to stderr the tokens prefilled and generated "
                         "and the rate")
     add_sampling_arguments(p)
+    add_decoder_arguments(p)
 
 
 class Chat:
@@ -144,7 +151,8 @@ def load_chat(args):
                          f"than the model's vocabulary of {model.config.vocab_size}: is it this "
                          "model's tokenizer?")
     context = args.context or min(source.config.seq_len, DEFAULT_CONTEXT)
-    session = Session(model, max_len=context, sampling=sampling)
+    session = Session(model, max_len=context, sampling=sampling, threads=args.threads,
+                      dtype=args.dtype)
     return Chat(template, session, args.max_new_tokens, system=args.system), source.describe
 
 

@@ -5,7 +5,7 @@ import sys
 import time
 
 from ..errors import AnecyError
-from ._args import add_model_source, model_source, non_negative_int, number
+from ._args import add_model_source, model_source, non_negative_int, number, positive_int
 
 HELP = "generate text from a checkpoint, a llama2.c .bin file or a Hugging Face directory"
 
@@ -21,6 +21,7 @@ def add_arguments(p):
                    help="tokens to generate at most (default 256; fewer at BOS/EOS or at the "
                         "end of the model's context)")
     add_sampling_arguments(p)
+    add_decoder_arguments(p)
 
 
 def add_source_arguments(p):
@@ -68,6 +69,18 @@ def add_sampling_arguments(p):
                    help=f"seed of the sampler, 0 to 2^{SEED_BITS}-1 (default: a fresh one)")
 
 
+def add_decoder_arguments(p):
+    """--threads and --dtype: the decoder's (anecy sample's and anecy chat's)."""
+    from ..generate import DTYPES, MAX_DEFAULT_THREADS
+    p.add_argument("--threads", type=positive_int, metavar="N",
+                   help="threads decoding each token (default: the cores, at most "
+                        f"{MAX_DEFAULT_THREADS}); the text does not depend on it")
+    p.add_argument("--dtype", choices=DTYPES, default="f32",
+                   help="weights the tokens decode from: f32 (default, exact) or q8 (int8 "
+                        "blocks of 32 with a scale each, as llama.cpp's q8_0: faster, "
+                        "approximate)")
+
+
 SEED_BITS = 64   # the sampler's generator (PCG64) takes seeds of up to 64 bits as they are
 
 
@@ -111,7 +124,8 @@ def run(args) -> int:
     if len(ids) > context:
         raise AnecyError(f"the prompt has {len(ids)} tokens, more than the model's context of "
                          f"{context}")
-    decoder = Decoder(model, max_len=min(context, len(ids) + max(args.max_new_tokens, 1)))
+    decoder = Decoder(model, max_len=min(context, len(ids) + max(args.max_new_tokens, 1)),
+                      threads=args.threads, dtype=args.dtype)
     stops = [i for i in (tok.bos_id, tok.eos_id) if i is not None]
     times = []
 
