@@ -127,9 +127,10 @@ class Trainer:
             lora = adapters.config
         if lora is None:
             return None
-        if lora.dropout:
-            raise ConfigError(f"LoRA dropout {lora.dropout:g}: this trainer applies no "
-                              "dropout to the adapters; train with --lora-dropout 0")
+        if lora.dropout and backends.resolve(tc.backend) != "cpu":
+            raise ConfigError(f"LoRA dropout {lora.dropout:g} needs the cpu backend: the sim "
+                              "and ane kernels run the merged weight W0 + s B A, which cannot "
+                              "drop the adapters' input alone (train with --lora-dropout 0)")
         return adapters if init_adapter is not None and resume_state is None \
             else LoraAdapters(mc, lora, seed=tc.seed)
 
@@ -141,6 +142,11 @@ class Trainer:
         t0 = time.perf_counter()
         before = model.timings()
         scale_used = self.optimizer.scale.value
+        if model.adapters is not None and model.adapters.config.dropout:
+            # this microstep's masks, drawn from the run's seed and the microstep's number
+            # (a resumed run draws the same ones)
+            model.set_lora_dropout(model.adapters.config.dropout,
+                                   (tc.seed << 32) + self.step_count)
         loss, useful = self.next_microstep(scale_used)
         if not math.isfinite(loss):
             raise self.guard.diverged(f"loss is {loss} at step {self.step_count + 1}")
