@@ -889,6 +889,14 @@ cdef class Engine:
         self._dw(dw_job(d.Q, d.D, d.S, gs.dq, False, a.xnorm, gw.wq))
         self._dw(dw_job(d.K, d.D, d.S, gs.dk, False, a.xnorm, gw.wk))
         self._dw(dw_job(d.K, d.D, d.S, gs.dv, False, a.xnorm, gw.wv))
+        if l == self.lowest_trained and self.dembed == NULL:
+            # a frozen base below: the gradient of this layer's input has no reader, so only
+            # the adapters' own gradients are made
+            self._lora_backward(l, SITE_WQ, a.xnorm, gs.dq, NULL)
+            self._lora_backward(l, SITE_WK, a.xnorm, gs.dk, NULL)
+            self._lora_backward(l, SITE_WV, a.xnorm, gs.dv, NULL)
+            self.charge(T_KERNELS)
+            return
         self.kernels.q_bwd(l, gs.dq, self.dxnorm)
         self.kernels.kv_bwd(l, gs.dk, gs.dv, self.dxnorm_kv)
         self._lora_backward(l, SITE_WQ, a.xnorm, gs.dq, self.dxnorm)
