@@ -31,9 +31,10 @@ cdef extern from "_lowrank.h" nogil:
                        float* y)
     void anecy_lora_back_out(const float* B, int R, int n_out, const float* dy, const float* u,
                              int S, float c, float* v, float* dB)
-    void anecy_lora_back_in(const float* A, int R, int n_in, const float* x, const float* v,
-                            int S, float c, float* dA, float* dx, float* rows, uint32_t key,
-                            uint32_t threshold, float keep_scale)
+    void anecy_lora_back_in(int m, const float** A, const int* R, int n_in, const float* x,
+                            const float** v, int S, float c, float** dA, float* dx,
+                            float* rows, const uint32_t* key, uint32_t threshold,
+                            float keep_scale)
 
 # which loops the adapters' rank-R products run ("avx2+fma" or "portable")
 LOWRANK_PATH = anecy_lowrank_path().decode()
@@ -869,9 +870,15 @@ cdef class Engine:
         cdef float* dv_rep = self.dv_rep if gqa else gs.dv
         scale_copy(self.g, gs.do, <Py_ssize_t>d.D * d.S, d.residual_scale)
         self.charge(T_ELEMENTWISE)
+        cdef int qkv[3]
+        cdef const float* dqkv[3]
+        qkv[0], qkv[1], qkv[2] = SITE_WQ, SITE_WK, SITE_WV
+        dqkv[0], dqkv[1], dqkv[2] = gs.dq, gs.dk, gs.dv
         self._dw(dw_job(d.D, d.Q, d.S, gs.do, False, a.attn, gw.wo))
         self.kernels.wot_bwd(l, gs.do, self.da)
-        self._lora_backward(l, SITE_WO, a.attn, gs.do, self.da)
+        qkv[0] = SITE_WO
+        self._lora_backward(l, qkv, <const float**>&gs.do, 1, a.attn, self.da)
+        qkv[0] = SITE_WQ
         self.kernels.sdpa_bwd1(l, KEPT, KEPT, KEPT, self.da, KEPT, KEPT, dv_rep)
         self.kernels.sdpa_bwd2(l, KEPT, KEPT, KEPT, KEPT, dq_rot, dk_rep)
         self.charge(T_KERNELS)
@@ -892,16 +899,12 @@ cdef class Engine:
         if l == self.lowest_trained and self.dembed == NULL:
             # a frozen base below: the gradient of this layer's input has no reader, so only
             # the adapters' own gradients are made
-            self._lora_backward(l, SITE_WQ, a.xnorm, gs.dq, NULL)
-            self._lora_backward(l, SITE_WK, a.xnorm, gs.dk, NULL)
-            self._lora_backward(l, SITE_WV, a.xnorm, gs.dv, NULL)
+            self._lora_backward(l, qkv, dqkv, 3, a.xnorm, NULL)
             self.charge(T_KERNELS)
             return
         self.kernels.q_bwd(l, gs.dq, self.dxnorm)
         self.kernels.kv_bwd(l, gs.dk, gs.dv, self.dxnorm_kv)
-        self._lora_backward(l, SITE_WQ, a.xnorm, gs.dq, self.dxnorm)
-        self._lora_backward(l, SITE_WK, a.xnorm, gs.dk, self.dxnorm_kv)
-        self._lora_backward(l, SITE_WV, a.xnorm, gs.dv, self.dxnorm_kv)
+        self._lora_backward(l, qkv, dqkv, 3, a.xnorm, self.dxnorm)
         self.charge(T_KERNELS)
         add_scaled(self.dxnorm, self.dxnorm_kv, <Py_ssize_t>d.D * d.S, 1.0)
         self.charge(T_ELEMENTWISE)
@@ -949,17 +952,21 @@ cdef class Engine:
         cdef GradSet* gs = &self.sets[l & 1]
         scale_copy(self.g, gs.dffn, <Py_ssize_t>d.D * d.S, d.residual_scale)
         self.charge(T_ELEMENTWISE)
+        cdef int w13[2]
+        cdef const float* dh13[2]
+        w13[0], w13[1] = SITE_W2, SITE_W3
         self._dw(dw_job(d.D, d.H, d.S, gs.dffn, False, a.gate, gw.w2))
         self.kernels.ffn_bwd_w2t(l, gs.dffn, self.dgate)
-        self._lora_backward(l, SITE_W2, a.gate, gs.dffn, self.dgate)
+        self._lora_backward(l, w13, <const float**>&gs.dffn, 1, a.gate, self.dgate)
+        w13[0] = SITE_W1
+        dh13[0], dh13[1] = gs.dh1, gs.dh3
         self.charge(T_KERNELS)
         swiglu_bwd(a.h1, a.h3, self.dgate, gs.dh1, gs.dh3, <Py_ssize_t>d.H * d.S)
         self.charge(T_ELEMENTWISE)
         self._dw(dw_job(d.H, d.D, d.S, gs.dh1, False, a.x2norm, gw.w1))
         self._dw(dw_job(d.H, d.D, d.S, gs.dh3, False, a.x2norm, gw.w3))
         self.kernels.ffn_bwd_w13t(l, gs.dh1, gs.dh3, self.dx2norm)
-        self._lora_backward(l, SITE_W1, a.x2norm, gs.dh1, self.dx2norm)
-        self._lora_backward(l, SITE_W3, a.x2norm, gs.dh3, self.dx2norm)
+        self._lora_backward(l, w13, dh13, 2, a.x2norm, self.dx2norm)
         self.charge(T_KERNELS)
         rmsnorm_bwd(a.x2, self.weights[l].ffn_norm, self.dx2norm, self.g, gw.ffn_norm, d.D, d.S,
                     d.eps, 1, self.norm_scratch)
@@ -1054,34 +1061,50 @@ cdef class Engine:
             sgemm(0, 0, p.R, self.d.S, p.n_in, 1.0, p.A, p.n_in, x, self.d.S, 0.0, p.u,
                   self.d.S)
 
-    cdef void _lora_backward(self, int l, int site, const float* x, const float* dy,
-                             float* dx) noexcept nogil:
-        # the adapter of a projection y = W0 x + s B u, u = A x: v = B^T dy; dx += s A^T v;
-        # dB += s dy u^T and dA += s v x^T queued as weight gradients (they read only
-        # buffers that live until the next step: u, v, x and the alternating dy); with
-        # merged weights (kernels.merges_lora) dx has already flowed through s B A
+    cdef void _lora_backward(self, int l, const int* sites, const float** dys, int n,
+                             const float* x, float* dx) noexcept nogil:
+        # the adapters of n projections y_i = W0_i x + s B_i u_i, u_i = A_i x, that read one
+        # x (q, k, v; gate, up; or one alone), dys[i] the gradient of y_i: v_i = B_i^T dy_i;
+        # dx += s A_i^T v_i; dB_i += s dy_i u_i^T; dA_i += s v_i x^T. On cpu all inline, in
+        # the loops of _lowrank.h (Kernels.lora_fwd says why), through the forward's dropout
+        # masks, the sites' dA and dx in one pass over x and dx; charged to "dw". With merged
+        # weights (kernels.merges_lora) dx has already flowed through s B A, and dB, dA are
+        # queued as weight gradients (they read only buffers that live until the next step:
+        # u, v, x and the alternating dy). dx NULL: no input gradient.
         if self.lora == NULL:
             return
-        cdef LoraSite* p = &self.lora[l * N_SITES + site]
-        if p.A == NULL:
-            return
-        cdef int S = self.d.S
-        if not self.kernels.merges_lora:
-            # all four products inline, in the loops of _lowrank.h (Kernels.lora_fwd says
-            # why), through the dropout mask of the forward; charged to "dw"
-            self.charge(T_KERNELS)
-            anecy_lora_back_out(p.B, p.R, p.n_out, dy, p.u, S, p.scale, p.v, p.dB)
-            anecy_lora_back_in(p.A, p.R, p.n_in, x, p.v, S, p.scale, p.dA, dx, self.lora_rows,
-                               p.drop_key, p.drop_threshold, p.keep_scale)
+        cdef LoraSite* p
+        cdef LoraSite* last = NULL       # the sites' n_in, scale and dropout are alike
+        cdef const float* a_of[3]
+        cdef const float* v_of[3]
+        cdef float* da_of[3]
+        cdef int r_of[3]
+        cdef uint32_t key_of[3]
+        cdef int i, m = 0, S = self.d.S
+        cdef GemmJob job
+        for i in range(n):
+            p = &self.lora[l * N_SITES + sites[i]]
+            if p.A == NULL:
+                continue
+            if self.kernels.merges_lora:
+                sgemm(1, 0, p.R, S, p.n_out, 1.0, p.B, p.R, dys[i], S, 0.0, p.v, S)
+                job = dw_job(p.n_out, p.R, S, dys[i], False, p.u, p.dB)
+                job.alpha = p.scale
+                self._dw(job)
+                job = dw_job(p.R, p.n_in, S, p.v, False, x, p.dA)
+                job.alpha = p.scale
+                self._dw(job)
+                continue
+            if m == 0:
+                self.charge(T_KERNELS)
+            anecy_lora_back_out(p.B, p.R, p.n_out, dys[i], p.u, S, p.scale, p.v, p.dB)
+            a_of[m], v_of[m], da_of[m], r_of[m], key_of[m] = p.A, p.v, p.dA, p.R, p.drop_key
+            last = p
+            m += 1
+        if m:
+            anecy_lora_back_in(m, a_of, r_of, last.n_in, x, v_of, S, last.scale, da_of, dx,
+                               self.lora_rows, key_of, last.drop_threshold, last.keep_scale)
             self.charge(T_DW)
-            return
-        sgemm(1, 0, p.R, S, p.n_out, 1.0, p.B, p.R, dy, S, 0.0, p.v, S)
-        cdef GemmJob job = dw_job(p.n_out, p.R, S, dy, False, p.u, p.dB)
-        job.alpha = p.scale
-        self._dw(job)
-        job = dw_job(p.R, p.n_in, S, p.v, False, x, p.dA)
-        job.alpha = p.scale
-        self._dw(job)
 
     # -- the optimizer's passes over the flat buffers, split between two threads ---------
     def grad_sumsq(self, float[::1] grads):

@@ -98,14 +98,16 @@ static inline void anecy_lora_back_out(const float *B, int R, int n_out, const f
     LR_DISPATCH(anecy_lr_back_out, B, R, n_out, dy, u, S, c, v, dB);
 }
 
-/* dA[R, n_in] += c * v drop(x)^T;  dx[n_in, S] += c * mask * keep_scale * (A^T v) (dx NULL:
- * skipped).   rows: 2 S floats of scratch */
-static inline void anecy_lora_back_in(const float *A, int R, int n_in, const float *x,
-                                      const float *v, int S, float c, float *dA, float *dx,
-                                      float *rows, uint32_t key, uint32_t threshold,
+/* For each of m sites j reading one x: dA_j[R_j, n_in] += c * v_j drop_j(x)^T and
+ * dx[n_in, S] += c * mask_j * keep_scale * (A_j^T v_j), sites in order (dx NULL: skipped);
+ * one pass over x and dx for all m.   rows: 2 S floats of scratch */
+static inline void anecy_lora_back_in(int m, const float *const *A, const int *R, int n_in,
+                                      const float *x, const float *const *v, int S, float c,
+                                      float *const *dA, float *dx, float *rows,
+                                      const uint32_t *key, uint32_t threshold,
                                       float keep_scale)
 {
-    LR_DISPATCH(anecy_lr_back_in, A, R, n_in, x, v, S, c, dA, dx, rows, key, threshold,
+    LR_DISPATCH(anecy_lr_back_in, m, A, R, n_in, x, v, S, c, dA, dx, rows, key, threshold,
                 keep_scale);
 }
 

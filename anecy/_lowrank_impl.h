@@ -83,46 +83,55 @@ LR_ATTR static void LR_NAME(anecy_lr_back_out)(const float *restrict B, int R, i
     }
 }
 
-LR_ATTR static void LR_NAME(anecy_lr_back_in)(const float *restrict A, int R, int n_in,
-                                              const float *restrict x,
-                                              const float *restrict v, int S, float c,
-                                              float *restrict dA, float *restrict dx,
-                                              float *restrict rows, uint32_t key,
+/* the adapters of m sites that read one x (q, k, v; gate, up): one pass over x and dx */
+LR_ATTR static void LR_NAME(anecy_lr_back_in)(int m, const float *const *A, const int *R,
+                                              int n_in, const float *restrict x,
+                                              const float *const *v, int S, float c,
+                                              float *const *dA, float *restrict dx,
+                                              float *restrict rows, const uint32_t *key,
                                               uint32_t threshold, float keep_scale)
 {
     float *restrict dropped = rows, *restrict t = rows + S;
     for (int k = 0; k < n_in; k++) {
-        const float *xk = x + (size_t)k * S;
+        const float *xrow = x + (size_t)k * S;
         const uint32_t idx0 = (uint32_t)k * (uint32_t)S;
-        if (threshold) {
-            LR_NAME(anecy_lr_dropped)(xk, dropped, S, idx0, key, threshold, keep_scale);
-            xk = dropped;
-        }
-        for (int r = 0; r < R; r++)
-            dA[(size_t)r * n_in + k] += c * LR_NAME(anecy_lr_dot)(v + (size_t)r * S, xk, S);
-        if (dx == NULL)
-            continue;
-        float *restrict dxk = dx + (size_t)k * S;
-        if (!threshold) {
-            for (int r = 0; r < R; r++) {
-                const float a = c * A[(size_t)r * n_in + k];
-                const float *restrict vr = v + (size_t)r * S;
-                for (int s = 0; s < S; s++)
-                    dxk[s] += a * vr[s];
+        float *restrict dxk = dx == NULL ? NULL : dx + (size_t)k * S;
+        for (int j = 0; j < m; j++) {
+            const float *restrict Aj = A[j];
+            const float *restrict vj = v[j];
+            float *restrict dAj = dA[j];
+            const float *xk = xrow;
+            if (threshold) {
+                LR_NAME(anecy_lr_dropped)(xrow, dropped, S, idx0, key[j], threshold,
+                                          keep_scale);
+                xk = dropped;
             }
-            continue;
-        }
-        /* through the dropout: t = A^T v at row k, passed where the mask kept x */
-        memset(t, 0, sizeof(float) * (size_t)S);
-        for (int r = 0; r < R; r++) {
-            const float a = A[(size_t)r * n_in + k];
-            const float *restrict vr = v + (size_t)r * S;
+            for (int r = 0; r < R[j]; r++)
+                dAj[(size_t)r * n_in + k] += c * LR_NAME(anecy_lr_dot)(vj + (size_t)r * S, xk,
+                                                                       S);
+            if (dxk == NULL)
+                continue;
+            if (!threshold) {
+                for (int r = 0; r < R[j]; r++) {
+                    const float a = c * Aj[(size_t)r * n_in + k];
+                    const float *restrict vr = vj + (size_t)r * S;
+                    for (int s = 0; s < S; s++)
+                        dxk[s] += a * vr[s];
+                }
+                continue;
+            }
+            /* through the dropout: t = A^T v at row k, passed where the mask kept x */
+            memset(t, 0, sizeof(float) * (size_t)S);
+            for (int r = 0; r < R[j]; r++) {
+                const float a = Aj[(size_t)r * n_in + k];
+                const float *restrict vr = vj + (size_t)r * S;
+                for (int s = 0; s < S; s++)
+                    t[s] += a * vr[s];
+            }
+            const float ck = c * keep_scale;
             for (int s = 0; s < S; s++)
-                t[s] += a * vr[s];
+                if (anecy_drop_hash((idx0 + (uint32_t)s) ^ key[j]) >= threshold)
+                    dxk[s] += ck * t[s];
         }
-        const float ck = c * keep_scale;
-        for (int s = 0; s < S; s++)
-            if (anecy_drop_hash((idx0 + (uint32_t)s) ^ key) >= threshold)
-                dxk[s] += ck * t[s];
     }
 }
