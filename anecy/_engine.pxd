@@ -1,5 +1,7 @@
 # The layer loop and the kernel-executor interface every backend implements.
 
+from libc.stdint cimport uint32_t
+
 from ._worker cimport DWWorker
 
 
@@ -87,6 +89,11 @@ cdef struct LoraSite:
     int n_in
     int n_out
     float scale
+    # dropout on the adapter's input (cpu): this microstep's mask is a function of drop_key
+    # (see _lowrank.h); drop_threshold 0 outside forward_backward, or with no dropout
+    uint32_t drop_key
+    uint32_t drop_threshold
+    float keep_scale     # 1 / (1 - p)
 
 
 # One zeroed allocation carved into buffers by a size table (see _engine.pyx).
@@ -113,6 +120,7 @@ cdef class Kernels:
     cdef Dims d
     cdef LayerParams* layers
     cdef LoraSite* lora             # [L * N_SITES] or NULL (no adapters), set by the Engine
+    cdef float* lora_rows           # [2S] scratch of the low-rank path (with adapters)
     cdef const float* rope_cos     # [hd/2, S]: the step's (positions 0..S-1, or the Engine's
     cdef const float* rope_sin     # table gathered at the step's position ids)
     cdef const int* key_start      # [S] first key each query attends, or NULL (causal from 0)

@@ -10,7 +10,7 @@ docs/ARCHITECTURE.md, section 2 (One training step); the buffer layouts in secti
 
 import numpy as np
 
-from libc.stdint cimport uintptr_t
+from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 
@@ -21,6 +21,23 @@ from ._ops cimport (sgemm, rmsnorm_fwd, rmsnorm_bwd, rope_fwd, rope_bwd, swiglu_
 from ._worker cimport DWWorker, GemmJob, now_ms
 from ._ops import rope_tables
 from .timers import ENGINE_TIMERS
+
+cdef extern from "_lowrank.h" nogil:
+    uint32_t anecy_drop_hash(uint32_t x)
+    const char* anecy_lowrank_path()
+    void anecy_lora_down(const float* A, int R, int n_in, const float* x, int S, float* u,
+                         float* row, uint32_t key, uint32_t threshold, float keep_scale)
+    void anecy_lora_up(const float* B, int R, int n_out, const float* u, int S, float c,
+                       float* y)
+    void anecy_lora_back_out(const float* B, int R, int n_out, const float* dy, const float* u,
+                             int S, float c, float* v, float* dB)
+    void anecy_lora_back_in(int m, const float** A, const int* R, int n_in, const float* x,
+                            const float** v, int S, float c, float** dA, float* dx,
+                            float* rows, const uint32_t* key, uint32_t threshold,
+                            float keep_scale)
+
+# which loops the adapters' rank-R products run ("avx2+fma" or "portable")
+LOWRANK_PATH = anecy_lowrank_path().decode()
 
 # Timer slots, in the order of timers.ENGINE_TIMERS (the names Engine.timings() reports).
 cdef enum:
@@ -90,6 +107,7 @@ cdef class Kernels:
         self.d = engine.d
         self.layers = engine.weights
         self.lora = engine.lora
+        self.lora_rows = engine.lora_rows
         self.rope_cos = _ptr(engine.rope_cos)
         self.rope_sin = _ptr(engine.rope_sin)
         self.key_start = NULL
@@ -99,15 +117,17 @@ cdef class Kernels:
 
     cdef void lora_fwd(self, int l, int site, const float* x, float* y,
                        float alpha) noexcept nogil:
-        # u[R,S] = A @ x; y[out,S] += alpha * scale * B @ u (rank-sized products only)
+        # u[R,S] = A @ drop(x); y[out,S] += alpha * scale * B @ u (rank-sized products only,
+        # in the loops of _lowrank.h: through a threaded BLAS these thin products mostly wait)
         if self.lora == NULL:
             return
         cdef LoraSite* p = &self.lora[l * N_SITES + site]
         if p.A == NULL:
             return
         cdef int S = self.d.S
-        sgemm(0, 0, p.R, S, p.n_in, 1.0, p.A, p.n_in, x, S, 0.0, p.u, S)
-        sgemm(0, 0, p.n_out, S, p.R, alpha * p.scale, p.B, p.R, p.u, S, 1.0, y, S)
+        anecy_lora_down(p.A, p.R, p.n_in, x, S, p.u, self.lora_rows, p.drop_key,
+                        p.drop_threshold, p.keep_scale)
+        anecy_lora_up(p.B, p.R, p.n_out, p.u, S, alpha * p.scale, y)
 
     cdef void sdpa_fwd(self, int l, const float* xnorm, float* attn, float* q, float* k, float* v,
                        float* q_raw, float* k_raw) noexcept nogil:
@@ -294,6 +314,14 @@ cdef class CpuKernels(Kernels):
         sgemm(1, 0, d.D, d.S, d.K, 1.0, self.layers[l].wv, d.D, dv, d.S, 1.0, dx, d.S)
 
 
+cdef inline uint64_t _splitmix64(uint64_t x) noexcept nogil:
+    # splitmix64's finaliser: a bijective 64-bit mix, for the dropout keys of the sites
+    x += 0x9E3779B97F4A7C15ULL
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ULL
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBULL
+    return x ^ (x >> 31)
+
+
 cdef inline GemmJob dw_job(int M, int N, int S, const float* dy, bint dy_by_position,
                            const float* x, float* dW) noexcept nogil:
     # dW[M, N] += dy @ x[N, S]^T: the weight gradient of y = W x over S positions, where dy
@@ -358,6 +386,10 @@ cdef class Engine:
     cdef LayerParams* grads          # all NULL when the base is frozen (LoRA)
     cdef LayerActs* acts
     cdef LoraSite* lora              # [L * N_SITES] or NULL: the adapters (see LoraSite)
+    cdef float* lora_rows            # [2S] scratch of the adapters' products (with adapters)
+    cdef uint32_t drop_threshold     # the adapters' dropout (set_lora_dropout): 0 for none
+    cdef float keep_scale            # 1 / (1 - p)
+    cdef readonly double lora_dropout    # p
     cdef int lowest_trained          # the backward stops at this layer
     cdef GradSet sets[2]
     cdef long set_ticket[2]
@@ -504,6 +536,7 @@ cdef class Engine:
                   (<uintptr_t>&self.xf_scored, D * S), (<uintptr_t>&self.dxf_scored, D * S)]
         cdef LoraSite* p
         if self.lora != NULL:        # per adapted site: u = A x and v = B^T dy, [R, S] each
+            table.append((<uintptr_t>&self.lora_rows, 2 * S))
             for i in range(d.L * N_SITES):
                 p = &self.lora[i]
                 table += [(<uintptr_t>&p.u, p.R * S), (<uintptr_t>&p.v, p.R * S)]
@@ -542,6 +575,7 @@ cdef class Engine:
             p.dB = gbase + off_b
             p.R, p.n_in, p.n_out = ta.shape[0], ta.shape[1], tb.shape[0]
             p.scale = adapters.scale
+            p.keep_scale = 1.0
 
     cdef void _bind_layer(self, LayerParams* p, views, names) except *:
         """Point p's fields at the views named by model.layer_names (field -> HF name)."""
@@ -665,9 +699,13 @@ cdef class Engine:
         cdef int[::1] tgt = self._targets(targets, weights)
         cdef double loss
         self.set_layout(weights, positions, segment_starts)
-        with nogil:
-            self._forward(&tok[0])
-            loss = self._backward(&tok[0], &tgt[0], loss_scale)
+        self._arm_dropout(self.drop_threshold)      # training only: loss() and logits() keep x
+        try:
+            with nogil:
+                self._forward(&tok[0])
+                loss = self._backward(&tok[0], &tgt[0], loss_scale)
+        finally:
+            self._arm_dropout(0)
         self.kernels.raise_pending()
         self.steps += 1
         return loss if self.loss_w != NULL else loss / self.d.S
@@ -698,6 +736,60 @@ cdef class Engine:
         out = np.empty((self.d.S, self.V), np.float32)
         cdef float[:, ::1] dst = out
         memcpy(&dst[0, 0], self.logit_buf, <Py_ssize_t>self.d.S * self.V * sizeof(float))
+        return out
+
+    # -- the adapters' dropout -------------------------------------------------------------
+    def set_lora_dropout(self, double p, key=0):
+        """Dropout with probability p on each adapter's input in the forward_backward calls
+        that follow (PEFT's lora_dropout; loss() and logits() never drop), until the next
+        call; p 0 turns it off. Each site's mask is a function of (key, layer, site) only:
+        give a new key each microstep (the trainer derives it from its seed and the
+        microstep's number, so a resumed run draws the same masks)."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"LoRA dropout must be in [0, 1), got {p!r}")
+        if p > 0 and self.lora == NULL:
+            raise ValueError("LoRA dropout needs adapters")
+        if p > 0 and self.kernels.merges_lora:
+            raise ValueError("LoRA dropout needs the cpu backend: the sim and ane kernels run "
+                             "the merged weight W0 + s B A, which cannot drop the adapter's "
+                             "input alone")
+        self.lora_dropout = p
+        # the threshold of a 32-bit hash below which an element is dropped
+        self.drop_threshold = <uint32_t>min(round(p * 2.0 ** 32), 2 ** 32 - 1) if p > 0 else 0
+        if p > 0 and self.drop_threshold == 0:
+            self.drop_threshold = 1
+        self.keep_scale = <float>(1.0 / (1.0 - p))
+        cdef uint64_t k = <uint64_t>(int(key) & 0xFFFFFFFFFFFFFFFF)
+        cdef int i
+        if self.lora != NULL:
+            for i in range(self.d.L * N_SITES):
+                self.lora[i].drop_key = <uint32_t>(_splitmix64(k ^ _splitmix64(<uint64_t>i + 1))
+                                                   >> 32)
+
+    def _arm_dropout(self, uint32_t threshold):
+        cdef int i
+        if self.lora == NULL:
+            return
+        for i in range(self.d.L * N_SITES):
+            self.lora[i].drop_threshold = threshold
+            self.lora[i].keep_scale = self.keep_scale if threshold else 1.0
+
+    def lora_dropout_mask(self, int layer, str field):
+        """The keep mask [n_in, S] (1 kept, 0 dropped) the current key gives the adapter of
+        `field` (wq, wk, wv, wo, w1, w3, w2) in `layer`: what forward_backward applies."""
+        sites = {"wq": SITE_WQ, "wk": SITE_WK, "wv": SITE_WV, "wo": SITE_WO, "w1": SITE_W1,
+                 "w3": SITE_W3, "w2": SITE_W2}
+        if self.lora == NULL or not 0 <= layer < self.d.L or field not in sites \
+                or self.lora[layer * N_SITES + <int>sites[field]].A == NULL:
+            raise ValueError(f"no adapter on {field} of layer {layer}")
+        cdef LoraSite* p = &self.lora[layer * N_SITES + <int>sites[field]]
+        cdef int S = self.d.S
+        out = np.ones((p.n_in, S), np.uint8)
+        cdef unsigned char[:, ::1] m = out
+        cdef uint32_t i
+        if self.drop_threshold:
+            for i in range(<uint32_t>p.n_in * <uint32_t>S):
+                m[i // S, i % S] = anecy_drop_hash(i ^ p.drop_key) >= self.drop_threshold
         return out
 
     def _targets(self, targets, weights):
@@ -778,9 +870,15 @@ cdef class Engine:
         cdef float* dv_rep = self.dv_rep if gqa else gs.dv
         scale_copy(self.g, gs.do, <Py_ssize_t>d.D * d.S, d.residual_scale)
         self.charge(T_ELEMENTWISE)
+        cdef int qkv[3]
+        cdef const float* dqkv[3]
+        qkv[0], qkv[1], qkv[2] = SITE_WQ, SITE_WK, SITE_WV
+        dqkv[0], dqkv[1], dqkv[2] = gs.dq, gs.dk, gs.dv
         self._dw(dw_job(d.D, d.Q, d.S, gs.do, False, a.attn, gw.wo))
         self.kernels.wot_bwd(l, gs.do, self.da)
-        self._lora_backward(l, SITE_WO, a.attn, gs.do, self.da)
+        qkv[0] = SITE_WO
+        self._lora_backward(l, qkv, <const float**>&gs.do, 1, a.attn, self.da)
+        qkv[0] = SITE_WQ
         self.kernels.sdpa_bwd1(l, KEPT, KEPT, KEPT, self.da, KEPT, KEPT, dv_rep)
         self.kernels.sdpa_bwd2(l, KEPT, KEPT, KEPT, KEPT, dq_rot, dk_rep)
         self.charge(T_KERNELS)
@@ -798,11 +896,15 @@ cdef class Engine:
         self._dw(dw_job(d.Q, d.D, d.S, gs.dq, False, a.xnorm, gw.wq))
         self._dw(dw_job(d.K, d.D, d.S, gs.dk, False, a.xnorm, gw.wk))
         self._dw(dw_job(d.K, d.D, d.S, gs.dv, False, a.xnorm, gw.wv))
+        if l == self.lowest_trained and self.dembed == NULL:
+            # a frozen base below: the gradient of this layer's input has no reader, so only
+            # the adapters' own gradients are made
+            self._lora_backward(l, qkv, dqkv, 3, a.xnorm, NULL)
+            self.charge(T_KERNELS)
+            return
         self.kernels.q_bwd(l, gs.dq, self.dxnorm)
         self.kernels.kv_bwd(l, gs.dk, gs.dv, self.dxnorm_kv)
-        self._lora_backward(l, SITE_WQ, a.xnorm, gs.dq, self.dxnorm)
-        self._lora_backward(l, SITE_WK, a.xnorm, gs.dk, self.dxnorm_kv)
-        self._lora_backward(l, SITE_WV, a.xnorm, gs.dv, self.dxnorm_kv)
+        self._lora_backward(l, qkv, dqkv, 3, a.xnorm, self.dxnorm)
         self.charge(T_KERNELS)
         add_scaled(self.dxnorm, self.dxnorm_kv, <Py_ssize_t>d.D * d.S, 1.0)
         self.charge(T_ELEMENTWISE)
@@ -850,17 +952,21 @@ cdef class Engine:
         cdef GradSet* gs = &self.sets[l & 1]
         scale_copy(self.g, gs.dffn, <Py_ssize_t>d.D * d.S, d.residual_scale)
         self.charge(T_ELEMENTWISE)
+        cdef int w13[2]
+        cdef const float* dh13[2]
+        w13[0], w13[1] = SITE_W2, SITE_W3
         self._dw(dw_job(d.D, d.H, d.S, gs.dffn, False, a.gate, gw.w2))
         self.kernels.ffn_bwd_w2t(l, gs.dffn, self.dgate)
-        self._lora_backward(l, SITE_W2, a.gate, gs.dffn, self.dgate)
+        self._lora_backward(l, w13, <const float**>&gs.dffn, 1, a.gate, self.dgate)
+        w13[0] = SITE_W1
+        dh13[0], dh13[1] = gs.dh1, gs.dh3
         self.charge(T_KERNELS)
         swiglu_bwd(a.h1, a.h3, self.dgate, gs.dh1, gs.dh3, <Py_ssize_t>d.H * d.S)
         self.charge(T_ELEMENTWISE)
         self._dw(dw_job(d.H, d.D, d.S, gs.dh1, False, a.x2norm, gw.w1))
         self._dw(dw_job(d.H, d.D, d.S, gs.dh3, False, a.x2norm, gw.w3))
         self.kernels.ffn_bwd_w13t(l, gs.dh1, gs.dh3, self.dx2norm)
-        self._lora_backward(l, SITE_W1, a.x2norm, gs.dh1, self.dx2norm)
-        self._lora_backward(l, SITE_W3, a.x2norm, gs.dh3, self.dx2norm)
+        self._lora_backward(l, w13, dh13, 2, a.x2norm, self.dx2norm)
         self.charge(T_KERNELS)
         rmsnorm_bwd(a.x2, self.weights[l].ffn_norm, self.dx2norm, self.g, gw.ffn_norm, d.D, d.S,
                     d.eps, 1, self.norm_scratch)
@@ -955,27 +1061,50 @@ cdef class Engine:
             sgemm(0, 0, p.R, self.d.S, p.n_in, 1.0, p.A, p.n_in, x, self.d.S, 0.0, p.u,
                   self.d.S)
 
-    cdef void _lora_backward(self, int l, int site, const float* x, const float* dy,
-                             float* dx) noexcept nogil:
-        # the adapter of a projection y = W0 x + s B u, u = A x: v = B^T dy; dx += s A^T v;
-        # dB += s dy u^T and dA += s v x^T queued as weight gradients (they read only
-        # buffers that live until the next step: u, v, x and the alternating dy); with
-        # merged weights (kernels.merges_lora) dx has already flowed through s B A
+    cdef void _lora_backward(self, int l, const int* sites, const float** dys, int n,
+                             const float* x, float* dx) noexcept nogil:
+        # the adapters of n projections y_i = W0_i x + s B_i u_i, u_i = A_i x, that read one
+        # x (q, k, v; gate, up; or one alone), dys[i] the gradient of y_i: v_i = B_i^T dy_i;
+        # dx += s A_i^T v_i; dB_i += s dy_i u_i^T; dA_i += s v_i x^T. On cpu all inline, in
+        # the loops of _lowrank.h (Kernels.lora_fwd says why), through the forward's dropout
+        # masks, the sites' dA and dx in one pass over x and dx; charged to "dw". With merged
+        # weights (kernels.merges_lora) dx has already flowed through s B A, and dB, dA are
+        # queued as weight gradients (they read only buffers that live until the next step:
+        # u, v, x and the alternating dy). dx NULL: no input gradient.
         if self.lora == NULL:
             return
-        cdef LoraSite* p = &self.lora[l * N_SITES + site]
-        if p.A == NULL:
-            return
-        cdef int S = self.d.S
-        sgemm(1, 0, p.R, S, p.n_out, 1.0, p.B, p.R, dy, S, 0.0, p.v, S)
-        if not self.kernels.merges_lora:
-            sgemm(1, 0, p.n_in, S, p.R, p.scale, p.A, p.n_in, p.v, S, 1.0, dx, S)
-        cdef GemmJob job = dw_job(p.n_out, p.R, S, dy, False, p.u, p.dB)
-        job.alpha = p.scale
-        self._dw(job)
-        job = dw_job(p.R, p.n_in, S, p.v, False, x, p.dA)
-        job.alpha = p.scale
-        self._dw(job)
+        cdef LoraSite* p
+        cdef LoraSite* last = NULL       # the sites' n_in, scale and dropout are alike
+        cdef const float* a_of[3]
+        cdef const float* v_of[3]
+        cdef float* da_of[3]
+        cdef int r_of[3]
+        cdef uint32_t key_of[3]
+        cdef int i, m = 0, S = self.d.S
+        cdef GemmJob job
+        for i in range(n):
+            p = &self.lora[l * N_SITES + sites[i]]
+            if p.A == NULL:
+                continue
+            if self.kernels.merges_lora:
+                sgemm(1, 0, p.R, S, p.n_out, 1.0, p.B, p.R, dys[i], S, 0.0, p.v, S)
+                job = dw_job(p.n_out, p.R, S, dys[i], False, p.u, p.dB)
+                job.alpha = p.scale
+                self._dw(job)
+                job = dw_job(p.R, p.n_in, S, p.v, False, x, p.dA)
+                job.alpha = p.scale
+                self._dw(job)
+                continue
+            if m == 0:
+                self.charge(T_KERNELS)
+            anecy_lora_back_out(p.B, p.R, p.n_out, dys[i], p.u, S, p.scale, p.v, p.dB)
+            a_of[m], v_of[m], da_of[m], r_of[m], key_of[m] = p.A, p.v, p.dA, p.R, p.drop_key
+            last = p
+            m += 1
+        if m:
+            anecy_lora_back_in(m, a_of, r_of, last.n_in, x, v_of, S, last.scale, da_of, dx,
+                               self.lora_rows, key_of, last.drop_threshold, last.keep_scale)
+            self.charge(T_DW)
 
     # -- the optimizer's passes over the flat buffers, split between two threads ---------
     def grad_sumsq(self, float[::1] grads):

@@ -219,6 +219,15 @@ class Model:
             self._cls_grad.fill(0.0)
         return loss
 
+    def set_lora_dropout(self, p: float, key: int = 0):
+        """Dropout with probability p on the adapters' input in the forward_backward calls
+        that follow (PEFT's lora_dropout; cpu backend), with the masks of ``key``: give each
+        microstep its own key. p 0: none. See Engine.set_lora_dropout."""
+        try:
+            self.engine.set_lora_dropout(p, key)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+
     def loss(self, tokens, targets, *, weights=None, positions=None,
              segment_starts=None) -> float:
         """forward_backward's loss, forward only (evaluation): no gradient."""

@@ -173,9 +173,10 @@ class Trainer:
             lora = adapters.config
         if lora is None:
             return None
-        if lora.dropout:
-            raise ConfigError(f"LoRA dropout {lora.dropout:g}: this trainer applies no "
-                              "dropout to the adapters; train with --lora-dropout 0")
+        if lora.dropout and backends.resolve(tc.backend) != "cpu":
+            raise ConfigError(f"LoRA dropout {lora.dropout:g} needs the cpu backend: the sim "
+                              "and ane kernels run the merged weight W0 + s B A, which cannot "
+                              "drop the adapters' input alone (train with --lora-dropout 0)")
         return adapters if init_adapter is not None and resume_state is None \
             else LoraAdapters(mc, lora, seed=tc.seed)
 
@@ -277,6 +278,12 @@ class Trainer:
         scored tokens weighs more), so the update's windows are counted first. A rank of a
         data-parallel run takes window `offset` of the next `count` (the others are drawn
         and dropped)."""
+        adapters = self.model.adapters
+        if adapters is not None and adapters.config.dropout:
+            # this window's masks, drawn from the run's seed and the window's number (a
+            # resumed run, or a run on another number of ranks, draws the same ones)
+            self.model.set_lora_dropout(adapters.config.dropout,
+                                        (self.tc.seed << 32) + self.step_count + offset)
         if self.examples is None:
             self.sampler.skip(offset)
             x, y = self.sampler.next_train()

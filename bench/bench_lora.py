@@ -153,6 +153,8 @@ def side_child(side, preset, seq_len, accum, updates, warmup):
         for x, y in wins[:warmup]:
             runner.microstep(x, y)
         runner.update(warmup)
+        if isinstance(runner, AnecySide):
+            runner.model.engine.reset_timers()
         for u in range(updates):
             t_upd = time.perf_counter()
             for x, y in wins[warmup + u * accum:warmup + (u + 1) * accum]:
@@ -161,9 +163,12 @@ def side_child(side, preset, seq_len, accum, updates, warmup):
                 micro.append((time.perf_counter() - t) * 1e3)
             runner.update(accum)
             upd.append((time.perf_counter() - t_upd) * 1e3)
+        # anecy: where a microstep's time went (Engine.timings, ms per microstep)
+        parts = ({k: v / len(micro) for k, v in runner.model.timings().items()}
+                 if isinstance(runner, AnecySide) else None)
         ckpt = runner.checkpoint_bytes()
     return {"microstep_ms": statistics.median(micro), "update_ms": statistics.median(upd),
-            "rss_bytes": own_peak_rss_bytes(), "ckpt_bytes": ckpt}
+            "rss_bytes": own_peak_rss_bytes(), "ckpt_bytes": ckpt, "parts": parts}
 
 
 def run_side(side, preset, seq_len, accum, updates, warmup):
@@ -205,6 +210,9 @@ def main():
             r = res[s]
             print(f"  {s:<20}{r['microstep_ms']:>14.1f}{r['update_ms']:>12.1f}"
                   f"{r['rss_bytes'] / 2 ** 30:>14.2f}{r['ckpt_bytes'] / 1e6:>15.2f}")
+        for s in SIDES[:2]:
+            print(f"  {s} ms per microstep by part: " + ", ".join(
+                f"{k} {v:.0f}" for k, v in res[s]["parts"].items() if v >= 0.5))
         lo, full, pt = (res[s] for s in SIDES)
         print(f"  LoRA microstep / PyTorch+PEFT: {lo['microstep_ms'] / pt['microstep_ms']:.2f} "
               "(target <= 0.5)")

@@ -562,8 +562,10 @@ def test_bad_adapters_are_one_line_and_nothing_is_written(tmp_path, capsys, bad_
     (["--lora", "--init-from", "{base}", "--init-adapter", "{good}", "--lora-rank", "2"],
      "leave out --lora-rank"),
     (["--lora", "--resume", "--init-adapter", "{good}"], "--init-adapter"),
-    # the trainer applies no dropout to the adapters, and says so
-    (["--lora", "--init-from", "{base}", "--lora-dropout", "0.1"], "no dropout"),
+    (["--lora", "--init-from", "{base}", "--lora-dropout", "-0.1"], "dropout"),
+    # the merged weights of sim and ane cannot drop the adapters' input, and it says so
+    (["--lora", "--init-from", "{base}", "--lora-dropout", "0.1", "--backend", "sim"],
+     "needs --backend cpu"),
 ])
 def test_bad_lora_flags_are_one_line(tmp_path, capsys, hf_base, flags, words):
     cfg, base_dir, _ = hf_base

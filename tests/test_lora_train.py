@@ -7,7 +7,7 @@ import torch
 from test_lora import SETTINGS, peft_model, tokens_of
 from test_model import CASES, hf_model
 
-from anecy import CheckpointError, Model, ModelConfig
+from anecy import CheckpointError, ConfigError, Model, ModelConfig
 from anecy.checkpoint import read_checkpoint_meta
 from anecy.lora import (
     LORA_ARRAYS,
@@ -80,6 +80,100 @@ def test_adapter_gradients_equal_pefts(tmp_path, case, async_dw):
         assert rel_err(ours2[name], 2 * g) <= 1e-5, name
 
 
+# -- dropout on the adapters' input ----------------------------------------------------------
+FIELDS = {"q_proj": "wq", "k_proj": "wk", "v_proj": "wv", "o_proj": "wo", "gate_proj": "w1",
+          "up_proj": "w3", "down_proj": "w2"}
+
+
+class GivenMask(torch.nn.Module):
+    """PEFT's lora_dropout with a given keep mask [S, in]: x * mask / (1 - p)."""
+
+    def __init__(self, mask, p):
+        super().__init__()
+        self.mask, self.p = torch.tensor(mask, dtype=torch.float32), p
+
+    def forward(self, x):
+        return x * self.mask * (1.0 / (1.0 - self.p))
+
+
+@pytest.mark.parametrize("case", ["llama-gqa-headdim-all", "qwen3-interleaved-odd-rank",
+                                  "qwen3-rank1-subset-last1"])
+def test_adapter_gradients_with_dropout_equal_pefts_with_the_same_masks(tmp_path, case):
+    fields, rank, alpha, targets, layers = GRAD_SETTINGS[case]
+    cfg = ModelConfig(**fields)
+    p = 0.3
+    base_sd, pm = peft_model(cfg, rank, alpha, targets, layers)
+    pm.save_pretrained(tmp_path)
+    adapters = read_peft(tmp_path, cfg)
+    model = Model(cfg, adapters=adapters)
+    model.load_hf_state_dict(base_sd)
+    tokens, targets_ = tokens_of(cfg, 1), tokens_of(cfg, 2)
+    no_drop = model.loss(tokens, targets_)
+    model.set_lora_dropout(p, key=11)
+    loss = model.forward_backward(tokens, targets_)
+    assert model.loss(tokens, targets_) == no_drop      # evaluation never drops
+    # PEFT's dropout modules replaced by the masks anecy drew, one per adapted projection
+    n_masks, kept = 0, []
+    for name, module in pm.named_modules():
+        if hasattr(module, "lora_dropout") and "default" in module.lora_dropout:
+            layer = int(name.split("layers.")[1].split(".")[0])
+            mask = model.engine.lora_dropout_mask(layer, FIELDS[name.split(".")[-1]])
+            module.lora_dropout["default"] = GivenMask(mask.T, p)
+            n_masks += 1
+            kept.append(mask.mean())
+    assert n_masks == len(adapters.pairs)
+    assert abs(np.mean(kept) - (1 - p)) < 0.05          # about 1 - p of the inputs kept
+    pm.train()
+    their_loss, theirs = torch_lora_grads(pm, tokens, targets_)
+    assert abs(loss - their_loss) <= 1e-5 * abs(their_loss)
+    ours = hf_order(adapters, model.adapter_grads)
+    for name, g in theirs.items():
+        assert np.abs(g).max() > 0, name
+        assert rel_err(ours[name], g) <= 1e-5, (name, rel_err(ours[name], g))
+    # another key draws other masks
+    before = {f: model.engine.lora_dropout_mask(cfg.n_layers - 1, f) for f in ("wq",)}
+    model.set_lora_dropout(p, key=12)
+    assert not np.array_equal(before["wq"], model.engine.lora_dropout_mask(cfg.n_layers - 1,
+                                                                          "wq"))
+
+
+def test_dropout_zero_is_bit_identical_to_none_and_above_zero_is_not():
+    fields, rank, alpha, targets, layers = GRAD_SETTINGS["llama-gqa-headdim-all"]
+    cfg = ModelConfig(**fields)
+    tokens, targets_ = tokens_of(cfg, 1), tokens_of(cfg, 2)
+    grads = []
+    for p in (None, 0.0, 0.1):
+        adapters = LoraAdapters(cfg, LoraConfig(rank=rank, alpha=alpha), seed=4)
+        for t in adapters.layout:       # B nonzero, so every gradient flows
+            if t.part == "B":
+                adapters.views[t.name][...] = np.random.default_rng(4).standard_normal(
+                    t.shape) * 0.1
+        model = Model(cfg, seed=2, adapters=adapters)
+        if p is not None:
+            model.set_lora_dropout(p, key=3)
+        model.forward_backward(tokens, targets_)
+        grads.append(model.adapter_grads.copy())
+    np.testing.assert_array_equal(grads[0], grads[1])
+    assert rel_err(grads[2], grads[0]) > 1e-3
+
+
+def test_dropout_is_refused_where_weights_are_merged_and_outside_0_1():
+    cfg = ModelConfig(**BASE)
+    model = Model(cfg, "sim", adapters=LoraAdapters(cfg, LoraConfig(rank=2)))
+    with pytest.raises(ConfigError, match="cpu backend"):
+        model.set_lora_dropout(0.1, key=1)
+    model.set_lora_dropout(0.0)              # none is fine everywhere
+    cpu = Model(cfg, adapters=LoraAdapters(cfg, LoraConfig(rank=2)))
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ConfigError, match="dropout"):
+            cpu.set_lora_dropout(bad)
+    with pytest.raises(ConfigError, match="adapters"):
+        Model(cfg).set_lora_dropout(0.1)
+    with pytest.raises(ConfigError, match="cpu backend"):
+        lora_trainer_config = TrainConfig(steps=1, backend="sim", init_from="x")
+        Trainer._adapters(cfg, lora_trainer_config, LoraConfig(rank=2, dropout=0.1), None, None)
+
+
 # -- LoRA runs of the trainer ---------------------------------------------------------------
 BASE = dict(CASES["gqa-headdim-untied-half"], n_layers=3)
 
@@ -141,12 +235,20 @@ def test_lora_training_learns_with_a_frozen_base_and_saves_only_adapters(tmp_pat
     np.testing.assert_allclose(fused.logits(x), t.model.logits(x), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.25])
 @pytest.mark.parametrize("stop_at", [3, 4])    # mid-accumulation, and after an update
-def test_lora_resume_is_bit_identical(tmp_path, base_dir, stop_at):
-    straight = lora_trainer(base_dir, tmp_path / "a.ckpt", 8)
+def test_lora_resume_is_bit_identical(tmp_path, base_dir, stop_at, dropout):
+    lora = LoraConfig(rank=3, targets="q_proj,v_proj,o_proj,down_proj", layers=2,
+                      dropout=dropout)
+    straight = lora_trainer(base_dir, tmp_path / "a.ckpt", 8, lora=lora)
     for _ in range(8):
         straight.step()
-    first = lora_trainer(base_dir, tmp_path / "b.ckpt", 8)
+    if dropout:     # the dropout is applied: without it the run ends elsewhere
+        plain = lora_trainer(base_dir, tmp_path / "c.ckpt", 8)
+        for _ in range(8):
+            plain.step()
+        assert not np.array_equal(plain.model.adapters.params, straight.model.adapters.params)
+    first = lora_trainer(base_dir, tmp_path / "b.ckpt", 8, lora=lora)
     for _ in range(stop_at):
         first.step()
     first.save()

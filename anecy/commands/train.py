@@ -193,9 +193,10 @@ def _check_lora_run(args, preset: str, ckpt: str):
                       preset if args.preset else None)
     _set_seq_len(mc, args.seq_len)
     lora_cfg = _lora_config(args, mc)
-    if lora_cfg.dropout:
-        raise AnecyError(f"LoRA dropout {lora_cfg.dropout:g}: this trainer applies no dropout "
-                         "to the adapters; pass --lora-dropout 0")
+    if lora_cfg.dropout and backends.resolve(args.backend) != "cpu":
+        raise AnecyError(f"LoRA dropout {lora_cfg.dropout:g} needs --backend cpu: the sim and "
+                         "ane kernels run the merged weight W0 + s B A, which cannot drop the "
+                         "adapters' input alone (pass --lora-dropout 0)")
     return mc, lora_cfg
 
 
