@@ -109,11 +109,12 @@ def test_three_ranks(tmp_path, mpirun):
 
 
 def test_lora_two_ranks_train_what_one_process_does(tmp_path, mpirun):
-    """LoRA adapters (only theirs are summed) on a base (an anecy checkpoint's weights):
+    """LoRA adapters (only theirs are summed) on a base (an anecy checkpoint's weights),
+    with dropout (each window's masks follow the window, whichever rank takes it):
     2 ranks x accum 5 == 1 process x accum 10 after 20 updates."""
     base = tmp_path / "base.ckpt"
     train(mpirun, 0, "--steps", "3", "--accum", "1", "--ckpt", str(base), cwd=tmp_path)
-    lora = ["--init-from", str(base), "--lora", "--lora-rank", "4"]
+    lora = ["--init-from", str(base), "--lora", "--lora-rank", "4", "--lora-dropout", "0.1"]
     one, two = tmp_path / "one.ckpt", tmp_path / "two.ckpt"
     train(mpirun, 0, *lora, "--steps", "200", "--accum", "10", "--ckpt", str(one),
           cwd=tmp_path)
