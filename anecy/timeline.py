@@ -19,15 +19,19 @@ import json
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
+
 from ._timeline import (
     ALLREDUCE,
     DW_INLINE,
     DW_SUBMIT,
     EVENTS,
+    KERNEL_CALLS,
     LOSS,
     LOSS_SCALE,
     MICROSTEP,
     OPTIMIZER,
+    SECTION,
     WORKER_JOB,
     Timeline,
     clock_ms,
@@ -114,6 +118,22 @@ class Recording:
     def dropped(self) -> int:
         """Events that did not fit in the buffers."""
         return sum(self.timeline.dropped)
+
+    def overlap(self) -> dict:
+        """What the timeline says of the overlap, in ms over the recorded steps: the kernel
+        calls, the dW jobs on the worker, how much of those ran while a kernel call ran on
+        the main thread, and the main thread's waits for them."""
+        from .timers import ENGINE_TIMERS
+        main, worker = self.timeline.events(MAIN), self.timeline.events(WORKER)
+        calls = main[(main["what"] >= KERNEL_CALLS) & (main["what"] < KERNEL_CALLS + 10)]
+        jobs = worker[worker["addr"] != 0]
+        waits = main[main["what"] == SECTION + ENGINE_TIMERS.index("dw_wait")]
+        during = sum(float(np.clip(np.minimum(j["t1"], calls["t1"])
+                                   - np.maximum(j["t0"], calls["t0"]), 0, None).sum())
+                     for j in jobs)
+        span = lambda e: float((e["t1"] - e["t0"]).sum())     # noqa: E731
+        return {"kernel calls": span(calls), "dW jobs": span(jobs),
+                "dW jobs during kernel calls": during, "waiting for dW": span(waits)}
 
     # -- the Chrome trace ------------------------------------------------------------------
     def chrome_trace(self) -> dict:
@@ -264,3 +284,4 @@ class TraceWindow:
         path = rec.write(self.path)
         dropped = f" ({rec.dropped} events did not fit)" if rec.dropped else ""
         self.log(f"trace of microsteps {self.first}-{self.last} of this run: {path}{dropped}")
+        self.log("  " + ", ".join(f"{k} {v:.1f} ms" for k, v in rec.overlap().items()))

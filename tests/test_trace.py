@@ -182,7 +182,7 @@ def test_dw_jobs_on_the_worker_overlap_kernel_calls_on_the_main_thread(tmp_path)
     m = Model(cfg, "cpu", seed=0, async_dw=True)
     x = tokens_for(cfg, cfg.seq_len, seed=1).astype(np.int32)
     m.forward_backward(x, x)
-    with m.trace(tmp_path / "a.json", microsteps=3):
+    with m.trace(tmp_path / "a.json", microsteps=3) as rec:
         for _ in range(3):
             m.forward_backward(x, x)
     events = load(tmp_path / "a.json")
@@ -193,6 +193,11 @@ def test_dw_jobs_on_the_worker_overlap_kernel_calls_on_the_main_thread(tmp_path)
     overlapping = [(j, c) for j in jobs for c in calls
                    if j["ts"] < c["ts"] + c["dur"] and c["ts"] < j["ts"] + j["dur"]]
     assert overlapping, "no dW job ran while a kernel ran"
+    summary = rec.overlap()
+    during = sum(min(j["ts"] + j["dur"], c["ts"] + c["dur"]) - max(j["ts"], c["ts"])
+                 for j, c in overlapping) / 1e3
+    assert summary["dW jobs during kernel calls"] == pytest.approx(during, abs=1e-3)
+    assert summary["dW jobs"] == pytest.approx(sum(j["dur"] for j in jobs) / 1e3, abs=1e-3)
     # each job's arrow starts at its submission on the main thread
     submits = {s["args"]["job"]: s for s in slices(events, 0) if s["name"].startswith("submit")}
     for j in jobs:

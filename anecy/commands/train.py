@@ -103,7 +103,7 @@ def add_arguments(p, family=None):
                    help="record a timeline of some microsteps (every kernel call, copy, dW "
                         "job and wait, per thread) and write it to FILE as a Chrome trace for "
                         "Perfetto or chrome://tracing (docs/tracing.md)")
-    p.add_argument("--trace-steps", type=_step_range, metavar="A-B",
+    p.add_argument("--trace-steps", type=_step_range, metavar="STEPS",
                    help="the microsteps of this run --trace records, counted from 1: A-B, or "
                         "one number (default 2-4: after the first, which warms up)")
     add_lora_arguments(p)
