@@ -263,6 +263,8 @@ class TraceWindow:
             raise ConfigError(f"trace steps {first}-{last}: need 1 <= first <= last")
         self.path, self.first, self.last, self.rank, self.log = path, first, last, rank, log
         self.recording = None
+        self.recorded = 0          # the last microstep recorded so far
+        self.closed = False
 
     def before(self, trainer, n: int):
         """Called before the run's microstep n."""
@@ -272,16 +274,24 @@ class TraceWindow:
 
     def after(self, trainer, n: int):
         """Called after the run's microstep n."""
+        if self.recording is not None:
+            self.recorded = n
         if n == self.last:
             self.close()
 
     def close(self):
         """Stop and write (what was recorded), once."""
         rec, self.recording = self.recording, None
+        if self.closed:
+            return
+        self.closed = True
         if rec is None:
+            self.log(f"no trace written: the run ended before microstep {self.first}")
             return
         rec.stop()
         path = rec.write(self.path)
         dropped = f" ({rec.dropped} events did not fit)" if rec.dropped else ""
-        self.log(f"trace of microsteps {self.first}-{self.last} of this run: {path}{dropped}")
+        steps = f"{self.first}-{self.recorded}" if self.recorded > self.first else self.first
+        self.log(f"trace of microstep{'s' if self.recorded > self.first else ''} {steps} of "
+                 f"this run: {path}{dropped}")
         self.log("  " + ", ".join(f"{k} {v:.1f} ms" for k, v in rec.overlap().items()))
