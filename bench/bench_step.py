@@ -290,9 +290,10 @@ def main():
             tokens, wins = windows(cfg, args.warmup + args.steps)
         on, off, ratio = trace_overhead(cfg, tokens, wins, args.warmup, args.trace)
         result["trace"] = {"ms_on": on, "ms_off": off, "median_ratio": ratio}
-        print(f"\nrecording the timeline (each window with and without, alternating): "
-              f"{on:.1f} vs {off:.1f} ms/step; median ratio {ratio:.4f} "
-              f"({100 * (ratio - 1):+.2f}%); trace of those microsteps: {args.trace}")
+        print(f"\nrecording the timeline (each window with and without, alternating; load "
+              f"average {os.getloadavg()[0]:.1f}): {on:.1f} vs {off:.1f} ms/step; median ratio "
+              f"of the {args.steps} pairs {ratio:.4f} ({100 * (ratio - 1):+.2f}%); trace of "
+              f"those microsteps: {args.trace}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)
