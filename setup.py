@@ -45,6 +45,7 @@ objc_link = ["-framework", "Foundation", "-framework", "CoreFoundation",
 extensions = [
     ext("_ops"),
     ext("_worker"),
+    ext("_timeline"),
     ext("_ane_runtime", objc_sources, objc_link if objc_sources else []),
     ext("_engine"),
     ext("_packed"),

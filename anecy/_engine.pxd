@@ -3,6 +3,7 @@
 from libc.stdint cimport uint32_t
 
 from ._worker cimport DWWorker
+from ._timeline cimport TraceTrack
 
 
 cdef struct Dims:
@@ -129,6 +130,8 @@ cdef class Kernels:
     # (sim, ane): its kernels compute no low-rank path, and the engine only A x and the
     # adapters' gradients; else (cpu) the kernels add the low-rank path (lora_fwd)
     cdef readonly bint merges_lora
+    cdef TraceTrack* timeline      # NULL, or where the backend records its own work (the
+                                   # Engine's main track, set by Engine.set_timeline)
 
     cdef void stage_weights(self) noexcept nogil
     # y += alpha * scale * B (A x) for an adapted site (keeping u = A x); nothing otherwise

@@ -19,6 +19,11 @@ from ._ops cimport (sgemm, rmsnorm_fwd, rmsnorm_bwd, rope_fwd, rope_bwd, swiglu_
                     softmax_xent, embedding_fwd, embedding_bwd, scale_copy, add_scaled,
                     adamw, sumsq)
 from ._worker cimport DWWorker, GemmJob, now_ms
+from ._timeline cimport (TraceTrack, trace_event, EV_SECTION, EV_SDPA_FWD, EV_WO_FWD,
+                         EV_FFN_FUSED, EV_FFN_BWD_W2T, EV_FFN_BWD_W13T, EV_WOT_BWD,
+                         EV_SDPA_BWD1, EV_SDPA_BWD2, EV_Q_BWD, EV_KV_BWD, EV_LORA_BWD,
+                         EV_EMBEDDING, EV_DW_SUBMIT, EV_DW_INLINE, EV_FORWARD, EV_BACKWARD,
+                         EV_GRAD_NORM, EV_ADAMW)
 from ._ops import rope_tables
 from .timers import ENGINE_TIMERS
 
@@ -437,6 +442,12 @@ cdef class Engine:
     cdef int n_scored
     cdef double timers[N_TIMERS]
     cdef double clock                # when the section being timed began
+    # Recording (set_timeline): the main thread's track, or NULL; when the last recorded
+    # piece of a section ended (a section's kernel calls and dW submissions are recorded
+    # one by one inside it); the Timeline owning the tracks
+    cdef TraceTrack* timeline
+    cdef double lap_clock
+    cdef object _timeline
     cdef readonly long steps
 
     def __cinit__(self):
@@ -444,6 +455,7 @@ cdef class Engine:
         self.grads = NULL
         self.acts = NULL
         self.lora = NULL
+        self.timeline = NULL
 
     def __init__(self, config, views, grad_views, Kernels kernels, bint async_dw=True,
                  adapters=None, adapter_grads=None):
@@ -623,6 +635,18 @@ cdef class Engine:
         out["kernels"] -= self.kernels.io_ms  # kernel time net of its own I/O
         return out
 
+    def set_timeline(self, timeline):
+        """Record every section, kernel call and dW job on ``timeline`` (an
+        anecy._timeline.Timeline) from now on; None stops recording."""
+        cdef size_t main = 0, worker = 0
+        if timeline is not None:
+            main, worker = timeline.track_addresses()
+        with nogil:
+            self.worker.wait_all()
+            self.worker.set_timeline(<TraceTrack*>worker)
+        self.timeline = self.kernels.timeline = <TraceTrack*>main
+        self._timeline = timeline
+
     def stage_weights(self):
         """Call after the weights change (optimizer update, load)."""
         with nogil:
@@ -697,13 +721,18 @@ cdef class Engine:
         weight 0 are not read. positions, segment_starts: see set_layout."""
         cdef int[::1] tok = self._check_ids(tokens, "tokens", self.vocab_size)
         cdef int[::1] tgt = self._targets(targets, weights)
-        cdef double loss
+        cdef double loss, t0, t1
         self.set_layout(weights, positions, segment_starts)
         self._arm_dropout(self.drop_threshold)      # training only: loss() and logits() keep x
         try:
             with nogil:
+                t0 = now_ms()
                 self._forward(&tok[0])
+                t1 = now_ms()
                 loss = self._backward(&tok[0], &tgt[0], loss_scale)
+                if self.timeline != NULL:
+                    trace_event(self.timeline, t0, t1, EV_FORWARD, -1, 0, 0)
+                    trace_event(self.timeline, t1, now_ms(), EV_BACKWARD, -1, 0, 0)
         finally:
             self._arm_dropout(0)
         self.kernels.raise_pending()
@@ -808,6 +837,7 @@ cdef class Engine:
         cdef int l
         self.clock = now_ms()
         embedding_fwd(self.embed, tokens, self.acts[0].x_in, self.d.S, self.d.D)
+        self.lap(EV_EMBEDDING, -1)
         self.charge(T_ELEMENTWISE)
         for l in range(self.d.L):
             self._attention_forward(l)
@@ -830,6 +860,7 @@ cdef class Engine:
         self.charge(T_DW_WAIT)
         if self.dembed != NULL:
             embedding_bwd(self.dembed, tokens, self.g, self.d.S, self.d.D)
+            self.lap(EV_EMBEDDING, -1)
         self.charge(T_ELEMENTWISE)
         return loss
 
@@ -844,7 +875,9 @@ cdef class Engine:
                     self.norm_scratch)
         self.charge(T_RMS)
         self.kernels.sdpa_fwd(l, a.xnorm, a.attn, KEPT, KEPT, KEPT, a.q_raw, a.k_raw)
+        self.lap(EV_SDPA_FWD, l)
         self.kernels.wo_fwd(l, a.attn, self.o)
+        self.lap(EV_WO_FWD, l)
         self.charge(T_KERNELS)
         if self.lora != NULL and self.kernels.merges_lora:
             self._lora_inputs(l, SITE_WQ, a.xnorm)
@@ -876,11 +909,14 @@ cdef class Engine:
         dqkv[0], dqkv[1], dqkv[2] = gs.dq, gs.dk, gs.dv
         self._dw(dw_job(d.D, d.Q, d.S, gs.do, False, a.attn, gw.wo))
         self.kernels.wot_bwd(l, gs.do, self.da)
+        self.lap(EV_WOT_BWD, l)
         qkv[0] = SITE_WO
         self._lora_backward(l, qkv, <const float**>&gs.do, 1, a.attn, self.da)
         qkv[0] = SITE_WQ
         self.kernels.sdpa_bwd1(l, KEPT, KEPT, KEPT, self.da, KEPT, KEPT, dv_rep)
+        self.lap(EV_SDPA_BWD1, l)
         self.kernels.sdpa_bwd2(l, KEPT, KEPT, KEPT, KEPT, dq_rot, dk_rep)
+        self.lap(EV_SDPA_BWD2, l)
         self.charge(T_KERNELS)
         if gqa:
             gqa_reduce(dk_rep, dk_rot, d.n_heads, d.n_kv_heads, d.hd, d.S)
@@ -903,7 +939,9 @@ cdef class Engine:
             self.charge(T_KERNELS)
             return
         self.kernels.q_bwd(l, gs.dq, self.dxnorm)
+        self.lap(EV_Q_BWD, l)
         self.kernels.kv_bwd(l, gs.dk, gs.dv, self.dxnorm_kv)
+        self.lap(EV_KV_BWD, l)
         self._lora_backward(l, qkv, dqkv, 3, a.xnorm, self.dxnorm)
         self.charge(T_KERNELS)
         add_scaled(self.dxnorm, self.dxnorm_kv, <Py_ssize_t>d.D * d.S, 1.0)
@@ -937,6 +975,7 @@ cdef class Engine:
         rmsnorm_fwd(a.x2, self.weights[l].ffn_norm, a.x2norm, d.D, d.S, d.eps, self.norm_scratch)
         self.charge(T_RMS)
         self.kernels.ffn_fused(l, a.x2norm, a.x2, x_next, a.h1, a.h3, a.gate)
+        self.lap(EV_FFN_FUSED, l)
         self.charge(T_KERNELS)
         if self.lora != NULL and self.kernels.merges_lora:
             self._lora_inputs(l, SITE_W1, a.x2norm)
@@ -957,6 +996,7 @@ cdef class Engine:
         w13[0], w13[1] = SITE_W2, SITE_W3
         self._dw(dw_job(d.D, d.H, d.S, gs.dffn, False, a.gate, gw.w2))
         self.kernels.ffn_bwd_w2t(l, gs.dffn, self.dgate)
+        self.lap(EV_FFN_BWD_W2T, l)
         self._lora_backward(l, w13, <const float**>&gs.dffn, 1, a.gate, self.dgate)
         w13[0] = SITE_W1
         dh13[0], dh13[1] = gs.dh1, gs.dh3
@@ -966,6 +1006,7 @@ cdef class Engine:
         self._dw(dw_job(d.H, d.D, d.S, gs.dh1, False, a.x2norm, gw.w1))
         self._dw(dw_job(d.H, d.D, d.S, gs.dh3, False, a.x2norm, gw.w3))
         self.kernels.ffn_bwd_w13t(l, gs.dh1, gs.dh3, self.dx2norm)
+        self.lap(EV_FFN_BWD_W13T, l)
         self._lora_backward(l, w13, dh13, 2, a.x2norm, self.dx2norm)
         self.charge(T_KERNELS)
         rmsnorm_bwd(a.x2, self.weights[l].ffn_norm, self.dx2norm, self.g, gw.ffn_norm, d.D, d.S,
@@ -1040,7 +1081,23 @@ cdef class Engine:
         """Charge the time since the last charge (the section just run) to timer `slot`."""
         cdef double now = now_ms()
         self.timers[slot] += now - self.clock
+        if self.timeline != NULL:
+            trace_event(self.timeline, self.clock, now, EV_SECTION + slot, -1, 0, 0)
+            self.lap_clock = now
         self.clock = now
+
+    cdef inline void lap(self, int what, int layer) noexcept nogil:
+        """Record the piece of the current section since its last recorded piece (a kernel
+        call, ...) as event ``what`` of ``layer``."""
+        if self.timeline != NULL:
+            self._record_piece(what, layer, 0, 0)
+
+    cdef void _record_piece(self, int what, int layer, long long ref,
+                            size_t addr) noexcept nogil:
+        cdef double now = now_ms()
+        cdef double start = self.lap_clock if self.lap_clock > self.clock else self.clock
+        trace_event(self.timeline, start, now, what, layer, ref, addr)
+        self.lap_clock = now
 
     cdef inline void _dw(self, GemmJob job) noexcept nogil:
         """Queue a weight gradient on the worker, or run it here and charge it to "dw";
@@ -1049,9 +1106,13 @@ cdef class Engine:
             return
         if self.async_dw:
             self.worker.submit(job)
+            if self.timeline != NULL:   # the job's number links it to its run on the worker
+                self._record_piece(EV_DW_SUBMIT, -1, self.worker.ticket() - 1, <size_t>job.C)
             return
         sgemm(job.trans_a, job.trans_b, job.M, job.N, job.K, job.alpha, job.A, job.lda,
               job.B, job.ldb, job.beta, job.C, job.ldc)
+        if self.timeline != NULL:
+            self._record_piece(EV_DW_INLINE, -1, 0, <size_t>job.C)
         self.charge(T_DW)
 
     cdef void _lora_inputs(self, int l, int site, const float* x) noexcept nogil:
@@ -1088,6 +1149,7 @@ cdef class Engine:
                 continue
             if self.kernels.merges_lora:
                 sgemm(1, 0, p.R, S, p.n_out, 1.0, p.B, p.R, dys[i], S, 0.0, p.v, S)
+                self.lap(EV_LORA_BWD, l)
                 job = dw_job(p.n_out, p.R, S, dys[i], False, p.u, p.dB)
                 job.alpha = p.scale
                 self._dw(job)
@@ -1104,6 +1166,7 @@ cdef class Engine:
         if m:
             anecy_lora_back_in(m, a_of, r_of, last.n_in, x, v_of, S, last.scale, da_of, dx,
                                self.lora_rows, key_of, last.drop_threshold, last.keep_scale)
+            self.lap(EV_LORA_BWD, l)
             self.charge(T_DW)
 
     # -- the optimizer's passes over the flat buffers, split between two threads ---------
@@ -1116,10 +1179,14 @@ cdef class Engine:
             return 0.0
         first.x = &grads[0]
         first.n = n // 2
+        cdef double t0
         with nogil:
+            t0 = now_ms()
             self.worker.submit_call(_sumsq_call, &first)
             second = sumsq(&grads[n // 2], n - n // 2)
             self.worker.wait_all()
+            if self.timeline != NULL:
+                trace_event(self.timeline, t0, now_ms(), EV_GRAD_NORM, -1, 0, 0)
         return first.result + second
 
     def adamw(self, float[::1] params, float[::1] grads, float[::1] m, float[::1] v,
@@ -1140,7 +1207,9 @@ cdef class Engine:
         first.n = half
         first.lr, first.beta1, first.beta2, first.eps = lr, beta1, beta2, eps
         first.weight_decay, first.step, first.grad_scale = weight_decay, step, grad_scale
+        cdef double t0
         with nogil:
+            t0 = now_ms()
             self.worker.submit_call(_adamw_call, &first)
             if n_decay > half:
                 nonfinite |= adamw(&params[half], &grads[half], &m[half], &v[half],
@@ -1151,4 +1220,6 @@ cdef class Engine:
                                    &v[n_decay], n - n_decay, lr, beta1, beta2, eps, 0.0, step,
                                    grad_scale, 1)
             self.worker.wait_all()
+            if self.timeline != NULL:
+                trace_event(self.timeline, t0, now_ms(), EV_ADAMW, -1, 0, 0)
         return bool(nonfinite or first.nonfinite)

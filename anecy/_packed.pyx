@@ -77,6 +77,8 @@ from libc.math cimport NAN
 from ._engine cimport (Kernels, Dims, LayerParams, Arena, LoraSite, N_SITES, SITE_WQ,
                        SITE_WK, SITE_WV, SITE_WO, SITE_W1, SITE_W2, SITE_W3)
 from ._worker cimport now_ms, DWWorker
+from ._timeline cimport (trace_event, EV_PACK, EV_COPY_HELD, EV_EXECUTE, EV_UNPACK,
+                         EV_STAGE)
 from ._ops cimport gqa_repeat
 from ._ane_runtime cimport (Surface, SurfaceMem, surface_lock, surface_unlock, AneKernel,
                             AneRequest, Evaluator)
@@ -699,7 +701,7 @@ cdef class PackedKernels(Kernels):
 
     # -- weight staging -----------------------------------------------------------------------
     cdef void stage_weights(self) noexcept nogil:
-        cdef double t0 = now_ms()
+        cdef double t1, t0 = now_ms()
         cdef StageJob mine, theirs
         if not self.bound:
             return
@@ -719,7 +721,10 @@ cdef class PackedKernels(Kernels):
                          b"could not lock an input Surface to stage the weights")
         else:
             self.stale = False
-        self.stage_ms += now_ms() - t0
+        t1 = now_ms()
+        if self.timeline != NULL:
+            trace_event(self.timeline, t0, t1, EV_STAGE, -1, 0, 0)
+        self.stage_ms += t1 - t0
 
     def stage_all(self):
         """Stage every layer's weights (what stage_weights() does for the engine)."""
@@ -748,7 +753,7 @@ cdef class PackedKernels(Kernels):
 
     cdef bint _pack(self, Call* c, int kid, int layer, float** args) noexcept nogil:
         """Convert the activation arguments into the call's input Surface."""
-        cdef double t0
+        cdef double t0, t1
         if self.tracing:
             with gil:
                 self._trace_inputs(kid, layer, args)
@@ -759,27 +764,36 @@ cdef class PackedKernels(Kernels):
             return False
         run_in_moves(c.acts, c.n_acts, c.inp.base, args)
         surface_unlock(c.inp)
-        t0 = now_ms() - t0
+        t1 = now_ms()
+        if self.timeline != NULL:
+            trace_event(self.timeline, t0, t1, EV_PACK, layer, 0, 0)
+        t0 = t1 - t0
         self.io_ms += t0
         self.io_in_ms[kid] += t0
         return True
 
     cdef bint _exec(self, Call* c, int kid, int layer, float** args) noexcept nogil:
+        cdef double t0 = now_ms() if self.timeline != NULL else 0.0
         if self._execute(c, kid, layer) != 0:
             fill_nan(c.outs, c.n_outs, args)
             return False
+        if self.timeline != NULL:
+            trace_event(self.timeline, t0, now_ms(), EV_EXECUTE, layer, 0, 0)
         return True
 
     cdef bint _unpack(self, Call* c, int kid, int layer, float** args) noexcept nogil:
         """Convert the call's output Surface into the output arguments."""
-        cdef double t0 = now_ms()
+        cdef double t1, t0 = now_ms()
         if surface_lock(c.out) != 0:
             self._fail_c(kid, layer, ERR_RUNTIME, b"could not lock the output Surface")
             fill_nan(c.outs, c.n_outs, args)
             return False
         run_out_moves(c.outs, c.n_outs, c.out.base, args)
         surface_unlock(c.out)
-        t0 = now_ms() - t0
+        t1 = now_ms()
+        if self.timeline != NULL:
+            trace_event(self.timeline, t0, t1, EV_UNPACK, layer, 0, 0)
+        t0 = t1 - t0
         self.io_ms += t0
         self.io_out_ms[kid] += t0
         self.calls += 1
@@ -836,7 +850,7 @@ cdef class PackedKernels(Kernels):
         cdef const uint16_t* held
         cdef uint16_t* dst
         cdef int i, h
-        cdef double t0 = now_ms()
+        cdef double t1, t0 = now_ms()
         if surface_lock(c.inp) != 0:
             self._fail_c(kid, l, ERR_RUNTIME, b"could not lock the input Surface")
             fill_nan(c.outs, c.n_outs, args)
@@ -859,7 +873,10 @@ cdef class PackedKernels(Kernels):
         surface_unlock(src)
         surface_unlock(c.inp)
         self.held_calls += 1
-        t0 = now_ms() - t0
+        t1 = now_ms()
+        if self.timeline != NULL:
+            trace_event(self.timeline, t0, t1, EV_COPY_HELD, l, 0, 0)
+        t0 = t1 - t0
         self.io_ms += t0
         self.io_in_ms[kid] += t0
         return True

@@ -3,6 +3,8 @@
 
 from posix.time cimport clock_gettime, timespec, CLOCK_MONOTONIC
 
+from ._timeline cimport TraceTrack
+
 
 cdef inline double now_ms() noexcept nogil:
     cdef timespec ts
@@ -40,6 +42,9 @@ cdef class DWWorker:
     cdef void submit(self, GemmJob job) noexcept nogil
     # Queue call(arg).
     cdef void submit_call(self, void (*call)(void*) noexcept nogil, void* arg) noexcept nogil
+    # Record each job (its number, start, end and gradient) on `timeline` (NULL: stop);
+    # call with no job pending (wait_all)
+    cdef void set_timeline(self, TraceTrack* timeline) noexcept nogil
     # Count of jobs submitted so far; wait_for(t) returns once the first t are done.
     cdef long ticket(self) noexcept nogil
     cdef void wait_for(self, long ticket) noexcept nogil

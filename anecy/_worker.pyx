@@ -9,6 +9,7 @@ so gradients are bit-identical with the worker on or off."""
 from libc.stdlib cimport calloc, free
 
 from ._ops cimport sgemm
+from ._timeline cimport TraceTrack, trace_event, EV_WORKER_JOB
 
 cdef extern from "<pthread.h>" nogil:
     # opaque to Cython; the C compiler sees the platform's real definitions
@@ -45,6 +46,7 @@ cdef struct WorkerState:
     long submitted
     long completed
     bint stopping
+    TraceTrack* timeline     # NULL, or where each job is recorded (set_timeline)
 
 
 cdef inline void run_job(const GemmJob* j) noexcept nogil:
@@ -58,6 +60,9 @@ cdef inline void run_job(const GemmJob* j) noexcept nogil:
 cdef void* worker_main(void* arg) noexcept nogil:
     cdef WorkerState* st = <WorkerState*>arg
     cdef GemmJob job
+    cdef TraceTrack* timeline
+    cdef long number
+    cdef double t0 = 0.0
     while True:
         pthread_mutex_lock(&st.lock)
         while st.completed == st.submitted and not st.stopping:
@@ -67,8 +72,14 @@ cdef void* worker_main(void* arg) noexcept nogil:
             return NULL
         # the slot stays reserved until `completed` moves past it
         job = st.ring[st.completed % QUEUE_CAPACITY]
+        number, timeline = st.completed, st.timeline
         pthread_mutex_unlock(&st.lock)
+        if timeline != NULL:
+            t0 = now_ms()
         run_job(&job)
+        if timeline != NULL:
+            trace_event(timeline, t0, now_ms(), EV_WORKER_JOB, -1, number,
+                        <size_t>job.C if job.call == NULL else 0)
         pthread_mutex_lock(&st.lock)
         st.completed += 1
         pthread_cond_broadcast(&st.progress)
@@ -121,6 +132,12 @@ cdef class DWWorker:
         job.call = call
         job.arg = arg
         self.submit(job)
+
+    cdef void set_timeline(self, TraceTrack* timeline) noexcept nogil:
+        # after wait_all(): no job is running, so none is recording into the old track
+        pthread_mutex_lock(&self.state.lock)
+        self.state.timeline = timeline
+        pthread_mutex_unlock(&self.state.lock)
 
     cdef long ticket(self) noexcept nogil:
         return self.state.submitted

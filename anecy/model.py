@@ -4,6 +4,8 @@ Parameters live in one contiguous fp32 buffer with named views (HF names and
 shapes); gradients mirror it. Matrices come first and norm weights last, so the
 optimizer decays one contiguous range and leaves the other alone."""
 
+from contextlib import contextmanager
+
 import numpy as np
 
 from . import backends
@@ -133,6 +135,7 @@ class Model:
                              backends.make_kernels(self.backend), bool(async_dw),
                              adapters, self.adapter_grads)
         self.active_ids = None   # vocabulary rows the classifier runs over (None: all)
+        self.recording = None    # the anecy.timeline.Recording recording its steps, if any
         self.engine.stage_weights()
 
     def switch_backend(self, backend: str):
@@ -253,6 +256,20 @@ class Model:
 
     def timings(self) -> dict:
         return self.engine.timings()
+
+    @contextmanager
+    def trace(self, path, *, microsteps: int = 16, rank=None):
+        """Record the steps run inside the block and write them to ``path`` as a Chrome
+        trace (Perfetto, chrome://tracing; docs/tracing.md). ``microsteps`` sizes the
+        buffers; ``rank`` names the file of one rank (``FILE.rankN.json``). Yields the
+        anecy.timeline.Recording."""
+        from .timeline import Recording
+        rec = Recording(self, microsteps, rank).start()
+        try:
+            yield rec
+        finally:
+            rec.stop()
+        rec.write(path)
 
     # -- HF names and shapes ---------------------------------------------------------------
     def _hf_perm(self, name):

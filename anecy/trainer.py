@@ -13,6 +13,7 @@ and writes."""
 
 import math
 import time
+from contextlib import contextmanager, nullcontext
 from typing import Optional
 
 import numpy as np
@@ -27,6 +28,7 @@ from .model import Model
 from .optimizer import NonFinite, Optimizer
 from .report import MetricsFile, StepRecord, efficiency_report, progress_line, run_header
 from .stopping import StopRequests
+from .timeline import clock_ms
 
 __all__ = ["Trainer", "TrainConfig", "StepRecord", "TrainingDiverged", "prepare_outputs"]
 
@@ -186,6 +188,7 @@ class Trainer:
         tc, model = self.tc, self.model
         self.guard.refuse_broken("resume a checkpoint")
         t0 = time.perf_counter()
+        t_start = clock_ms()
         before = model.timings()
         scale_used = self.optimizer.scale.value
         try:
@@ -198,16 +201,22 @@ class Trainer:
         self.step_count += windows
         self.pending += windows
         self.guard.microstep_done()
-        t_opt = time.perf_counter()
-        grad_norm, skipped = None, False
+        t_opt = clock_ms()     # the timeline's clock: the update's slice is opt_ms
+        grad_norm, skipped, updating = None, False, False
         if due:
+            updating = True
             if self.dp is not None:
-                self.dp.sum_gradients(self.optimizer.grads, "the gradient all-reduce of "
-                                      f"update {self.optimizer.updates + 1}")
+                with model.recording.span("allreduce") if model.recording is not None \
+                        else nullcontext():
+                    self.dp.sum_gradients(self.optimizer.grads, "the gradient all-reduce of "
+                                          f"update {self.optimizer.updates + 1}")
             grad_norm = self._update()
             skipped = grad_norm is None
-        opt_ms = (time.perf_counter() - t_opt) * 1e3
+        t_end = clock_ms()
+        opt_ms = t_end - t_opt
         ms = (time.perf_counter() - t0) * 1e3
+        if model.recording is not None:
+            model.recording.microstep(t_start, t_opt, t_end, loss, scale_used, updating)
         after = model.timings()
         timings = {k: after[k] - before[k] for k in after}
         timings["optimizer"] = opt_ms
@@ -348,6 +357,13 @@ class Trainer:
             return {}
         return dict(positions=win.positions, segment_starts=win.segment_starts)
 
+    @contextmanager
+    def trace(self, path, *, microsteps: int = 16, rank=None):
+        """Model.trace, with each microstep, the optimizer update and the loss and loss
+        scale (counters) recorded too: ``with trainer.trace("run.json"): trainer.step()``."""
+        with self.model.trace(path, microsteps=microsteps, rank=rank) as rec:
+            yield rec
+
     def sample(self, n_tokens: int = 48) -> str:
         """A greedy sample from BOS, decoded (run() calls it outside the timed step)."""
         if not hasattr(self, "_sampler"):
@@ -381,8 +397,9 @@ class Trainer:
         A second request stops at once, except during the final save."""
         self.stop()
 
-    def run(self, progress: bool = True) -> dict:
-        """Train until `steps` microsteps are done or a stop is requested; returns a summary."""
+    def run(self, progress: bool = True, trace=None) -> dict:
+        """Train until `steps` microsteps are done or a stop is requested; returns a summary.
+        `trace`: an anecy.timeline.TraceWindow, the microsteps to record (--trace)."""
         if self.writes:
             prepare_outputs(self.tc, self.log)
         self.log(self.vocab.describe())
@@ -393,9 +410,9 @@ class Trainer:
         if self.step_count:
             self.log(f"resumed at step {self.step_count} ({self.optimizer.updates} updates)")
         with self.stop.on_signals():
-            return self._run(progress)
+            return self._run(progress, trace)
 
-    def _run(self, progress):
+    def _run(self, progress, trace=None):
         from tqdm import tqdm
         tc, first_step, run_start = self.tc, self.step_count, time.perf_counter()
         metrics = MetricsFile(tc.metrics_path) if tc.metrics_path and self.writes else None
@@ -404,10 +421,16 @@ class Trainer:
         bar = tqdm(total=tc.steps, initial=self.step_count,
                    disable=not progress or not self.writes, unit="step", dynamic_ncols=True)
         window = []
+        run_steps = 0
         try:
             while self.step_count < tc.steps and not self._stopping():
                 before = self.step_count
+                run_steps += 1
+                if trace is not None:
+                    trace.before(self, run_steps)
                 rec = self.step()
+                if trace is not None:
+                    trace.after(self, run_steps)
                 window.append(rec)
                 bar.update(rec.step - before)
                 bar.set_postfix(loss=f"{rec.loss:.4f}", lr=f"{rec.lr:.2e}", ms=f"{rec.ms:.0f}",
@@ -442,6 +465,8 @@ class Trainer:
             raise
         finally:
             bar.close()
+            if trace is not None:
+                trace.close()  # a run shorter than the window: what was recorded
             reported.close()   # the trackers finish in their thread while the run saves
             if metrics:
                 metrics.close()

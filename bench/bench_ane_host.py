@@ -22,6 +22,9 @@ runs at those positions only; the cost per useful token is what the padding cost
     python bench/bench_ane_host.py --preset stories110m --examples
     python bench/bench_ane_host.py --lora                   # also: LoRA microsteps (R 8, all
                                                             # seven targets, all layers)
+    python bench/bench_ane_host.py --preset stories110m --trace step.json
+                                                            # also: a timeline of a microstep
+                                                            # and its update (docs/tracing.md)
 """
 import argparse
 import os
@@ -35,7 +38,8 @@ from anecy import backends
 from anecy._ops import f16_to_f32, f32_to_f16
 from anecy._packed import METHODS, AneKernels, clear_compiled_programs, kept_fp16
 from anecy._testing import NullAneKernel, kernel_io
-from anecy.config import ModelConfig
+from anecy.config import ModelConfig, TrainConfig
+from anecy.optimizer import Optimizer
 
 ROWS = ("io", "dispatch", "cpu work", "dW wait", "total")
 
@@ -139,7 +143,19 @@ def time_steps(model, data, warmup):
     return rows
 
 
-def bench(cfg, steps, warmup, examples=False, lora=False):
+def record_microstep(model, data, path):
+    """A timeline of one microstep and the optimizer update after it (AdamW, restaging the
+    weights), written to path as a Chrome trace."""
+    opt = Optimizer(model, TrainConfig(), "ane")
+    x, y, layout = data[0]
+    model.zero_grad()
+    with model.trace(path, microsteps=1) as rec:
+        model.forward_backward(x, y, opt.scale.value, **layout)
+        opt.update(1, 1)
+    return rec
+
+
+def bench(cfg, steps, warmup, examples=False, lora=False, trace=None):
     data = batches(cfg, steps + warmup, examples=examples)
     cpu = anecy.Model(cfg, backend="cpu", seed=0, adapters=lora_adapters(cfg) if lora else None)
     cpu_ms = statistics.median(w for w, _ in time_steps(cpu, data, warmup))
@@ -171,6 +187,8 @@ def bench(cfg, steps, warmup, examples=False, lora=False):
     res["converted"] = (n_in + n_out) / 1e6
     res["useful"] = useful_positions(data[0][2], cfg.seq_len)
     passed = kernels.passed_through > 0 and kernels.held_calls > 0
+    if trace:
+        res["overlap"] = record_microstep(ane, data, trace).overlap()
     return res, cpu_ms, statistics.median(stage), calls_per_step, passed
 
 
@@ -187,6 +205,9 @@ def main():
     ap.add_argument("--lora", action="store_true",
                     help="also time LoRA microsteps (R 8, all seven targets, all layers: "
                          "merged weights staged) beside full training's")
+    ap.add_argument("--trace", metavar="PATH",
+                    help="also record one microstep and its update (of the first preset, full "
+                         "training) and write its timeline to PATH as a Chrome trace")
     args = ap.parse_args()
     if args.quick:
         presets, args.steps, args.warmup = ["tiny"], 3, 1
@@ -198,7 +219,11 @@ def main():
     for name, lora in [(p, lo) for p in presets for lo in ((False, True) if args.lora
                                                             else (False,))]:
         cfg = ModelConfig.preset(name)
-        res, cpu_ms, stage_ms, calls, passed = bench(cfg, args.steps, args.warmup, lora=lora)
+        trace = None if lora else args.trace
+        res, cpu_ms, stage_ms, calls, passed = bench(cfg, args.steps, args.warmup, lora=lora,
+                                                     trace=trace)
+        if trace:
+            args.trace = None        # one timeline: the first preset's, full training
         kind = "LoRA R 8, all targets (merged weights)" if lora else "full training"
         print(f"\n{name}, {kind}: {calls} kernel calls per microstep, seq_len {cfg.seq_len}, "
               f"fp16 pass-through {'on' if passed else 'OFF'}")
@@ -216,6 +241,10 @@ def main():
         print(f"  {'cpu backend fwd+bwd':<24}{cpu_ms:>14.1f}")
         print(f"  {'null ane / cpu':<24}{res['total'] / cpu_ms:>14.2f}")
         print(f"  {'weight staging/update':<24}{stage_ms:>14.1f}")
+        if trace:
+            print(f"  timeline of a microstep and its update: {trace}")
+            for k, v in res["overlap"].items():
+                print(f"    {k:<28}{v:>10.1f}")
         if args.examples and not lora:
             ex, ex_cpu_ms, _, _, _ = bench(cfg, args.steps, args.warmup, examples=True)
             print(f"  one example a window ({ex['useful']} of {cfg.seq_len} positions useful):")

@@ -11,6 +11,7 @@ timed native code (Python).
     python bench/bench_step.py --preset qwen3-0.6b --steps 3
     python bench/bench_step.py --compact             # adds a vocab-compaction run (separate)
     python bench/bench_step.py --quick               # tiny config, a smoke run (CI)
+    python bench/bench_step.py --trace step.json     # adds the cost of recording a timeline
 """
 import argparse
 import json
@@ -29,6 +30,7 @@ from anecy._testing import py_sgemm
 from anecy.config import ModelConfig, step_flops
 from anecy.corpus import builtin_tokens
 from anecy.data import TokenSampler
+from anecy.timeline import Recording
 from anecy.trainer import TrainConfig, Trainer
 
 
@@ -159,6 +161,29 @@ def side_child(side, preset, steps, warmup):
     return {"times": times, "records": records, "rss_gb": own_peak_rss_bytes() / 2 ** 30}
 
 
+def trace_overhead(cfg, tokens, wins, warmup, path):
+    """Recording's cost: one anecy side runs each window twice, once recording its
+    timeline and once not (in alternating order), after warm-up. Returns the medians (ms)
+    with and without recording and the median of the pairs' ratios; writes the trace of
+    the recorded microsteps to path."""
+    side = AnecySide(cfg, tokens, compact=False)
+    rec = Recording(side.trainer.model, microsteps=len(wins))
+    on, off = [], []
+    for i, (x, y) in enumerate(wins):
+        pair = {}
+        for traced in ((True, False) if i % 2 else (False, True)):
+            if traced:
+                rec.start()
+            pair[traced] = side.step(x, y)[1]
+            rec.stop()
+        if i >= warmup:
+            on.append(pair[True])
+            off.append(pair[False])
+    rec.write(path)
+    return (statistics.median(on), statistics.median(off),
+            statistics.median(a / b for a, b in zip(on, off)))
+
+
 def fits_together(cfg):
     """Whether both sides' training state (weights, grads, two moments each) fits in half
     of this machine's memory."""
@@ -186,6 +211,10 @@ def main():
     ap.add_argument("--quick", action="store_true", help="tiny config, 3 steps: a smoke run")
     ap.add_argument("--no-rss", action="store_true", help="skip the peak-RSS processes")
     ap.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    ap.add_argument("--trace", metavar="PATH",
+                    help="also time anecy recording its timeline against not (each window "
+                         "run both ways, alternating) and write the recorded microsteps' "
+                         "Chrome trace to PATH")
     args = ap.parse_args()
     preset = "quick" if args.quick else args.preset
     if args.quick:
@@ -256,6 +285,15 @@ def main():
         result["compact"] = {"ms": ms, "active_vocab": active, "gflops": cflops / (ms * 1e6)}
         print(f"\nwith vocab compaction ({cfg.vocab_size} -> {active} tokens; not comparable "
               f"to the ratio above): {ms:.1f} ms/step, {cflops / (ms * 1e6):.1f} GFLOP/s")
+    if args.trace:
+        if tokens is None:
+            tokens, wins = windows(cfg, args.warmup + args.steps)
+        on, off, ratio = trace_overhead(cfg, tokens, wins, args.warmup, args.trace)
+        result["trace"] = {"ms_on": on, "ms_off": off, "median_ratio": ratio}
+        print(f"\nrecording the timeline (each window with and without, alternating; load "
+              f"average {os.getloadavg()[0]:.1f}): {on:.1f} vs {off:.1f} ms/step; median ratio "
+              f"of the {args.steps} pairs {ratio:.4f} ({100 * (ratio - 1):+.2f}%); trace of "
+              f"those microsteps: {args.trace}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

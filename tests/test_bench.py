@@ -1,4 +1,5 @@
 """The benchmarks run and print their figures (quick mode; no timing is asserted)."""
+import json
 import os
 import subprocess
 import sys
@@ -18,11 +19,17 @@ def run(*args):
 
 
 def test_step_benchmark_quick(tmp_path):
-    out = run("bench/bench_step.py", "--quick", "--compact", "--json", str(tmp_path / "b.json"))
+    out = run("bench/bench_step.py", "--quick", "--compact", "--json", str(tmp_path / "b.json"),
+              "--trace", str(tmp_path / "t.json"))
     for text in ("sgemm peak", "median ms/step", "GFLOP/s", "% of peak", "peak RSS",
                  "anecy / PyTorch ms/step", "anecy breakdown", "(Python)",
-                 "with vocab compaction"):
+                 "with vocab compaction", "recording the timeline", "median ratio"):
         assert text in out, text
+    figures = json.loads((tmp_path / "b.json").read_text())["trace"]
+    assert figures["median_ratio"] > 0 and figures["ms_on"] > 0 and figures["ms_off"] > 0
+    events = json.loads((tmp_path / "t.json").read_text())["traceEvents"]
+    # the recorded microsteps only: the quick run times 3 (after 1 of warm-up)
+    assert len([e for e in events if e.get("name") == "forward"]) == 4
     lines = {line.split()[0]: line.split() for line in out.splitlines()
              if line.strip().endswith("GiB")}
     for side in ("anecy", "pytorch"):
@@ -36,8 +43,8 @@ def test_fp16_benchmark_quick():
     assert "GB/s" in out and "numpy" in out
 
 
-def test_ane_host_benchmark_quick():
-    out = run("bench/bench_ane_host.py", "--quick")
+def test_ane_host_benchmark_quick(tmp_path):
+    out = run("bench/bench_ane_host.py", "--quick", "--trace", str(tmp_path / "ane.json"))
     assert "no-op" in out and "fp16 pass-through on" in out and "io floor" in out
     assert "io by kernel" in out and "sdpaBwd2" in out
     rows = {}
@@ -53,6 +60,15 @@ def test_ane_host_benchmark_quick():
         assert row in rows, row
         assert rows[row] >= 0
     assert rows["io"] > 0 and rows["total"] > 0 and rows["cpu backend fwd+bwd"] > 0
+    # a timeline of a null-device microstep and its update
+    assert "timeline of a microstep and its update" in out
+    assert rows["dW jobs"] > 0 and rows["waiting for dW"] >= 0
+    events = json.loads((tmp_path / "ane.json").read_text())["traceEvents"]
+    names = [e["name"] for e in events if e["ph"] == "X"]
+    for name in ("forward", "backward", "sdpaFwd", "pack", "execute", "unpack",
+                 "copy held q, k, v", "wait for dW", "gradient norm", "AdamW", "stage weights"):
+        assert name in names, name
+    assert any(e["ph"] == "X" and e["tid"] == 1 and e["name"].startswith("dW ") for e in events)
 
 
 def test_lora_benchmark_quick():

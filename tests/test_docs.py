@@ -217,6 +217,7 @@ DOC_FLAGS = {
     "ane.md": ("selftest", "bench", "train"),
     "reliability.md": ("train",),
     "python-api.md": (),
+    "tracing.md": ("train", "bench/bench_step.py", "bench/bench_ane_host.py"),
     "lora.md": ("train", "sample", "export"),
     "chat.md": ("prepare", "chat", "train", "sample"),
     "gguf.md": ("export", "eval", "prepare"),

@@ -105,6 +105,13 @@ def add_arguments(p, family=None):
                    help="under mpirun: seconds a rank waits for the others at each exchange "
                         "before it stops the run, naming the ranks that did not come "
                         f"(default {DEFAULT_TIMEOUT:g}; see docs/distributed.md)")
+    p.add_argument("--trace", metavar="FILE",
+                   help="record a timeline of some microsteps (every kernel call, copy, dW "
+                        "job and wait, per thread) and write it to FILE as a Chrome trace for "
+                        "Perfetto or chrome://tracing (docs/tracing.md)")
+    p.add_argument("--trace-steps", type=_step_range, metavar="STEPS",
+                   help="the microsteps of this run --trace records, counted from 1: A-B, or "
+                        "one number (default 2-4: after the first, which warms up)")
     add_lora_arguments(p)
 
 
@@ -220,6 +227,19 @@ def _loss_scale(text):
         raise argparse.ArgumentTypeError(f"expected a number or auto, got {text!r}") from None
 
 
+def _step_range(text):
+    """--trace-steps: A-B (1 <= A <= B) or A, as (A, B)."""
+    first, _, last = text.partition("-")
+    try:
+        a, b = int(first), int(last or first)
+    except ValueError:
+        a = b = 0
+    if not 1 <= a <= b:
+        raise argparse.ArgumentTypeError(f"expected microsteps A-B with 1 <= A <= B, or one "
+                                         f"microstep, got {text!r}")
+    return a, b
+
+
 def _tracker_names(text):
     """--report-to: tracker names, comma-separated, or none."""
     from ..trackers import parse_names
@@ -306,6 +326,17 @@ def _check_outputs(tc: TrainConfig) -> None:
                              "file")
 
 
+def _check_trace(path, tc: TrainConfig) -> None:
+    """--trace FILE, vetted before any work: writable, and none of the run's other files."""
+    from ..fileio import check_writable, same_file
+    others = [tc.ckpt_path, tc.metrics_path]
+    check_writable(path, what="trace file", inputs=_inputs(tc) + others)
+    for other in others:
+        if other and (Path(path).resolve() == Path(other).resolve() or same_file(path, other)):
+            raise AnecyError(f"--trace {path} is also an output of the run ({other}); name "
+                             "another file")
+
+
 def _hold_outputs(tc: TrainConfig, stack) -> None:
     """Lock the checkpoint and the metrics file for the run's whole life (``runlock``):
     a second run on either is refused, naming this one's PID."""
@@ -356,6 +387,9 @@ def _run(args, group) -> int:
         raise AnecyError("--overwrite starts a new run over the checkpoint; it cannot be "
                          "combined with --resume")
     backends.resolve(args.backend)
+    if args.trace_steps and not args.trace:
+        raise AnecyError("--trace-steps says which microsteps --trace records; give --trace "
+                         "FILE too")
     lora_run = _check_lora_run(args, preset, ckpt)
     if args.tokenizer:   # a bad path fails now, not at the first sample
         from ..tokenizer import load
@@ -376,6 +410,8 @@ def _run(args, group) -> int:
     writes = group is None or group.rank == 0
     if writes:
         _check_outputs(tc)
+    if args.trace:
+        _check_trace(args.trace, tc)
     with ExitStack() as stack:
         if writes:
             _hold_outputs(tc, stack)
@@ -401,5 +437,10 @@ def _run(args, group) -> int:
             print("note: the built-in corpus is written in Llama-2 token ids; for a Qwen3 "
                   "model that means something, pass data pretokenized with Qwen3's tokenizer "
                   "(--data)")
-        summary = trainer.run(progress=not args.no_progress)
+        trace = None
+        if args.trace:
+            from ..timeline import TraceWindow
+            trace = TraceWindow(args.trace, *(args.trace_steps or (2, 4)),
+                                rank=None if group is None else group.rank)
+        summary = trainer.run(progress=not args.no_progress, trace=trace)
     return 130 if summary["interrupted"] else 0
