@@ -320,3 +320,16 @@ def test_a_stop_inside_an_accumulation_saves_the_ranks_summed_gradients(tmp_path
     train(mpirun, 0, "--resume", *flags, "--accum", "10", "--ckpt", str(ckpt), cwd=tmp_path)
     d = rel(weights(ckpt), weights(straight))
     assert d < 1e-6, (d, meta["pending"])
+
+
+def test_each_rank_writes_its_own_trace_with_the_all_reduce(tmp_path, mpirun):
+    """--trace under mpirun: one Chrome trace per rank (FILE.rankN.json), each holding the
+    gradients' all-reduce of the traced update as a slice on the main track."""
+    import json
+    train(mpirun, 2, "--steps", "8", "--accum", "2", "--trace", str(tmp_path / "t.json"),
+          "--trace-steps", "1-4", "--ckpt", str(tmp_path / "run.ckpt"), cwd=tmp_path)
+    assert not (tmp_path / "t.json").exists()
+    for rank in (0, 1):
+        events = json.loads((tmp_path / f"t.rank{rank}.json").read_text())["traceEvents"]
+        assert any(e.get("name") == "allreduce" and e.get("ph") == "X" for e in events), rank
+        assert {e["pid"] for e in events} == {rank}
