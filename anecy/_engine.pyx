@@ -1149,7 +1149,6 @@ cdef class Engine:
                 continue
             if self.kernels.merges_lora:
                 sgemm(1, 0, p.R, S, p.n_out, 1.0, p.B, p.R, dys[i], S, 0.0, p.v, S)
-                self.lap(EV_LORA_BWD, l)
                 job = dw_job(p.n_out, p.R, S, dys[i], False, p.u, p.dB)
                 job.alpha = p.scale
                 self._dw(job)

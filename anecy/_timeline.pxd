@@ -15,7 +15,7 @@ cdef enum:
     EV_SDPA_BWD2 = 13
     EV_Q_BWD = 14
     EV_KV_BWD = 15
-    EV_LORA_BWD = 16      # an adapter's backward products on the main thread (v = B^T dy, dx)
+    EV_LORA_BWD = 16      # cpu: the adapters of one input, backward inline (v, dB, dA, dx)
     EV_EMBEDDING = 17
     EV_DW_SUBMIT = 18     # a job queued on the worker (ref: its job number; addr: its gradient)
     EV_DW_INLINE = 19     # a weight-gradient sgemm run on the main thread (addr: its gradient)

@@ -21,7 +21,7 @@ _SECTION_NAMES = {"kernels": "kernels", "rms": "RMSNorm", "classifier": "classif
                   "elementwise": "elementwise", "dw_wait": "wait for dW", "dw": "dW inline"}
 EVENTS = ([(_SECTION_NAMES[t], t) for t in ENGINE_TIMERS]
           + [(k, "kernels") for k in KERNEL_NAMES]
-          + [("LoRA backward", "kernels"), ("embedding", "elementwise"),
+          + [("LoRA backward", "dw"), ("embedding", "elementwise"),
              ("submit dW", "submit"), ("dW", "dw"), ("dW", "dw"),
              ("pack", "io"), ("copy held q, k, v", "io"), ("execute", "kernels"),
              ("unpack", "io"), ("stage weights", "optimizer"), ("forward", "step"),

@@ -144,7 +144,8 @@ def test_trace_is_valid_and_its_categories_are_the_timings(tmp_path, monkeypatch
         assert traced.get(name, 0.0) == pytest.approx(expected, rel=0.01, abs=2e-3), name
     # one slice per kernel call, with its layer; the microsteps and counters
     calls = [s for s in slices(events, 0) if s["name"] in KERNEL_NAMES]
-    assert len(calls) == 3 * 10 * cfg.n_layers
+    # on a frozen base the lowest layer makes no input gradient: no qBwd, kvBwd there
+    assert len(calls) == 3 * (10 * cfg.n_layers - (2 if lora else 0))
     assert sorted({s["args"]["layer"] for s in calls}) == list(range(cfg.n_layers))
     assert len([s for s in slices(events, 0) if s["name"] == "microstep"]) == 3
     assert len([s for s in slices(events, 0) if s["name"] == "optimizer update"]) == 3
@@ -157,6 +158,14 @@ def test_trace_is_valid_and_its_categories_are_the_timings(tmp_path, monkeypatch
     assert {"RMSNorm", "classifier", "elementwise", "embedding", "forward", "backward",
             "gradient norm", "AdamW"} <= names
     dw = [s for s in slices(events) if s["cat"] == "dw" and "tensor" in s.get("args", {})]
+    if lora and backend == "cpu":
+        # the adapters' backward runs inline (rank-R loops, no dW jobs): one slice per
+        # adapted input and layer (q and v share one, down_proj has its own)
+        inline = [s for s in slices(events, 0) if s["name"] == "LoRA backward"]
+        assert not dw and inline and all(s["cat"] == "dw" for s in inline)
+        assert len(inline) == 3 * 2 * cfg.n_layers
+        assert {s["args"]["layer"] for s in inline} == set(range(cfg.n_layers))
+        return
     assert dw and all(s["tid"] == (1 if async_dw else 0) for s in dw)
     if lora:       # the base is frozen: only the adapters' jobs
         assert all(".lora_" in s["name"] for s in dw)
@@ -182,27 +191,29 @@ def test_dw_jobs_on_the_worker_overlap_kernel_calls_on_the_main_thread(tmp_path)
     m = Model(cfg, "cpu", seed=0, async_dw=True)
     x = tokens_for(cfg, cfg.seq_len, seed=1).astype(np.int32)
     m.forward_backward(x, x)
-    with m.trace(tmp_path / "a.json", microsteps=3) as rec:
-        for _ in range(3):
-            m.forward_backward(x, x)
-    events = load(tmp_path / "a.json")
-    check_valid(events)
-    jobs = [s for s in slices(events, 1) if s["cat"] == "dw"]
-    calls = [s for s in slices(events, 0) if s["name"] in KERNEL_NAMES]
-    assert len(jobs) == 3 * (7 * cfg.n_layers + 1)   # every weight's and the classifier's
-    overlapping = [(j, c) for j in jobs for c in calls
-                   if j["ts"] < c["ts"] + c["dur"] and c["ts"] < j["ts"] + j["dur"]]
-    assert overlapping, "no dW job ran while a kernel ran"
-    summary = rec.overlap()
-    during = sum(min(j["ts"] + j["dur"], c["ts"] + c["dur"]) - max(j["ts"], c["ts"])
-                 for j, c in overlapping) / 1e3
-    assert summary["dW jobs during kernel calls"] == pytest.approx(during, abs=1e-3)
-    assert summary["dW jobs"] == pytest.approx(sum(j["dur"] for j in jobs) / 1e3, abs=1e-3)
-    # each job's arrow starts at its submission on the main thread
-    submits = {s["args"]["job"]: s for s in slices(events, 0) if s["name"].startswith("submit")}
-    for j in jobs:
-        s = submits[j["args"]["job"]]
-        assert s["args"]["tensor"] == j["args"]["tensor"] and s["ts"] <= j["ts"] + 1e-3
+    # whether the scheduler lets the worker run beside the main thread's kernels is up to the
+    # machine's load: any one of a few recordings shows the overlap
+    for attempt in range(5):
+        path = tmp_path / f"a{attempt}.json"
+        with m.trace(path, microsteps=3) as rec:
+            for _ in range(3):
+                m.forward_backward(x, x)
+        events = load(path)
+        check_valid(events)
+        jobs = [s for s in slices(events, 1) if s["cat"] == "dw"]
+        calls = [s for s in slices(events, 0) if s["name"] in KERNEL_NAMES]
+        assert len(jobs) == 3 * (7 * cfg.n_layers + 1)   # every weight's and the classifier's
+        overlapping = [(j, c) for j in jobs for c in calls
+                       if j["ts"] < c["ts"] + c["dur"] and c["ts"] < j["ts"] + j["dur"]]
+        summary = rec.overlap()
+        during = sum(min(j["ts"] + j["dur"], c["ts"] + c["dur"]) - max(j["ts"], c["ts"])
+                     for j, c in overlapping) / 1e3
+        assert summary["dW jobs during kernel calls"] == pytest.approx(during, abs=1e-3)
+        assert summary["dW jobs"] == pytest.approx(sum(j["dur"] for j in jobs) / 1e3,
+                                                   abs=1e-3)
+        if overlapping:
+            break
+    assert overlapping, "no dW job ran while a kernel ran, in 5 recordings"
 
 
 @pytest.mark.parametrize("backend", ["cpu", "sim"])
