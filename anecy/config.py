@@ -12,6 +12,18 @@ from .trackers import NAMES as TRACKERS
 
 ROPE_STYLES = ("interleaved", "half")
 
+# The decoder (anecy.generate). The weights it decodes tokens from: fp32 (exact), or int8
+# copies in blocks of 32 with a scale each (llama.cpp's q8_0), a quarter of the bytes to read
+# per token (prompts always go through fp32). The threads it uses unless told: the cores this
+# process may run on, at most MAX_DECODE_THREADS (a token's products are bound by memory
+# bandwidth, which a few cores already fill).
+DECODE_DTYPES = ("f32", "q8")
+MAX_DECODE_THREADS = 8
+
+# Under mpirun (anecy.distributed): seconds a rank waits for the others at an exchange before
+# it stops the run, naming the ranks that did not come (--mpi-timeout).
+MPI_TIMEOUT = 60.0
+
 
 @dataclass
 class ModelConfig:

@@ -36,10 +36,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .config import MPI_TIMEOUT
 from .errors import AnecyError, ConfigError
 
 BUCKET_BYTES = 32 << 20        # gradient bytes per all-reduce call (mlx-lm's and DDP's ~32 MB)
-DEFAULT_TIMEOUT = 60.0         # seconds a rank waits for the others at a collective
 SAVE_ALLOWANCE = 10            # a rank announced as saving a checkpoint gets this many timeouts
 SIGNAL_GRACE = 0.5             # seconds a collective may still take once a stop signal came
 HEARTBEAT = 0.1                # seconds between the notices of a rank waiting at a collective
@@ -108,7 +108,7 @@ class Group:
     None) is what a lost rank's message names.
     ``reduce_ms``/``reduce_bytes``/``reduces``: the gradient all-reduces' time and volume."""
 
-    def __init__(self, comm, timeout: float = DEFAULT_TIMEOUT, prog: str = "anecy"):
+    def __init__(self, comm, timeout: float = MPI_TIMEOUT, prog: str = "anecy"):
         from mpi4py import MPI
         self.MPI, self.comm = MPI, comm
         self.rank, self.size = comm.Get_rank(), comm.Get_size()
@@ -131,7 +131,7 @@ class Group:
         self.reduces = 0
 
     @classmethod
-    def from_environment(cls, timeout: float = DEFAULT_TIMEOUT, prog: str = "anecy"):
+    def from_environment(cls, timeout: float = MPI_TIMEOUT, prog: str = "anecy"):
         """The Group of an MPI launch of several processes, else None (a single process)."""
         n = launched_size()
         if n <= 1:

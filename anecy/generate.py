@@ -21,26 +21,17 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._decode import DecodeCore
+from .config import DECODE_DTYPES, MAX_DECODE_THREADS
 from .data import first_bad_id
 from .errors import AnecyError, ConfigError
 from .model import Model
 
-# Threads a Decoder uses unless told: the cores this process may run on, at most this many
-# (a token's products are bound by memory bandwidth, which a few cores already fill).
-MAX_DEFAULT_THREADS = 8
-
-
-# Weights a Decoder decodes tokens from: fp32 (exact), or int8 copies in blocks of 32 with
-# a scale each (llama.cpp's q8_0), a quarter of the bytes to read per token. Prompts always
-# go through the fp32 weights.
-DTYPES = ("f32", "q8")
-
 
 def default_threads() -> int:
-    """The cores this process may run on (at most MAX_DEFAULT_THREADS)."""
+    """The cores this process may run on (at most MAX_DECODE_THREADS)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") \
         else os.cpu_count() or 1
-    return max(1, min(cores, MAX_DEFAULT_THREADS))
+    return max(1, min(cores, MAX_DECODE_THREADS))
 
 
 @dataclass
@@ -64,7 +55,7 @@ class SamplingConfig:
 class Decoder:
     """A Model's weights ready for decoding, with a KV cache of ``max_len`` positions
     (default: the model's seq_len, its context length), decoding on ``threads`` threads
-    (default: default_threads()) from the weights in ``dtype`` (one of DTYPES).
+    (default: default_threads()) from the weights in ``dtype`` (one of DECODE_DTYPES).
 
     A Model trained with vocabulary compaction (``model.active_ids`` set) only ever learnt
     to score the tokens of its data: the other tokens' logits are -inf."""
@@ -83,8 +74,8 @@ class Decoder:
                 or self.threads < 1:
             raise ConfigError(f"threads must be a positive integer, got {threads!r}")
         self.threads = int(self.threads)
-        if dtype not in DTYPES:
-            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+        if dtype not in DECODE_DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DECODE_DTYPES)}, got {dtype!r}")
         self.dtype = dtype
         cls = "model.embed_tokens.weight" if cfg.tie_embeddings else "lm_head.weight"
         classifier = model.views[cls]

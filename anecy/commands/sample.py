@@ -71,11 +71,11 @@ def add_sampling_arguments(p):
 
 def add_decoder_arguments(p):
     """--threads and --dtype: the decoder's (anecy sample's and anecy chat's)."""
-    from ..generate import DTYPES, MAX_DEFAULT_THREADS
+    from ..config import DECODE_DTYPES, MAX_DECODE_THREADS
     p.add_argument("--threads", type=positive_int, metavar="N",
                    help="threads decoding each token (default: the cores, at most "
-                        f"{MAX_DEFAULT_THREADS}); the text does not depend on it")
-    p.add_argument("--dtype", choices=DTYPES, default="f32",
+                        f"{MAX_DECODE_THREADS}); the text does not depend on it")
+    p.add_argument("--dtype", choices=DECODE_DTYPES, default="f32",
                    help="weights the tokens decode from: f32 (default, exact) or q8 (int8 "
                         "blocks of 32 with a scale each, as llama.cpp's q8_0: faster, "
                         "approximate)")

@@ -6,8 +6,7 @@ import sys
 from pathlib import Path
 
 from .. import backends
-from ..config import PRESETS, ModelConfig, TrainConfig
-from ..distributed import DEFAULT_TIMEOUT
+from ..config import MPI_TIMEOUT, PRESETS, ModelConfig, TrainConfig
 from ..errors import AnecyError
 from ._args import non_negative_int, number, positive_int
 
@@ -104,7 +103,7 @@ def add_arguments(p, family=None):
     p.add_argument("--mpi-timeout", type=_seconds, metavar="S",
                    help="under mpirun: seconds a rank waits for the others at each exchange "
                         "before it stops the run, naming the ranks that did not come "
-                        f"(default {DEFAULT_TIMEOUT:g}; see docs/distributed.md)")
+                        f"(default {MPI_TIMEOUT:g}; see docs/distributed.md)")
     p.add_argument("--trace", metavar="FILE",
                    help="record a timeline of some microsteps (every kernel call, copy, dW "
                         "job and wait, per thread) and write it to FILE as a Chrome trace for "
@@ -355,7 +354,7 @@ def _hold_outputs(tc: TrainConfig, stack) -> None:
 
 def run(args) -> int:
     from ..distributed import Group
-    group = Group.from_environment(args.mpi_timeout or DEFAULT_TIMEOUT,
+    group = Group.from_environment(args.mpi_timeout or MPI_TIMEOUT,
                                    prog=getattr(args, "_prog", None) or "anecy train")
     try:
         return _run(args, group)
