@@ -121,7 +121,6 @@ cdef class Kernels:
     cdef Dims d
     cdef LayerParams* layers
     cdef LoraSite* lora             # [L * N_SITES] or NULL (no adapters), set by the Engine
-    cdef float* lora_rows           # [2S] scratch of the low-rank path (with adapters)
     cdef const float* rope_cos     # [hd/2, S]: the step's (positions 0..S-1, or the Engine's
     cdef const float* rope_sin     # table gathered at the step's position ids)
     cdef const int* key_start      # [S] first key each query attends, or NULL (causal from 0)

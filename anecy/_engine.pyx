@@ -31,14 +31,14 @@ cdef extern from "_lowrank.h" nogil:
     uint32_t anecy_drop_hash(uint32_t x)
     const char* anecy_lowrank_path()
     void anecy_lora_down(const float* A, int R, int n_in, const float* x, int S, float* u,
-                         float* row, uint32_t key, uint32_t threshold, float keep_scale)
+                         uint32_t key, uint32_t threshold, float keep_scale)
     void anecy_lora_up(const float* B, int R, int n_out, const float* u, int S, float c,
                        float* y)
     void anecy_lora_back_out(const float* B, int R, int n_out, const float* dy, const float* u,
                              int S, float c, float* v, float* dB)
     void anecy_lora_back_in(int m, const float** A, const int* R, int n_in, const float* x,
                             const float** v, int S, float c, float** dA, float* dx,
-                            float* rows, const uint32_t* key, uint32_t threshold,
+                            float* row, const uint32_t* key, uint32_t threshold,
                             float keep_scale)
 
 # which loops the adapters' rank-R products run ("avx2+fma" or "portable")
@@ -112,7 +112,6 @@ cdef class Kernels:
         self.d = engine.d
         self.layers = engine.weights
         self.lora = engine.lora
-        self.lora_rows = engine.lora_rows
         self.rope_cos = _ptr(engine.rope_cos)
         self.rope_sin = _ptr(engine.rope_sin)
         self.key_start = NULL
@@ -130,7 +129,7 @@ cdef class Kernels:
         if p.A == NULL:
             return
         cdef int S = self.d.S
-        anecy_lora_down(p.A, p.R, p.n_in, x, S, p.u, self.lora_rows, p.drop_key,
+        anecy_lora_down(p.A, p.R, p.n_in, x, S, p.u, p.drop_key,
                         p.drop_threshold, p.keep_scale)
         anecy_lora_up(p.B, p.R, p.n_out, p.u, S, alpha * p.scale, y)
 
@@ -391,7 +390,7 @@ cdef class Engine:
     cdef LayerParams* grads          # all NULL when the base is frozen (LoRA)
     cdef LayerActs* acts
     cdef LoraSite* lora              # [L * N_SITES] or NULL: the adapters (see LoraSite)
-    cdef float* lora_rows            # [2S] scratch of the adapters' products (with adapters)
+    cdef float* lora_rows            # [S] a dropped row of x for the adapters' backward
     cdef uint32_t drop_threshold     # the adapters' dropout (set_lora_dropout): 0 for none
     cdef float keep_scale            # 1 / (1 - p)
     cdef readonly double lora_dropout    # p
@@ -548,7 +547,7 @@ cdef class Engine:
                   (<uintptr_t>&self.xf_scored, D * S), (<uintptr_t>&self.dxf_scored, D * S)]
         cdef LoraSite* p
         if self.lora != NULL:        # per adapted site: u = A x and v = B^T dy, [R, S] each
-            table.append((<uintptr_t>&self.lora_rows, 2 * S))
+            table.append((<uintptr_t>&self.lora_rows, S))
             for i in range(d.L * N_SITES):
                 p = &self.lora[i]
                 table += [(<uintptr_t>&p.u, p.R * S), (<uintptr_t>&p.v, p.R * S)]

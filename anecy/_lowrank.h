@@ -2,9 +2,10 @@
  *
  * With R (8, 16) rows on one side these products are thin: through BLAS each call was
  * threaded, and the threads' start and stop cost more than the arithmetic (a [2048, 8] x
- * [8, 256] product took 29 ms on two loaded cores, 0.8 ms on one). Here they are plain
- * loops over the S positions, one pass over the wide operand each, vectorised by the
- * compiler (AVX2 + FMA when the CPU has them, chosen once at run time). Every output
+ * [8, 256] product took 29 ms on two loaded cores, 0.8 ms on one). Here they are loops
+ * written for it: up to 8 rows of the rank side stay in registers while one pass streams
+ * the wide operand 8 positions at a time (_lowrank_impl.h), compiled for AVX2 + FMA when
+ * the CPU has them (chosen once at run time) and for the baseline otherwise. Every output
  * element is computed in one fixed order, so results repeat exactly.
  *
  * All activations are channel-first [C, S] row-major; A is [R, n_in], B [n_out, R].
@@ -30,6 +31,18 @@ static inline uint32_t anecy_drop_hash(uint32_t x)
     x ^= x >> 16;
     return x;
 }
+
+/* 8 floats (two SSE or NEON registers, one AVX register), the lanes of every loop below;
+ * casts between these vector types reinterpret the bits */
+typedef float lr_v8 __attribute__((vector_size(32)));
+typedef uint32_t lr_v8i __attribute__((vector_size(32)));
+typedef int32_t lr_v8m __attribute__((vector_size(32)));
+/* the same, at any float's address and aliasing float arrays: for loads and stores */
+typedef float lr_v8u __attribute__((vector_size(32), aligned(4), may_alias));
+#define lr_load(p) (*(const lr_v8u *)(p))
+#define lr_store(p, v) (*(lr_v8u *)(p) = (v))
+/* rows of the rank side held in registers at once */
+#define LR_RB 8
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define ANECY_LOWRANK_X86 1
@@ -64,6 +77,17 @@ static inline int anecy_lowrank_avx2(void)
     return c;
 }
 
+/* which loops run from now on: 1 AVX2 + FMA (where the CPU has them), 0 the portable
+ * ones, -1 as the CPU decides (for tests of both on one machine) */
+static inline void anecy_lowrank_choose(int avx2)
+{
+    anecy_lowrank_choice = -1;
+    if (avx2 != 0 && anecy_lowrank_avx2() == 0)
+        return;
+    if (avx2 >= 0)
+        anecy_lowrank_choice = avx2 ? 1 : 0;
+}
+
 static inline const char *anecy_lowrank_path(void)
 {
     return anecy_lowrank_avx2() ? "avx2+fma" : "portable";
@@ -76,12 +100,12 @@ static inline const char *anecy_lowrank_path(void)
 #define LR_DISPATCH(name, ...) name##_base(__VA_ARGS__)
 #endif
 
-/* u[R, S] = A drop(x)   (row: S floats of scratch, used with dropout) */
+/* u[R, S] = A drop(x) */
 static inline void anecy_lora_down(const float *A, int R, int n_in, const float *x, int S,
-                                   float *u, float *row, uint32_t key, uint32_t threshold,
+                                   float *u, uint32_t key, uint32_t threshold,
                                    float keep_scale)
 {
-    LR_DISPATCH(anecy_lr_down, A, R, n_in, x, S, u, row, key, threshold, keep_scale);
+    LR_DISPATCH(anecy_lr_down, A, R, n_in, x, S, u, key, threshold, keep_scale);
 }
 
 /* y[n_out, S] += c * B u */
@@ -100,14 +124,14 @@ static inline void anecy_lora_back_out(const float *B, int R, int n_out, const f
 
 /* For each of m sites j reading one x: dA_j[R_j, n_in] += c * v_j drop_j(x)^T and
  * dx[n_in, S] += c * mask_j * keep_scale * (A_j^T v_j), sites in order (dx NULL: skipped);
- * one pass over x and dx for all m.   rows: 2 S floats of scratch */
+ * one pass over x and dx for all m.   row: S floats of scratch (used with dropout) */
 static inline void anecy_lora_back_in(int m, const float *const *A, const int *R, int n_in,
                                       const float *x, const float *const *v, int S, float c,
-                                      float *const *dA, float *dx, float *rows,
+                                      float *const *dA, float *dx, float *row,
                                       const uint32_t *key, uint32_t threshold,
                                       float keep_scale)
 {
-    LR_DISPATCH(anecy_lr_back_in, m, A, R, n_in, x, v, S, c, dA, dx, rows, key, threshold,
+    LR_DISPATCH(anecy_lr_back_in, m, A, R, n_in, x, v, S, c, dA, dx, row, key, threshold,
                 keep_scale);
 }
 

@@ -1,52 +1,119 @@
 /* The loops of _lowrank.h, compiled once per target: included with LR_ATTR (the target
- * attribute) and LR_NAME (the name suffix) defined. Not a header of its own. */
+ * attribute) and LR_NAME (the name suffix) defined. Not a header of its own.
+ *
+ * Every product is register-blocked the same way: up to LR_RB rows of the rank side are
+ * held as lr_v8 accumulators (or broadcast coefficients) while one pass streams the wide
+ * operand a vector of 8 positions at a time, so each load of the wide operand feeds up to
+ * LR_RB fused multiply-adds. The accumulators are scalar-replaced into registers once the
+ * row loops are unrolled, which they are for a block of LR_RB; a smaller last block runs
+ * the same code with a run-time count. Positions past the last multiple of 8 run the same
+ * sums one position at a time. */
 
-/* out[s] = x[s] * keep_scale where element idx0 + s is kept, else 0 */
-LR_ATTR static void LR_NAME(anecy_lr_dropped)(const float *restrict x, float *restrict out,
-                                              int S, uint32_t idx0, uint32_t key,
-                                              uint32_t threshold, float keep_scale)
+/* x = drop(x) for element indices idx0 .. idx0+7 (threshold 0: x unchanged). Vectors go
+ * by pointer here: by value, the baseline build would pass 32 bytes without AVX, whose ABI
+ * GCC warns of even when the call is inlined. */
+LR_ATTR static inline __attribute__((always_inline)) void
+LR_NAME(anecy_lr_drop8)(lr_v8 *x, uint32_t idx0, uint32_t key, uint32_t threshold,
+                        float keep_scale)
 {
-    for (int s = 0; s < S; s++)
-        out[s] = anecy_drop_hash((idx0 + (uint32_t)s) ^ key) >= threshold ? x[s] * keep_scale
-                                                                          : 0.0f;
+    if (!threshold)
+        return;
+    const lr_v8i lane = {0, 1, 2, 3, 4, 5, 6, 7};
+    lr_v8i h = (lr_v8i){idx0, idx0, idx0, idx0, idx0, idx0, idx0, idx0} + lane;
+    h ^= key;
+    h ^= h >> 16;
+    h *= 0x7feb352dU;
+    h ^= h >> 15;
+    h *= 0x846ca68bU;
+    h ^= h >> 16;
+    const lr_v8m kept = (lr_v8m)(h >= threshold);
+    *x = (lr_v8)((lr_v8m)(*x * keep_scale) & kept);
 }
 
-/* sum a[i] b[i] in 16 lanes, then the lanes in order: one fixed summation order */
-LR_ATTR static float LR_NAME(anecy_lr_dot)(const float *restrict a, const float *restrict b,
-                                           int n)
+static inline float LR_NAME(anecy_lr_drop1)(float x, uint32_t idx, uint32_t key,
+                                            uint32_t threshold, float keep_scale)
 {
-    float lane[16] = {0};
-    float t = 0.0f;
-    int i = 0;
-    for (; i + 16 <= n; i += 16)
-        for (int j = 0; j < 16; j++)
-            lane[j] += a[i + j] * b[i + j];
-    for (int j = 0; j < 16; j++)
-        t += lane[j];
-    for (; i < n; i++)
-        t += a[i] * b[i];
-    return t;
+    if (!threshold)
+        return x;
+    return anecy_drop_hash(idx ^ key) >= threshold ? x * keep_scale : 0.0f;
+}
+
+/* the lanes of v summed in one fixed order */
+LR_ATTR static inline __attribute__((always_inline)) float
+LR_NAME(anecy_lr_hsum)(const lr_v8 *v)
+{
+    return (((*v)[0] + (*v)[1]) + ((*v)[2] + (*v)[3])) +
+           (((*v)[4] + (*v)[5]) + ((*v)[6] + (*v)[7]));
+}
+
+/* u[rb, S] = A[rb, n_in] drop(x)   (A's rows lda apart) */
+LR_ATTR static inline __attribute__((always_inline)) void
+LR_NAME(anecy_lr_down_block)(const float *restrict A, int lda, int rb, int n_in,
+                             const float *restrict x, int S, float *restrict u, uint32_t key,
+                             uint32_t threshold, float keep_scale)
+{
+    int s0 = 0;
+    for (; s0 + 8 <= S; s0 += 8) {
+        lr_v8 acc[LR_RB] = {0};
+        for (int k = 0; k < n_in; k++) {
+            lr_v8 xv = lr_load(x + (size_t)k * S + s0);
+            LR_NAME(anecy_lr_drop8)(&xv, (uint32_t)k * (uint32_t)S + s0, key, threshold,
+                                    keep_scale);
+#pragma GCC unroll 8
+            for (int r = 0; r < rb; r++)
+                acc[r] += A[(size_t)r * lda + k] * xv;
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < rb; r++)
+            lr_store(u + (size_t)r * S + s0, acc[r]);
+    }
+    for (; s0 < S; s0++)
+        for (int r = 0; r < rb; r++) {
+            float t = 0.0f;
+            for (int k = 0; k < n_in; k++)
+                t += A[(size_t)r * lda + k] *
+                     LR_NAME(anecy_lr_drop1)(x[(size_t)k * S + s0],
+                                             (uint32_t)k * (uint32_t)S + s0, key, threshold,
+                                             keep_scale);
+            u[(size_t)r * S + s0] = t;
+        }
 }
 
 LR_ATTR static void LR_NAME(anecy_lr_down)(const float *restrict A, int R, int n_in,
                                            const float *restrict x, int S, float *restrict u,
-                                           float *restrict row, uint32_t key,
-                                           uint32_t threshold, float keep_scale)
+                                           uint32_t key, uint32_t threshold, float keep_scale)
 {
-    memset(u, 0, sizeof(float) * (size_t)R * S);
-    for (int k = 0; k < n_in; k++) {
-        const float *xk = x + (size_t)k * S;
-        if (threshold) {
-            LR_NAME(anecy_lr_dropped)(xk, row, S, (uint32_t)k * (uint32_t)S, key, threshold,
-                                      keep_scale);
-            xk = row;
+    int r0 = 0;
+    for (; r0 + LR_RB <= R; r0 += LR_RB)
+        LR_NAME(anecy_lr_down_block)(A + (size_t)r0 * n_in, n_in, LR_RB, n_in, x, S,
+                                     u + (size_t)r0 * S, key, threshold, keep_scale);
+    if (r0 < R)
+        LR_NAME(anecy_lr_down_block)(A + (size_t)r0 * n_in, n_in, R - r0, n_in, x, S,
+                                     u + (size_t)r0 * S, key, threshold, keep_scale);
+}
+
+/* y[n_out, S] += sum over r < rb of coef[o, r] u[r, S]; coef[o, r] = c * B[o * ldb + r] */
+LR_ATTR static inline __attribute__((always_inline)) void
+LR_NAME(anecy_lr_up_block)(const float *restrict B, int ldb, int rb, int n_out,
+                           const float *restrict u, int S, float c, float *restrict y)
+{
+    for (int o = 0; o < n_out; o++) {
+        float *restrict yo = y + (size_t)o * S;
+        float b[LR_RB] = {0};
+#pragma GCC unroll 8
+        for (int r = 0; r < rb; r++)
+            b[r] = c * B[(size_t)o * ldb + r];
+        int s0 = 0;
+        for (; s0 + 8 <= S; s0 += 8) {
+            lr_v8 acc = lr_load(yo + s0);
+#pragma GCC unroll 8
+            for (int r = 0; r < rb; r++)
+                acc += b[r] * lr_load(u + (size_t)r * S + s0);
+            lr_store(yo + s0, acc);
         }
-        for (int r = 0; r < R; r++) {
-            const float a = A[(size_t)r * n_in + k];
-            float *restrict ur = u + (size_t)r * S;
-            for (int s = 0; s < S; s++)
-                ur[s] += a * xk[s];
-        }
+        for (; s0 < S; s0++)
+            for (int r = 0; r < rb; r++)
+                yo[s0] += b[r] * u[(size_t)r * S + s0];
     }
 }
 
@@ -54,14 +121,67 @@ LR_ATTR static void LR_NAME(anecy_lr_up)(const float *restrict B, int R, int n_o
                                          const float *restrict u, int S, float c,
                                          float *restrict y)
 {
-    for (int o = 0; o < n_out; o++) {
-        float *restrict yo = y + (size_t)o * S;
-        for (int r = 0; r < R; r++) {
-            const float b = c * B[(size_t)o * R + r];
-            const float *restrict ur = u + (size_t)r * S;
-            for (int s = 0; s < S; s++)
-                yo[s] += b * ur[s];
+    int r0 = 0;
+    for (; r0 + LR_RB <= R; r0 += LR_RB)
+        LR_NAME(anecy_lr_up_block)(B + r0, R, LR_RB, n_out, u + (size_t)r0 * S, S, c, y);
+    if (r0 < R)
+        LR_NAME(anecy_lr_up_block)(B + r0, R, R - r0, n_out, u + (size_t)r0 * S, S, c, y);
+}
+
+/* out[r] = sum_s a[r, s] b[s] for r < rb (a's rows S apart), lanes then the tail */
+LR_ATTR static inline __attribute__((always_inline)) void
+LR_NAME(anecy_lr_dots)(const float *restrict a, int rb, const float *restrict b, int S,
+                       float *restrict out)
+{
+    lr_v8 acc[LR_RB] = {0};
+    int s0 = 0;
+    for (; s0 + 8 <= S; s0 += 8) {
+        const lr_v8 bv = lr_load(b + s0);
+#pragma GCC unroll 8
+        for (int r = 0; r < rb; r++)
+            acc[r] += lr_load(a + (size_t)r * S + s0) * bv;
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < rb; r++) {
+        float t = LR_NAME(anecy_lr_hsum)(&acc[r]);
+        for (int s = s0; s < S; s++)
+            t += a[(size_t)r * S + s] * b[s];
+        out[r] = t;
+    }
+}
+
+/* v[rb, S] = B[:, r0 .. r0+rb)^T dy;  dB[:, r0 .. r0+rb) += c * dy u^T */
+LR_ATTR static inline __attribute__((always_inline)) void
+LR_NAME(anecy_lr_back_out_block)(const float *restrict B, int ldb, int rb, int n_out,
+                                 const float *restrict dy, const float *restrict u, int S,
+                                 float c, float *restrict v, float *restrict dB)
+{
+    int s0 = 0;
+    for (; s0 + 8 <= S; s0 += 8) {
+        lr_v8 acc[LR_RB] = {0};
+        for (int o = 0; o < n_out; o++) {
+            const lr_v8 g = lr_load(dy + (size_t)o * S + s0);
+#pragma GCC unroll 8
+            for (int r = 0; r < rb; r++)
+                acc[r] += B[(size_t)o * ldb + r] * g;
         }
+#pragma GCC unroll 8
+        for (int r = 0; r < rb; r++)
+            lr_store(v + (size_t)r * S + s0, acc[r]);
+    }
+    for (; s0 < S; s0++)
+        for (int r = 0; r < rb; r++) {
+            float t = 0.0f;
+            for (int o = 0; o < n_out; o++)
+                t += B[(size_t)o * ldb + r] * dy[(size_t)o * S + s0];
+            v[(size_t)r * S + s0] = t;
+        }
+    float dot[LR_RB] = {0};
+    for (int o = 0; o < n_out; o++) {
+        LR_NAME(anecy_lr_dots)(u, rb, dy + (size_t)o * S, S, dot);
+#pragma GCC unroll 8
+        for (int r = 0; r < rb; r++)
+            dB[(size_t)o * ldb + r] += c * dot[r];
     }
 }
 
@@ -70,68 +190,99 @@ LR_ATTR static void LR_NAME(anecy_lr_back_out)(const float *restrict B, int R, i
                                                const float *restrict u, int S, float c,
                                                float *restrict v, float *restrict dB)
 {
-    memset(v, 0, sizeof(float) * (size_t)R * S);
-    for (int o = 0; o < n_out; o++) {
-        const float *restrict g = dy + (size_t)o * S;
-        for (int r = 0; r < R; r++) {
-            const float b = B[(size_t)o * R + r];
-            float *restrict vr = v + (size_t)r * S;
-            for (int s = 0; s < S; s++)
-                vr[s] += b * g[s];
-            dB[(size_t)o * R + r] += c * LR_NAME(anecy_lr_dot)(g, u + (size_t)r * S, S);
-        }
+    int r0 = 0;
+    for (; r0 + LR_RB <= R; r0 += LR_RB)
+        LR_NAME(anecy_lr_back_out_block)(B + r0, R, LR_RB, n_out, dy, u + (size_t)r0 * S, S,
+                                         c, v + (size_t)r0 * S, dB + r0);
+    if (r0 < R)
+        LR_NAME(anecy_lr_back_out_block)(B + r0, R, R - r0, n_out, dy, u + (size_t)r0 * S, S,
+                                         c, v + (size_t)r0 * S, dB + r0);
+}
+
+/* dx[k, S] += ck * mask * sum over r < rb of A[r, k] v[r, S], for one site's block of rows
+ * (ck = c * keep_scale; the mask is the site's dropout, none with threshold 0) */
+LR_ATTR static inline __attribute__((always_inline)) void
+LR_NAME(anecy_lr_dx_block)(const float *restrict A, int n_in, int rb, int k,
+                           const float *restrict v, int S, float ck, float *restrict dxk,
+                           uint32_t key, uint32_t threshold)
+{
+    float a[LR_RB] = {0};
+#pragma GCC unroll 8
+    for (int r = 0; r < rb; r++)
+        a[r] = A[(size_t)r * n_in + k];
+    const uint32_t idx0 = (uint32_t)k * (uint32_t)S;
+    int s0 = 0;
+    for (; s0 + 8 <= S; s0 += 8) {
+        lr_v8 t = (lr_v8){0};
+#pragma GCC unroll 8
+        for (int r = 0; r < rb; r++)
+            t += a[r] * lr_load(v + (size_t)r * S + s0);
+        /* the mask passes the gradient where the forward kept x (scaled by ck) */
+        LR_NAME(anecy_lr_drop8)(&t, idx0 + s0, key, threshold, 1.0f);
+        lr_store(dxk + s0, lr_load(dxk + s0) + ck * t);
+    }
+    for (; s0 < S; s0++) {
+        float t = 0.0f;
+        for (int r = 0; r < rb; r++)
+            t += a[r] * v[(size_t)r * S + s0];
+        dxk[s0] += ck * LR_NAME(anecy_lr_drop1)(t, idx0 + s0, key, threshold, 1.0f);
     }
 }
 
-/* the adapters of m sites that read one x (q, k, v; gate, up): one pass over x and dx */
+/* the adapters of m sites that read one x (q, k, v; gate, up): row k of x (dropped as each
+ * site's forward dropped it) meets every site's v for dA, then row k of dx gets every
+ * site's A^T v, blocks of LR_RB rows at a time, sites in order */
 LR_ATTR static void LR_NAME(anecy_lr_back_in)(int m, const float *const *A, const int *R,
                                               int n_in, const float *restrict x,
                                               const float *const *v, int S, float c,
                                               float *const *dA, float *restrict dx,
-                                              float *restrict rows, const uint32_t *key,
+                                              float *restrict row, const uint32_t *key,
                                               uint32_t threshold, float keep_scale)
 {
-    float *restrict dropped = rows, *restrict t = rows + S;
+    float dot[LR_RB] = {0};
     for (int k = 0; k < n_in; k++) {
         const float *xrow = x + (size_t)k * S;
         const uint32_t idx0 = (uint32_t)k * (uint32_t)S;
-        float *restrict dxk = dx == NULL ? NULL : dx + (size_t)k * S;
         for (int j = 0; j < m; j++) {
-            const float *restrict Aj = A[j];
-            const float *restrict vj = v[j];
-            float *restrict dAj = dA[j];
             const float *xk = xrow;
             if (threshold) {
-                LR_NAME(anecy_lr_dropped)(xrow, dropped, S, idx0, key[j], threshold,
-                                          keep_scale);
-                xk = dropped;
-            }
-            for (int r = 0; r < R[j]; r++)
-                dAj[(size_t)r * n_in + k] += c * LR_NAME(anecy_lr_dot)(vj + (size_t)r * S, xk,
-                                                                       S);
-            if (dxk == NULL)
-                continue;
-            if (!threshold) {
-                for (int r = 0; r < R[j]; r++) {
-                    const float a = c * Aj[(size_t)r * n_in + k];
-                    const float *restrict vr = vj + (size_t)r * S;
-                    for (int s = 0; s < S; s++)
-                        dxk[s] += a * vr[s];
+                int s0 = 0;
+                for (; s0 + 8 <= S; s0 += 8) {
+                    lr_v8 xv = lr_load(xrow + s0);
+                    LR_NAME(anecy_lr_drop8)(&xv, idx0 + s0, key[j], threshold, keep_scale);
+                    lr_store(row + s0, xv);
                 }
-                continue;
+                for (; s0 < S; s0++)
+                    row[s0] = LR_NAME(anecy_lr_drop1)(xrow[s0], idx0 + s0, key[j], threshold,
+                                                      keep_scale);
+                xk = row;
             }
-            /* through the dropout: t = A^T v at row k, passed where the mask kept x */
-            memset(t, 0, sizeof(float) * (size_t)S);
-            for (int r = 0; r < R[j]; r++) {
-                const float a = Aj[(size_t)r * n_in + k];
-                const float *restrict vr = vj + (size_t)r * S;
-                for (int s = 0; s < S; s++)
-                    t[s] += a * vr[s];
+            int r0 = 0;
+            for (; r0 + LR_RB <= R[j]; r0 += LR_RB) {
+                LR_NAME(anecy_lr_dots)(v[j] + (size_t)r0 * S, LR_RB, xk, S, dot);
+#pragma GCC unroll 8
+                for (int r = 0; r < LR_RB; r++)
+                    dA[j][(size_t)(r0 + r) * n_in + k] += c * dot[r];
             }
-            const float ck = c * keep_scale;
-            for (int s = 0; s < S; s++)
-                if (anecy_drop_hash((idx0 + (uint32_t)s) ^ key[j]) >= threshold)
-                    dxk[s] += ck * t[s];
+            if (r0 < R[j]) {
+                LR_NAME(anecy_lr_dots)(v[j] + (size_t)r0 * S, R[j] - r0, xk, S, dot);
+                for (int r = 0; r < R[j] - r0; r++)
+                    dA[j][(size_t)(r0 + r) * n_in + k] += c * dot[r];
+            }
+        }
+        if (dx == NULL)
+            continue;
+        float *restrict dxk = dx + (size_t)k * S;
+        for (int j = 0; j < m; j++) {
+            int r0 = 0;
+            for (; r0 + LR_RB <= R[j]; r0 += LR_RB)
+                LR_NAME(anecy_lr_dx_block)(A[j] + (size_t)r0 * n_in, n_in, LR_RB, k,
+                                           v[j] + (size_t)r0 * S, S, c * keep_scale, dxk,
+                                           key[j], threshold);
+            if (r0 < R[j])
+                LR_NAME(anecy_lr_dx_block)(A[j] + (size_t)r0 * n_in, n_in, R[j] - r0, k,
+                                           v[j] + (size_t)r0 * S, S, c * keep_scale, dxk,
+                                           key[j], threshold);
         }
     }
 }

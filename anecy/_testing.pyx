@@ -12,8 +12,9 @@
 - ``hold_gil_until_calls``: hold the GIL in a busy loop until a Kernels object has run a
   number of calls, to show which backends need the GIL to make progress.
 - ``py_*``: the numeric loops of ``anecy._ops`` on numpy arrays (shapes checked here, so
-  the loops never see a wrong one), and the Accelerate versions of RMSNorm and
-  softmax/CE (``_accel.h``) whatever the platform.
+  the loops never see a wrong one), the Accelerate versions of RMSNorm and
+  softmax/CE (``_accel.h``) whatever the platform, and the LoRA adapters' rank-R loops
+  (``_lowrank.h``) on either of their paths (``lowrank_choose``).
 """
 
 import re
@@ -22,7 +23,7 @@ import numpy as np
 
 from .kernel_layout import KERNEL_NAMES, KERNELS
 
-from libc.stdint cimport uint16_t
+from libc.stdint cimport uint16_t, uint32_t
 from libc.string cimport strncpy
 from posix.time cimport nanosleep, timespec
 
@@ -44,6 +45,20 @@ cdef extern from "_accel.h" nogil:
                                  float* scratch)
     double anecy_accel_softmax_xent(float* logits, const int* targets, int S, int V,
                                     float grad_scale)
+
+cdef extern from "_lowrank.h" nogil:
+    void anecy_lowrank_choose(int avx2)
+    const char* anecy_lowrank_path()
+    void anecy_lora_down(const float* A, int R, int n_in, const float* x, int S, float* u,
+                         uint32_t key, uint32_t threshold, float keep_scale)
+    void anecy_lora_up(const float* B, int R, int n_out, const float* u, int S, float c,
+                       float* y)
+    void anecy_lora_back_out(const float* B, int R, int n_out, const float* dy, const float* u,
+                             int S, float c, float* v, float* dB)
+    void anecy_lora_back_in(int m, const float** A, const int* R, int n_in, const float* x,
+                            const float** v, int S, float c, float** dA, float* dx,
+                            float* row, const uint32_t* key, uint32_t threshold,
+                            float keep_scale)
 
 cdef extern from "_mathx.h" nogil:
     float anecy_expf(float x)
@@ -597,3 +612,82 @@ def py_sumsq(const float[::1] x):
     if x.shape[0] == 0:
         return 0.0
     return sumsq(&x[0], x.shape[0])
+
+
+# -- the LoRA adapters' loops (_lowrank.h); dropout as (key, threshold, keep_scale) --------
+def lowrank_choose(int avx2):
+    """Run the loops below on AVX2 + FMA (1, where the CPU has them), the portable ones (0)
+    or as the CPU decides (-1); returns the path now chosen."""
+    anecy_lowrank_choose(avx2)
+    return anecy_lowrank_path().decode()
+
+
+def _lr_check(a, shape, what):
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError(f"{what} is {tuple(a.shape)}, expected {tuple(shape)}")
+
+
+def py_lora_down(const float[:, ::1] A, const float[:, ::1] x, uint32_t key=0,
+                 uint32_t threshold=0, float keep_scale=1.0):
+    """u[R, S] = A[R, n_in] drop(x[n_in, S])"""
+    cdef int R = A.shape[0], n_in = A.shape[1], S = x.shape[1]
+    _lr_check(x, (n_in, S), "x")
+    out = np.empty((R, S), np.float32)
+    cdef float[:, ::1] u = out
+    anecy_lora_down(&A[0, 0], R, n_in, &x[0, 0], S, &u[0, 0], key, threshold, keep_scale)
+    return out
+
+
+def py_lora_up(const float[:, ::1] B, const float[:, ::1] u, float c, float[:, ::1] y):
+    """y[n_out, S] += c * B[n_out, R] u[R, S], in place"""
+    cdef int n_out = B.shape[0], R = B.shape[1], S = u.shape[1]
+    _lr_check(u, (R, S), "u")
+    _lr_check(y, (n_out, S), "y")
+    anecy_lora_up(&B[0, 0], R, n_out, &u[0, 0], S, c, &y[0, 0])
+
+
+def py_lora_back_out(const float[:, ::1] B, const float[:, ::1] dy, const float[:, ::1] u,
+                     float c, float[:, ::1] dB):
+    """v[R, S] = B^T dy (returned); dB[n_out, R] += c dy u^T, in place"""
+    cdef int n_out = B.shape[0], R = B.shape[1], S = dy.shape[1]
+    _lr_check(dy, (n_out, S), "dy")
+    _lr_check(u, (R, S), "u")
+    _lr_check(dB, (n_out, R), "dB")
+    out = np.empty((R, S), np.float32)
+    cdef float[:, ::1] v = out
+    anecy_lora_back_out(&B[0, 0], R, n_out, &dy[0, 0], &u[0, 0], S, c, &v[0, 0], &dB[0, 0])
+    return out
+
+
+def py_lora_back_in(list A, const float[:, ::1] x, list v, float c, list dA, dx, list keys,
+                    uint32_t threshold=0, float keep_scale=1.0):
+    """For each site j (up to 3) reading x[n_in, S]: dA[j] += c v[j] drop_j(x)^T and, unless
+    dx is None, dx += c keep_scale mask_j (A[j]^T v[j]); in place"""
+    cdef int m = len(A), n_in = x.shape[0], S = x.shape[1], j
+    if not 1 <= m <= 3 or not len(v) == len(dA) == len(keys) == m:
+        raise ValueError("1 to 3 sites, each with A, v, dA and a key")
+    cdef const float* a_of[3]
+    cdef const float* v_of[3]
+    cdef float* da_of[3]
+    cdef int r_of[3]
+    cdef uint32_t key_of[3]
+    cdef const float[:, ::1] a_j
+    cdef const float[:, ::1] v_j
+    cdef float[:, ::1] da_j
+    for j in range(m):
+        a_j, v_j, da_j = A[j], v[j], dA[j]
+        _lr_check(a_j, (a_j.shape[0], n_in), "A")
+        _lr_check(v_j, (a_j.shape[0], S), "v")
+        _lr_check(da_j, (a_j.shape[0], n_in), "dA")
+        a_of[j], v_of[j], da_of[j] = &a_j[0, 0], &v_j[0, 0], &da_j[0, 0]
+        r_of[j], key_of[j] = a_j.shape[0], keys[j]
+    cdef float[:, ::1] dx_view
+    cdef float* dx_ptr = NULL
+    if dx is not None:
+        dx_view = dx
+        _lr_check(dx_view, (n_in, S), "dx")
+        dx_ptr = &dx_view[0, 0]
+    row = np.empty(S, np.float32)
+    cdef float[::1] row_view = row
+    anecy_lora_back_in(m, a_of, r_of, n_in, &x[0, 0], v_of, S, c, da_of, dx_ptr, &row_view[0],
+                       key_of, threshold, keep_scale)

@@ -1,4 +1,5 @@
 """train_stories.py as a user runs it: flags, errors, progress output, kill and resume."""
+import hashlib
 import os
 import signal
 import subprocess
@@ -259,23 +260,26 @@ def test_kill_9_inside_a_save_leaves_the_checkpoint_and_start_up_cleans_up(tmp_p
     ckpt = tmp_path / "stories.ckpt"
     try:
         wait_for(ckpt, proc)
-        before = ckpt.read_bytes()  # the step-3 checkpoint; the next one comes at step 6
         start = time.time()
         while not [p for p in os.listdir(tmp_path) if ".tmp-" in p]:
             assert proc.poll() is None and time.time() - start < 300
             time.sleep(0.001)
-        proc.kill()  # inside the step-6 save: its temporary exists, the rename has not run
+        proc.kill()  # inside a save: its temporary exists, the rename has not run
     finally:
         proc.kill()
         proc.wait()
     assert [p for p in os.listdir(tmp_path) if ".tmp-" in p], "the kill missed the save"
-    assert ckpt.read_bytes() == before
+    # the checkpoint the save was replacing is whole (it loads, at a save's step); tiny steps
+    # are quick, so which save that was is read from the file itself
+    step_before = checkpoint_state(ckpt)[0]
+    assert step_before >= 3 and step_before % 3 == 0
+    before = hashlib.sha256(ckpt.read_bytes()).hexdigest()
     # start-up of the next run removes the leftover; with no steps left it writes nothing
     again = run(["--resume", "--steps", "3", "--no-progress"], tmp_path)
     assert again.returncode == 0, again.stderr
     assert not [p for p in os.listdir(tmp_path) if ".tmp-" in p]
-    assert ckpt.read_bytes() == before
-    assert checkpoint_state(ckpt)[0] == 3
+    assert hashlib.sha256(ckpt.read_bytes()).hexdigest() == before
+    assert checkpoint_state(ckpt)[0] == step_before
 
 
 def test_a_second_sigterm_waits_for_the_final_save(tmp_path):
