@@ -31,6 +31,9 @@ def ext(name, extra_sources=(), extra_link=()):
         f"anecy.{name}",
         [f"anecy/{name}.pyx", *extra_sources],
         include_dirs=["anecy", "anecy/objc"],
+        # an edited C header rebuilds the modules (setuptools otherwise compares only the
+        # generated .c with the built module)
+        depends=sorted(glob.glob("anecy/*.h") + glob.glob("anecy/objc/*.h")),
         extra_compile_args=compile_args,
         extra_link_args=link_args + list(extra_link),
         libraries=libraries,

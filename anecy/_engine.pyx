@@ -1118,8 +1118,7 @@ cdef class Engine:
         # u = A x of an adapted site, for its dB, when the kernels ran the merged weight
         cdef LoraSite* p = &self.lora[l * N_SITES + site]
         if p.A != NULL:
-            sgemm(0, 0, p.R, self.d.S, p.n_in, 1.0, p.A, p.n_in, x, self.d.S, 0.0, p.u,
-                  self.d.S)
+            anecy_lora_down(p.A, p.R, p.n_in, x, self.d.S, p.u, 0, 0, 1.0)
 
     cdef void _lora_backward(self, int l, const int* sites, const float** dys, int n,
                              const float* x, float* dx) noexcept nogil:
@@ -1128,9 +1127,10 @@ cdef class Engine:
         # dx += s A_i^T v_i; dB_i += s dy_i u_i^T; dA_i += s v_i x^T. On cpu all inline, in
         # the loops of _lowrank.h (Kernels.lora_fwd says why), through the forward's dropout
         # masks, the sites' dA and dx in one pass over x and dx; charged to "dw". With merged
-        # weights (kernels.merges_lora) dx has already flowed through s B A, and dB, dA are
-        # queued as weight gradients (they read only buffers that live until the next step:
-        # u, v, x and the alternating dy). dx NULL: no input gradient.
+        # weights (kernels.merges_lora) dx has already flowed through s B A, v is made in the
+        # same loops, and dB, dA are queued as weight gradients (they read only buffers that
+        # live until the next step: u, v, x and the alternating dy). dx NULL: no input
+        # gradient.
         if self.lora == NULL:
             return
         cdef LoraSite* p
@@ -1147,7 +1147,7 @@ cdef class Engine:
             if p.A == NULL:
                 continue
             if self.kernels.merges_lora:
-                sgemm(1, 0, p.R, S, p.n_out, 1.0, p.B, p.R, dys[i], S, 0.0, p.v, S)
+                anecy_lora_back_out(p.B, p.R, p.n_out, dys[i], NULL, S, 0.0, p.v, NULL)
                 job = dw_job(p.n_out, p.R, S, dys[i], False, p.u, p.dB)
                 job.alpha = p.scale
                 self._dw(job)

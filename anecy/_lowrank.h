@@ -115,7 +115,7 @@ static inline void anecy_lora_up(const float *B, int R, int n_out, const float *
     LR_DISPATCH(anecy_lr_up, B, R, n_out, u, S, c, y);
 }
 
-/* v[R, S] = B^T dy;  dB[n_out, R] += c * dy u^T */
+/* v[R, S] = B^T dy;  dB[n_out, R] += c * dy u^T (dB NULL: v alone, and u is not read) */
 static inline void anecy_lora_back_out(const float *B, int R, int n_out, const float *dy,
                                        const float *u, int S, float c, float *v, float *dB)
 {

@@ -150,7 +150,7 @@ LR_NAME(anecy_lr_dots)(const float *restrict a, int rb, const float *restrict b,
     }
 }
 
-/* v[rb, S] = B[:, r0 .. r0+rb)^T dy;  dB[:, r0 .. r0+rb) += c * dy u^T */
+/* v[rb, S] = B[:, r0 .. r0+rb)^T dy;  dB[:, r0 .. r0+rb) += c * dy u^T (dB NULL: v only) */
 LR_ATTR static inline __attribute__((always_inline)) void
 LR_NAME(anecy_lr_back_out_block)(const float *restrict B, int ldb, int rb, int n_out,
                                  const float *restrict dy, const float *restrict u, int S,
@@ -176,6 +176,8 @@ LR_NAME(anecy_lr_back_out_block)(const float *restrict B, int ldb, int rb, int n
                 t += B[(size_t)o * ldb + r] * dy[(size_t)o * S + s0];
             v[(size_t)r * S + s0] = t;
         }
+    if (dB == NULL)
+        return;
     float dot[LR_RB] = {0};
     for (int o = 0; o < n_out; o++) {
         LR_NAME(anecy_lr_dots)(u, rb, dy + (size_t)o * S, S, dot);
@@ -190,13 +192,16 @@ LR_ATTR static void LR_NAME(anecy_lr_back_out)(const float *restrict B, int R, i
                                                const float *restrict u, int S, float c,
                                                float *restrict v, float *restrict dB)
 {
+    /* without dB, u is not read (and may be NULL) */
     int r0 = 0;
     for (; r0 + LR_RB <= R; r0 += LR_RB)
-        LR_NAME(anecy_lr_back_out_block)(B + r0, R, LR_RB, n_out, dy, u + (size_t)r0 * S, S,
-                                         c, v + (size_t)r0 * S, dB + r0);
+        LR_NAME(anecy_lr_back_out_block)(B + r0, R, LR_RB, n_out, dy,
+                                         dB ? u + (size_t)r0 * S : NULL, S, c,
+                                         v + (size_t)r0 * S, dB ? dB + r0 : NULL);
     if (r0 < R)
-        LR_NAME(anecy_lr_back_out_block)(B + r0, R, R - r0, n_out, dy, u + (size_t)r0 * S, S,
-                                         c, v + (size_t)r0 * S, dB + r0);
+        LR_NAME(anecy_lr_back_out_block)(B + r0, R, R - r0, n_out, dy,
+                                         dB ? u + (size_t)r0 * S : NULL, S, c,
+                                         v + (size_t)r0 * S, dB ? dB + r0 : NULL);
 }
 
 /* dx[k, S] += ck * mask * sum over r < rb of A[r, k] v[r, S], for one site's block of rows

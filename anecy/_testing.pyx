@@ -646,16 +646,23 @@ def py_lora_up(const float[:, ::1] B, const float[:, ::1] u, float c, float[:, :
     anecy_lora_up(&B[0, 0], R, n_out, &u[0, 0], S, c, &y[0, 0])
 
 
-def py_lora_back_out(const float[:, ::1] B, const float[:, ::1] dy, const float[:, ::1] u,
-                     float c, float[:, ::1] dB):
-    """v[R, S] = B^T dy (returned); dB[n_out, R] += c dy u^T, in place"""
+def py_lora_back_out(const float[:, ::1] B, const float[:, ::1] dy, u, float c, dB):
+    """v[R, S] = B^T dy (returned); dB[n_out, R] += c dy u^T, in place (dB None: v alone,
+    and u, which may then be None, is not read)"""
     cdef int n_out = B.shape[0], R = B.shape[1], S = dy.shape[1]
     _lr_check(dy, (n_out, S), "dy")
-    _lr_check(u, (R, S), "u")
-    _lr_check(dB, (n_out, R), "dB")
+    cdef const float[:, ::1] u_view
+    cdef float[:, ::1] dB_view
+    cdef const float* u_ptr = NULL
+    cdef float* dB_ptr = NULL
+    if dB is not None:
+        u_view, dB_view = u, dB
+        _lr_check(u_view, (R, S), "u")
+        _lr_check(dB_view, (n_out, R), "dB")
+        u_ptr, dB_ptr = &u_view[0, 0], &dB_view[0, 0]
     out = np.empty((R, S), np.float32)
     cdef float[:, ::1] v = out
-    anecy_lora_back_out(&B[0, 0], R, n_out, &dy[0, 0], &u[0, 0], S, c, &v[0, 0], &dB[0, 0])
+    anecy_lora_back_out(&B[0, 0], R, n_out, &dy[0, 0], u_ptr, S, c, &v[0, 0], dB_ptr)
     return out
 
 

@@ -108,6 +108,8 @@ def test_back_out_is_B_transposed_and_dB(path, R, n_in, n_out, S):
     assert_within(v, B64.T @ dy64, np.abs(B64).T @ np.abs(dy64), n_out)
     assert_within(dB, dB0 + 0.5 * dy64 @ u64.T, np.abs(dB0) + 0.5 * np.abs(dy64) @ np.abs(u64).T,
                   S + 1)
+    # v alone (the merged-weight backends queue dB elsewhere): the same v, u unread
+    assert np.array_equal(py_lora_back_out(B, dy, None, 0.5, None), v)
 
 
 @pytest.mark.parametrize("with_dx", [True, False])
