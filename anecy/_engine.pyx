@@ -27,19 +27,8 @@ from ._timeline cimport (TraceTrack, trace_event, EV_SECTION, EV_SDPA_FWD, EV_WO
 from ._ops import rope_tables
 from .timers import ENGINE_TIMERS
 
-cdef extern from "_lowrank.h" nogil:
-    uint32_t anecy_drop_hash(uint32_t x)
-    const char* anecy_lowrank_path()
-    void anecy_lora_down(const float* A, int R, int n_in, const float* x, int S, float* u,
-                         uint32_t key, uint32_t threshold, float keep_scale)
-    void anecy_lora_up(const float* B, int R, int n_out, const float* u, int S, float c,
-                       float* y)
-    void anecy_lora_back_out(const float* B, int R, int n_out, const float* dy, const float* u,
-                             int S, float c, float* v, float* dB)
-    void anecy_lora_back_in(int m, const float** A, const int* R, int n_in, const float* x,
-                            const float** v, int S, float c, float** dA, float* dx,
-                            float* row, const uint32_t* key, uint32_t threshold,
-                            float keep_scale)
+from ._lowrank cimport (anecy_drop_hash, anecy_lowrank_path, anecy_lora_down, anecy_lora_up,
+                       anecy_lora_back_out, anecy_lora_back_in)
 
 # which loops the adapters' rank-R products run ("avx2+fma" or "portable")
 LOWRANK_PATH = anecy_lowrank_path().decode()

@@ -46,19 +46,8 @@ cdef extern from "_accel.h" nogil:
     double anecy_accel_softmax_xent(float* logits, const int* targets, int S, int V,
                                     float grad_scale)
 
-cdef extern from "_lowrank.h" nogil:
-    void anecy_lowrank_choose(int avx2)
-    const char* anecy_lowrank_path()
-    void anecy_lora_down(const float* A, int R, int n_in, const float* x, int S, float* u,
-                         uint32_t key, uint32_t threshold, float keep_scale)
-    void anecy_lora_up(const float* B, int R, int n_out, const float* u, int S, float c,
-                       float* y)
-    void anecy_lora_back_out(const float* B, int R, int n_out, const float* dy, const float* u,
-                             int S, float c, float* v, float* dB)
-    void anecy_lora_back_in(int m, const float** A, const int* R, int n_in, const float* x,
-                            const float** v, int S, float c, float** dA, float* dx,
-                            float* row, const uint32_t* key, uint32_t threshold,
-                            float keep_scale)
+from ._lowrank cimport (anecy_lowrank_choose, anecy_lowrank_path, anecy_lora_down,
+                       anecy_lora_up, anecy_lora_back_out, anecy_lora_back_in)
 
 cdef extern from "_mathx.h" nogil:
     float anecy_expf(float x)
