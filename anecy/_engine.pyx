@@ -379,7 +379,7 @@ cdef class Engine:
     cdef LayerParams* grads          # all NULL when the base is frozen (LoRA)
     cdef LayerActs* acts
     cdef LoraSite* lora              # [L * N_SITES] or NULL: the adapters (see LoraSite)
-    cdef float* lora_rows            # [S] a dropped row of x for the adapters' backward
+    cdef float* lora_row             # [S] a dropped row of x for the adapters' backward
     cdef uint32_t drop_threshold     # the adapters' dropout (set_lora_dropout): 0 for none
     cdef float keep_scale            # 1 / (1 - p)
     cdef readonly double lora_dropout    # p
@@ -536,7 +536,7 @@ cdef class Engine:
                   (<uintptr_t>&self.xf_scored, D * S), (<uintptr_t>&self.dxf_scored, D * S)]
         cdef LoraSite* p
         if self.lora != NULL:        # per adapted site: u = A x and v = B^T dy, [R, S] each
-            table.append((<uintptr_t>&self.lora_rows, S))
+            table.append((<uintptr_t>&self.lora_row, S))
             for i in range(d.L * N_SITES):
                 p = &self.lora[i]
                 table += [(<uintptr_t>&p.u, p.R * S), (<uintptr_t>&p.v, p.R * S)]
@@ -1152,7 +1152,7 @@ cdef class Engine:
             m += 1
         if m:
             anecy_lora_back_in(m, a_of, r_of, last.n_in, x, v_of, S, last.scale, da_of, dx,
-                               self.lora_rows, key_of, last.drop_threshold, last.keep_scale)
+                               self.lora_row, key_of, last.drop_threshold, last.keep_scale)
             self.lap(EV_LORA_BWD, l)
             self.charge(T_DW)
 

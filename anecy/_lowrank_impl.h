@@ -46,36 +46,39 @@ LR_NAME(anecy_lr_hsum)(const lr_v8 *v)
            (((*v)[4] + (*v)[5]) + ((*v)[6] + (*v)[7]));
 }
 
-/* u[rb, S] = A[rb, n_in] drop(x)   (A's rows lda apart) */
+/* out[r, S] = sum over k < K of coef[r * r_step + k * k_step] drop(w)[k, S], r < rb: the
+ * rank side's rows as combinations of the wide operand's K rows. A x is coef = A (r_step
+ * its row length, k_step 1), with dropout; B^T dy is coef = B (r_step 1, k_step R). */
 LR_ATTR static inline __attribute__((always_inline)) void
-LR_NAME(anecy_lr_down_block)(const float *restrict A, int lda, int rb, int n_in,
-                             const float *restrict x, int S, float *restrict u, uint32_t key,
-                             uint32_t threshold, float keep_scale)
+LR_NAME(anecy_lr_rows_block)(const float *restrict coef, size_t r_step, size_t k_step, int rb,
+                             int K, const float *restrict w, int S, float *restrict out,
+                             uint32_t key, uint32_t threshold, float keep_scale)
 {
     int s0 = 0;
     for (; s0 + 8 <= S; s0 += 8) {
         lr_v8 acc[LR_RB] = {0};
-        for (int k = 0; k < n_in; k++) {
-            lr_v8 xv = lr_load(x + (size_t)k * S + s0);
-            LR_NAME(anecy_lr_drop8)(&xv, (uint32_t)k * (uint32_t)S + s0, key, threshold,
+        for (int k = 0; k < K; k++) {
+            lr_v8 wv = lr_load(w + (size_t)k * S + s0);
+            LR_NAME(anecy_lr_drop8)(&wv, (uint32_t)k * (uint32_t)S + s0, key, threshold,
                                     keep_scale);
+            const float *ck = coef + k * k_step;
 #pragma GCC unroll 8
             for (int r = 0; r < rb; r++)
-                acc[r] += A[(size_t)r * lda + k] * xv;
+                acc[r] += ck[r * r_step] * wv;
         }
 #pragma GCC unroll 8
         for (int r = 0; r < rb; r++)
-            lr_store(u + (size_t)r * S + s0, acc[r]);
+            lr_store(out + (size_t)r * S + s0, acc[r]);
     }
     for (; s0 < S; s0++)
         for (int r = 0; r < rb; r++) {
             float t = 0.0f;
-            for (int k = 0; k < n_in; k++)
-                t += A[(size_t)r * lda + k] *
-                     LR_NAME(anecy_lr_drop1)(x[(size_t)k * S + s0],
+            for (int k = 0; k < K; k++)
+                t += coef[r * r_step + k * k_step] *
+                     LR_NAME(anecy_lr_drop1)(w[(size_t)k * S + s0],
                                              (uint32_t)k * (uint32_t)S + s0, key, threshold,
                                              keep_scale);
-            u[(size_t)r * S + s0] = t;
+            out[(size_t)r * S + s0] = t;
         }
 }
 
@@ -85,10 +88,10 @@ LR_ATTR static void LR_NAME(anecy_lr_down)(const float *restrict A, int R, int n
 {
     int r0 = 0;
     for (; r0 + LR_RB <= R; r0 += LR_RB)
-        LR_NAME(anecy_lr_down_block)(A + (size_t)r0 * n_in, n_in, LR_RB, n_in, x, S,
+        LR_NAME(anecy_lr_rows_block)(A + (size_t)r0 * n_in, n_in, 1, LR_RB, n_in, x, S,
                                      u + (size_t)r0 * S, key, threshold, keep_scale);
     if (r0 < R)
-        LR_NAME(anecy_lr_down_block)(A + (size_t)r0 * n_in, n_in, R - r0, n_in, x, S,
+        LR_NAME(anecy_lr_rows_block)(A + (size_t)r0 * n_in, n_in, 1, R - r0, n_in, x, S,
                                      u + (size_t)r0 * S, key, threshold, keep_scale);
 }
 
@@ -156,26 +159,7 @@ LR_NAME(anecy_lr_back_out_block)(const float *restrict B, int ldb, int rb, int n
                                  const float *restrict dy, const float *restrict u, int S,
                                  float c, float *restrict v, float *restrict dB)
 {
-    int s0 = 0;
-    for (; s0 + 8 <= S; s0 += 8) {
-        lr_v8 acc[LR_RB] = {0};
-        for (int o = 0; o < n_out; o++) {
-            const lr_v8 g = lr_load(dy + (size_t)o * S + s0);
-#pragma GCC unroll 8
-            for (int r = 0; r < rb; r++)
-                acc[r] += B[(size_t)o * ldb + r] * g;
-        }
-#pragma GCC unroll 8
-        for (int r = 0; r < rb; r++)
-            lr_store(v + (size_t)r * S + s0, acc[r]);
-    }
-    for (; s0 < S; s0++)
-        for (int r = 0; r < rb; r++) {
-            float t = 0.0f;
-            for (int o = 0; o < n_out; o++)
-                t += B[(size_t)o * ldb + r] * dy[(size_t)o * S + s0];
-            v[(size_t)r * S + s0] = t;
-        }
+    LR_NAME(anecy_lr_rows_block)(B, 1, (size_t)ldb, rb, n_out, dy, S, v, 0, 0, 1.0f);
     if (dB == NULL)
         return;
     float dot[LR_RB] = {0};

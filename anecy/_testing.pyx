@@ -33,6 +33,8 @@ from ._ops cimport (sgemm, rmsnorm_fwd, rmsnorm_bwd, rope_fwd, rope_bwd, swiglu_
                     softmax_xent, embedding_fwd, embedding_bwd, adamw, sumsq)
 from ._ops import _same_len
 from ._worker cimport now_ms
+from ._lowrank cimport (anecy_lowrank_choose, anecy_lowrank_path, anecy_lora_down,
+                       anecy_lora_up, anecy_lora_back_out, anecy_lora_back_in)
 from ._ane_runtime cimport AneKernel, AneRequest, Evaluator, Surface
 from ._packed cimport PackedKernels, MAX_ARGS
 from ._packed import METHODS, WEIGHTED, _io
@@ -45,9 +47,6 @@ cdef extern from "_accel.h" nogil:
                                  float* scratch)
     double anecy_accel_softmax_xent(float* logits, const int* targets, int S, int V,
                                     float grad_scale)
-
-from ._lowrank cimport (anecy_lowrank_choose, anecy_lowrank_path, anecy_lora_down,
-                       anecy_lora_up, anecy_lora_back_out, anecy_lora_back_in)
 
 cdef extern from "_mathx.h" nogil:
     float anecy_expf(float x)
